@@ -1,0 +1,606 @@
+"""Pion: a dense decoder-only transformer language model.
+
+GQA, QK-norm, attention logit soft-capping, SwiGLU, RoPE, tied embeddings, chunked cross-entropy and a
+preallocated KV cache, plus the checkpoint and tokenizer I/O that every script shares.
+`python model.py` prints the size table.
+"""
+import dataclasses
+import functools
+import hashlib
+import math
+import os
+import sys
+import urllib.request
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+class PionError(Exception):
+    """A problem with what the user gave us (a file, a flag, data): reported as one line, exit code 2."""
+
+
+def run_cli(main):
+    """Run a script's main(); a PionError becomes one line on stderr and exit code 2, not a traceback."""
+    try:
+        main()
+    except PionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class PionConfig:
+    # Field names and defaults are fixed: published checkpoints pickle this class (as model.PionConfig).
+    vocab_size: int = 50258
+    d_model: int = 640
+    n_layers: int = 16
+    n_heads: int = 10
+    n_kv_heads: int = 2
+    d_ff: int = 1792
+    max_seq_len: int = 2048
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    logit_cap: float = 30.0
+    use_soft_cap: bool = True
+    tie_embeddings: bool = True
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+SIZES = {  # name -> overrides of the PionConfig defaults (which are "small")
+    "nano": dict(d_model=384, n_layers=6, n_heads=6, n_kv_heads=2, d_ff=1024),
+    "micro": dict(d_model=512, n_layers=12, n_heads=8, n_kv_heads=2, d_ff=1408),
+    "small": dict(),
+    "base": dict(d_model=768, n_layers=20, n_heads=12, n_kv_heads=4, d_ff=2048),
+    "large": dict(d_model=1024, n_layers=24, n_heads=16, n_kv_heads=4, d_ff=2816),
+    "xl": dict(d_model=1536, n_layers=28, n_heads=16, n_kv_heads=4, d_ff=4096),
+}
+
+
+def get_config(size="small", **overrides):
+    if size not in SIZES:
+        raise PionError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
+    known = {f.name for f in dataclasses.fields(PionConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise PionError(f"unknown PionConfig field(s): {', '.join(unknown)}")
+    return PionConfig(**{**SIZES[size], **overrides})
+
+
+def get_model(size="small", **overrides):
+    return Pion(get_config(size, **overrides))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalize in fp32 whatever the activation dtype: bf16 squares lose too much precision.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+
+
+def rope_cos_sin(positions, head_dim, theta):
+    """cos/sin tables for integer positions of shape (T,) or (B, T); returned as (B|1, T, 1, head_dim/2).
+
+    Computed per forward from the positions (cheap) instead of kept as buffers, so they stay fp32 when
+    the model is cast to bf16 and need no resizing for any sequence length."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq
+    if angles.dim() == 2:
+        angles = angles[None]
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE on x of shape (B, T, H, D): dimension i is paired with i + D/2."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model, d_ff):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ff, bias=False)  # gate
+        self.w2 = nn.Linear(d_ff, d_model, bias=False)  # down
+        self.w3 = nn.Linear(d_model, d_ff, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention: SDPA without soft-capping; with it, FlexAttention on CUDA or a tiled recomputing kernel.
+
+
+def attention_mask(T, S, q_offset, key_start, device):
+    """Boolean (B|1, 1, T, S) mask: query i (absolute position q_offset + i) sees key j when
+    key_start[b] <= j <= q_offset + i. key_start marks left padding; a query always sees itself, so
+    a padding row never becomes an all-masked (NaN) row."""
+    q_pos = torch.arange(q_offset, q_offset + T, device=device)[:, None]
+    k_pos = torch.arange(S, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if key_start is not None:
+        allowed = (allowed & (k_pos >= key_start.view(-1, 1, 1))) | (k_pos == q_pos)
+    return allowed.view(-1, 1, T, S)
+
+
+def _fp32_at_least(x):
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+class SoftCappedAttention(torch.autograd.Function):
+    """softmax(cap * tanh(q.k * scale / cap) + causal mask) @ v, one block of queries at a time.
+
+    Forward keeps only the output and the per-row logsumexp; backward recomputes each block's scores
+    (as FlashAttention does), so memory is O(seq * block) instead of O(seq^2) per layer. GQA is done
+    by folding the query group into the row dimension: K and V are never repeated per query head."""
+
+    @staticmethod
+    def _block_probs(qb, k, cap, scale, lse, mask):
+        raw = _fp32_at_least(qb @ k.transpose(-1, -2)) * scale
+        tanh = torch.tanh(raw / cap)
+        scores = (cap * tanh).masked_fill(~mask, float("-inf"))
+        if lse is None:
+            lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        return torch.exp(scores - lse), lse, tanh
+
+    @staticmethod
+    def forward(ctx, q, k, v, cap, q_offset, key_start, block_size):
+        B, H, T, D = q.shape
+        Hkv, S = k.shape[1], k.shape[2]
+        G = H // Hkv
+        scale = D ** -0.5
+        q5 = q.view(B, Hkv, G, T, D)
+        out = torch.empty_like(q5)
+        lse = torch.empty(B, Hkv, G, T, 1, device=q.device, dtype=_fp32_at_least(q[:0]).dtype)
+        for t0 in range(0, T, block_size):
+            t1 = min(T, t0 + block_size)
+            s_end = min(S, q_offset + t1)  # later keys are masked for every row of this block
+            mask = attention_mask(t1 - t0, s_end, q_offset + t0, key_start, q.device).unsqueeze(2)
+            qb = q5[:, :, :, t0:t1].reshape(B, Hkv, G * (t1 - t0), D)
+            p, lse_b, _ = SoftCappedAttention._block_probs(qb, k[:, :, :s_end], cap, scale, None,
+                                                           mask.expand(-1, -1, G, -1, -1).reshape(-1, 1, G * (t1 - t0), s_end))
+            out[:, :, :, t0:t1] = (p.to(v.dtype) @ v[:, :, :s_end]).view(B, Hkv, G, t1 - t0, D)
+            lse[:, :, :, t0:t1] = lse_b.view(B, Hkv, G, t1 - t0, 1)
+        ctx.save_for_backward(q, k, v, out, lse, key_start)
+        ctx.args = (cap, q_offset, block_size)
+        return out.view(B, H, T, D)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, key_start = ctx.saved_tensors
+        cap, q_offset, block_size = ctx.args
+        B, H, T, D = q.shape
+        Hkv, S = k.shape[1], k.shape[2]
+        G = H // Hkv
+        scale = D ** -0.5
+        q5, kf, vf = _fp32_at_least(q.view(B, Hkv, G, T, D)), _fp32_at_least(k), _fp32_at_least(v)
+        do5 = _fp32_at_least(grad_out.reshape(B, Hkv, G, T, D))
+        delta = (do5 * _fp32_at_least(out)).sum(-1, keepdim=True)  # rowsum(dO * O), the softmax backward term
+        dq, dk, dv = torch.zeros_like(q5), torch.zeros_like(kf), torch.zeros_like(vf)
+        for t0 in range(0, T, block_size):
+            t1 = min(T, t0 + block_size)
+            n, s_end = G * (t1 - t0), min(S, q_offset + t1)
+            mask = attention_mask(t1 - t0, s_end, q_offset + t0, key_start, q.device).unsqueeze(2)
+            mask = mask.expand(-1, -1, G, -1, -1).reshape(-1, 1, n, s_end)
+            qb = q5[:, :, :, t0:t1].reshape(B, Hkv, n, D)
+            dob = do5[:, :, :, t0:t1].reshape(B, Hkv, n, D)
+            p, _, tanh = SoftCappedAttention._block_probs(
+                qb, kf[:, :, :s_end], cap, scale, lse[:, :, :, t0:t1].reshape(B, Hkv, n, 1), mask)
+            dv[:, :, :s_end] += p.transpose(-1, -2) @ dob
+            dp = dob @ vf[:, :, :s_end].transpose(-1, -2)
+            ds = p * (dp - delta[:, :, :, t0:t1].reshape(B, Hkv, n, 1)) * (1 - tanh * tanh) * scale
+            dq[:, :, :, t0:t1] = (ds @ kf[:, :, :s_end]).view(B, Hkv, G, t1 - t0, D)
+            dk[:, :, :s_end] += ds.transpose(-1, -2) @ qb
+        return dq.view(B, H, T, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+@functools.lru_cache(maxsize=8)
+def _causal_block_mask(T, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+    return create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx, None, None, T, T, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_softcap_attention(q, k, v, cap, compiled=True):
+    """Causal soft-capped attention as one fused FlexAttention kernel (score_mod), for training on CUDA."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def softcap(score, b, h, q_idx, kv_idx):
+        return cap * torch.tanh(score / cap)
+
+    flex = _compiled_flex_attention() if compiled else flex_attention
+    return flex(q, k, v, score_mod=softcap, block_mask=_causal_block_mask(q.shape[2], str(q.device)), enable_gqa=True)
+
+
+def attention(q, k, v, soft_cap=None, q_offset=0, key_start=None, block_size=256):
+    """Causal GQA attention. q: (B, H, T, D); k, v: (B, Hkv, S, D) holding absolute positions 0..S-1;
+    queries sit at positions q_offset..q_offset+T-1. soft_cap None means plain softmax attention."""
+    T, S = q.shape[2], k.shape[2]
+    plain_causal = q_offset == 0 and key_start is None and T == S
+    if soft_cap is None:
+        if plain_causal:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        # One decoded token without padding sees every cached key: no mask needed.
+        mask = None if (T == 1 and key_start is None) else attention_mask(T, S, q_offset, key_start, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    if plain_causal and q.is_cuda and torch.is_grad_enabled():
+        return flex_softcap_attention(q, k, v, soft_cap)
+    return SoftCappedAttention.apply(q, k, v, float(soft_cap), q_offset, key_start, block_size)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for (batch, max_len) and written in place.
+
+    `pos` is the number of positions already written (shared by all rows). `key_start[b]` is the
+    first real position of row b when prompts of different lengths are left-padded into one batch."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype, key_start=None):
+        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+        self.key_start = key_start
+
+    def update(self, layer, k, v):
+        """Write k, v (B, Hkv, T, D) at positions pos..pos+T-1; return the filled part of the cache."""
+        end = self.pos + k.shape[2]
+        if end > self.max_len:
+            raise PionError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def positions(self, T, device):
+        """Rotary positions of the next T tokens, per row when rows are left-padded."""
+        pos = torch.arange(self.pos, self.pos + T, device=device)
+        return pos if self.key_start is None else (pos[None] - self.key_start[:, None]).clamp(min=0)
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        d, hd = config.d_model, config.head_dim
+        self.q_proj = nn.Linear(d, config.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, config.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, config.n_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * hd, d, bias=False)
+        self.q_norm = RMSNorm(hd)
+        self.k_norm = RMSNorm(hd)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        B, T, _ = x.shape
+        c, hd = self.config, self.config.head_dim
+        q = self.q_proj(x).view(B, T, c.n_heads, hd)
+        k = self.k_proj(x).view(B, T, c.n_kv_heads, hd)
+        v = self.v_proj(x).view(B, T, c.n_kv_heads, hd)
+        # QK-norm before RoPE: it bounds the logits; rotating first would normalize rotated vectors.
+        q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)
+        k = apply_rope(self.k_norm(k), cos, sin).transpose(1, 2)
+        v = v.transpose(1, 2)
+        q_offset, key_start = 0, None
+        if kv_cache is not None:
+            q_offset, key_start = kv_cache.pos, kv_cache.key_start
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        soft_cap = c.logit_cap if (c.use_soft_cap and c.logit_cap > 0) else None
+        y = attention(q, k, v, soft_cap, q_offset, key_start)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_heads * hd))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.norm1 = RMSNorm(config.d_model)
+        self.attn = Attention(config, layer_idx)
+        self.norm2 = RMSNorm(config.d_model)
+        self.ffn = SwiGLU(config.d_model, config.d_ff)
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        x = x + F.dropout(self.attn(self.norm1(x), cos, sin, kv_cache), self.dropout, self.training)
+        return x + F.dropout(self.ffn(self.norm2(x)), self.dropout, self.training)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chunked cross-entropy
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean CE of (hidden @ weight.T) against labels, never holding more than one chunk of logits.
+
+    The gradients w.r.t. hidden and weight are computed chunk by chunk in the forward pass (the
+    logits are needed there anyway) and only scaled in backward, so neither pass materializes the
+    (tokens, vocab) matrix. Logits and loss are fp32 whatever the matmul dtype."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size, compute_dtype):
+        valid = labels != -100
+        n_valid = valid.sum().clamp(min=1).float()
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        w = weight.to(compute_dtype)
+        loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if want_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
+        for s in range(0, hidden.shape[0], chunk_size):
+            h, y, m = hidden[s:s + chunk_size].to(compute_dtype), labels[s:s + chunk_size], valid[s:s + chunk_size]
+            logits = (h @ w.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            target = y.clamp(min=0)
+            loss += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * m).sum()
+            if want_grad:  # d(sum CE)/d(logits) = softmax - onehot, on counted rows only; in place
+                grad = logits.sub_(lse[:, None]).exp_()
+                grad[torch.arange(len(y), device=y.device), target] -= 1
+                grad = grad.mul_((m / n_valid)[:, None]).to(compute_dtype)
+                grad_hidden[s:s + chunk_size] = grad @ w
+                grad_weight += grad.T @ h
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_loss.to(grad_hidden.dtype), (grad_weight * grad_loss).to(ctx.weight_dtype),
+                None, None, None)
+
+
+def chunked_cross_entropy(hidden, weight, labels, chunk_size=1024):
+    """hidden (N, d), weight (V, d), labels (N,) with -100 ignored -> fp32 mean loss over counted tokens."""
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    with torch.autocast(device_type, enabled=False):  # the function casts explicitly
+        return ChunkedCrossEntropy.apply(hidden, weight, labels, chunk_size, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+
+
+class Pion(nn.Module):
+    def __init__(self, config: PionConfig):
+        super().__init__()
+        if config.d_model % config.n_heads or config.n_heads % config.n_kv_heads or config.head_dim % 2:
+            raise PionError(f"bad shape: d_model {config.d_model} must split into {config.n_heads} heads of "
+                            f"even size, and n_heads into {config.n_kv_heads} kv heads")
+        self.config = config
+        self.gradient_checkpointing = False  # recompute each block in backward (set by the trainers)
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList([Block(config, i) for i in range(config.n_layers)])
+        self.norm = RMSNorm(config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def count_parameters(self):
+        return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+
+    def new_kv_cache(self, batch_size, max_len=None, key_start=None, dtype=None):
+        p = self.embed.weight
+        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, p.device, dtype or p.dtype, key_start)
+
+    def forward(self, input_ids, labels=None, kv_cache=None, last_only=False):
+        """input_ids (B, T). labels (B, T), aligned with input_ids (the shift happens here), -100 ignored:
+        returns {"loss": fp32 mean CE, "logits": None}; the full logits are never built for a loss.
+        Without labels returns {"logits": (B, T, V) or (B, 1, V) with last_only, "loss": None}.
+        With kv_cache the tokens continue the cached sequence and are written into it."""
+        B, T = input_ids.shape
+        positions = kv_cache.positions(T, input_ids.device) if kv_cache is not None else torch.arange(T, device=input_ids.device)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled() and kv_cache is None:
+                x = activation_checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        x = self.norm(x)
+        if labels is not None:
+            hidden = x[:, :-1].reshape(-1, x.shape[-1])
+            loss = chunked_cross_entropy(hidden, self.lm_head.weight, labels[:, 1:].reshape(-1))
+            return {"logits": None, "loss": loss}
+        if last_only:
+            x = x[:, -1:]
+        return {"logits": self.lm_head(x).float(), "loss": None}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoint I/O
+
+
+def save_checkpoint(path, checkpoint):
+    """Write a checkpoint dict (with "model" and "config") atomically: a crash mid-save leaves the previous
+    file, never a truncated one. The config is stored as a plain dict; non-finite weights are refused."""
+    checkpoint = dict(checkpoint)
+    if dataclasses.is_dataclass(checkpoint.get("config")):
+        checkpoint["config"] = dataclasses.asdict(checkpoint["config"])
+    bad = [k for k, t in checkpoint["model"].items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise PionError(f"refusing to save {path}: non-finite weights in {bad[0]}")
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def clean_state_dict(state_dict):
+    """Strip the prefixes torch.compile (`_orig_mod.`) and DDP/FSDP wrappers (`module.`) add."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.replace(prefix, "")
+        out[key] = value
+    return out
+
+
+def infer_config(state_dict):
+    """Rebuild a PionConfig from tensor shapes alone, for checkpoints saved without a config."""
+    try:
+        vocab_size, d_model = state_dict["embed.weight"].shape
+        n_layers = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("layers."))
+        head_dim = state_dict["layers.0.attn.q_norm.weight"].shape[0]
+        tied = "lm_head.weight" not in state_dict or torch.equal(state_dict["lm_head.weight"], state_dict["embed.weight"])
+        return PionConfig(
+            vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
+            n_heads=state_dict["layers.0.attn.q_proj.weight"].shape[0] // head_dim,
+            n_kv_heads=state_dict["layers.0.attn.k_proj.weight"].shape[0] // head_dim,
+            d_ff=state_dict["layers.0.ffn.w1.weight"].shape[0], tie_embeddings=tied)
+    except (KeyError, ValueError, IndexError) as e:
+        raise PionError(f"cannot infer the model shape from the checkpoint's tensors (missing {e})")
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """torch.load with weights_only=True: tensors and plain data only, plus the legacy pickled PionConfig."""
+    if not os.path.isfile(path):
+        raise PionError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals([PionConfig]):
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise PionError(f"refusing to load {path}: it pickles objects other than tensors and a PionConfig")
+        raise PionError(f"{path} is not a readable checkpoint (truncated or not a torch file): "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model", checkpoint), dict):
+        raise PionError(f"{path} is not a Pion checkpoint (expected a dict with a 'model' state dict)")
+    return checkpoint
+
+
+def load_checkpoint(path, map_location="cpu", **config_overrides):
+    """Load any Pion checkpoint (ours, the published ones, compiled/DDP, bf16 or fp32, with or without a
+    config) and return (model, checkpoint). The model is fp32 on map_location."""
+    checkpoint = read_checkpoint(path, map_location)
+    state = checkpoint.get("model", checkpoint)
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PionError(f"{path} is not a Pion checkpoint (its 'model' entry is not a state dict)")
+    state = clean_state_dict(state)
+    config = checkpoint.get("config")
+    if isinstance(config, PionConfig):
+        config = dataclasses.asdict(PionConfig.from_dict(vars(config)))  # legacy pickles may lack new fields
+    config = PionConfig.from_dict({**config, **config_overrides}) if isinstance(config, dict) else         dataclasses.replace(infer_config(state), **config_overrides)
+    with torch.device("meta"):
+        model = Pion(config)
+    expected = model.state_dict()
+    if config.tie_embeddings:
+        state.setdefault("lm_head.weight", state.get("embed.weight"))
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k] is not None and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected else
+                  f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, expected {tuple(expected[wrong[0]].shape)}")
+        raise PionError(f"{path} does not match its config ({len(missing)} missing, {len(unexpected)} "
+                        f"unexpected, {len(wrong)} mis-shaped tensors; {detail})")
+    model = model.to_empty(device=map_location)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    checkpoint["config"] = config
+    return model, checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer
+
+TOKENIZER_PATH = os.path.join(ROOT, "pile_tokenizer.json")
+TOKENIZER_URL = ("https://raw.githubusercontent.com/Supergoatscriptguy/Pion/"
+                 "d84c8d501ae7aed36d11b477808ce6b8faf03b92/pile_tokenizer.json")
+TOKENIZER_SHA256 = "1e1d10c83bbac16a87b5796eeec281b4a0cd245e03f842f9dd76af629c7f88d8"
+EOS_ID, PAD_ID, UNK_ID = 0, 1, 2  # <|endoftext|>, <|pad|>, <|unk|>
+
+
+def download_tokenizer(path=TOKENIZER_PATH, url=TOKENIZER_URL):
+    """Fetch the pinned tokenizer once, check its sha256, and save it atomically."""
+    print(f"downloading the Pion tokenizer to {path}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read()
+    except OSError as e:
+        raise PionError(f"cannot download the tokenizer ({getattr(e, 'reason', e)}); fetch {url} by hand "
+                        f"and save it as {path}, or pass --tokenizer PATH")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != TOKENIZER_SHA256:
+        raise PionError(f"downloaded tokenizer has sha256 {digest}, expected {TOKENIZER_SHA256}; not saved")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def load_tokenizer(path=None):
+    """The Pion tokenizer (tokenizers.Tokenizer): `path`, or pile_tokenizer.json at the repo root,
+    downloaded on first use."""
+    from tokenizers import Tokenizer
+    if path is None:
+        path = TOKENIZER_PATH
+        if not os.path.exists(path):
+            download_tokenizer(path)
+    if not os.path.isfile(path):
+        raise PionError(f"tokenizer not found: {path}")
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:
+        raise PionError(f"{path} is not a tokenizers JSON file ({str(e).splitlines()[0]})")
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def main():
+    print(f"{'size':6} {'d_model':>7} {'layers':>6} {'heads':>6} {'d_ff':>5} {'params':>13}")
+    for name in SIZES:
+        config = get_config(name)
+        with torch.device("meta"):
+            n = Pion(config).count_parameters()
+        print(f"{name:6} {config.d_model:>7} {config.n_layers:>6} {config.n_heads:>3}:{config.n_kv_heads:<2} "
+              f"{config.d_ff:>5} {n:>13,}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
