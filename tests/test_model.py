@@ -1,0 +1,325 @@
+"""model.py: architecture, attention, chunked cross-entropy, KV cache."""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+from conftest import ROOT
+
+
+def tiny_config(**overrides):
+    base = dict(vocab_size=101, d_model=60, n_layers=2, n_heads=6, n_kv_heads=2, d_ff=96, max_seq_len=64,
+                logit_cap=3.0)
+    return M.PionConfig(**{**base, **overrides})
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return M.Pion(tiny_config(**overrides))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config, sizes, names
+
+
+def test_config_defaults_are_the_published_ones():
+    c = M.PionConfig()
+    assert (c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.d_ff, c.max_seq_len) == \
+        (50258, 640, 16, 10, 2, 1792, 2048)
+    assert (c.dropout, c.rope_theta, c.logit_cap, c.use_soft_cap, c.tie_embeddings) == (0.0, 10000.0, 30.0, True, True)
+
+
+@pytest.mark.parametrize("size,expected", [
+    ("nano", 28_742_016), ("micro", 59_563_008), ("small", 102_967_168),
+    ("base", 164_461_312), ("large", 322_050_048), ("xl", 770_922_240)])
+def test_size_table_parameter_counts_are_exact(size, expected):
+    with torch.device("meta"):
+        assert M.get_model(size).count_parameters() == expected
+
+
+def test_unknown_size_is_a_clear_error():
+    with pytest.raises(M.PionError, match="unknown model size"):
+        M.get_model("huge")
+
+
+def test_python_model_py_prints_the_size_table():
+    out = subprocess.run([sys.executable, "model.py"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "28,742,016" in out and "770,922,240" in out and "xl" in out
+
+
+def test_state_dict_names_are_the_published_ones():
+    names = set(tiny_model().state_dict())
+    expected = {"embed.weight", "norm.weight", "lm_head.weight"}
+    for i in range(2):
+        p = f"layers.{i}."
+        expected |= {p + "norm1.weight", p + "norm2.weight"}
+        expected |= {p + f"attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")}
+        expected |= {p + f"ffn.{n}.weight" for n in ("w1", "w2", "w3")}
+    assert names == expected
+
+
+def test_lm_head_is_tied_to_the_embedding():
+    m = tiny_model()
+    assert m.lm_head.weight is m.embed.weight
+
+
+def test_linears_have_no_bias_and_init_std_is_0_02():
+    torch.manual_seed(0)
+    m = M.Pion(tiny_config(d_model=240, n_heads=6, d_ff=480))
+    assert all(mod.bias is None for mod in m.modules() if isinstance(mod, torch.nn.Linear))
+    assert abs(m.layers[0].ffn.w1.weight.std().item() - 0.02) < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------
+# Forward semantics against an explicit reference
+
+
+def reference_forward(m, ids):
+    """The architecture written out naively: repeated K/V, full score matrix, rotate-half RoPE."""
+    c = m.config
+    hd = c.head_dim
+    T = ids.shape[1]
+    pos = torch.arange(T).float()
+    inv = 1.0 / c.rope_theta ** (torch.arange(0, hd, 2).float() / hd)
+    ang = torch.cat([pos[:, None] * inv] * 2, dim=-1)  # (T, hd): pairs (i, i + hd/2)
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+    def rope(x):
+        x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+        return x * ang.cos() + torch.cat([-x2, x1], -1) * ang.sin()
+
+    x = m.embed.weight[ids]
+    for layer in m.layers:
+        a = layer.attn
+        h = rms(x, layer.norm1.weight)
+        B = h.shape[0]
+        q = rope(rms((h @ a.q_proj.weight.T).view(B, T, c.n_heads, hd), a.q_norm.weight).transpose(1, 2))
+        k = rope(rms((h @ a.k_proj.weight.T).view(B, T, c.n_kv_heads, hd), a.k_norm.weight).transpose(1, 2))
+        v = (h @ a.v_proj.weight.T).view(B, T, c.n_kv_heads, hd).transpose(1, 2)
+        rep = c.n_heads // c.n_kv_heads
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        s = q @ k.transpose(-1, -2) / math.sqrt(hd)
+        if c.use_soft_cap:
+            s = c.logit_cap * torch.tanh(s / c.logit_cap)
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        y = (s.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1) @ a.o_proj.weight.T
+        x = x + y
+        h = rms(x, layer.norm2.weight)
+        f = layer.ffn
+        x = x + (F.silu(h @ f.w1.weight.T) * (h @ f.w3.weight.T)) @ f.w2.weight.T
+    return rms(x, m.norm.weight) @ m.lm_head.weight.T
+
+
+@pytest.mark.parametrize("soft_cap", [True, False])
+def test_forward_matches_the_reference_architecture(soft_cap):
+    m = tiny_model(use_soft_cap=soft_cap)
+    ids = torch.randint(0, 101, (2, 17))
+    with torch.no_grad():
+        assert torch.allclose(m(ids)["logits"], reference_forward(m, ids), atol=1e-5)
+
+
+def test_forward_returns_loss_dict_without_full_logits():
+    m = tiny_model()
+    ids = torch.randint(0, 101, (2, 9))
+    out = m(ids, labels=ids)
+    assert out["logits"] is None and out["loss"].dtype == torch.float32
+    ref = F.cross_entropy(reference_forward(m, ids)[:, :-1].reshape(-1, 101), ids[:, 1:].reshape(-1))
+    assert torch.allclose(out["loss"], ref, atol=1e-5)
+
+
+def test_output_does_not_depend_on_train_or_eval_mode():
+    m = tiny_model(use_soft_cap=True)
+    ids = torch.randint(0, 101, (2, 12))
+    with torch.no_grad():
+        train_logits = m.train()(ids)["logits"]
+        eval_logits = m.eval()(ids)["logits"]
+    assert torch.equal(train_logits, eval_logits)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Soft-capped attention kernel
+
+
+def naive_softcap_attention(q, k, v, cap):
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    T = q.shape[2]
+    s = cap * torch.tanh(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) / cap)
+    return s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1) @ v
+
+
+def test_softcap_attention_gradients_match_naive_attention():
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, 40, 8, dtype=torch.double, requires_grad=True)
+    k = torch.randn(2, 2, 40, 8, dtype=torch.double, requires_grad=True)
+    v = torch.randn(2, 2, 40, 8, dtype=torch.double, requires_grad=True)
+    g = torch.randn(2, 6, 40, 8, dtype=torch.double)
+    ours = torch.autograd.grad((M.SoftCappedAttention.apply(q, k, v, 2.0, 0, None, 16) * g).sum(), (q, k, v))
+    ref = torch.autograd.grad((naive_softcap_attention(q, k, v, 2.0) * g).sum(), (q, k, v))
+    for a, b in zip(ours, ref):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_softcap_attention_passes_gradcheck_with_cache_offset_and_padding():
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 6, 8, dtype=torch.double, requires_grad=True)
+    k = torch.randn(2, 2, 20, 8, dtype=torch.double, requires_grad=True)
+    v = torch.randn(2, 2, 20, 8, dtype=torch.double, requires_grad=True)
+    key_start = torch.tensor([0, 3])
+    assert torch.autograd.gradcheck(lambda q, k, v: M.SoftCappedAttention.apply(q, k, v, 2.0, 14, key_start, 4), (q, k, v))
+
+
+def test_flex_attention_score_mod_matches_the_tiled_kernel():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 6, 32, 16), torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16)
+    with pytest.warns(UserWarning):  # eager FlexAttention on CPU (on CUDA it is compiled)
+        flex = M.flex_softcap_attention(q, k, v, 2.0, compiled=False)
+    assert torch.allclose(flex, M.SoftCappedAttention.apply(q, k, v, 2.0, 0, None, 8), atol=1e-5)
+
+
+def saved_tensor_sizes(fn):
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        fn()
+    return sizes
+
+
+def test_softcap_training_keeps_no_quadratic_attention_scores_for_backward():
+    m = tiny_model(use_soft_cap=True, max_seq_len=256)
+    ids = torch.randint(0, 101, (1, 256))
+    sizes = saved_tensor_sizes(lambda: m(ids, labels=ids))
+    assert max(sizes) < 256 * 256  # one head's score matrix would already be 65,536 numbers
+
+
+def test_gqa_attention_runs_without_repeating_kv():
+    """K and V for 6 query heads over 2 kv heads are passed to SDPA as 2 heads (enable_gqa)."""
+    q, k, v = torch.randn(1, 6, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), is_causal=True)
+    assert torch.allclose(M.attention(q, k, v), ref, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chunked cross-entropy
+
+
+def test_chunked_cross_entropy_matches_plain_cross_entropy_in_fp32():
+    torch.manual_seed(0)
+    h = torch.randn(300, 32, requires_grad=True)
+    w = torch.randn(101, 32, requires_grad=True)
+    y = torch.randint(0, 101, (300,))
+    y[::5] = -100
+    loss = M.chunked_cross_entropy(h, w, y, chunk_size=64)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    ref = F.cross_entropy(h @ w.T, y, ignore_index=-100)
+    rh, rw = torch.autograd.grad(ref, (h, w))
+    assert torch.allclose(loss, ref, rtol=1e-5)
+    assert torch.allclose(gh, rh, rtol=1e-5, atol=1e-7) and torch.allclose(gw, rw, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_cross_entropy_keeps_no_logits_for_backward():
+    h = torch.randn(256, 16, requires_grad=True)
+    w = torch.randn(101, 16, requires_grad=True)
+    sizes = saved_tensor_sizes(lambda: M.chunked_cross_entropy(h, w, torch.randint(0, 101, (256,)), 32))
+    assert max(sizes) <= max(256 * 16, 101 * 16)
+
+
+def test_chunked_cross_entropy_is_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    h = torch.randn(64, 16, requires_grad=True)
+    w = torch.randn(101, 16, requires_grad=True)
+    y = torch.randint(0, 101, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = M.chunked_cross_entropy(h.to(torch.bfloat16), w, y, 16)
+    loss.backward()
+    assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
+    assert torch.allclose(loss, F.cross_entropy(h @ w.T, y), rtol=2e-2)  # bf16 matmul, fp32 softmax
+
+
+def test_chunked_cross_entropy_of_only_ignored_tokens_is_zero():
+    h = torch.randn(8, 16, requires_grad=True)
+    loss = M.chunked_cross_entropy(h, torch.randn(101, 16), torch.full((8,), -100), 4)
+    loss.backward()
+    assert loss.item() == 0.0 and h.grad.abs().sum() == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# KV cache
+
+
+@pytest.mark.parametrize("soft_cap", [True, False])
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (10, 2)])  # GQA 3:1 and 5:1
+def test_full_forward_prefill_and_decoding_agree(soft_cap, heads, kv_heads):
+    m = tiny_model(n_heads=heads, n_kv_heads=kv_heads, use_soft_cap=soft_cap).eval()
+    ids = torch.randint(0, 101, (2, 24))
+    with torch.no_grad():
+        full = m(ids)["logits"]
+        cache = m.new_kv_cache(2, 32)
+        prefill = m(ids, kv_cache=cache)["logits"]
+        cache = m.new_kv_cache(2, 32)
+        steps = [m(ids[:, :10], kv_cache=cache)["logits"]]
+        steps += [m(ids[:, i:i + 1], kv_cache=cache)["logits"] for i in range(10, 24)]
+    assert torch.allclose(full, prefill, atol=1e-4)
+    assert torch.allclose(full, torch.cat(steps, 1), atol=1e-4)
+
+
+def test_kv_cache_is_preallocated_and_written_in_place():
+    m = tiny_model().eval()
+    cache = m.new_kv_cache(1, 16)
+    storage = cache.k.data_ptr()
+    with torch.no_grad():
+        m(torch.randint(0, 101, (1, 5)), kv_cache=cache)
+        for _ in range(3):
+            m(torch.randint(0, 101, (1, 1)), kv_cache=cache)
+    assert cache.k.data_ptr() == storage and cache.k.shape[3] == 16 and cache.pos == 8
+
+
+def test_kv_cache_overflow_is_a_clear_error():
+    m = tiny_model().eval()
+    cache = m.new_kv_cache(1, 4)
+    with torch.no_grad(), pytest.raises(M.PionError, match="KV cache is full"):
+        m(torch.randint(0, 101, (1, 5)), kv_cache=cache)
+
+
+@pytest.mark.parametrize("soft_cap", [True, False])
+def test_left_padded_rows_decode_like_unpadded_ones(soft_cap):
+    m = tiny_model(use_soft_cap=soft_cap).eval()
+    short, long = torch.randint(3, 101, (1, 4)), torch.randint(3, 101, (1, 7))
+    batch = torch.cat([torch.cat([torch.full((1, 3), M.PAD_ID), short], 1), long])
+    with torch.no_grad():
+        cache = m.new_kv_cache(2, 16, key_start=torch.tensor([3, 0]))
+        padded = m(batch, kv_cache=cache)["logits"]
+        step = m(torch.tensor([[5], [6]]), kv_cache=cache)["logits"]
+        alone = m(torch.cat([short, torch.tensor([[5]])], 1))["logits"]
+    assert torch.allclose(padded[0, 3:], alone[0, :4], atol=1e-4)
+    assert torch.allclose(step[0, 0], alone[0, 4], atol=1e-4)
+    assert torch.isfinite(padded).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gradient checkpointing
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = torch.randint(0, 101, (2, 16))
+    grads = []
+    for checkpointing in (False, True):
+        m = tiny_model()
+        m.gradient_checkpointing = checkpointing
+        m(ids, labels=ids)["loss"].backward()
+        grads.append([p.grad for p in m.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_gradient_checkpointing_saves_only_block_inputs():
+    m = tiny_model(max_seq_len=128)
+    ids = torch.randint(0, 101, (1, 128))
+    plain = sum(saved_tensor_sizes(lambda: m(ids, labels=ids)))
+    m.gradient_checkpointing = True
+    assert sum(saved_tensor_sizes(lambda: m(ids, labels=ids))) < plain / 2
