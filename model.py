@@ -495,8 +495,27 @@ def infer_config(state_dict):
         raise PionError(f"cannot infer the model shape from the checkpoint's tensors (missing {e})")
 
 
+def resolve_checkpoint(path):
+    """A local path, or `hf:OWNER/REPO/FILE` (e.g. hf:SuperGoatScriptGuy/Pion/pion_small_final.pt), which is
+    downloaded once into the Hugging Face cache (with a progress bar) and returned as a local path."""
+    path = str(path)
+    if not path.startswith("hf:"):
+        return path
+    parts = path[3:].split("/", 2)
+    if len(parts) != 3 or not all(parts):
+        raise PionError(f"bad hub reference {path!r}: expected hf:OWNER/REPO/FILE")
+    from huggingface_hub import hf_hub_download
+    try:
+        return hf_hub_download(repo_id=f"{parts[0]}/{parts[1]}", filename=parts[2])
+    except Exception as e:
+        raise PionError(f"cannot get {path} from the Hugging Face hub ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'no details'}); check the name, your network, "
+                        f"or download the file and pass its local path")
+
+
 def read_checkpoint(path, map_location="cpu"):
     """torch.load with weights_only=True: tensors and plain data only, plus the legacy pickled PionConfig."""
+    path = resolve_checkpoint(path)
     if not os.path.isfile(path):
         raise PionError(f"checkpoint not found: {path}")
     try:
