@@ -355,12 +355,16 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
         for s in range(0, hidden.shape[0], chunk_size):
             h, y, m = hidden[s:s + chunk_size].to(compute_dtype), labels[s:s + chunk_size], valid[s:s + chunk_size]
-            logits = (h @ w.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
+            logits = (h @ w.T).float()  # the only (chunk, vocab) buffer: everything below is in place
             target = y.clamp(min=0)
-            loss += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * m).sum()
-            if want_grad:  # d(sum CE)/d(logits) = softmax - onehot, on counted rows only; in place
-                grad = logits.sub_(lse[:, None]).exp_()
+            target_logit = logits.gather(1, target[:, None]).squeeze(1)
+            row_max = logits.max(dim=-1, keepdim=True).values
+            exp = logits.sub_(row_max).exp_()
+            sum_exp = exp.sum(dim=-1, keepdim=True)
+            lse = (row_max + sum_exp.log()).squeeze(1)
+            loss += ((lse - target_logit) * m).sum()
+            if want_grad:  # d(sum CE)/d(logits) = softmax - onehot, on counted rows only
+                grad = exp.div_(sum_exp)
                 grad[torch.arange(len(y), device=y.device), target] -= 1
                 grad = grad.mul_((m / n_valid)[:, None]).to(compute_dtype)
                 grad_hidden[s:s + chunk_size] = grad @ w
@@ -370,9 +374,15 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return loss / n_valid
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
+        # Scale the precomputed gradients in place: a copy of grad_weight would cost another vocab x d.
+        # That consumes them, so a second backward (retain_graph=True) must fail loudly, not silently.
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("chunked cross-entropy supports a single backward pass")
+        ctx.consumed = True
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (grad_hidden * grad_loss.to(grad_hidden.dtype), (grad_weight * grad_loss).to(ctx.weight_dtype),
+        return (grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight.mul_(grad_loss).to(ctx.weight_dtype),
                 None, None, None)
 
 
