@@ -1,0 +1,72 @@
+"""hf:OWNER/REPO/FILE checkpoints, resolved offline from a Hugging Face cache that the test builds itself.
+
+huggingface_hub reads HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE when it is imported, so every check runs
+in a subprocess with its own environment instead of monkeypatching this process."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import model
+from conftest import ROOT
+from test_model import tiny_model
+
+REPO, FILE = "SuperGoatScriptGuy/Pion", "pion_nano_final.pt"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"  # any 40 hex digits: refs/main only has to name a snapshot
+
+
+@pytest.fixture
+def hub_cache(tmp_path):
+    """(env, model): an environment whose offline hub cache holds REPO/FILE, a tiny checkpoint of `model`.
+
+    The layout is the one huggingface_hub writes: refs/main holds the commit, snapshots/<commit>/<file> the
+    file (a plain file here; the hub makes it a symlink into blobs/, which lookups do not need)."""
+    cache = tmp_path / "hf_home" / "hub"
+    repo_dir = cache / f"models--{REPO.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(COMMIT)
+    snapshot = repo_dir / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    # The real vocabulary, so that a script can encode a prompt with the real tokenizer.
+    pion = tiny_model(vocab_size=50258, d_model=32, n_heads=4, n_kv_heads=2)
+    model.save_checkpoint(str(snapshot / FILE), {"model": pion.state_dict(), "config": pion.config})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_CACHE": str(cache)}
+    return env, pion
+
+
+def run(args, env):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def weight_checksum(pion):
+    return sum(p.double().sum().item() for p in pion.parameters())
+
+
+def test_hf_checkpoint_loads_offline_from_the_cache(hub_cache):
+    env, pion = hub_cache
+    code = (f"import model; m, ck = model.load_checkpoint('hf:{REPO}/{FILE}'); "
+            f"print(ck['config'].d_model, ck['config'].n_layers, sum(p.double().sum().item() for p in m.parameters()))")
+    result = run(["-c", code], env)
+    assert result.returncode == 0, result.stderr
+    d_model, n_layers, checksum = result.stdout.split()
+    assert (int(d_model), int(n_layers)) == (pion.config.d_model, pion.config.n_layers)
+    assert float(checksum) == pytest.approx(weight_checksum(pion), rel=1e-9)
+
+
+@pytest.mark.parametrize("reference", [f"hf:{REPO}/pion_missing.pt", "hf:SomeoneElse/NotCached/model.pt"])
+def test_a_file_missing_from_the_offline_cache_is_one_line_and_exit_2(hub_cache, reference, tmp_path):
+    env, _ = hub_cache
+    out = tmp_path / "never_written"
+    result = run(["export_hf.py", "--checkpoint", reference, "--out", str(out)], env)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot get {reference} from the Hugging Face hub")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("reference", ["hf:", "hf:owner/repo", "hf:owner//file.pt"])
+def test_a_malformed_hub_reference_is_refused_before_any_download(reference):
+    with pytest.raises(model.PionError, match="expected hf:OWNER/REPO/FILE"):
+        model.load_checkpoint(reference)
