@@ -1,0 +1,404 @@
+"""Pretraining data: token shards on disk, a shuffled and resumable loader over them, and the CLI that
+fetches or builds them.
+
+A data dir holds shard_00000.npy, shard_00001.npy, ...: 2-D integer arrays (rows, width) of token ids,
+documents separated by EOS_ID and the last row padded with PAD_ID, plus an optional metadata.json.
+Shards are memory-mapped, so memory stays flat however many there are.
+
+    python data.py download --num_shards 4 --out data/mixed     # the published (N, 2048) shards
+    python data.py prepare --input my_texts/ --out data/mine      # your own .txt / .jsonl files
+"""
+import argparse
+import functools
+import glob
+import itertools
+import json
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from model import EOS_ID, PAD_ID, TOKENIZER_PATH, PionError, load_tokenizer, run_cli
+
+VAL_FRACTION = 0.02  # the last ~2% of the shards (of the rows, when there is one shard) are validation
+DEFAULT_REPO = "SuperGoatScriptGuy/PreprocessedMIXED"
+
+
+def one_line(error):
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def open_shard(path):
+    """Memory-map one shard (np.load reads just the header) and check that it is a 2-D integer array."""
+    try:
+        shard = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as e:
+        raise PionError(f"{path} is not a readable .npy file ({one_line(e)})")
+    if shard.ndim != 2:
+        raise PionError(f"{path} has shape {shard.shape}; a shard must be 2-D (rows, tokens per row)")
+    if not np.issubdtype(shard.dtype, np.integer):
+        raise PionError(f"{path} has dtype {shard.dtype}; a shard must hold integer token ids")
+    return shard
+
+
+def read_metadata(data_dir):
+    path = os.path.join(data_dir, "metadata.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise PionError(f"{path} is not readable JSON ({one_line(e)})")
+
+
+class PretrainData:
+    """One split of a data dir, seen as n_samples windows of seq_len tokens.
+
+    A row of width W holds W // seq_len non-overlapping windows, so short-context runs use all the data.
+    Sample i is the i-th window of the split in (shard, row, window) order."""
+
+    def __init__(self, data_dir, seq_len, split="train"):
+        if split not in ("train", "val"):
+            raise PionError(f"unknown split {split!r}; use 'train' or 'val'")
+        if not os.path.isdir(data_dir):
+            raise PionError(f"data dir not found: {data_dir}")
+        paths = sorted(glob.glob(os.path.join(data_dir, "shard_*.npy")))
+        if not paths:
+            raise PionError(f"no shard_*.npy files in {data_dir}; get some with `python data.py download` "
+                            f"or `python data.py prepare`")
+        shards = [open_shard(path) for path in paths]
+        widths = sorted({shard.shape[1] for shard in shards})
+        if len(widths) > 1:
+            raise PionError(f"the shards in {data_dir} have different widths {widths}; they must all be equal")
+        self.width = widths[0]
+        if not 1 <= seq_len <= self.width:
+            raise PionError(f"seq_len {seq_len} does not fit the shards of {data_dir}: it must be between 1 and "
+                            f"their width {self.width}")
+
+        if len(shards) >= 2:  # split by whole shards: val is the last ~2%, at least one
+            n_val = max(1, round(len(shards) * VAL_FRACTION))
+            keep = slice(len(shards) - n_val, None) if split == "val" else slice(0, len(shards) - n_val)
+            self.shard_paths, self.shards = paths[keep], shards[keep]
+            row_ranges = [(0, len(shard)) for shard in self.shards]
+        else:  # a single shard: split its rows the same way
+            n_rows = len(shards[0])
+            first_val_row = max(0, n_rows - max(1, round(n_rows * VAL_FRACTION)))
+            self.shard_paths, self.shards = paths, shards
+            row_ranges = [(first_val_row, n_rows) if split == "val" else (0, first_val_row)]
+
+        self.data_dir, self.split, self.seq_len = data_dir, split, seq_len
+        self.windows_per_row = self.width // seq_len
+        self.first_row = np.array([start for start, _ in row_ranges])  # per shard, like first_sample
+        rows = np.array([stop - start for start, stop in row_ranges])
+        self.first_sample = np.concatenate([[0], np.cumsum(rows * self.windows_per_row)])
+        self.n_samples = int(self.first_sample[-1])
+        if self.n_samples == 0:
+            raise PionError(f"the {split} split of {data_dir} has no samples ({rows.sum()} rows); it needs "
+                            f"more rows or shards")
+        self.metadata = read_metadata(data_dir)
+
+    def describe(self):
+        text = (f"{self.split} data: {self.n_samples:,} samples of {self.seq_len} tokens from "
+                f"{len(self.shard_paths)} shard(s) of width {self.width} in {self.data_dir}")
+        return text + (f"; metadata: {json.dumps(self.metadata)}" if self.metadata else "")
+
+    def batch(self, sample_indices):
+        """{"input_ids", "labels"}: LongTensors (len(sample_indices), seq_len). labels are the same tokens
+        (the model shifts them itself) with padding set to -100, so it never counts in the loss."""
+        shard = np.searchsorted(self.first_sample, sample_indices, side="right") - 1
+        local = sample_indices - self.first_sample[shard]
+        row = self.first_row[shard] + local // self.windows_per_row
+        col = local % self.windows_per_row * self.seq_len
+        input_ids = np.empty((len(sample_indices), self.seq_len), dtype=np.int64)
+        for i in np.lexsort((row, shard)):  # in file order: the reads move forward through each shard
+            input_ids[i] = self.shards[shard[i]][row[i], col[i]:col[i] + self.seq_len]
+        input_ids = torch.from_numpy(input_ids)
+        return {"input_ids": input_ids, "labels": input_ids.masked_fill(input_ids == PAD_ID, -100)}
+
+    # Workers started by spawn or forkserver get a pickled copy: send the paths, not the shards' contents.
+    def __getstate__(self):
+        return {**self.__dict__, "shards": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.shards = [np.load(path, mmap_mode="r") for path in self.shard_paths]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sample order and the loader
+
+
+def epoch_order(n_samples, seed, epoch):
+    """An epoch's shuffled sample order: a function of (seed, epoch) alone, so any point can be resumed."""
+    return np.random.default_rng([seed, epoch]).permutation(n_samples)
+
+
+def train_global_batches(n_samples, global_batch, seed, start_sample):
+    """The endless training stream as global batches of sample indices: each epoch's order without its
+    incomplete last batch, laid end to end, starting at position start_sample of that stream without
+    building what comes before it."""
+    per_epoch = n_samples // global_batch * global_batch
+    epoch, offset = divmod(start_sample, per_epoch)
+    carry = np.empty(0, dtype=np.int64)  # a start inside a batch makes batches straddle epoch ends
+    while True:
+        order = np.concatenate([carry, epoch_order(n_samples, seed, epoch)[offset:per_epoch]])
+        n_full = len(order) // global_batch * global_batch
+        yield from order[:n_full].reshape(-1, global_batch)
+        carry, epoch, offset = order[n_full:], epoch + 1, 0
+
+
+def val_global_batches(n_samples, global_batch):
+    """One pass over the val samples in order; the last global batch may be short."""
+    for start in range(0, n_samples, global_batch):
+        yield np.arange(start, min(start + global_batch, n_samples))
+
+
+class BatchStream(IterableDataset):
+    """This rank's slice of each global batch, as whole batches. DataLoader worker w of W builds only
+    batches w, w+W, w+2W, ...; DataLoader takes batches from its workers in turn, so the order is the
+    same for any num_workers, and no worker needs whole files to itself (there may be fewer shards)."""
+
+    def __init__(self, data, global_batches, rank, batch_size):
+        self.data, self.global_batches, self.rank, self.batch_size = data, global_batches, rank, batch_size
+
+    def rank_batches(self):
+        for global_batch in self.global_batches():
+            mine = global_batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            if len(mine):  # only the short last val batch can leave a rank without samples
+                yield mine
+
+    def __iter__(self):
+        worker = get_worker_info()
+        worker_id, n_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        for sample_indices in itertools.islice(self.rank_batches(), worker_id, None, n_workers):
+            yield self.data.batch(sample_indices)
+
+
+def check_token_ids(batches, vocab_size, data_dir):
+    """Pass batches through, refusing ids the model has no embedding for. This runs in the main process:
+    an error raised inside a DataLoader worker comes back wrapped in a multi-line traceback."""
+    for batch in batches:
+        low, high = (int(x) for x in torch.aminmax(batch["input_ids"]))
+        if high >= vocab_size:
+            raise PionError(f"token id {high} >= vocab_size {vocab_size} in {data_dir}: the data was tokenized "
+                            f"with a larger vocabulary than the model has")
+        if low < 0:
+            raise PionError(f"negative token id {low} in {data_dir}")
+        yield batch
+
+
+def create_dataloader(data_dir, split, batch_size, seq_len, vocab_size, seed=42, start_sample=0,
+                      rank=0, world_size=1, num_workers=0, pin_memory=False):
+    """Iterator of {"input_ids": LongTensor (B, T), "labels": LongTensor (B, T)} for this rank.
+    split="train": infinite, shuffled per (seed, epoch), begins at global sample index start_sample
+    (counted in samples over all ranks; train.py passes steps_done * batch_size * grad_accum * world_size).
+    split="val": one pass, fixed order (seed and start_sample are not used).
+
+    Global batch g is samples [g*B*W, (g+1)*B*W) of the stream and rank r takes its r-th B, so W ranks
+    with batch B see the same global batches as one rank with batch B*W."""
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or start_sample < 0 or num_workers < 0:
+        raise PionError(f"bad loader settings: batch_size {batch_size}, rank {rank}, world_size {world_size}, "
+                        f"start_sample {start_sample}, num_workers {num_workers}")
+    data = PretrainData(data_dir, seq_len, split)
+    global_batch = batch_size * world_size
+    if split == "train":
+        if data.n_samples < global_batch:
+            raise PionError(f"the train split of {data_dir} has {data.n_samples} samples of {seq_len} tokens, "
+                            f"fewer than one global batch of {global_batch}")
+        global_batches = functools.partial(train_global_batches, data.n_samples, global_batch, seed, start_sample)
+        if rank == 0:
+            print(data.describe())
+    else:
+        global_batches = functools.partial(val_global_batches, data.n_samples, global_batch)
+    loader = DataLoader(BatchStream(data, global_batches, rank, batch_size), batch_size=None,
+                        num_workers=num_workers, pin_memory=pin_memory)
+    return check_token_ids(loader, vocab_size, data_dir)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Getting data: the published shards, or your own text tokenized into the same format
+
+
+def download(repo, num_shards, out):
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+    if num_shards < 1:
+        raise PionError(f"--num_shards must be at least 1, got {num_shards}")
+    names = [f"shard_{i:05d}.npy" for i in range(num_shards)]
+    try:
+        snapshot_download(repo_id=repo, repo_type="dataset", allow_patterns=names + ["metadata.json"], local_dir=out)
+    except (OSError, HFValidationError) as e:  # hub, network and disk errors are all OSErrors
+        raise PionError(f"cannot download {repo}: {one_line(e)}")
+    missing = [name for name in names if not os.path.exists(os.path.join(out, name))]
+    if missing:
+        raise PionError(f"{repo} has no {missing[0]} ({len(missing)} of the {num_shards} shards asked for are "
+                        f"missing); ask for fewer with --num_shards")
+    rows = sum(len(open_shard(os.path.join(out, name))) for name in names)
+    print(f"downloaded {num_shards} shard(s), {rows:,} rows, of {repo} to {out}")
+    metadata = read_metadata(out)
+    if metadata:
+        print(f"metadata: {json.dumps(metadata)}")
+
+
+def find_input_files(inputs):
+    """The .txt and .jsonl files among `inputs`, directories walked in sorted order."""
+    files = []
+    for item in inputs:
+        if os.path.isdir(item):
+            for root, dirs, names in os.walk(item):
+                dirs.sort()
+                files += [os.path.join(root, n) for n in sorted(names) if n.endswith((".txt", ".jsonl"))]
+        elif not os.path.isfile(item):
+            raise PionError(f"input not found: {item}")
+        elif not item.endswith((".txt", ".jsonl")):
+            raise PionError(f"{item}: unsupported input; use .txt (a document per file) or .jsonl (one per line)")
+        else:
+            files.append(item)
+    if not files:
+        raise PionError(f"no .txt or .jsonl files in {' '.join(inputs)}")
+    return files
+
+
+def file_documents(files, text_field):
+    """Each .txt file is one document; each line of a .jsonl file is a JSON object with one in text_field."""
+    for path in files:
+        try:
+            with open(path, encoding="utf-8") as f:
+                if path.endswith(".txt"):
+                    yield f.read()
+                    continue
+                for line_number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        raise PionError(f"{path}:{line_number} is not valid JSON")
+                    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                        raise PionError(f"{path}:{line_number} has no text field {text_field!r} (see --text_field)")
+                    yield record[text_field]
+        except UnicodeDecodeError:
+            raise PionError(f"{path} is not UTF-8 text")
+
+
+def hf_documents(name, split, text_field):
+    """The text_field of each row of a Hugging Face dataset, streamed (nothing is downloaded whole)."""
+    import datasets
+    try:
+        for row in datasets.load_dataset(name, split=split, streaming=True):
+            if not isinstance(row.get(text_field), str):
+                raise PionError(f"dataset {name} has no text field {text_field!r} (its fields: {', '.join(row)}); "
+                                f"see --text_field")
+            yield row[text_field]
+    except (OSError, ValueError) as e:  # not found, offline, bad split: datasets raises these
+        raise PionError(f"cannot read the dataset {name} (split {split}): {one_line(e)}")
+
+
+def write_atomically(path, write):
+    """write(file) into a hidden temp file, then rename it into place: a crash never leaves half a file."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def prepare(documents, out, source, seq_len=2048, tokenizer_path=None, shard_rows=16384):
+    """Tokenize documents, each followed by EOS_ID, pack them into rows of seq_len tokens and write
+    shard_rows rows per uint16 shard; the final partial row is padded with PAD_ID."""
+    if seq_len < 1 or shard_rows < 1:
+        raise PionError(f"--seq_len and --shard_rows must be positive, got {seq_len} and {shard_rows}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PionError(f"--out {out} is a file, not a directory")
+    if glob.glob(os.path.join(out, "shard_*.npy")) or os.path.exists(os.path.join(out, "metadata.json")):
+        raise PionError(f"{out} already holds a data set (shard_*.npy or metadata.json); remove it or choose "
+                        f"another --out: prepare never overwrites data")
+    tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer.get_vocab_size() > 2 ** 16:
+        raise PionError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, too many for uint16 shards")
+
+    def write_shard(index, rows):
+        os.makedirs(out, exist_ok=True)
+        write_atomically(os.path.join(out, f"shard_{index:05d}.npy"), lambda f: np.save(f, rows))
+
+    shard_tokens = shard_rows * seq_len
+    pending, n_pending = [np.empty(0, dtype=np.uint16)], 0  # tokens not yet in a shard
+    n_tokens = n_documents = n_shards = 0
+    texts = (text for text in documents if text)
+    with tqdm(desc="tokenizing", unit="tok", unit_scale=True) as bar:
+        for batch in iter(lambda: list(itertools.islice(texts, 1024)), []):
+            encodings = tokenizer.encode_batch(batch, add_special_tokens=False)  # on all cores
+            ids = np.fromiter(itertools.chain.from_iterable(e.ids + [EOS_ID] for e in encodings), dtype=np.uint16)
+            pending.append(ids)
+            n_pending, n_tokens, n_documents = n_pending + len(ids), n_tokens + len(ids), n_documents + len(batch)
+            bar.update(len(ids))
+            # Write only shards that more text follows, so a corpus too small for two rows writes nothing.
+            if n_pending > shard_tokens:
+                tokens = np.concatenate(pending)
+                n_full = (len(tokens) - 1) // shard_tokens
+                for rows in tokens[:n_full * shard_tokens].reshape(n_full, shard_rows, seq_len):
+                    write_shard(n_shards, rows)
+                    n_shards += 1
+                pending = [tokens[n_full * shard_tokens:]]
+                n_pending = len(pending[0])
+
+    tail = np.concatenate(pending)
+    n_tail_rows = -(-len(tail) // seq_len)  # rounded up: the last row is padded
+    n_rows = n_shards * shard_rows + n_tail_rows
+    if n_rows < 2:  # one row for train and one for val
+        raise PionError(f"not enough text for two rows of {seq_len} tokens (got {n_tokens} tokens from "
+                        f"{n_documents} documents); add text or lower --seq_len")
+    tail_rows = np.full((n_tail_rows, seq_len), PAD_ID, dtype=np.uint16)
+    tail_rows.flat[:len(tail)] = tail
+    write_shard(n_shards, tail_rows)
+    n_shards += 1
+    metadata = dict(total_tokens=n_tokens, seq_len=seq_len, n_rows=n_rows, n_shards=n_shards,
+                    n_documents=n_documents, source=source, tokenizer=tokenizer_path or TOKENIZER_PATH)
+    write_atomically(os.path.join(out, "metadata.json"), lambda f: f.write(json.dumps(metadata, indent=2).encode()))
+    PretrainData(out, seq_len)  # what we wrote must load
+    print(f"wrote {n_tokens:,} tokens from {n_documents:,} documents as {n_rows:,} rows of {seq_len} tokens "
+          f"in {n_shards} shard(s) to {out}")
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Get pretraining data: download the published shards or "
+                                                 "tokenize your own text into the same format.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    get = commands.add_parser("download", help="download the first N published shards from the Hugging Face hub")
+    get.add_argument("--num_shards", type=int, required=True)
+    get.add_argument("--out", required=True, help="data dir to download into")
+    get.add_argument("--repo", default=DEFAULT_REPO, help="Hugging Face dataset repo")
+
+    make = commands.add_parser("prepare", help="tokenize text into shards; the validation split is the last "
+                                               "~2%% of the shards (of the rows, when there is one shard)")
+    source = make.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", nargs="+", metavar="PATH", help=".txt files (each one document), .jsonl files "
+                        "(one JSON object per line, text in --text_field) or directories holding them")
+    source.add_argument("--hf_dataset", metavar="NAME", help="a Hugging Face dataset name or local dataset dir")
+    make.add_argument("--hf_split", default="train")
+    make.add_argument("--text_field", default="text", help="field holding the text in .jsonl lines and dataset rows")
+    make.add_argument("--out", required=True, help="new data dir (an existing one with shards is refused)")
+    make.add_argument("--seq_len", type=int, default=2048, help="tokens per row")
+    make.add_argument("--shard_rows", type=int, default=16384, help="rows per shard file")
+    make.add_argument("--tokenizer", default=None, help="tokenizer JSON (default: the Pion tokenizer)")
+
+    args = parser.parse_args(argv)
+    if args.command == "download":
+        download(args.repo, args.num_shards, args.out)
+    else:
+        if args.input:
+            documents, source = file_documents(find_input_files(args.input), args.text_field), args.input
+        else:
+            documents = hf_documents(args.hf_dataset, args.hf_split, args.text_field)
+            source = f"{args.hf_dataset}:{args.hf_split}"
+        prepare(documents, args.out, source, args.seq_len, args.tokenizer, args.shard_rows)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,271 @@
+import glob
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from model import PAD_ID, ROOT, PionError
+
+VOCAB_SIZE = 10_000
+
+
+def write_shards(data_dir, *shards):
+    os.makedirs(data_dir, exist_ok=True)
+    for i, shard in enumerate(shards):
+        np.save(os.path.join(data_dir, f"shard_{i:05d}.npy"), shard)
+    return str(data_dir)
+
+
+def numbered_shards(data_dir, n_shards, rows, width, dtype=np.int32):
+    """Shards whose tokens count up from 2 (past EOS and PAD), so a sample is known by its first token."""
+    tokens = np.arange(2, 2 + n_shards * rows * width).reshape(n_shards, rows, width)
+    return write_shards(data_dir, *tokens.astype(dtype))
+
+
+def write_text_shard(data_dir):
+    os.makedirs(data_dir)
+    with open(os.path.join(data_dir, "shard_00000.npy"), "w") as f:
+        f.write("not an array")
+
+
+def loader(data_dir, split="train", batch_size=5, seq_len=4, **kwargs):
+    return data.create_dataloader(data_dir, split, batch_size, seq_len, VOCAB_SIZE, **kwargs)
+
+
+def first_tokens(batches, n):
+    """The samples (by first token) of the next n batches, one list per batch."""
+    return [next(batches)["input_ids"][:, 0].tolist() for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Opening a data dir
+
+BAD_DATA_DIRS = {
+    "missing dir": (lambda d: None, 4, "data dir not found"),
+    "no shards": (lambda d: os.makedirs(d), 4, "no shard_*.npy files"),
+    "not npy": (lambda d: write_text_shard(d), 4, "not a readable .npy file"),
+    "not 2-D": (lambda d: write_shards(d, np.zeros(8, np.int32)), 4, "must be 2-D"),
+    "not integer": (lambda d: write_shards(d, np.zeros((4, 4), np.float32)), 4, "must hold integer token ids"),
+    "widths differ": (lambda d: write_shards(d, np.zeros((4, 4), np.int32), np.zeros((4, 8), np.int32)), 4,
+                      "different widths [4, 8]"),
+    "seq_len too long": (lambda d: write_shards(d, np.zeros((4, 4), np.int32)), 8, "seq_len 8 does not fit"),
+    "empty split": (lambda d: write_shards(d, np.zeros((1, 4), np.int32)), 4, "train split of"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA_DIRS)
+def test_bad_data_dir_raises_one_line_naming_the_problem(tmp_path, case):
+    make, seq_len, problem = BAD_DATA_DIRS[case]
+    data_dir = str(tmp_path / "data")
+    make(data_dir)
+    with pytest.raises(PionError) as error:
+        data.PretrainData(data_dir, seq_len)
+    assert problem in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("n_shards, n_val", [(2, 1), (10, 1), (100, 2)])
+def test_val_split_is_the_last_two_percent_of_the_shards(tmp_path, n_shards, n_val):
+    data_dir = numbered_shards(tmp_path, n_shards, rows=1, width=4)
+    names = sorted(os.listdir(data_dir))
+    train, val = data.PretrainData(data_dir, 4, "train"), data.PretrainData(data_dir, 4, "val")
+    assert [os.path.basename(p) for p in train.shard_paths] == names[:-n_val]
+    assert [os.path.basename(p) for p in val.shard_paths] == names[-n_val:]
+
+
+def test_single_shard_splits_its_rows(tmp_path):
+    shard = np.arange(2, 402).reshape(100, 4)
+    data_dir = write_shards(tmp_path, shard)
+    train, val = data.PretrainData(data_dir, 4, "train"), data.PretrainData(data_dir, 4, "val")
+    assert (train.n_samples, val.n_samples) == (98, 2)
+    assert torch.equal(val.batch(np.arange(2))["input_ids"], torch.from_numpy(shard[98:]))
+
+
+def test_short_seq_len_cuts_each_row_into_windows(tmp_path):
+    shard = np.arange(2, 22).reshape(2, 10)
+    data_dir = write_shards(tmp_path, shard, shard)  # the first is train
+    train = data.PretrainData(data_dir, 4)
+    windows = [shard[0, 0:4], shard[0, 4:8], shard[1, 0:4], shard[1, 4:8]]  # the last 2 of a row don't fit
+    assert train.n_samples == 4
+    assert torch.equal(train.batch(np.arange(4))["input_ids"], torch.from_numpy(np.stack(windows)))
+
+
+def test_padding_is_masked_in_labels_not_in_inputs(tmp_path):
+    shard = np.array([[5, 6, 0, 7, PAD_ID, PAD_ID]] * 2, dtype=np.uint16)
+    batch = data.PretrainData(write_shards(tmp_path, shard), 6).batch(np.array([0]))
+    assert batch["input_ids"].tolist() == [[5, 6, 0, 7, PAD_ID, PAD_ID]]
+    assert batch["labels"].tolist() == [[5, 6, 0, 7, -100, -100]]  # not shifted: the model shifts
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.int64])
+def test_shards_of_any_integer_dtype_give_int64_batches(tmp_path, dtype):
+    data_dir = numbered_shards(tmp_path, 2, rows=3, width=4, dtype=dtype)
+    batch = data.PretrainData(data_dir, 4).batch(np.arange(3))
+    assert batch["input_ids"].dtype == batch["labels"].dtype == torch.int64
+    assert batch["input_ids"].tolist() == np.arange(2, 14).reshape(3, 4).tolist()
+
+
+def test_shards_are_memory_mapped_not_loaded(tmp_path):
+    train = data.PretrainData(numbered_shards(tmp_path, 3, rows=8, width=4), 4)
+    assert train.shards and all(isinstance(shard, np.memmap) for shard in train.shards)
+
+
+def test_pickled_data_reopens_the_shards_instead_of_copying_them(tmp_path):
+    train = data.PretrainData(numbered_shards(tmp_path, 2, rows=2000, width=64, dtype=np.int64), 64)
+    pickled = pickle.dumps(train)  # what a spawn/forkserver DataLoader worker receives
+    assert len(pickled) < 10_000
+    copy = pickle.loads(pickled)
+    assert isinstance(copy.shards[0], np.memmap)
+    assert torch.equal(copy.batch(np.arange(5))["input_ids"], train.batch(np.arange(5))["input_ids"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sample order, resume, workers and ranks (train: 23 samples of 4 tokens, batches of 5 -> 4 per epoch)
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return numbered_shards(tmp_path, 2, rows=23, width=4)
+
+
+def test_order_is_fixed_by_seed_and_epoch_not_global_rng(data_dir):
+    torch.manual_seed(0), np.random.seed(0)
+    first = first_tokens(loader(data_dir, seed=1), 8)
+    torch.manual_seed(1), np.random.seed(1)
+    assert first_tokens(loader(data_dir, seed=1), 8) == first
+    assert first_tokens(loader(data_dir, seed=2), 8) != first
+    epoch0, epoch1 = first[:4], first[4:]
+    assert epoch0 != epoch1
+
+
+def test_each_epoch_sees_every_sample_once_dropping_the_incomplete_batch(data_dir):
+    batches = first_tokens(loader(data_dir), 8)
+    for epoch in (batches[:4], batches[4:]):
+        samples = [s for batch in epoch for s in batch]
+        assert len(set(samples)) == 20 and set(samples) <= set(range(2, 2 + 23 * 4, 4))
+
+
+@pytest.mark.parametrize("start_sample", [10, 25, 7])  # a later batch, the next epoch, inside a batch
+def test_resume_at_a_sample_index_continues_the_uninterrupted_stream(data_dir, start_sample):
+    stream = [s for batch in first_tokens(loader(data_dir), 12) for s in batch]
+    resumed = [s for batch in first_tokens(loader(data_dir, start_sample=start_sample), 6) for s in batch]
+    assert resumed == stream[start_sample:start_sample + 30]
+
+
+def test_worker_count_does_not_change_the_batches_even_with_fewer_shards_than_workers(tmp_path):
+    data_dir = numbered_shards(tmp_path, 1, rows=200, width=4)  # one shard for two workers
+    train = [loader(data_dir, batch_size=4, num_workers=n) for n in (0, 2)]
+    assert first_tokens(train[0], 60) == first_tokens(train[1], 60)  # 49 batches an epoch: into epoch 1
+    val = [[b["input_ids"].tolist() for b in loader(data_dir, "val", batch_size=1, num_workers=n)] for n in (0, 2)]
+    assert len(val[0]) == 4 and val[0] == val[1]
+
+
+def test_two_ranks_with_batch_b_see_one_rank_with_batch_2b(tmp_path):
+    data_dir = numbered_shards(tmp_path, 3, rows=7, width=4)
+    single = loader(data_dir, batch_size=4)
+    ranks = [loader(data_dir, batch_size=2, rank=rank, world_size=2) for rank in (0, 1)]
+    for _ in range(10):
+        assert torch.equal(torch.cat([next(r)["input_ids"] for r in ranks]), next(single)["input_ids"])
+
+
+def test_val_ranks_split_each_batch_including_the_short_last_one(tmp_path):
+    data_dir = numbered_shards(tmp_path, 3, rows=7, width=4)  # val: the last shard, 7 samples
+    single = [b["input_ids"] for b in loader(data_dir, "val", batch_size=4)]
+    rank0, rank1 = ([b["input_ids"] for b in loader(data_dir, "val", batch_size=2, rank=rank, world_size=2)]
+                    for rank in (0, 1))
+    assert [len(b) for b in rank0] == [2, 2] and [len(b) for b in rank1] == [2, 1]
+    assert all(torch.equal(torch.cat([a, b]), s) for a, b, s in zip(rank0, rank1, single, strict=True))
+
+
+def test_val_is_one_pass_in_file_order(tmp_path):
+    data_dir = numbered_shards(tmp_path, 3, rows=7, width=4)
+    batches = [b["input_ids"][:, 0].tolist() for b in loader(data_dir, "val", batch_size=3)]
+    last_shard = list(range(2 + 2 * 7 * 4, 2 + 3 * 7 * 4, 4))  # first tokens of its rows
+    assert batches == [last_shard[0:3], last_shard[3:6], last_shard[6:]]
+
+
+def test_token_id_beyond_vocab_raises_pion_error_in_the_main_process(tmp_path):
+    shard = np.full((4, 4), 7, dtype=np.int32)
+    shard[2, 1] = VOCAB_SIZE + 5
+    batches = loader(write_shards(tmp_path, shard, shard), batch_size=3, num_workers=1)
+    with pytest.raises(PionError, match=f"token id {VOCAB_SIZE + 5} >= vocab_size {VOCAB_SIZE} in ") as error:
+        next(batches)
+    assert "\n" not in str(error.value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The CLI
+
+
+def run_data_cli(*args, **env):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+
+
+def test_prepare_packs_documents_separated_by_eos_into_uint16_shards(tmp_path, tokenizer, tokenizer_path):
+    documents = ["The first document.\nIt has two lines.", "Third, from JSON lines.", "And a fourth one.",
+                 "Second document, in a subdirectory."]
+    (tmp_path / "text" / "sub").mkdir(parents=True)
+    (tmp_path / "text" / "a.txt").write_text(documents[0])
+    (tmp_path / "text" / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents[1:3]))
+    (tmp_path / "text" / "sub" / "c.txt").write_text(documents[3])
+    out = str(tmp_path / "out")
+    data.main(["prepare", "--input", str(tmp_path / "text"), "--out", out, "--seq_len", "8", "--shard_rows", "2",
+               "--tokenizer", tokenizer_path])
+
+    shards = [np.load(path) for path in sorted(glob.glob(os.path.join(out, "shard_*.npy")))]
+    metadata = json.load(open(os.path.join(out, "metadata.json")))
+    assert len(shards) >= 2 and all(s.dtype == np.uint16 and s.shape[1] == 8 for s in shards)
+    tokens = np.concatenate(shards).ravel()
+    assert metadata["n_rows"] * 8 == len(tokens) and metadata["seq_len"] == 8
+    assert (tokens[metadata["total_tokens"]:] == PAD_ID).all()  # only the last row is padded
+    text = tokenizer.decode(tokens[:metadata["total_tokens"]].tolist(), skip_special_tokens=False)
+    assert text == "".join(d + "<|endoftext|>" for d in documents)
+    assert data.PretrainData(out, 8).n_samples > 0
+
+
+def test_prepare_refuses_an_out_dir_that_holds_shards(tmp_path, tokenizer_path):
+    (tmp_path / "a.txt").write_text("some text " * 50)
+    out = write_shards(tmp_path / "out", np.zeros((2, 4), np.uint16))
+    before = (tmp_path / "out" / "shard_00000.npy").read_bytes()
+    with pytest.raises(PionError, match="already holds a data set"):
+        data.main(["prepare", "--input", str(tmp_path / "a.txt"), "--out", out, "--tokenizer", tokenizer_path])
+    assert (tmp_path / "out" / "shard_00000.npy").read_bytes() == before
+
+
+def test_prepare_refuses_text_too_short_for_two_rows(tmp_path, tokenizer_path):
+    (tmp_path / "a.txt").write_text("Too short.")
+    out = tmp_path / "out"
+    with pytest.raises(PionError, match="not enough text for two rows of 64 tokens"):
+        data.main(["prepare", "--input", str(tmp_path / "a.txt"), "--out", str(out), "--seq_len", "64",
+                   "--tokenizer", tokenizer_path])
+    assert not out.exists()
+
+
+def test_prepare_names_a_jsonl_line_without_text(tmp_path, tokenizer_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    with pytest.raises(PionError, match=r"a.jsonl:2 has no text field 'text'"):
+        data.main(["prepare", "--input", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "out"),
+                   "--tokenizer", tokenizer_path])
+
+
+def test_prepare_reads_a_hugging_face_dataset(tmp_path, tokenizer_path):
+    (tmp_path / "dataset").mkdir()
+    (tmp_path / "dataset" / "train.jsonl").write_text('{"text": "one document"}\n{"text": "and another"}\n')
+    result = run_data_cli("prepare", "--hf_dataset", str(tmp_path / "dataset"), "--out", str(tmp_path / "out"),
+                          "--seq_len", "2", "--tokenizer", tokenizer_path, HF_HUB_OFFLINE="1",
+                          HF_HOME=str(tmp_path / "hf"))
+    assert result.returncode == 0, result.stderr
+    assert json.load(open(tmp_path / "out" / "metadata.json"))["n_documents"] == 2
+
+
+def test_download_offline_exits_2_with_one_line(tmp_path):
+    result = run_data_cli("download", "--num_shards", "2", "--out", str(tmp_path / "out"), HF_HUB_OFFLINE="1",
+                          HF_HOME=str(tmp_path / "hf"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: cannot download") and result.stderr.count("\n") == 1
