@@ -1,0 +1,208 @@
+"""export_hf.py: the exported folder loads in transformers and computes what Pion computes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import export_hf
+import model
+from conftest import ROOT
+from test_model import tiny_model
+
+transformers = pytest.importorskip("transformers")
+from safetensors import safe_open  # noqa: E402  (installed with transformers)
+
+from generate import generate  # noqa: E402
+
+TINY = dict(vocab_size=50258, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=128)
+
+
+def tiny_pion(seed=0, **overrides):
+    """A tiny Pion with the real vocabulary (the tokenizer must fit in it) and weights that exercise the
+    mapping: random norm gains, since the all-ones default would hide a swapped or dropped norm, and weights
+    larger than the 0.02 init, so that every layer moves the residual stream and greedy decoding follows
+    the prompt instead of repeating one token."""
+    pion = tiny_model(seed, **{**TINY, **overrides})
+    with torch.no_grad():
+        for name, param in pion.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(0.0, 0.5 if name == "embed.weight" else 0.3)
+    return pion.eval()
+
+
+def save_tiny_checkpoint(path, **overrides):
+    pion = tiny_pion(**overrides)
+    model.save_checkpoint(str(path), {"model": pion.state_dict(), "config": pion.config})
+    return pion
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tokenizer_path):
+    """(pion, folder): a tiny Pion without soft-capping and its export."""
+    tmp = tmp_path_factory.mktemp("export")
+    pion = save_tiny_checkpoint(tmp / "tiny.pt", use_soft_cap=False)
+    folder = export_hf.export(str(tmp / "tiny.pt"), str(tmp / "hf"), tokenizer_path)
+    return pion, folder
+
+
+@pytest.fixture(scope="module")
+def hf_model(exported):
+    hf, loading = transformers.AutoModelForCausalLM.from_pretrained(exported[1], dtype=torch.float32,
+                                                                    output_loading_info=True)
+    assert not any(loading.values()), loading  # every tensor named, none left over, none mis-shaped
+    return hf.eval()
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(exported):
+    return transformers.AutoTokenizer.from_pretrained(exported[1])
+
+
+def run_export_cli(*args):
+    return subprocess.run([sys.executable, "export_hf.py", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def one_error_line(result):
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model
+
+
+def test_folder_is_a_qwen3_model_with_the_embedding_stored_once(exported, hf_model):
+    _, folder = exported
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json"} <= set(os.listdir(folder))
+    config = json.load(open(os.path.join(folder, "config.json")))
+    assert config["model_type"] == "qwen3" and config["architectures"] == ["Qwen3ForCausalLM"]
+    assert (config["head_dim"], config["max_position_embeddings"], config["tie_word_embeddings"]) == (8, 128, True)
+    with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    assert isinstance(hf_model, transformers.Qwen3ForCausalLM)
+    assert hf_model.lm_head.weight.data_ptr() == hf_model.model.embed_tokens.weight.data_ptr()
+
+
+def test_logits_match_pion(exported, hf_model):
+    pion, _ = exported
+    input_ids = torch.randint(0, 50000, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = pion(input_ids)["logits"]
+        theirs = hf_model(input_ids).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_greedy_generation_matches_ours_token_for_token(exported, hf_model, tokenizer):
+    pion, _ = exported
+    for text in ["The quick brown fox", "Once upon a time, in a land far away, there lived"]:
+        prompt = tokenizer.encode(text).ids
+        ours = generate(pion, prompt, max_new_tokens=20, temperature=0)[0]
+        output = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                   do_sample=False, max_new_tokens=20)
+        theirs = output[0, len(prompt):].tolist()
+        if theirs[-1:] == [model.EOS_ID]:
+            theirs = theirs[:-1]  # transformers returns the EOS it stopped at; generate() does not
+        assert ours == theirs
+        assert len(set(ours)) > 5  # a real continuation, not one token repeated
+
+
+def test_bfloat16_export_stores_bfloat16_weights(tmp_path, tokenizer_path):
+    save_tiny_checkpoint(tmp_path / "tiny.pt", use_soft_cap=False)
+    folder = export_hf.export(str(tmp_path / "tiny.pt"), str(tmp_path / "hf"), tokenizer_path, dtype="bfloat16")
+    with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(name).dtype for name in f.keys()} == {torch.bfloat16}
+    assert json.load(open(os.path.join(folder, "config.json")))["dtype"] == "bfloat16"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer, chat template, generation config
+
+
+def test_auto_tokenizer_encodes_and_decodes_like_ours(hf_tokenizer, tokenizer):
+    texts = ["Hello world", " leading space and  double  spaces\n\nnew lines\t", "naïve café 東京 🙂",
+             "code: def f(x):\n    return x**2", "<|endoftext|> between <|pad|> specials"]
+    for text in texts:
+        assert hf_tokenizer(text).input_ids == tokenizer.encode(text).ids
+        ids = tokenizer.encode(text).ids
+        assert hf_tokenizer.decode(ids) == tokenizer.decode(ids, skip_special_tokens=False)
+    assert (hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id, hf_tokenizer.unk_token_id) == (0, 1, 2)
+    assert hf_tokenizer.bos_token_id is None  # nothing is prepended: Pion was trained without a BOS
+
+
+def test_generation_config_stops_at_endoftext_and_pads_with_pad(exported):
+    generation = transformers.GenerationConfig.from_pretrained(exported[1])
+    assert (generation.eos_token_id, generation.pad_token_id) == (model.EOS_ID, model.PAD_ID)
+
+
+CHAT = [{"role": "system", "content": "You are Pion."}, {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello. How can I help?"}, {"role": "user", "content": "Count to 3."}]
+
+
+def test_chat_template_renders_the_sft_strings(hf_tokenizer):
+    rendered = hf_tokenizer.apply_chat_template(CHAT, tokenize=False)
+    assert rendered == ("<|system|>\nYou are Pion.\n<|user|>\nHi!\n<|assistant|>\nHello. How can I help?\n"
+                        "<|endoftext|><|user|>\nCount to 3.\n")
+    prompt = hf_tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert prompt == rendered + "<|assistant|>\n"
+    with pytest.raises(Exception, match="system, user and assistant"):
+        hf_tokenizer.apply_chat_template([{"role": "tool", "content": "42"}], tokenize=False)
+
+
+def test_chat_template_tokenizes_like_sft_training(hf_tokenizer, tokenizer):
+    # sft_data renders piece by piece; for turns without leading/trailing whitespace (where BPE could merge
+    # across a piece boundary) that equals tokenizing the rendered text, which is what transformers does.
+    sft_data = pytest.importorskip("sft_data")
+    expected, _ = sft_data.render_conversation(tokenizer, CHAT, add_generation_prompt=True)
+    rendered = hf_tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert hf_tokenizer(rendered, add_special_tokens=False).input_ids == expected
+
+
+# ---------------------------------------------------------------------------------------------------
+# Refusals
+
+
+def test_soft_capped_checkpoint_is_refused_then_exported_with_allow_mismatch(tmp_path):
+    save_tiny_checkpoint(tmp_path / "capped.pt", use_soft_cap=True, logit_cap=30.0)
+    out = tmp_path / "hf"
+    line = one_error_line(run_export_cli("--checkpoint", tmp_path / "capped.pt", "--out", out))
+    assert "tanh" in line and "--allow_mismatch" in line and "differ" in line
+    assert not out.exists()
+
+    result = run_export_cli("--checkpoint", tmp_path / "capped.pt", "--out", out, "--allow_mismatch")
+    assert result.returncode == 0, result.stderr
+    assert "warning:" in result.stderr and "differ" in result.stderr
+    assert json.load(open(out / "config.json"))["model_type"] == "qwen3"
+
+
+def test_a_non_empty_out_dir_is_refused_and_left_alone(tmp_path):
+    save_tiny_checkpoint(tmp_path / "tiny.pt", use_soft_cap=False)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(model.PionError, match="not an empty directory"):
+        export_hf.export(str(tmp_path / "tiny.pt"), str(out))
+    assert os.listdir(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+
+def test_pushing_while_offline_is_one_line(exported, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    code = f"import export_hf, model; model.run_cli(lambda: export_hf.push_to_hub({exported[1]!r}, 'someone/pion'))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    line = one_error_line(result)
+    assert "someone/pion" in line and "the export in" in line
+
+
+def test_qwen3_state_dict_refuses_a_tensor_it_does_not_know():
+    with pytest.raises(model.PionError, match="no Qwen3 counterpart"):
+        export_hf.qwen3_state_dict({"layers.0.attn.bias": torch.zeros(1)})
