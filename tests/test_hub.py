@@ -54,6 +54,14 @@ def test_hf_checkpoint_loads_offline_from_the_cache(hub_cache):
     assert float(checksum) == pytest.approx(weight_checksum(pion), rel=1e-9)
 
 
+def test_generate_cli_runs_an_hf_checkpoint_offline(hub_cache, tokenizer_path):
+    env, _ = hub_cache
+    result = run(["generate.py", "--checkpoint", f"hf:{REPO}/{FILE}", "--prompt", "hi", "--max_tokens", "2",
+                  "--temperature", "0", "--device", "cpu", "--tokenizer", tokenizer_path], env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("hi") and len(result.stdout.strip()) > len("hi")
+
+
 @pytest.mark.parametrize("reference", [f"hf:{REPO}/pion_missing.pt", "hf:SomeoneElse/NotCached/model.pt"])
 def test_a_file_missing_from_the_offline_cache_is_one_line_and_exit_2(hub_cache, reference, tmp_path):
     env, _ = hub_cache
