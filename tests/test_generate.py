@@ -1,0 +1,309 @@
+"""generate.py: the KV-cached loop against a naive one, sampling, batching, streaming text and the CLI."""
+import io
+import os
+import random
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import generate as G
+import model as M
+from conftest import ROOT
+from test_model import tiny_model
+
+
+def naive_greedy(m, prompt, max_new_tokens):
+    """The definition: run the whole sequence through the model every step, take the argmax, stop at EOS."""
+    ids, new = list(prompt), []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = m(torch.tensor([ids]))["logits"][0, -1].argmax().item()
+            if token == M.EOS_ID:
+                break
+            ids.append(token)
+            new.append(token)
+    return new
+
+
+def scripted_sampling(monkeypatch, script):
+    """Make the sampler return script[row][step]: tests of the loop's bookkeeping, not of the model."""
+    steps = iter(torch.tensor(script).T)
+    calls = []
+
+    def next_tokens(*args):
+        calls.append(1)
+        return next(steps)
+
+    monkeypatch.setattr(G, "sample_next_token", next_tokens)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny random model with the real vocabulary, so any text prompt works."""
+    m = tiny_model(vocab_size=50258, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=256)
+    path = str(tmp_path_factory.mktemp("generate") / "tiny.pt")
+    M.save_checkpoint(path, {"model": m.state_dict(), "config": m.config})
+    return path
+
+
+def run_main(argv, capsys, monkeypatch):
+    """Run generate.py's CLI in this process (no torch import per call): -> (stdout, stderr)."""
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() changes it
+    G.main(argv)
+    return capsys.readouterr()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The decoding loop
+
+
+@pytest.mark.parametrize("soft_cap", [True, False])
+def test_greedy_generation_equals_a_naive_argmax_loop(soft_cap):
+    m = tiny_model(use_soft_cap=soft_cap)
+    prompt = [5, 17, 42, 8, 99, 23]
+    assert G.generate(m, prompt, 25, temperature=0) == [naive_greedy(m, prompt, 25)]
+
+
+def test_a_tensor_prompt_and_a_list_prompt_give_the_same_tokens():
+    m = tiny_model()
+    assert G.generate(m, torch.tensor([5, 6, 7]), 8, temperature=0) == G.generate(m, [[5, 6, 7]], 8, temperature=0)
+
+
+def test_generation_stops_at_endoftext_and_finished_rows_wait_for_the_others(monkeypatch):
+    calls = scripted_sampling(monkeypatch, [[5, M.EOS_ID, 9, 9, 9], [6, 7, 8, M.EOS_ID, 9]])
+    assert G.generate(tiny_model(), [[3, 4], [3, 4]], 10) == [[5], [6, 7, 8]]
+    assert len(calls) == 4  # stopped as soon as the last row finished, not at max_new_tokens
+
+
+def test_max_new_tokens_is_exact():
+    m = tiny_model()
+    stats = {}
+    out = G.generate(m, [[5, 6], [7, 8, 9]], 7, temperature=0, stop_ids=(), stats=stats)
+    assert [len(row) for row in out] == [7, 7]
+    assert stats["new_tokens"] == 14 and stats["prompt_tokens"] == 5 and stats["decode_tokens"] == 2 * 6
+
+
+def test_batched_prompts_of_different_lengths_equal_each_alone():
+    m = tiny_model()
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16], [20], [30, 31, 32, 33]]
+    batched = G.generate(m, prompts, 15, temperature=0)
+    for prompt, row in zip(prompts, batched):
+        assert row == G.generate(m, prompt, 15, temperature=0)[0] == naive_greedy(m, prompt, 15)
+
+
+def test_a_too_long_prompt_keeps_its_last_tokens_with_a_warning():
+    m = tiny_model()  # max_seq_len 64
+    prompt = [3 + i % 90 for i in range(80)]
+    with pytest.warns(G.PromptTruncatedWarning, match="keeping its last 54"):
+        out = G.generate(m, prompt, 10, temperature=0)
+    assert out == [naive_greedy(m, prompt[-54:], 10)]
+
+
+def test_a_model_in_train_mode_is_sampled_in_eval_mode_and_put_back():
+    m = tiny_model(dropout=0.5).train()
+    out = G.generate(m, [5, 6, 7], 10, temperature=0)
+    assert m.training
+    assert out == [naive_greedy(m.eval(), [5, 6, 7], 10)]  # dropout was off while generating
+
+
+def test_an_empty_prompt_starts_from_endoftext():
+    m = tiny_model()
+    assert G.generate(m, [], 5, temperature=0) == [naive_greedy(m, [M.EOS_ID], 5)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def test_the_same_seed_gives_the_same_tokens_and_another_seed_others():
+    m = tiny_model()
+
+    def sample(seed):
+        return G.generate(m, [[5, 6, 7], [8]], 20, temperature=1.0, top_p=0.95,
+                          generator=torch.Generator().manual_seed(seed))
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+
+
+def test_top_k_1_is_greedy():
+    m = tiny_model()
+    sampled = G.generate(m, [5, 6, 7], 20, temperature=1.5, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert sampled == G.generate(m, [5, 6, 7], 20, temperature=0)
+
+
+def draws(logits, n=400, seen=None, **settings):
+    config = {**dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0), **settings}
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.tensor(logits).repeat(n, 1)
+    seen = None if seen is None else torch.tensor(seen).repeat(n, 1)
+    return set(G.sample_next_token(batch, seen, generator=generator, **config).tolist())
+
+
+def test_sampling_filters_keep_only_the_tokens_they_should():
+    logits = torch.tensor([0.1, 0.2, 0.3, 0.4]).log().tolist()
+    assert draws(logits) == {0, 1, 2, 3}
+    assert draws(logits, top_k=2) == {2, 3}
+    assert draws(logits, top_p=0.5) == {2, 3}  # 0.4 alone does not reach 0.5; 0.4 + 0.3 does
+    assert draws(logits, top_p=0.35) == {3}
+    assert draws(logits, min_p=0.6) == {2, 3}  # kept: p >= 0.6 * 0.4
+    assert draws(logits, temperature=0) == {3}
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
+    logits = [2.0, 1.5, -1.0, -1.2]
+    seen = [True, False, True, False]
+    assert draws(logits, seen=seen, temperature=0, repetition_penalty=1.5) == {1}  # 2 / 1.5 < 1.5
+    assert draws([-1.0, -1.2], seen=[True, False], temperature=0, repetition_penalty=1.5) == {1}  # -1.5 < -1.2
+
+
+def test_repetition_penalty_counts_prompt_tokens_but_not_padding():
+    m = tiny_model()
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]
+    batched = G.generate(m, prompts, 10, temperature=0, repetition_penalty=1.3)
+    assert batched == [G.generate(m, p, 10, temperature=0, repetition_penalty=1.3)[0] for p in prompts]
+    assert batched != G.generate(m, prompts, 10, temperature=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streaming text
+
+
+def stream_pieces(tokenizer, ids):
+    detokenizer = G.StreamingDetokenizer(tokenizer)
+    return [detokenizer.push(i) for i in ids] + [detokenizer.flush()]
+
+
+def test_streaming_never_breaks_a_character_and_adds_up_to_decode(tokenizer):
+    ids = tokenizer.encode("héllo wörld 👋🏽 日本語 ✓ naïve café 😀🎉 中文").ids
+    pieces = stream_pieces(tokenizer, ids)
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert "".join(pieces) == tokenizer.decode(ids)
+    assert "👋" in pieces  # streamed as soon as complete, not at the end
+
+
+def test_streaming_of_invalid_bytes_still_adds_up_to_decode_in_bounded_work(tokenizer):
+    # An undertrained model writes stray UTF-8 bytes: the text then really contains U+FFFD.
+    random.seed(0)
+    text_ids = tokenizer.encode("héllo 👋🏽 日本語 ✓").ids
+    byte_ids = [tokenizer.token_to_id(c) for c in "ĳĭŀðŁæĹ"]  # continuation and lead bytes on their own
+    for _ in range(200):
+        ids = [random.choice(text_ids + byte_ids + [M.PAD_ID]) for _ in range(random.randrange(1, 60))]
+        detokenizer = G.StreamingDetokenizer(tokenizer)
+        pieces = []
+        for i in ids:
+            pieces.append(detokenizer.push(i))
+            assert len(detokenizer.ids) - detokenizer.start <= 16  # decoding restarts near the end
+        assert "".join(pieces + [detokenizer.flush()]) == tokenizer.decode(ids)
+
+
+def test_a_stop_string_ends_the_row_and_no_part_of_it_is_shown(monkeypatch, tokenizer):
+    ids = tokenizer.encode("Sure, here it is.\n<|user|>\nmore text").ids
+    calls = scripted_sampling(monkeypatch, [ids])
+    shown = []
+    texts = G.generate_text(tiny_model(vocab_size=50258), tokenizer, [5, 6], 50, stop_strings=["<|user|>"],
+                            on_text=lambda row, piece: shown.append(piece))
+    assert texts == ["Sure, here it is.\n"] and "".join(shown) == texts[0]
+    assert not any("<" in piece for piece in shown)  # the partial match was held back, then dropped
+    assert len(calls) == ids.index(tokenizer.token_to_id("|>")) + 1  # stopped at the stop string's last token
+
+
+def test_text_that_only_looks_like_a_stop_string_is_released(monkeypatch, tokenizer):
+    ids = tokenizer.encode("a <|use it <|").ids
+    scripted_sampling(monkeypatch, [ids])
+    texts = G.generate_text(tiny_model(vocab_size=50258), tokenizer, [5], len(ids), stop_strings=["<|user|>"])
+    assert texts == ["a <|use it <|"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+
+
+def test_cli_prints_the_continuation_and_the_speed(checkpoint, capsys, monkeypatch):
+    out, err = run_main(["--checkpoint", checkpoint, "--prompt", "Once upon a time", "--max_tokens", "12",
+                         "--temperature", "0"], capsys, monkeypatch)
+    assert out.startswith("Once upon a time")
+    assert "12 tokens generated, prefill" in err and "decode" in err and "tokens/s" in err
+
+
+def test_cli_same_seed_same_text_and_streaming_equals_no_stream(checkpoint, capsys, monkeypatch):
+    argv = ["--checkpoint", checkpoint, "--prompt", "Hello", "--max_tokens", "20", "--top_k", "0", "--seed"]
+    first, second = run_main(argv + ["7"], capsys, monkeypatch).out, run_main(argv + ["7"], capsys, monkeypatch).out
+    assert first == second == run_main(argv + ["7", "--no_stream"], capsys, monkeypatch).out
+    assert first != run_main(argv + ["8"], capsys, monkeypatch).out
+
+
+def test_cli_stop_string_is_not_printed(checkpoint, capsys, monkeypatch):
+    argv = ["--checkpoint", checkpoint, "--prompt", "Hi", "--max_tokens", "20", "--temperature", "0"]
+    generated = run_main(argv, capsys, monkeypatch).out[len("Hi"):]
+    stop = generated[5:8]
+    out, err = run_main(argv + ["--stop", stop], capsys, monkeypatch)
+    assert out == "Hi" + generated[:generated.index(stop)] + "\n"
+
+
+def test_cli_batches_prompts_and_samples(checkpoint, capsys, monkeypatch):
+    out, err = run_main(["--checkpoint", checkpoint, "--prompt", "Hello", "--prompt", "A longer prompt here",
+                         "--num_samples", "2", "--max_tokens", "6", "--temperature", "0"], capsys, monkeypatch)
+    samples = out.split("--- sample ")[1:]
+    assert len(samples) == 4 and samples[0] == samples[1].replace("2 of 4", "1 of 4")
+    assert "24 tokens generated" in err
+
+
+def test_cli_interactive_mode_answers_until_quit(checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n\nquit\nnever read\n"))
+    out, err = run_main(["--checkpoint", checkpoint, "--max_tokens", "5"], capsys, monkeypatch)
+    assert out.count(">>> ") == 3 and err.count("5 tokens generated") == 2
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--temperature", "-1"], "--temperature: must be a number >= 0"),
+    (["--top_p", "0"], "--top_p: must be a number in (0, 1]"),
+    (["--top_p", "1.5"], "--top_p"),
+    (["--top_k", "-3"], "--top_k: must be an integer >= 0"),
+    (["--top_k", "2.5"], "--top_k"),
+    (["--min_p", "nan"], "--min_p"),
+    (["--repetition_penalty", "0"], "--repetition_penalty: must be a number > 0"),
+    (["--max_tokens", "0"], "--max_tokens: must be an integer >= 1"),
+    (["--num_samples", "0"], "--num_samples"),
+    (["--stop", ""], "--stop: must not be empty"),
+    (["--dtype", "int8"], "--dtype"),
+])
+def test_bad_flag_values_are_rejected_with_one_line(flags, message):
+    with pytest.raises(M.PionError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        G.parse_args(["--checkpoint", "x.pt"] + flags)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "generate.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--checkpoint", "nowhere.pt", "--prompt", "x"], "error: checkpoint not found: nowhere.pt"),
+    (["--checkpoint", "x.pt", "--temperature", "-1"], "error: argument --temperature: must be a number >= 0"),
+])
+def test_cli_errors_are_one_line_and_exit_code_2(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_cli_runs_end_to_end_in_a_subprocess(checkpoint):
+    result = run_cli("--checkpoint", checkpoint, "--prompt", "héllo 👋", "--max_tokens", "10", "--device", "cpu",
+                     "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("héllo 👋") and "10 tokens generated, prefill" in result.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("PION_TEST_COMPILE"), reason="torch.compile takes ~1 min on CPU; "
+                    "set PION_TEST_COMPILE=1")
+def test_compiled_decode_step_gives_the_same_tokens(monkeypatch):
+    m = tiny_model()
+    expected = G.generate(m, [[5, 6, 7], [8, 9]], 12, temperature=0)
+    monkeypatch.setattr(G, "decode_one_token", G.decode_one_token)  # undone after the test
+    G.compile_decode_step(torch.device("cpu"))
+    assert G.generate(m, [[5, 6, 7], [8, 9]], 12, temperature=0) == expected
