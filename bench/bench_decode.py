@@ -1,0 +1,130 @@
+"""Batch-1 greedy decoding speed on CPU: Pion's generate() against transformers' Qwen3ForCausalLM.generate()
+with the same shape and weights, and both against the machine's memory-bandwidth bound.
+
+Pion-small, fp32, random seeded weights, a 32-token prompt and 128 new tokens. Soft-capping is off for
+the comparison (Qwen3 has none, so both compute the same thing); Pion with it on is printed beside.
+Decoding one token reads every weight once (the tied embedding once too: the lm_head multiplies by all
+of it, the lookup reads one row), so tokens/s <= copy bandwidth / parameter bytes.
+Targets: Pion >= 2x transformers, and >= 0.60 of the bound. Exit code 0 either way.
+    python bench/bench_decode.py [--runs 3]
+"""
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import model  # noqa: E402
+from export_hf import qwen3_config, qwen3_state_dict  # noqa: E402
+from generate import generate  # noqa: E402
+
+PROMPT_TOKENS, NEW_TOKENS = 32, 128
+TARGET_VS_HF, TARGET_OF_BOUND = 2.0, 0.60
+
+
+def seconds(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def copy_bandwidth(gigabytes=1.0, runs=5):
+    """Bytes read + written per second by dst.copy_(src) of a ~1 GB fp32 tensor, best of `runs`."""
+    src = torch.full((int(gigabytes * 2**30) // 4,), 1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # the first copy also pays dst's page faults
+    return 2 * src.nbytes / min(seconds(lambda: dst.copy_(src)) for _ in range(runs))
+
+
+def build_models():
+    """Pion-small without and with soft-capping, and transformers' Qwen3, all with the same seeded weights."""
+    torch.manual_seed(0)
+    pion = model.get_model("small", use_soft_cap=False).eval()
+    capped = model.Pion(dataclasses.replace(pion.config, use_soft_cap=True)).eval()
+    capped.load_state_dict(pion.state_dict())
+    hf = qwen3_model(pion)
+    return pion, capped, hf
+
+
+def qwen3_model(pion):
+    import transformers
+    hf = transformers.Qwen3ForCausalLM(qwen3_config(pion.config)).eval()
+    hf.load_state_dict(qwen3_state_dict(pion.state_dict()))
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()  # tied, like Pion
+    return hf
+
+
+def pion_decoder(pion, prompt):
+    # stop_ids=(): never stop at <|endoftext|>, so every run decodes exactly n tokens.
+    return lambda n: generate(pion, prompt, n, temperature=0, stop_ids=())[0]
+
+
+def hf_decoder(hf, prompt):
+    input_ids = torch.tensor([prompt])
+    attention_mask = torch.ones_like(input_ids)
+    return lambda n: hf.generate(input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=n,
+                                 min_new_tokens=n)[0, len(prompt):].tolist()
+
+
+def decode_rates(decoders, runs):
+    """name -> decode tokens/s, prefill excluded: (NEW_TOKENS - 1) / (best time of NEW_TOKENS - best time of 1
+    token), since a 1-token run is the prefill plus the first token. The decoders take turns in every round,
+    so background load hits them alike."""
+    for decode in decoders.values():  # warm up (allocator, oneDNN primitives, lazy imports)
+        decode(NEW_TOKENS)
+        decode(1)
+    full = {name: float("inf") for name in decoders}
+    one = dict(full)
+    for _ in range(runs):
+        for name, decode in decoders.items():
+            full[name] = min(full[name], seconds(lambda: decode(NEW_TOKENS)))
+            one[name] = min(one[name], seconds(lambda: decode(1)))
+    return {name: (NEW_TOKENS - 1) / (full[name] - one[name]) for name in decoders}
+
+
+def verdict(value, target):
+    return "PASS" if value >= target else "FAIL"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per decoder (the best counts)")
+    args = parser.parse_args()
+    import transformers
+
+    load_before = os.getloadavg()[0]
+    bandwidth = copy_bandwidth()
+    pion, capped, hf = build_models()
+    prompt = torch.randint(3, 50000, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
+    same_tokens = pion_decoder(pion, prompt)(NEW_TOKENS) == hf_decoder(hf, prompt)(NEW_TOKENS)
+    cap = capped.config.logit_cap
+    rates = decode_rates({"pion": pion_decoder(pion, prompt), "hf": hf_decoder(hf, prompt),
+                          "capped": pion_decoder(capped, prompt)}, args.runs)
+    load_after = os.getloadavg()[0]
+
+    weight_bytes = sum(p.numel() * p.element_size() for p in pion.parameters())  # a tied weight counts once
+    bound = bandwidth / weight_bytes
+    vs_hf, of_bound = rates["pion"] / rates["hf"], rates["pion"] / bound
+    print(f"greedy decode, Pion-small ({pion.count_parameters():,} params, {weight_bytes / 1e6:.0f} MB fp32), batch 1, "
+          f"{PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, CPU fp32")
+    print(f"machine: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+          f"transformers {transformers.__version__} ({hf.config._attn_implementation} attention); "
+          f"load average {load_before:.2f} before, {load_after:.2f} after")
+    print(f"memory copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write) -> bound {bound:.1f} tok/s")
+    print(f"greedy tokens identical (Pion vs transformers): {'yes' if same_tokens else 'NO'}")
+    print(f"  {'decoder':44} {'tok/s':>7} {'vs HF':>6} {'of bound':>9}")
+    for name, label in [("pion", "Pion generate(), no soft-cap"), ("hf", "transformers Qwen3ForCausalLM.generate()"),
+                        ("capped", f"Pion generate(), soft-cap {cap:g} (no HF equivalent)")]:
+        print(f"  {label:44} {rates[name]:7.1f} {rates[name] / rates['hf']:5.2f}x {rates[name] / bound:9.2f}")
+    print(f"  {'bandwidth bound':44} {bound:7.1f}")
+    print(f"Pion / transformers {vs_hf:.2f}x (target >= {TARGET_VS_HF:.2f}x) {verdict(vs_hf, TARGET_VS_HF)}")
+    print(f"Pion / bound {of_bound:.2f} (target >= {TARGET_OF_BOUND:.2f}) {verdict(of_bound, TARGET_OF_BOUND)}")
+
+
+if __name__ == "__main__":
+    model.run_cli(main)
