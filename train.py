@@ -274,6 +274,18 @@ def save_training_checkpoint(path, model, optimizer, rt, state, config, args):
         dist.barrier()
 
 
+def restore_optimizer_and_rng(path, checkpoint, model, optimizer):
+    """Resume: the optimizer's moments (into the wrapped model's, possibly sharded, state) and the RNG streams."""
+    if "optimizer" in checkpoint:
+        try:
+            set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        except Exception as e:
+            raise PionError(f"cannot restore the optimizer from {path} ({str(e).splitlines()[0]})")
+    if "rng" in checkpoint:
+        set_rng_state(checkpoint["rng"])
+
+
 def prune_checkpoints(directory, prefix, keep_last):
     if keep_last:
         for path in checkpoint_paths(directory, prefix)[:-keep_last]:
@@ -342,13 +354,19 @@ def evaluate(model, batches, rt, steps):
 
 
 def train_step(model, optimizer, batches, rt, grad_accum, grad_clip, lr):
-    """One optimizer step over grad_accum micro-batches. Returns (mean loss, grad norm, tokens); a step
-    whose loss or gradient is not finite changes nothing."""
+    """One optimizer step over grad_accum micro-batches. Returns (loss, grad norm, tokens): the loss is the
+    mean over every trained token of the step, on all ranks. A step whose loss or gradient is not finite
+    changes nothing."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss_sum, tokens = 0.0, 0
-    for micro in range(grad_accum):
-        batch = next(batches)
+    micro_batches = [next(batches) for _ in range(grad_accum)]
+    # The model returns each micro-batch's mean loss. Weighting it by its share of the step's trained
+    # tokens makes the gradient the true token mean over the whole global step, however padding is
+    # spread over micro-batches and ranks (DDP and FSDP average gradients over ranks: hence world_size).
+    counts = [int((batch["labels"][:, 1:] != -100).sum()) for batch in micro_batches]
+    step_tokens = max(rt.all_reduce(sum(counts)), 1)
+    loss_sum = torch.zeros((), device=rt.device)
+    for micro, (batch, count) in enumerate(zip(micro_batches, counts)):
         input_ids = batch["input_ids"].to(rt.device, non_blocking=True)
         labels = batch["labels"].to(rt.device, non_blocking=True)
         sync = micro == grad_accum - 1  # all-reduce gradients once per step, not per micro-batch
@@ -361,16 +379,16 @@ def train_step(model, optimizer, batches, rt, grad_accum, grad_clip, lr):
         with context:
             with rt.autocast():
                 loss = model(input_ids, labels=labels)["loss"]
-            (loss / grad_accum).backward()
-        loss_sum += loss.detach()
-        tokens += input_ids.numel()
+            (loss * (count * rt.world_size / step_tokens)).backward()
+        loss_sum += loss.detach() * count
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    loss = (loss_sum / grad_accum).item()
+    loss = rt.all_reduce(loss_sum.item()) / step_tokens
     finite = rt.all_reduce(float(math.isfinite(loss) and torch.isfinite(grad_norm).item()), dist.ReduceOp.MIN)
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return (rt.all_reduce(loss) / rt.world_size if finite else float("nan")), grad_norm.item(), tokens * rt.world_size
+    tokens = sum(batch["input_ids"].numel() for batch in micro_batches) * rt.world_size
+    return (loss if finite else float("nan")), grad_norm.item(), tokens
 
 
 def run_training(*, args, rt, model, wrapped, optimizer, lr_at, make_batches, make_val_batches, save_dir,
@@ -486,12 +504,15 @@ def memory_test(args, rt):
     return used < total
 
 
-def make_sample_fn(args, rt):
+def make_sample_fn(args, rt, vocab_size):
     """A short greedy continuation of a fixed prompt, printed at each eval. Greedy and seedless, so it
     draws nothing from the RNG that a resumed run must reproduce."""
     from generate import generate
     tokenizer = pion.load_tokenizer(args.tokenizer)
     prompt = tokenizer.encode(args.sample_prompt).ids
+    if tokenizer.get_vocab_size() > vocab_size:  # a toy vocabulary (e.g. --override vocab_size=512)
+        rt.print(f"no samples: the tokenizer's {tokenizer.get_vocab_size()} ids exceed vocab_size {vocab_size}")
+        return None
 
     def sample(model):
         ids = generate(model, [prompt], max_new_tokens=args.sample_tokens, temperature=0.0)[0]
@@ -546,14 +567,7 @@ def pretrain(args, rt):
     wrapped = prepare_model(model, args, rt)
     optimizer = build_optimizer(wrapped, args, rt)
     if resume:
-        if "optimizer" in checkpoint:
-            try:
-                set_optimizer_state_dict(wrapped, optimizer, checkpoint["optimizer"],
-                                         options=StateDictOptions(full_state_dict=True))
-            except Exception as e:
-                raise PionError(f"cannot restore the optimizer from {resume} ({str(e).splitlines()[0]})")
-        if "rng" in checkpoint:
-            set_rng_state(checkpoint["rng"])
+        restore_optimizer_and_rng(resume, checkpoint, wrapped, optimizer)
         del checkpoint
 
     rt.print(f"Pion-{args.model_size}: {model.count_parameters():,} parameters on {rt.device} x {rt.world_size}, "
@@ -566,7 +580,7 @@ def pretrain(args, rt):
         make_batches=lambda start: data.create_dataloader(args.data_dir, "train", seed=args.seed, start_sample=start,
                                                           num_workers=args.num_workers, **loader_args),
         make_val_batches=lambda: data.create_dataloader(args.data_dir, "val", num_workers=0, **loader_args),
-        save_dir=save_dir, prefix=prefix, state=state, sample_fn=make_sample_fn(args, rt),
+        save_dir=save_dir, prefix=prefix, state=state, sample_fn=make_sample_fn(args, rt, model.config.vocab_size),
         samples_per_step=samples_per_step)
     if finished:
         rt.print(f"done: {state['tokens_seen']:,} tokens in {state['step']} steps")

@@ -1,0 +1,272 @@
+"""train.py: schedule, exact resume, data-parallel equivalence, signals, bad input."""
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import model as M
+import train
+from conftest import ROOT
+
+TINY = ["--model_size", "nano", "--override", "vocab_size=512", "--override", "d_model=32", "--override", "n_layers=2",
+        "--override", "n_heads=4", "--override", "n_kv_heads=2", "--override", "d_ff=64"]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "data"
+    path.mkdir()
+    for i in range(3):
+        shard = rng.integers(3, 512, size=(48, 64)).astype(np.uint16)
+        shard[:, -4:] = M.PAD_ID
+        np.save(path / f"shard_{i:05d}.npy", shard)
+    return path
+
+
+def run_train(args, tokenizer_path, launcher=None):
+    """train.py with small defaults. In-process by default (the CLI's own run_cli(main) path, without paying
+    for a fresh interpreter); a launcher such as torchrun runs it as real processes."""
+    flags = ["--seq_len", "32", "--batch_size", "4", "--max_steps", "6", "--log_interval", "1",
+             "--eval_interval", "3", "--eval_steps", "2", "--save_interval", "3", "--num_workers", "0",
+             "--warmup_steps", "2", "--lr", "3e-3", "--tokenizer", tokenizer_path]
+    argv = [*TINY, *map(str, flags), *map(str, args)]
+    if launcher:
+        return subprocess.run([*launcher, "train.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            M.run_cli(lambda: train.main(argv))
+        except SystemExit as e:
+            code = e.code or 0
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def losses(save_dir):
+    with open(os.path.join(save_dir, "nano", "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def assert_one_line_error(result, text):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and text in lines[0], result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schedule and optimizer
+
+
+def test_wsd_schedule_warms_up_holds_then_decays_over_the_last_fifth():
+    lr = [train.wsd_lr(s, 1.0, 0.1, warmup_steps=10, max_steps=100, decay_frac=0.2) for s in range(100)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)
+    assert all(x == 1.0 for x in lr[10:80])
+    assert all(a > b for a, b in zip(lr[80:], lr[81:]))
+    assert lr[99] == pytest.approx(0.1)
+
+
+def test_norm_weights_get_no_weight_decay():
+    m = M.Pion(M.PionConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32))
+    args = train.parse_args(["--data_dir", "x", "--weight_decay", "0.1"])
+    opt = train.build_optimizer(m, args, train.Runtime("cpu"))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    norms = [p for n, p in m.named_parameters() if "norm" in n]
+    assert norms and not any(id(p) in decayed for p in norms)
+    assert id(m.embed.weight) in decayed and opt.defaults["betas"] == (0.9, 0.95)
+
+
+def test_a_non_finite_step_changes_no_weight():
+    m = M.Pion(M.PionConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32))
+    args = train.parse_args(["--data_dir", "x"])
+    opt = train.build_optimizer(m, args, train.Runtime("cpu"))
+    with torch.no_grad():
+        m.layers[0].ffn.w1.weight[0, 0] = float("inf")
+    before = {n: p.clone() for n, p in m.named_parameters()}
+    ids = torch.randint(0, 64, (2, 8))
+    loss, _, _ = train.train_step(m, opt, iter([{"input_ids": ids, "labels": ids}]), train.Runtime("cpu"), 1, 1.0, 1e-3)
+    assert not np.isfinite(loss)
+    assert all(torch.equal(before[n], p) for n, p in m.named_parameters())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Runs
+
+
+def test_training_writes_metrics_and_checkpoints(data_dir, tmp_path, tokenizer_path):
+    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "ck"], tokenizer_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "ck" / "nano"
+    assert sorted(os.listdir(run_dir)) == ["metrics.jsonl", "pion_nano_3.pt", "pion_nano_final.pt"]
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert {"step", "loss", "lr", "tokens_seen"} <= set(records[0])
+    assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
+    final, checkpoint = M.load_checkpoint(run_dir / "pion_nano_final.pt")
+    assert checkpoint["step"] == 6 and checkpoint["tokens_seen"] == 6 * 4 * 2 * 32  # batch x grad_accum x seq and "optimizer" in checkpoint
+    assert final.config.d_model == 32
+
+
+def test_training_lowers_the_loss_on_repetitive_data(tmp_path, tokenizer_path):
+    path = tmp_path / "data"
+    path.mkdir()
+    for i in range(2):
+        np.save(path / f"shard_{i:05d}.npy", np.tile(np.arange(3, 67, dtype=np.uint16), (32, 1)))
+    result = run_train(["--data_dir", path, "--save_dir", tmp_path / "ck", "--max_steps", "30", "--lr", "1e-2",
+                        "--eval_interval", "30", "--save_interval", "30"], tokenizer_path)
+    assert result.returncode == 0, result.stderr
+    curve = losses(tmp_path / "ck")
+    assert curve[30] < 0.5 * curve[1]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resuming_reproduces_the_uninterrupted_run(data_dir, tmp_path, tokenizer_path, workers):
+    full = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "a", "--num_workers", workers], tokenizer_path)
+    assert full.returncode == 0, full.stderr
+    resumed = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "b", "--num_workers", workers,
+                         "--resume", tmp_path / "a" / "nano" / "pion_nano_3.pt"], tokenizer_path)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(b) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+
+
+def test_resume_auto_continues_from_the_newest_checkpoint(data_dir, tmp_path, tokenizer_path):
+    first = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--max_steps", "3"], tokenizer_path)
+    assert first.returncode == 0, first.stderr
+    more = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--resume", "auto"], tokenizer_path)
+    assert more.returncode == 0, more.stderr
+    assert "resuming from" in more.stdout + more.stderr and "pion_nano_final.pt" in more.stdout + more.stderr
+    assert M.load_checkpoint(tmp_path / "nano" / "pion_nano_final.pt")[1]["step"] == 6
+
+
+def test_a_new_run_never_overwrites_an_earlier_runs_checkpoints(data_dir, tmp_path, tokenizer_path):
+    assert run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--max_steps", "3"], tokenizer_path).returncode == 0
+    before = (tmp_path / "nano" / "pion_nano_final.pt").read_bytes()
+    again = run_train(["--data_dir", data_dir, "--save_dir", tmp_path], tokenizer_path)
+    assert_one_line_error(again, "already holds pion_nano checkpoints")
+    assert (tmp_path / "nano" / "pion_nano_final.pt").read_bytes() == before
+
+
+def test_keep_last_prunes_old_step_checkpoints(data_dir, tmp_path, tokenizer_path):
+    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--save_interval", "1", "--keep_last", "2"],
+                       tokenizer_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p for p in os.listdir(tmp_path / "nano") if p.endswith(".pt")) == \
+        ["pion_nano_4.pt", "pion_nano_5.pt", "pion_nano_final.pt"]
+
+
+def test_sigterm_saves_a_checkpoint_before_exiting(data_dir, tmp_path, tokenizer_path):
+    flags = ["--data_dir", data_dir, "--save_dir", tmp_path, "--max_steps", "100000", "--save_interval", "100000",
+             "--eval_interval", "100000", "--seq_len", "32", "--batch_size", "4", "--num_workers", "0",
+             "--log_interval", "1", "--tokenizer", tokenizer_path]
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY, *map(str, flags)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "nano" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    saved = [p for p in os.listdir(tmp_path / "nano") if p.endswith(".pt")]
+    assert len(saved) == 1 and "SIGTERM received" in out + err
+    step = M.load_checkpoint(tmp_path / "nano" / saved[0])[1]["step"]
+    assert saved[0] == f"pion_nano_{step}.pt" and step >= 3
+
+
+def test_repeated_non_finite_losses_stop_the_run_without_saving(data_dir, tmp_path, tokenizer_path):
+    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--lr", "1e30", "--warmup_steps", "0",
+                        "--max_steps", "20", "--save_interval", "1", "--grad_clip", "0"], tokenizer_path)
+    assert_one_line_error(result, "non-finite losses in a row")
+    assert "step skipped" in result.stdout
+    for name in os.listdir(tmp_path / "nano"):
+        if name.endswith(".pt"):
+            m, _ = M.load_checkpoint(tmp_path / "nano" / name)
+            assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(data_dir, tmp_path, tokenizer_path):
+    single = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "one", "--batch_size", 4], tokenizer_path)
+    assert single.returncode == 0, single.stderr
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    double = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "two", "--batch_size", 2], tokenizer_path,
+                       launcher=torchrun)
+    assert "Traceback" not in double.stderr
+    assert double.returncode == 0, double.stderr
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-5)
+    assert M.load_checkpoint(tmp_path / "two" / "nano" / "pion_nano_final.pt")[1]["step"] == 6
+
+
+def test_memory_test_reports_peak_memory_and_exits_0(tokenizer_path):
+    result = run_train(["--memory_test", "--batch_size", "2", "--seq_len", "64"], tokenizer_path)
+    assert result.returncode == 0, result.stderr
+    assert "memory test" in result.stdout + result.stderr and "GB of" in result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one line, exit code 2
+
+
+def test_missing_data_dir_is_one_line_from_the_command_line(tmp_path, tokenizer_path):
+    result = run_train(["--data_dir", tmp_path / "nope", "--save_dir", tmp_path], tokenizer_path,
+                       launcher=(sys.executable,))
+    assert_one_line_error(result, "nope")
+
+
+def test_empty_data_dir_is_one_line(tmp_path, tokenizer_path):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_train(["--data_dir", tmp_path / "empty", "--save_dir", tmp_path], tokenizer_path),
+                          "shard")
+
+
+def test_shard_that_is_not_2d_is_one_line(tmp_path, tokenizer_path):
+    (tmp_path / "d").mkdir()
+    np.save(tmp_path / "d" / "shard_00000.npy", np.zeros((2, 3, 4), dtype=np.int32))
+    assert_one_line_error(run_train(["--data_dir", tmp_path / "d", "--save_dir", tmp_path], tokenizer_path), "2-D")
+
+
+def test_token_ids_beyond_the_vocabulary_are_one_line(data_dir, tmp_path, tokenizer_path):
+    for shard in data_dir.iterdir():
+        np.save(shard, np.full((48, 64), 600, dtype=np.uint16))
+    assert_one_line_error(run_train(["--data_dir", data_dir, "--save_dir", tmp_path], tokenizer_path), "600")
+
+
+def test_seq_len_beyond_the_shard_width_is_one_line(data_dir, tmp_path, tokenizer_path):
+    assert_one_line_error(run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--seq_len", 128],
+                                    tokenizer_path), "128")
+
+
+def test_seq_len_beyond_max_seq_len_is_one_line(data_dir, tmp_path, tokenizer_path):
+    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--override", "max_seq_len=16"], tokenizer_path)
+    assert_one_line_error(result, "max_seq_len 16")
+
+
+def test_unwritable_save_dir_is_one_line(data_dir, tmp_path, tokenizer_path):
+    (tmp_path / "file").write_text("not a directory")
+    assert_one_line_error(run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "file" / "ck"], tokenizer_path),
+                          "cannot write to save dir")
+
+
+def test_resume_from_a_file_that_is_not_a_checkpoint_is_one_line(data_dir, tmp_path, tokenizer_path):
+    (tmp_path / "notes.pt").write_text("hello")
+    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--resume", tmp_path / "notes.pt"],
+                       tokenizer_path)
+    assert_one_line_error(result, "not a readable checkpoint")
+
+
+def test_bad_flag_value_exits_2(data_dir, tmp_path, tokenizer_path):
+    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--batch_size", "0"], tokenizer_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "--batch_size" in result.stderr
