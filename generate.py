@@ -36,22 +36,23 @@ def sample_next_token(logits, seen, temperature, top_k, top_p, min_p, repetition
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
+    candidates = None  # token ids of the columns of logits/probs, when they are not the whole vocabulary
     if 0 < top_k < logits.shape[-1]:
-        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+        logits, candidates = torch.topk(logits, top_k, dim=-1)  # sorted, so top-p needs no full-vocab sort
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
+        if candidates is None:
+            probs, candidates = probs.sort(dim=-1, descending=True)
         # Nucleus: keep the most likely tokens until they cover top_p (the one that crosses it included).
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        covered_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, covered_before >= top_p)
-        probs = probs.masked_fill(drop, 0.0)
+        covered_before = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill(covered_before >= top_p, 0.0)
     if min_p > 0.0:
         probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
     # argmax(p / Exp(1)) is a draw from p (unnormalized is fine) without multinomial's host sync. The clamp
     # keeps a zero-probability token from winning by 0/0 = NaN when a draw is exactly 0.
     noise = torch.empty_like(probs).exponential_(1, generator=generator).clamp_(min=1e-20)
-    return (probs / noise).argmax(dim=-1)
+    choice = (probs / noise).argmax(dim=-1)
+    return choice if candidates is None else candidates.gather(-1, choice[:, None]).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -76,10 +77,11 @@ def prompt_rows(prompt_ids):
     """A list of ints, a list of lists, or a (T,) / (B, T) tensor -> a list of rows (lists of ints)."""
     if isinstance(prompt_ids, torch.Tensor):
         prompt_ids = prompt_ids.tolist()
-    if not prompt_ids or isinstance(prompt_ids[0], int):
+    if not len(prompt_ids) or isinstance(prompt_ids[0], int):
         prompt_ids = [prompt_ids]
+    rows = [row.tolist() if isinstance(row, torch.Tensor) else list(row) for row in prompt_ids]
     # An empty prompt starts a new document: <|endoftext|> is what precedes every document in training.
-    return [list(row) or [EOS_ID] for row in prompt_ids]
+    return [row or [EOS_ID] for row in rows]
 
 
 @torch.inference_mode()
@@ -365,7 +367,8 @@ def seeded_generator(device, seed=None):
 def speed_report(stats):
     prefill = stats["prompt_tokens"] / max(stats["prefill_seconds"], 1e-9)
     decode = stats["decode_tokens"] / stats["decode_seconds"] if stats["decode_tokens"] else 0.0
-    return f"{stats['new_tokens']} tokens generated, prefill {prefill:.1f} tokens/s, decode {decode:.1f} tokens/s"
+    return (f"{stats['new_tokens']} tokens generated; prefill of {stats['prompt_tokens']} tokens {prefill:.1f} "
+            f"tokens/s, decode {decode:.1f} tokens/s")
 
 
 def use_one_line_warnings():

@@ -1,0 +1,174 @@
+"""chat.py: history rendering and truncation, commands, checkpoint picking, and a real terminal session."""
+import io
+import os
+import re
+import sys
+import time
+import warnings
+
+import pexpect
+import pytest
+
+import chat
+import model as M
+from conftest import ROOT
+from generate import generate_text
+from sft_data import USER_MARKER, render_conversation
+from test_model import tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model():
+    # A long context, so a reply can run for seconds when the Ctrl-C test needs it to.
+    return tiny_model(vocab_size=50258, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=4096)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_chat_model, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("chat") / "tiny.pt")
+    M.save_checkpoint(path, {"model": tiny_chat_model.state_dict(), "config": tiny_chat_model.config})
+    return path
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+# ---------------------------------------------------------------------------------------------------
+# History
+
+
+def test_the_prompt_is_the_whole_conversation_in_the_sft_template(tokenizer):
+    conversation = chat.Conversation("Be brief.", [user("Hi"), assistant("Hello!"), user("How are you?")])
+    ids = chat.conversation_prompt(tokenizer, conversation, budget=1000)
+    expected = "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\nHello!\n<|user|>\nHow are you?\n<|assistant|>\n"
+    assert tokenizer.decode(ids, skip_special_tokens=False) == expected.replace("Hello!\n", "Hello!\n<|endoftext|>")
+
+
+def test_history_truncation_drops_the_oldest_exchanges_but_never_the_system_prompt_or_the_current_turn(tokenizer):
+    turns = [user("first question " * 5), assistant("first answer " * 5),
+             user("second question"), assistant("second answer"), user("the current question")]
+    conversation = chat.Conversation("System.", turns)
+    system = [{"role": "system", "content": "System."}]
+
+    def rendered(kept):
+        return render_conversation(tokenizer, system + kept, add_generation_prompt=True)[0]
+
+    assert chat.conversation_prompt(tokenizer, conversation, 1000) == rendered(turns)
+    fits_last_exchange = len(rendered(turns[2:]))
+    assert chat.conversation_prompt(tokenizer, conversation, fits_last_exchange) == rendered(turns[2:])
+    assert chat.conversation_prompt(tokenizer, conversation, fits_last_exchange - 1) == rendered(turns[4:])
+    assert chat.conversation_prompt(tokenizer, conversation, 1) == rendered(turns[4:])  # the current turn stays
+
+
+# ---------------------------------------------------------------------------------------------------
+# Commands and checkpoint picking
+
+
+def test_commands_change_settings_and_bad_values_change_nothing(capsys):
+    conversation = chat.Conversation("", [user("Hi"), assistant("Hello")])
+    settings = dict(temperature=0.7, top_k=50, top_p=0.9, max_tokens=100)
+    for line in ["/temp 0.5", "/topk 3", "/topp 0.5", "/tokens 20"]:
+        assert chat.run_command(line, conversation, settings)
+    assert settings == dict(temperature=0.5, top_k=3, top_p=0.5, max_tokens=20)
+    capsys.readouterr()
+    for line in ["/temp abc", "/temp -1", "/topk 1.5", "/topp 0", "/tokens 0", "/tokens"]:
+        assert chat.run_command(line, conversation, settings)
+        assert capsys.readouterr().out.startswith("usage: " + line.split()[0] + " N")
+    assert settings == dict(temperature=0.5, top_k=3, top_p=0.5, max_tokens=20)
+    chat.run_command("/system Be kind.", conversation, settings)
+    chat.run_command("/reset", conversation, settings)
+    assert conversation == chat.Conversation("Be kind.", [])
+    assert not chat.run_command("/quit", conversation, settings)
+
+
+def test_the_newest_checkpoint_is_picked_sft_ones_first(tmp_path):
+    def write(relative, mtime):
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+        os.utime(path, (mtime, mtime))
+        return str(path)
+
+    assert chat.find_newest_checkpoint(str(tmp_path)) is None
+    write("nano/pion_100.pt", 100)
+    newest = write("nano/pion_200.pt", 200)
+    assert chat.find_newest_checkpoint(str(tmp_path)) == newest
+    write("sft/pion_sft_1.pt", 10)
+    newest_sft = write("sft/pion_sft_2.pt", 20)
+    assert chat.find_newest_checkpoint(str(tmp_path)) == newest_sft
+
+
+def test_without_checkpoint_it_uses_the_newest_and_says_which(checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() changes it
+    with pytest.raises(M.PionError, match="no checkpoint found under checkpoints/"):
+        chat.main([])
+    os.makedirs("checkpoints/sft")
+    os.symlink(checkpoint, "checkpoints/sft/pion_sft_final.pt")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/quit\n"))
+    chat.main(["--tokenizer", os.path.join(ROOT, "pile_tokenizer.json")])
+    assert "using checkpoints/sft/pion_sft_final.pt" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# A real terminal session
+
+
+def prompt_tokens(child):
+    """Wait for the end of a reply; -> how many prompt tokens it was generated from."""
+    child.expect(r"tokens generated; prefill of (\d+) tokens")
+    tokens = int(child.match.group(1))
+    child.expect_exact(">>> ")
+    return tokens
+
+
+def test_a_terminal_session(checkpoint, tiny_chat_model, tokenizer):
+    child = pexpect.spawn(sys.executable, ["chat.py", "--checkpoint", checkpoint, "--temperature", "0",
+                                           "--max_tokens", "8"], cwd=ROOT, encoding="utf-8", timeout=60)
+    try:
+        child.expect_exact(">>> ")
+        child.sendline("/temp 0.5")
+        child.expect_exact("temperature = 0.5")
+        child.sendline("/temp abc")
+        child.expect_exact("usage: /temp N")
+        child.sendline("/temp 0")
+        child.expect_exact("temperature = 0")
+        child.sendline("/help")
+        child.expect_exact("/reset")
+
+        # Two turns: the second prompt is the first exchange (with the reply the model gave) + the new turn.
+        child.sendline("Hello there")
+        first = [user("Hello there")]
+        assert prompt_tokens(child) == len(render_conversation(tokenizer, first, add_generation_prompt=True)[0])
+        first_reply = generate_text(tiny_chat_model, tokenizer, render_conversation(tokenizer, first, True)[0], 8,
+                                    stop_strings=(USER_MARKER,), temperature=0)[0].removesuffix("\n")
+        child.sendline("And then?")
+        second = first + [assistant(first_reply), user("And then?")]
+        assert prompt_tokens(child) == len(render_conversation(tokenizer, second, add_generation_prompt=True)[0])
+
+        child.sendline("/reset")
+        child.expect_exact("new conversation")
+        child.sendline("/tokens 4000")
+        child.expect_exact("max_tokens = 4000")
+        child.sendline("Tell me a long story")
+        child.expect_exact("Tell me a long story\r\n")
+        child.expect(r"[\s\S]{20}")  # the reply is streaming...
+        time.sleep(0.3)
+        child.sendintr()  # ...and Ctrl-C stops it
+        child.expect_exact("[stopped; this exchange is left out of the conversation]")
+        child.expect_exact(">>> ")
+
+        child.sendline("/tokens 4")
+        child.sendline("Hi")  # the interrupted exchange is not in the history
+        assert prompt_tokens(child) == len(render_conversation(tokenizer, [user("Hi")], True)[0])
+
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, child.before
