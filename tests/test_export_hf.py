@@ -116,6 +116,17 @@ def test_greedy_generation_matches_ours_token_for_token(exported, hf_model, toke
         assert len(set(ours)) > 5  # a real continuation, not one token repeated
 
 
+def test_untied_lm_head_is_exported_as_its_own_tensor(tmp_path, tokenizer_path):
+    pion = save_tiny_checkpoint(tmp_path / "untied.pt", use_soft_cap=False, tie_embeddings=False)
+    assert pion.lm_head.weight is not pion.embed.weight
+    folder = export_hf.export(str(tmp_path / "untied.pt"), str(tmp_path / "hf"), tokenizer_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert not hf.config.tie_word_embeddings
+    input_ids = torch.randint(0, 50000, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (pion(input_ids)["logits"] - hf(input_ids).logits).abs().max().item() <= 1e-4
+
+
 def test_bfloat16_export_stores_bfloat16_weights(tmp_path, tokenizer_path):
     save_tiny_checkpoint(tmp_path / "tiny.pt", use_soft_cap=False)
     folder = export_hf.export(str(tmp_path / "tiny.pt"), str(tmp_path / "hf"), tokenizer_path, dtype="bfloat16")
@@ -171,17 +182,19 @@ def test_chat_template_tokenizes_like_sft_training(hf_tokenizer, tokenizer):
 # Refusals
 
 
-def test_soft_capped_checkpoint_is_refused_then_exported_with_allow_mismatch(tmp_path):
+def test_soft_capped_checkpoint_is_refused_with_one_line_and_exit_2(tmp_path):
     save_tiny_checkpoint(tmp_path / "capped.pt", use_soft_cap=True, logit_cap=30.0)
     out = tmp_path / "hf"
     line = one_error_line(run_export_cli("--checkpoint", tmp_path / "capped.pt", "--out", out))
     assert "tanh" in line and "--allow_mismatch" in line and "differ" in line
     assert not out.exists()
 
-    result = run_export_cli("--checkpoint", tmp_path / "capped.pt", "--out", out, "--allow_mismatch")
-    assert result.returncode == 0, result.stderr
-    assert "warning:" in result.stderr and "differ" in result.stderr
-    assert json.load(open(out / "config.json"))["model_type"] == "qwen3"
+
+def test_soft_capped_checkpoint_exports_with_allow_mismatch_and_a_warning(tmp_path, tokenizer_path, capsys):
+    save_tiny_checkpoint(tmp_path / "capped.pt", use_soft_cap=True, logit_cap=30.0)
+    folder = export_hf.export(str(tmp_path / "capped.pt"), str(tmp_path / "hf"), tokenizer_path, allow_mismatch=True)
+    assert "warning:" in capsys.readouterr().err
+    assert json.load(open(os.path.join(folder, "config.json")))["model_type"] == "qwen3"
 
 
 def test_a_non_empty_out_dir_is_refused_and_left_alone(tmp_path):
