@@ -104,21 +104,24 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions, head_dim, theta):
-    """cos/sin tables for integer positions of shape (T,) or (B, T); returned as (B|1, T, 1, head_dim/2).
+    """RoPE tables for integer positions of shape (T,) or (B, T), as (B|1, T, 1, head_dim) each:
+    cos = [cos, cos] and a signed sin = [-sin, sin], so that apply_rope is two multiplies and an add.
 
-    Computed per forward from the positions (cheap) instead of kept as buffers, so they stay fp32 when
-    the model is cast to bf16 and need no resizing for any sequence length."""
+    Computed per forward from the positions (cheap, shared by all layers) instead of kept as buffers, so
+    they stay fp32 when the model is cast to bf16 and need no resizing for any sequence length."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.float()[..., None] * inv_freq
     if angles.dim() == 2:
         angles = angles[None]
-    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+    cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate-half RoPE on x of shape (B, T, H, D): dimension i is paired with i + D/2."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+    """Rotate-half RoPE on x of shape (B, T, H, D): dimension i is paired with i + D/2, i.e.
+    x * cos + [-x2, x1] * sin_abs, where roll gives [x2, x1] and the signed table supplies the minus."""
+    x32 = x.float()
+    return torch.addcmul(x32 * cos, x32.roll(x.shape[-1] // 2, dims=-1), sin).type_as(x)
 
 
 class SwiGLU(nn.Module):
@@ -363,12 +366,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             sum_exp = exp.sum(dim=-1, keepdim=True)
             lse = (row_max + sum_exp.log()).squeeze(1)
             loss += ((lse - target_logit) * m).sum()
-            if want_grad:  # d(sum CE)/d(logits) = softmax - onehot, on counted rows only
+            if want_grad:  # d(mean CE)/d(logits) = (softmax - onehot) * row_weight, row_weight = counted / n
                 grad = exp.div_(sum_exp)
                 grad[torch.arange(len(y), device=y.device), target] -= 1
-                grad = grad.mul_((m / n_valid)[:, None]).to(compute_dtype)
-                grad_hidden[s:s + chunk_size] = grad @ w
-                grad_weight += grad.T @ h
+                grad = grad.to(compute_dtype)
+                # Apply row_weight to the small (chunk, d) side of each product, not the (chunk, vocab) one.
+                row_weight = (m / n_valid).to(compute_dtype)[:, None]
+                grad_hidden[s:s + chunk_size] = (grad @ w) * row_weight
+                grad_weight += grad.T @ (h * row_weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss / n_valid

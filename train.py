@@ -219,12 +219,13 @@ def prepare_model(model, args, rt):
 
 
 def build_optimizer(model, args, rt):
-    """AdamW (0.9, 0.95), fused on CUDA; no weight decay on norm weights (the 1-D parameters)."""
+    """AdamW (0.9, 0.95), fused (one kernel for all parameters) on CUDA and CPU; no weight decay on norm
+    weights (the 1-D parameters)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
-                             lr=args.lr, betas=(0.9, 0.95), fused=rt.device.type == "cuda")
+                             lr=args.lr, betas=(0.9, 0.95), fused=rt.device.type in ("cuda", "cpu"))
 
 
 # ----------------------------------------------------------------------------------------------------
