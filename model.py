@@ -449,8 +449,11 @@ class Pion(nn.Module):
             kv_cache.pos += T
         x = self.norm(x)
         if labels is not None:
-            hidden = x[:, :-1].reshape(-1, x.shape[-1])
-            loss = chunked_cross_entropy(hidden, self.lm_head.weight, labels[:, 1:].reshape(-1))
+            targets = labels[:, 1:].reshape(-1)
+            trained = targets != -100
+            # Only positions with a target reach the vocab projection: in SFT most are masked prompt tokens.
+            hidden = x[:, :-1].reshape(-1, x.shape[-1])[trained]
+            loss = chunked_cross_entropy(hidden, self.lm_head.weight, targets[trained])
             return {"logits": None, "loss": loss}
         if last_only:
             x = x[:, -1:]

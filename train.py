@@ -341,17 +341,23 @@ def peak_flops(device):
 
 @torch.no_grad()
 def evaluate(model, batches, rt, steps):
-    """Mean loss over `steps` validation batches (fewer if the split is shorter), averaged over ranks."""
+    """Mean loss per trained token over up to `steps` validation batches on every rank. Ranks stop together
+    when any runs out (an FSDP forward is a collective: a rank running one batch more would hang)."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for _, batch in zip(range(steps), batches):
+    batches = iter(batches)
+    loss_sum, tokens = 0.0, 0
+    for _ in range(steps):
+        batch = next(batches, None)
+        if not rt.all_reduce(float(batch is not None), dist.ReduceOp.MIN):
+            break
+        labels = batch["labels"].to(rt.device)
+        count = int((labels[:, 1:] != -100).sum())
         with rt.autocast():
-            total += model(batch["input_ids"].to(rt.device), labels=batch["labels"].to(rt.device))["loss"].item()
-        count += 1
+            loss_sum += model(batch["input_ids"].to(rt.device), labels=labels)["loss"].item() * count
+        tokens += count
     model.train(was_training)
-    total, count = rt.all_reduce(total), rt.all_reduce(count)
-    return total / max(count, 1)
+    return rt.all_reduce(loss_sum) / max(rt.all_reduce(tokens), 1)
 
 
 def train_step(model, optimizer, batches, rt, grad_accum, grad_clip, lr):

@@ -133,6 +133,16 @@ def test_forward_returns_loss_dict_without_full_logits():
     assert torch.allclose(out["loss"], ref, atol=1e-5)
 
 
+def test_loss_counts_only_labelled_positions():
+    m = tiny_model()
+    ids = torch.randint(0, 101, (2, 12))
+    labels = ids.clone()
+    labels[:, :7] = -100  # a masked prompt
+    loss = m(ids, labels=labels)["loss"]
+    ref = F.cross_entropy(reference_forward(m, ids)[:, :-1].reshape(-1, 101), labels[:, 1:].reshape(-1))
+    assert torch.allclose(loss, ref, atol=1e-5)
+
+
 def test_output_does_not_depend_on_train_or_eval_mode():
     m = tiny_model(use_soft_cap=True)
     ids = torch.randint(0, 101, (2, 12))
