@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 
 from generate import (DTYPES, ArgumentParser, generate_text, load_model, seeded_generator, setting, speed_report,
-                      use_one_line_warnings)
+                      typed_lines, use_one_line_warnings)
 from model import PionError, load_tokenizer, run_cli
 from sft_data import TURN_SUFFIX, USER_MARKER, render_conversation
 
@@ -145,15 +145,7 @@ def main(argv=None):
     settings = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_tokens=args.max_tokens)
     conversation = Conversation(system=args.system)
     print("Pion chat: /help lists the commands; Ctrl-C stops a reply; Ctrl-D or /quit exits.")
-    while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            print()
-            return
-        except KeyboardInterrupt:  # at the prompt: a fresh line, as in the Python REPL
-            print()
-            continue
+    for line in typed_lines():
         if line.startswith("/"):
             if not run_command(line, conversation, settings):
                 return

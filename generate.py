@@ -377,6 +377,19 @@ def use_one_line_warnings():
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
 
 
+def typed_lines(prompt=">>> "):
+    """Lines typed at an interactive prompt, until Ctrl-D. Ctrl-C at the prompt starts a fresh line, as in
+    the Python REPL (during an answer, the caller catches it)."""
+    while True:
+        try:
+            yield input(prompt)
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print()
+
+
 def parse_args(argv=None):
     parser = ArgumentParser(description="Sample text from a Pion checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="a .pt file, or hf:OWNER/REPO/FILE")
@@ -445,15 +458,7 @@ def main(argv=None):
             sys.exit(130)
         return
     print("Type a prompt; quit, exit or Ctrl-D ends.", file=sys.stderr)
-    while True:
-        try:
-            prompt = input(">>> ")
-        except EOFError:
-            print()
-            return
-        except KeyboardInterrupt:  # at the prompt: a fresh line, as in the Python REPL
-            print()
-            continue
+    for prompt in typed_lines():
         if prompt.strip() in ("quit", "exit"):
             return
         try:
