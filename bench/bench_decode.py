@@ -114,12 +114,12 @@ def main():
           f"{PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, CPU fp32")
     print(f"machine: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
           f"transformers {transformers.__version__} ({hf.config._attn_implementation} attention); "
-          f"load average {load_before:.2f} before, {load_after:.2f} after")
+          f"load average {load_before:.2f} before, {load_after:.2f} after (this benchmark included)")
     print(f"memory copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write) -> bound {bound:.1f} tok/s")
     print(f"greedy tokens identical (Pion vs transformers): {'yes' if same_tokens else 'NO'}")
     print(f"  {'decoder':44} {'tok/s':>7} {'vs HF':>6} {'of bound':>9}")
     for name, label in [("pion", "Pion generate(), no soft-cap"), ("hf", "transformers Qwen3ForCausalLM.generate()"),
-                        ("capped", f"Pion generate(), soft-cap {cap:g} (no HF equivalent)")]:
+                        ("capped", f"Pion generate(), soft-cap {cap:g} (no HF twin)")]:
         print(f"  {label:44} {rates[name]:7.1f} {rates[name] / rates['hf']:5.2f}x {rates[name] / bound:9.2f}")
     print(f"  {'bandwidth bound':44} {bound:7.1f}")
     print(f"Pion / transformers {vs_hf:.2f}x (target >= {TARGET_VS_HF:.2f}x) {verdict(vs_hf, TARGET_VS_HF)}")
