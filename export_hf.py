@@ -151,8 +151,9 @@ def export(checkpoint, out, tokenizer_path=None, allow_mismatch=False, dtype="fl
     pion_model, _ = model.load_checkpoint(checkpoint)
     config = pion_model.config
     if is_soft_capped(config):
-        message = (f"{checkpoint} soft-caps its attention logits (cap * tanh(score / cap), cap {config.logit_cap:g}), "
-                   f"which transformers' Qwen3 does not do: the export drops the cap, so its outputs differ from Pion's")
+        message = (f"{checkpoint} soft-caps its attention logits (cap * tanh(score / cap), cap "
+                   f"{config.logit_cap:g}), which transformers' Qwen3 does not do: the export drops the cap, "
+                   f"so its outputs differ from Pion's")
         if not allow_mismatch:
             raise PionError(message + "; pass --allow_mismatch to export anyway")
         print(f"warning: {message}", file=sys.stderr)
