@@ -133,7 +133,10 @@ def write_folder(pion_model, tokenizer, folder, dtype):
     if config.tie_embeddings:
         del tensors["lm_head.weight"]  # stored once: transformers ties lm_head to model.embed_tokens on load
     tensors = {name: t.detach().to(dtype).contiguous() for name, t in tensors.items()}
-    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    weights_path = os.path.join(folder, "model.safetensors")
+    save_file(tensors, weights_path, metadata={"format": "pt"})
+    # safetensors creates the file owner-only (0600); give it the mode every other file here got (umask).
+    shutil.copymode(os.path.join(folder, "config.json"), weights_path)
     transformers.GenerationConfig(eos_token_id=EOS_ID, pad_token_id=PAD_ID).save_pretrained(folder)
     write_tokenizer(tokenizer, folder, config.max_seq_len)
 

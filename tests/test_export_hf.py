@@ -89,6 +89,8 @@ def test_folder_is_a_qwen3_model_with_the_embedding_stored_once(exported, hf_mod
     with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
         names = set(f.keys())
     assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    mode = lambda name: os.stat(os.path.join(folder, name)).st_mode & 0o777  # noqa: E731
+    assert mode("model.safetensors") == mode("config.json")  # readable like the rest, not owner-only
     assert isinstance(hf_model, transformers.Qwen3ForCausalLM)
     assert hf_model.lm_head.weight.data_ptr() == hf_model.model.embed_tokens.weight.data_ptr()
 
