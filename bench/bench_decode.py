@@ -91,10 +91,11 @@ def verdict(value, target):
     return "PASS" if value >= target else "FAIL"
 
 
-def main():
+def main(argv=None):
+    """Print the table; return the measurements (bench/run_all.py reads vs_hf and of_bound)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="timed runs per decoder (the best counts)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import transformers
 
     load_before = os.getloadavg()[0]
@@ -124,6 +125,8 @@ def main():
     print(f"  {'bandwidth bound':44} {bound:7.1f}")
     print(f"Pion / transformers {vs_hf:.2f}x (target >= {TARGET_VS_HF:.2f}x) {verdict(vs_hf, TARGET_VS_HF)}")
     print(f"Pion / bound {of_bound:.2f} (target >= {TARGET_OF_BOUND:.2f}) {verdict(of_bound, TARGET_OF_BOUND)}")
+    return {"vs_hf": vs_hf, "of_bound": of_bound, "tokens_per_second": rates, "bound_tokens_per_second": bound,
+            "copy_bandwidth_gb_s": bandwidth / 1e9, "same_tokens": same_tokens}
 
 
 if __name__ == "__main__":
