@@ -124,12 +124,31 @@ def apply_rope(x, cos, sin):
     return torch.addcmul(x32 * cos, x32.roll(x.shape[-1] // 2, dims=-1), sin).type_as(x)
 
 
+class Linear(nn.Linear):
+    """A bias-free nn.Linear (same parameter names) whose few-row products on the CPU use every core.
+
+    Decoding multiplies one row by each weight matrix. For that shape MKL's matrix-vector kernel streams
+    the weight on about one core (half the machine's memory bandwidth on 2 cores); splitting the output
+    features into one slice per thread and running the slices as a batched matmul keeps every core busy."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        rows, threads = x.numel() // self.in_features, torch.get_num_threads()
+        if x.device.type != "cpu" or rows > 4 or threads == 1 or self.out_features % threads:
+            return F.linear(x, self.weight)
+        slices = self.weight.view(threads, self.out_features // threads, self.in_features).transpose(1, 2)
+        y = torch.bmm(x.reshape(1, rows, self.in_features).expand(threads, rows, self.in_features), slices)
+        return y.transpose(0, 1).reshape(*x.shape[:-1], self.out_features)
+
+
 class SwiGLU(nn.Module):
     def __init__(self, d_model, d_ff):
         super().__init__()
-        self.w1 = nn.Linear(d_model, d_ff, bias=False)  # gate
-        self.w2 = nn.Linear(d_ff, d_model, bias=False)  # down
-        self.w3 = nn.Linear(d_model, d_ff, bias=False)  # up
+        self.w1 = Linear(d_model, d_ff)  # gate
+        self.w2 = Linear(d_ff, d_model)  # down
+        self.w3 = Linear(d_model, d_ff)  # up
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -258,7 +277,21 @@ def attention(q, k, v, soft_cap=None, q_offset=0, key_start=None, block_size=256
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     if plain_causal and q.is_cuda and torch.is_grad_enabled():
         return flex_softcap_attention(q, k, v, soft_cap)
+    if not torch.is_grad_enabled() and T * S <= 2**16:  # decoding, short prompts: no tiling, no lse to keep
+        return direct_softcap_attention(q, k, v, soft_cap, q_offset, key_start)
     return SoftCappedAttention.apply(q, k, v, float(soft_cap), q_offset, key_start, block_size)
+
+
+def direct_softcap_attention(q, k, v, cap, q_offset, key_start):
+    """Soft-capped attention in one shot, for inference on small score matrices (one decoded token)."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    scores = (q.reshape(B, Hkv, H // Hkv * T, D) @ k.transpose(-1, -2)).view(B, H, T, -1)
+    scores = torch.tanh(scores * (D ** -0.5 / cap)) * cap
+    if T > 1 or key_start is not None:
+        scores = scores.masked_fill(~attention_mask(T, k.shape[2], q_offset, key_start, q.device), float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return (probs.view(B, Hkv, H // Hkv * T, -1) @ v).view(B, H, T, D)
 
 
 class KVCache:
@@ -296,10 +329,10 @@ class Attention(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         d, hd = config.d_model, config.head_dim
-        self.q_proj = nn.Linear(d, config.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, config.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, config.n_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(config.n_heads * hd, d, bias=False)
+        self.q_proj = Linear(d, config.n_heads * hd)
+        self.k_proj = Linear(d, config.n_kv_heads * hd)
+        self.v_proj = Linear(d, config.n_kv_heads * hd)
+        self.o_proj = Linear(config.n_heads * hd, d)
         self.q_norm = RMSNorm(hd)
         self.k_norm = RMSNorm(hd)
 
@@ -414,7 +447,7 @@ class Pion(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList([Block(config, i) for i in range(config.n_layers)])
         self.norm = RMSNorm(config.d_model)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size)
         self.apply(self._init_weights)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight

@@ -185,6 +185,16 @@ def test_softcap_attention_passes_gradcheck_with_cache_offset_and_padding():
     assert torch.autograd.gradcheck(lambda q, k, v: M.SoftCappedAttention.apply(q, k, v, 2.0, 14, key_start, 4), (q, k, v))
 
 
+def test_inference_shortcut_matches_the_tiled_kernel_with_offset_and_padding():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 3, 8), torch.randn(2, 2, 20, 8), torch.randn(2, 2, 20, 8)
+    key_start = torch.tensor([0, 4])
+    tiled = M.SoftCappedAttention.apply(q, k, v, 2.0, 17, key_start, 2)
+    with torch.no_grad():
+        assert torch.allclose(M.direct_softcap_attention(q, k, v, 2.0, 17, key_start), tiled, atol=1e-6)
+        assert torch.allclose(M.attention(q, k, v, 2.0, 17, key_start), tiled, atol=1e-6)
+
+
 def test_flex_attention_score_mod_matches_the_tiled_kernel():
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 6, 32, 16), torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16)

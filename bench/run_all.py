@@ -1,0 +1,49 @@
+"""Run every benchmark in bench/ and print the performance table (as in the README).
+
+    python bench/run_all.py
+
+Each benchmark measures its baseline in the same run and prints its own details first. Run it on an
+otherwise idle machine: the timings are ratios, but a busy CPU still skews them.
+"""
+import os
+import time
+
+import bench_ce
+import bench_decode
+import bench_softcap
+import bench_train
+from common import machine
+
+ROWS = [  # (name, run, [(result key, what, target text, is the target met)])
+    ("chunked cross-entropy (N=8192, d=640, V=50258)", bench_ce.main,
+     [("memory_ratio", "extra peak memory vs naive", "<= 0.15", lambda x: x <= 0.15),
+      ("time_ratio", "time vs naive", "<= 1.30", lambda x: x <= 1.3)]),
+    ("soft-capped attention, seq 2048 training step", bench_softcap.main,
+     [("memory_ratio", "extra peak memory vs SDPA", "<= 1.30", lambda x: x <= 1.3)]),
+    ("training step vs transformers Qwen3 (nano, CPU)", lambda: bench_train.main(steps=6),
+     [("speed_ratio", "tokens/s vs transformers", ">= 1.20", lambda x: x >= 1.2),
+      ("memory_ratio", "peak RSS vs transformers", "<= 0.70", lambda x: x <= 0.7),
+      ("loader_ratio", "data loader vs step tokens/s", ">= 20", lambda x: x >= 20)]),
+    ("greedy decode vs transformers Qwen3 (small, CPU)", lambda: bench_decode.main([]),
+     [("vs_hf", "decode tokens/s vs transformers", ">= 2.00", lambda x: x >= 2.0),
+      ("of_bound", "of the memory-bandwidth bound", ">= 0.60", lambda x: x >= 0.6)]),
+]
+
+
+def main():
+    load = os.getloadavg()[0]
+    results = []
+    for name, run, checks in ROWS:
+        print(f"\n=== {name}")
+        start = time.perf_counter()
+        measured = run()
+        print(f"({time.perf_counter() - start:.0f} s)")
+        results += [(name, what, measured[key], target, ok(measured[key])) for key, what, target, ok in checks]
+    print(f"\nmachine: {machine()}; load average {load:.2f} at the start")
+    print(f"| benchmark | measure | result | target | |\n|---|---|---:|---|---|")
+    for name, what, value, target, ok in results:
+        print(f"| {name} | {what} | {value:.2f} | {target} | {'pass' if ok else 'FAIL'} |")
+
+
+if __name__ == "__main__":
+    main()
