@@ -389,13 +389,19 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if want_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
+        # One (chunk, vocab) fp32 buffer for every chunk: a fresh one each time costs its page faults again.
+        logits_buffer = torch.empty(min(chunk_size, len(labels)), weight.shape[0], device=hidden.device)
         for s in range(0, hidden.shape[0], chunk_size):
             h, y, m = hidden[s:s + chunk_size].to(compute_dtype), labels[s:s + chunk_size], valid[s:s + chunk_size]
-            logits = (h @ w.T).float()  # the only (chunk, vocab) buffer: everything below is in place
+            logits = logits_buffer[:len(y)]
+            if compute_dtype == torch.float32:
+                torch.mm(h, w.T, out=logits)
+            else:
+                logits.copy_(h @ w.T)
             target = y.clamp(min=0)
             target_logit = logits.gather(1, target[:, None]).squeeze(1)
             row_max = logits.max(dim=-1, keepdim=True).values
-            exp = logits.sub_(row_max).exp_()
+            exp = logits.sub_(row_max).exp_()  # everything below is in place
             sum_exp = exp.sum(dim=-1, keepdim=True)
             lse = (row_max + sum_exp.log()).squeeze(1)
             loss += ((lse - target_logit) * m).sum()
@@ -406,7 +412,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 # Apply row_weight to the small (chunk, d) side of each product, not the (chunk, vocab) one.
                 row_weight = (m / n_valid).to(compute_dtype)[:, None]
                 grad_hidden[s:s + chunk_size] = (grad @ w) * row_weight
-                grad_weight += grad.T @ (h * row_weight)
+                if compute_dtype == torch.float32:
+                    grad_weight.addmm_(grad.T, h * row_weight)  # accumulate in place, no (vocab, d) temporary
+                else:
+                    grad_weight += grad.T @ (h * row_weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss / n_valid
@@ -424,7 +433,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 None, None, None)
 
 
-def chunked_cross_entropy(hidden, weight, labels, chunk_size=1024):
+def chunked_cross_entropy(hidden, weight, labels, chunk_size=512):
     """hidden (N, d), weight (V, d), labels (N,) with -100 ignored -> fp32 mean loss over counted tokens."""
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
