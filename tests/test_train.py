@@ -195,12 +195,13 @@ def test_repeated_non_finite_losses_stop_the_run_without_saving(data_dir, tmp_pa
             assert all(torch.isfinite(p).all() for p in m.parameters())
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(data_dir, tmp_path, tokenizer_path):
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
+def test_two_processes_match_one_process_with_the_same_global_batch(data_dir, tmp_path, tokenizer_path, sharding):
     single = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "one", "--batch_size", 4], tokenizer_path)
     assert single.returncode == 0, single.stderr
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-    double = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "two", "--batch_size", 2], tokenizer_path,
-                       launcher=torchrun)
+    double = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "two", "--batch_size", 2, *sharding],
+                       tokenizer_path, launcher=torchrun)
     assert "Traceback" not in double.stderr
     assert double.returncode == 0, double.stderr
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
