@@ -7,7 +7,6 @@ preallocated KV cache, plus the checkpoint and tokenizer I/O that every script s
 import dataclasses
 import functools
 import hashlib
-import math
 import os
 import sys
 import urllib.request

@@ -40,7 +40,7 @@ def main():
         print(f"({time.perf_counter() - start:.0f} s)")
         results += [(name, what, measured[key], target, ok(measured[key])) for key, what, target, ok in checks]
     print(f"\nmachine: {machine()}; load average {load:.2f} at the start")
-    print(f"| benchmark | measure | result | target | |\n|---|---|---:|---|---|")
+    print("| benchmark | measure | result | target | |\n|---|---|---:|---|---|")
     for name, what, value, target, ok in results:
         print(f"| {name} | {what} | {value:.2f} | {target} | {'pass' if ok else 'FAIL'} |")
 

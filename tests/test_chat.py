@@ -1,7 +1,6 @@
 """chat.py: history rendering and truncation, commands, checkpoint picking, and a real terminal session."""
 import io
 import os
-import re
 import sys
 import time
 import warnings
