@@ -173,71 +173,77 @@ def _fp32_at_least(x):
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
+def fold_groups(x, n_kv_heads):
+    """(B, H, T, D) -> (B, Hkv, G*T, D): each kv head's query group becomes rows of one matrix, so a
+    product with K or V (B, Hkv, S, D) serves the whole group and K/V are never repeated per head."""
+    B, H, T, D = x.shape
+    return x.reshape(B, n_kv_heads, H // n_kv_heads * T, D)
+
+
+def softcapped_scores(q, k, cap, q_offset, key_start):
+    """Masked scores cap * tanh(q.k * scale / cap) of queries q (B, H, T, D) at positions q_offset.. against
+    keys k (B, Hkv, S, D) at positions 0..S-1 with S = q_offset + T, in fp32 or wider. Returns them as
+    (B, Hkv, G*T, S) (fold_groups' rows) and the tanh, which backward needs."""
+    T, S = q.shape[2], k.shape[2]
+    raw = _fp32_at_least(fold_groups(q, k.shape[1]) @ k.transpose(-1, -2))
+    tanh = torch.tanh(raw * (q.shape[-1] ** -0.5 / cap))
+    scores = cap * tanh
+    if T > 1 or key_start is not None:  # one unpadded query sees every key: no mask
+        mask = attention_mask(T, S, q_offset, key_start, q.device).repeat(1, 1, q.shape[1] // k.shape[1], 1)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores, tanh
+
+
+def softcapped_attention_block(q, k, v, cap, q_offset, key_start):
+    """Soft-capped attention of one block of queries (see softcapped_scores): the output (B, H, T, D) and
+    each row's logsumexp (B, Hkv, G*T, 1). Alone, it is the inference path for small score matrices."""
+    scores, _ = softcapped_scores(q, k, cap, q_offset, key_start)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    return (torch.exp(scores - lse).to(v.dtype) @ v).view(q.shape), lse
+
+
 class SoftCappedAttention(torch.autograd.Function):
-    """softmax(cap * tanh(q.k * scale / cap) + causal mask) @ v, one block of queries at a time.
+    """Soft-capped causal attention, one block of queries at a time.
 
     Forward keeps only the output and the per-row logsumexp; backward recomputes each block's scores
-    (as FlashAttention does), so memory is O(seq * block) instead of O(seq^2) per layer. GQA is done
-    by folding the query group into the row dimension: K and V are never repeated per query head."""
-
-    @staticmethod
-    def _block_probs(qb, k, cap, scale, lse, mask):
-        raw = _fp32_at_least(qb @ k.transpose(-1, -2)) * scale
-        tanh = torch.tanh(raw / cap)
-        scores = (cap * tanh).masked_fill(~mask, float("-inf"))
-        if lse is None:
-            lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-        return torch.exp(scores - lse), lse, tanh
+    (as FlashAttention does), so memory is O(seq * block) instead of O(seq^2) per layer."""
 
     @staticmethod
     def forward(ctx, q, k, v, cap, q_offset, key_start, block_size):
-        B, H, T, D = q.shape
-        Hkv, S = k.shape[1], k.shape[2]
-        G = H // Hkv
-        scale = D ** -0.5
-        q5 = q.view(B, Hkv, G, T, D)
-        out = torch.empty_like(q5)
-        lse = torch.empty(B, Hkv, G, T, 1, device=q.device, dtype=_fp32_at_least(q[:0]).dtype)
-        for t0 in range(0, T, block_size):
-            t1 = min(T, t0 + block_size)
-            s_end = min(S, q_offset + t1)  # later keys are masked for every row of this block
-            mask = attention_mask(t1 - t0, s_end, q_offset + t0, key_start, q.device).unsqueeze(2)
-            qb = q5[:, :, :, t0:t1].reshape(B, Hkv, G * (t1 - t0), D)
-            p, lse_b, _ = SoftCappedAttention._block_probs(qb, k[:, :, :s_end], cap, scale, None,
-                                                           mask.expand(-1, -1, G, -1, -1).reshape(-1, 1, G * (t1 - t0), s_end))
-            out[:, :, :, t0:t1] = (p.to(v.dtype) @ v[:, :, :s_end]).view(B, Hkv, G, t1 - t0, D)
-            lse[:, :, :, t0:t1] = lse_b.view(B, Hkv, G, t1 - t0, 1)
+        out = torch.empty_like(q)
+        lse = torch.empty(*q.shape[:3], 1, device=q.device, dtype=_fp32_at_least(q[:0]).dtype)
+        for t0 in range(0, q.shape[2], block_size):
+            t1 = min(q.shape[2], t0 + block_size)
+            end = q_offset + t1  # later keys are masked for every row of this block
+            out[:, :, t0:t1], lse_block = softcapped_attention_block(
+                q[:, :, t0:t1], k[:, :, :end], v[:, :, :end], cap, q_offset + t0, key_start)
+            lse[:, :, t0:t1] = lse_block.view(*q.shape[:2], t1 - t0, 1)
         ctx.save_for_backward(q, k, v, out, lse, key_start)
         ctx.args = (cap, q_offset, block_size)
-        return out.view(B, H, T, D)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, key_start = ctx.saved_tensors
         cap, q_offset, block_size = ctx.args
         B, H, T, D = q.shape
-        Hkv, S = k.shape[1], k.shape[2]
-        G = H // Hkv
-        scale = D ** -0.5
-        q5, kf, vf = _fp32_at_least(q.view(B, Hkv, G, T, D)), _fp32_at_least(k), _fp32_at_least(v)
-        do5 = _fp32_at_least(grad_out.reshape(B, Hkv, G, T, D))
-        delta = (do5 * _fp32_at_least(out)).sum(-1, keepdim=True)  # rowsum(dO * O), the softmax backward term
-        dq, dk, dv = torch.zeros_like(q5), torch.zeros_like(kf), torch.zeros_like(vf)
+        n_kv = k.shape[1]
+        q32, k32, v32, do = (_fp32_at_least(t) for t in (q, k, v, grad_out))
+        delta = (do * _fp32_at_least(out)).sum(-1, keepdim=True)  # rowsum(dO * O), the softmax backward term
+        dq, dk, dv = torch.zeros_like(q32), torch.zeros_like(k32), torch.zeros_like(v32)
         for t0 in range(0, T, block_size):
             t1 = min(T, t0 + block_size)
-            n, s_end = G * (t1 - t0), min(S, q_offset + t1)
-            mask = attention_mask(t1 - t0, s_end, q_offset + t0, key_start, q.device).unsqueeze(2)
-            mask = mask.expand(-1, -1, G, -1, -1).reshape(-1, 1, n, s_end)
-            qb = q5[:, :, :, t0:t1].reshape(B, Hkv, n, D)
-            dob = do5[:, :, :, t0:t1].reshape(B, Hkv, n, D)
-            p, _, tanh = SoftCappedAttention._block_probs(
-                qb, kf[:, :, :s_end], cap, scale, lse[:, :, :, t0:t1].reshape(B, Hkv, n, 1), mask)
-            dv[:, :, :s_end] += p.transpose(-1, -2) @ dob
-            dp = dob @ vf[:, :, :s_end].transpose(-1, -2)
-            ds = p * (dp - delta[:, :, :, t0:t1].reshape(B, Hkv, n, 1)) * (1 - tanh * tanh) * scale
-            dq[:, :, :, t0:t1] = (ds @ kf[:, :, :s_end]).view(B, Hkv, G, t1 - t0, D)
-            dk[:, :, :s_end] += ds.transpose(-1, -2) @ qb
-        return dq.view(B, H, T, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+            end = q_offset + t1
+            qb, kb, vb = q32[:, :, t0:t1], k32[:, :, :end], v32[:, :, :end]
+            scores, tanh = softcapped_scores(qb, kb, cap, q_offset + t0, key_start)
+            p = torch.exp(scores - fold_groups(lse[:, :, t0:t1], n_kv))
+            dob = fold_groups(do[:, :, t0:t1], n_kv)
+            dv[:, :, :end] += p.transpose(-1, -2) @ dob
+            d_raw = (1 - tanh * tanh) * D ** -0.5  # d(cap * tanh(x * scale / cap)) / dx
+            ds = p * (dob @ vb.transpose(-1, -2) - fold_groups(delta[:, :, t0:t1], n_kv)) * d_raw
+            dq[:, :, t0:t1] = (ds @ kb).view(B, H, t1 - t0, D)
+            dk[:, :, :end] += ds.transpose(-1, -2) @ fold_groups(qb, n_kv)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 @functools.lru_cache(maxsize=8)
@@ -276,21 +282,9 @@ def attention(q, k, v, soft_cap=None, q_offset=0, key_start=None, block_size=256
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     if plain_causal and q.is_cuda and torch.is_grad_enabled():
         return flex_softcap_attention(q, k, v, soft_cap)
-    if not torch.is_grad_enabled() and T * S <= 2**16:  # decoding, short prompts: no tiling, no lse to keep
-        return direct_softcap_attention(q, k, v, soft_cap, q_offset, key_start)
+    if not torch.is_grad_enabled() and T * S <= 2**16:  # decoding, short prompts: one block, no autograd
+        return softcapped_attention_block(q, k, v, soft_cap, q_offset, key_start)[0]
     return SoftCappedAttention.apply(q, k, v, float(soft_cap), q_offset, key_start, block_size)
-
-
-def direct_softcap_attention(q, k, v, cap, q_offset, key_start):
-    """Soft-capped attention in one shot, for inference on small score matrices (one decoded token)."""
-    B, H, T, D = q.shape
-    Hkv = k.shape[1]
-    scores = (q.reshape(B, Hkv, H // Hkv * T, D) @ k.transpose(-1, -2)).view(B, H, T, -1)
-    scores = torch.tanh(scores * (D ** -0.5 / cap)) * cap
-    if T > 1 or key_start is not None:
-        scores = scores.masked_fill(~attention_mask(T, k.shape[2], q_offset, key_start, q.device), float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-    return (probs.view(B, Hkv, H // Hkv * T, -1) @ v).view(B, H, T, D)
 
 
 class KVCache:
