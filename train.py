@@ -414,14 +414,13 @@ def run_training(*, args, rt, model, wrapped, optimizer, lr_at, make_batches, ma
                disable=not rt.is_main)
     wrapped.train()
     bad_steps, last_saved = 0, None
-    smooth_loss, t0 = None, time.perf_counter()
+    smooth_loss, t0, tokens_since_log = None, time.perf_counter(), 0
 
     def save(name):
         nonlocal last_saved
         path = os.path.join(save_dir, f"{prefix}_{name}.pt")
         save_training_checkpoint(path, wrapped, optimizer, rt, state, model.config, args)
         last_saved = state["step"]
-        return path
 
     try:
         while state["step"] < args.max_steps:
@@ -440,15 +439,15 @@ def run_training(*, args, rt, model, wrapped, optimizer, lr_at, make_batches, ma
             state["step"] += 1
             state["tokens_seen"] += tokens
             state["samples_seen"] += samples_per_step
+            tokens_since_log += tokens
             step = state["step"]
             if math.isfinite(loss):
                 smooth_loss = loss if smooth_loss is None else 0.9 * smooth_loss + 0.1 * loss
             bar.update(1)
 
             if step % args.log_interval == 0 or step == args.max_steps:
-                elapsed = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                tok_per_s = tokens * min(args.log_interval, step) / elapsed
+                tok_per_s = tokens_since_log / (time.perf_counter() - t0)
+                t0, tokens_since_log = time.perf_counter(), 0
                 record = {"step": step, "loss": loss, "lr": lr, "tokens_seen": state["tokens_seen"],
                           "tokens_per_s": round(tok_per_s, 1), "grad_norm": grad_norm,
                           "memory_gb": round(rt.memory_used() / 1e9, 2)}
