@@ -549,6 +549,7 @@ def pretrain(args, rt):
     check_save_dir(save_dir, prefix, resuming=resume is not None or args.resume == "auto")
 
     seed_everything(args.seed)
+    samples_per_step = args.batch_size * args.grad_accum * rt.world_size
     state = {"step": 0, "tokens_seen": 0, "samples_seen": 0}
     if resume:
         model, checkpoint = pion.load_checkpoint(resume)
@@ -558,7 +559,7 @@ def pretrain(args, rt):
         step = checkpoint.get("step", 0)
         # Checkpoints from before data positions were saved: assume this run's batch layout.
         state = {"step": step, "tokens_seen": checkpoint.get("tokens_seen", 0),
-                 "samples_seen": checkpoint.get("samples_seen", step * args.batch_size * args.grad_accum * rt.world_size)}
+                 "samples_seen": checkpoint.get("samples_seen", step * samples_per_step)}
         rt.print(f"resuming from {resume} at step {state['step']}")
     else:
         model = pion.get_model(args.model_size, use_soft_cap=not args.no_soft_cap, **config_overrides(args.override))
@@ -566,7 +567,6 @@ def pretrain(args, rt):
         raise PionError(f"--seq_len {args.seq_len} is larger than the model's max_seq_len {model.config.max_seq_len}")
 
     train_data = data.PretrainData(args.data_dir, args.seq_len, "train")
-    samples_per_step = args.batch_size * args.grad_accum * rt.world_size
     loader_args = dict(batch_size=args.batch_size, seq_len=args.seq_len, vocab_size=model.config.vocab_size,
                        rank=rt.rank, world_size=rt.world_size, pin_memory=rt.device.type == "cuda")
 
