@@ -8,6 +8,7 @@ answers): a preallocated KV cache, one prefill of the left-padded batch, then on
 `StreamingDetokenizer` and `TextStream` turn the tokens into printable text as they arrive.
 """
 import argparse
+import functools
 import math
 import sys
 import time
@@ -59,18 +60,17 @@ def sample_next_token(logits, seen, temperature, top_k, top_p, min_p, repetition
 # The decoding loop
 
 
-def decode_one_token(model, token, kv_cache):
-    """One decoding step: token (B, 1) -> logits (B, V) of the position after it. --compile compiles this."""
-    return model(token, kv_cache=kv_cache, last_only=True)["logits"][:, -1]
+def decode_one_token(model, token, kv_cache, input_pos):
+    """One decoding step: token (B, 1) at cache position input_pos ((1,) tensor) -> logits (B, V) of the
+    position after it. Every step has the same shapes and changes no Python state, so one compiled graph
+    serves every step of a generation (--compile)."""
+    return model(token, kv_cache=kv_cache, input_pos=input_pos)["logits"][:, -1]
 
 
-def compile_decode_step(device):
-    """Replace decode_one_token by its torch.compile'd version (CUDA graphs on CUDA), as gpt-fast does."""
-    global decode_one_token
-    # dynamic=True: the cache position (hence the attended length) changes every step; without it the
-    # first steps would each recompile before dynamo marks the length dynamic.
-    decode_one_token = torch.compile(decode_one_token, mode="reduce-overhead" if device.type == "cuda" else None,
-                                     dynamic=True)
+@functools.cache
+def compiled_decode_step(device_type):
+    """decode_one_token, torch.compile'd once per process (with CUDA graphs on CUDA, as gpt-fast does)."""
+    return torch.compile(decode_one_token, mode="reduce-overhead" if device_type == "cuda" else None)
 
 
 def prompt_rows(prompt_ids):
@@ -86,7 +86,7 @@ def prompt_rows(prompt_ids):
 
 @torch.inference_mode()
 def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
-             repetition_penalty=1.0, stop_ids=(EOS_ID,), generator=None, on_token=None, stats=None):
+             repetition_penalty=1.0, stop_ids=(EOS_ID,), generator=None, on_token=None, stats=None, compile=False):
     """Continue each prompt by up to max_new_tokens tokens; returns one list of new token ids per prompt.
 
     prompt_ids: one prompt (list of ints or a (T,) tensor) or several (list of lists or a (B, T) tensor),
@@ -99,6 +99,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=0, top_p=
         to end that row there (chat.py and the CLI end a row at a stop string this way).
     stats: an optional dict, filled with prompt_tokens, new_tokens, prefill_seconds, decode_seconds and
         decode_tokens (batch rows x decode steps).
+    compile: run the decoding steps through torch.compile (the first call with a new shape compiles).
     The model may be in train mode (train.py's samples): it is run in eval mode and switched back after.
     """
     rows = prompt_rows(prompt_ids)
@@ -133,12 +134,14 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=0, top_p=
     outputs = [[] for _ in rows]
     finished = [False] * batch
 
+    decode_step = compiled_decode_step(device.type) if compile else decode_one_token
     was_training = model.training
     model.eval()
     try:
         start = time.perf_counter()
         kv_cache = model.new_kv_cache(batch, longest + max_new_tokens, key_start=key_start)
         logits = model(input_ids, kv_cache=kv_cache, last_only=True)["logits"][:, -1]
+        input_pos = torch.tensor([longest], device=device)
         for step in range(max_new_tokens):
             next_token = sample_next_token(logits, seen, temperature, top_k, top_p, min_p, repetition_penalty,
                                            generator)
@@ -158,7 +161,8 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=0, top_p=
                 break
             if seen is not None:
                 seen.scatter_(1, next_token[:, None], True)
-            logits = decode_one_token(model, next_token[:, None], kv_cache)
+            logits = decode_step(model, next_token[:, None], kv_cache, input_pos)
+            input_pos += 1
         end = time.perf_counter()
     finally:
         model.train(was_training)
@@ -274,7 +278,7 @@ def generate_text(model, tokenizer, prompt_ids, max_new_tokens, stop_strings=(),
     """generate() with text out: one string per prompt, ending before its first stop string.
 
     on_text(row, piece) gets each row's text as soon as it is final (for streaming). kwargs go to
-    generate() (sampling settings, stop_ids, generator, stats)."""
+    generate() (sampling settings, stop_ids, generator, stats, compile)."""
     streams = [TextStream(tokenizer, stop_strings) for _ in prompt_rows(prompt_ids)]
 
     def on_token(row, token):
@@ -431,7 +435,8 @@ def complete(model, tokenizer, prompts, args, generator, echo_prompt):
     texts = generate_text(model, tokenizer, [ids for _, ids in rows], args.max_tokens, stop_strings=args.stop,
                           on_text=print_piece if stream else None, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                          repetition_penalty=args.repetition_penalty, generator=generator, stats=stats)
+                          repetition_penalty=args.repetition_penalty, generator=generator, stats=stats,
+                          compile=args.compile)
     if stream:
         print()
     else:
@@ -447,8 +452,6 @@ def main(argv=None):
     use_one_line_warnings()
     model, device = load_model(args.checkpoint, args.device, args.dtype)
     tokenizer = load_tokenizer(args.tokenizer)
-    if args.compile:
-        compile_decode_step(device)
     generator = seeded_generator(device, args.seed)
     if args.prompt:
         try:

@@ -1,6 +1,5 @@
 """generate.py: the KV-cached loop against a naive one, sampling, batching, streaming text and the CLI."""
 import io
-import os
 import random
 import re
 import subprocess
@@ -300,11 +299,15 @@ def test_cli_runs_end_to_end_in_a_subprocess(checkpoint):
     assert result.stdout.startswith("héllo 👋") and "10 tokens generated; prefill" in result.stderr
 
 
-@pytest.mark.skipif(not os.environ.get("PION_TEST_COMPILE"), reason="torch.compile takes ~1 min on CPU; "
-                    "set PION_TEST_COMPILE=1")
-def test_compiled_decode_step_gives_the_same_tokens(monkeypatch):
-    m = tiny_model()
-    expected = G.generate(m, [[5, 6, 7], [8, 9]], 12, temperature=0)
-    monkeypatch.setattr(G, "decode_one_token", G.decode_one_token)  # undone after the test
-    G.compile_decode_step(torch.device("cpu"))
-    assert G.generate(m, [[5, 6, 7], [8, 9]], 12, temperature=0) == expected
+@pytest.mark.parametrize("soft_cap", [True, False])
+def test_compiled_decoding_gives_the_same_tokens_as_eager(soft_cap):
+    m = tiny_model(use_soft_cap=soft_cap)
+    # Left-padded rows, then a second batch and cache size: the compiled step must serve both.
+    for prompts, n in (([[5, 6, 7], [8, 9]], 12), ([[10, 11, 12, 13]], 20)):
+        eager = G.generate(m, prompts, n, temperature=0, stop_ids=())
+        assert G.generate(m, prompts, n, temperature=0, stop_ids=(), compile=True) == eager
+
+
+def test_the_compile_flag_gives_the_same_text(checkpoint, capsys, monkeypatch):
+    argv = ["--checkpoint", checkpoint, "--prompt", "Once upon a time", "--max_tokens", "12", "--temperature", "0"]
+    assert run_main(argv + ["--compile"], capsys, monkeypatch).out == run_main(argv, capsys, monkeypatch).out

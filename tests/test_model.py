@@ -299,6 +299,19 @@ def test_kv_cache_is_preallocated_and_written_in_place():
     assert cache.k.data_ptr() == storage and cache.k.shape[3] == 16 and cache.pos == 8
 
 
+@pytest.mark.parametrize("soft_cap", [True, False])
+def test_decoding_at_input_pos_over_the_whole_cache_matches_the_full_forward(soft_cap):
+    m = tiny_model(use_soft_cap=soft_cap).eval()
+    ids = torch.randint(0, 101, (2, 24))
+    with torch.no_grad():
+        full = m(ids)["logits"]
+        cache = m.new_kv_cache(2, 32)
+        steps = [m(ids[:, :10], kv_cache=cache)["logits"]]
+        steps += [m(ids[:, i:i + 1], kv_cache=cache, input_pos=torch.tensor([i]))["logits"] for i in range(10, 24)]
+    assert torch.allclose(full, torch.cat(steps, 1), atol=1e-4)
+    assert cache.pos == 10  # input_pos steps leave the Python-side position alone (compiled steps need that)
+
+
 def test_kv_cache_overflow_is_a_clear_error():
     m = tiny_model().eval()
     cache = m.new_kv_cache(1, 4)
@@ -315,9 +328,11 @@ def test_left_padded_rows_decode_like_unpadded_ones(soft_cap):
         cache = m.new_kv_cache(2, 16, key_start=torch.tensor([3, 0]))
         padded = m(batch, kv_cache=cache)["logits"]
         step = m(torch.tensor([[5], [6]]), kv_cache=cache)["logits"]
-        alone = m(torch.cat([short, torch.tensor([[5]])], 1))["logits"]
+        step_at = m(torch.tensor([[7], [8]]), kv_cache=cache, input_pos=torch.tensor([8]))["logits"]
+        alone = m(torch.cat([short, torch.tensor([[5, 7]])], 1))["logits"]
     assert torch.allclose(padded[0, 3:], alone[0, :4], atol=1e-4)
     assert torch.allclose(step[0, 0], alone[0, 4], atol=1e-4)
+    assert torch.allclose(step_at[0, 0], alone[0, 5], atol=1e-4)
     assert torch.isfinite(padded).all()
 
 
