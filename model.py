@@ -309,9 +309,12 @@ class KVCache:
     into one batch."""
 
     def __init__(self, config, batch_size, max_len, device, dtype, key_start=None):
-        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+        # A tensor per layer, not slices of one: a compiled step updates each in place, whereas a slice of
+        # a shared tensor gets its whole layer copied every step (Pion-small, CPU, 2048 slots: 26 ms a
+        # token instead of 10).
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.max_len = max_len
         self.pos = 0
         self.key_start = key_start
@@ -327,9 +330,9 @@ class KVCache:
         end = self.pos + k.shape[2]
         if end > self.max_len:
             raise PionError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], self.pos
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end], self.pos
 
     def positions(self, input_pos):
         """Rotary positions of tokens written at input_pos, per row when rows are left-padded."""

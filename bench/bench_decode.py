@@ -8,7 +8,7 @@ warm-up; eager Pion is printed beside. transformers runs its default generate(),
 Decoding one token reads every weight once (the tied embedding once too: the lm_head multiplies by all
 of it, the lookup reads one row), so tokens/s <= copy bandwidth / parameter bytes.
 Targets: Pion >= 2x transformers, and >= 0.60 of the bound. Exit code 0 either way.
-    python bench/bench_decode.py [--runs 3]
+    python bench/bench_decode.py [--runs 5]
 """
 import argparse
 import dataclasses
@@ -35,7 +35,7 @@ def seconds(fn):
     return time.perf_counter() - start
 
 
-def copy_bandwidth(gigabytes=1.0, runs=5):
+def copy_bandwidth(gigabytes=1.0, runs=3):
     """Bytes read + written per second by dst.copy_(src) of a ~1 GB fp32 tensor, best of `runs`."""
     src = torch.full((int(gigabytes * 2**30) // 4,), 1.0)
     dst = torch.empty_like(src)
@@ -74,19 +74,22 @@ def hf_decoder(hf, prompt):
 
 
 def decode_rates(decoders, runs):
-    """name -> decode tokens/s, prefill excluded: (NEW_TOKENS - 1) / (best time of NEW_TOKENS - best time of 1
-    token), since a 1-token run is the prefill plus the first token. The decoders take turns in every round,
-    so background load hits them alike."""
+    """(name -> decode tokens/s, copy bandwidth). Decoding excludes the prefill: (NEW_TOKENS - 1) / (best time
+    of NEW_TOKENS - best time of 1 token), since a 1-token run is the prefill plus the first token. The
+    decoders and the bandwidth measurement take turns in every round, so a shared machine's background load
+    and memory traffic hit them alike."""
     for decode in decoders.values():  # warm up (compilation, allocator, oneDNN primitives, lazy imports)
         decode(NEW_TOKENS)
         decode(1)
     full = {name: float("inf") for name in decoders}
     one = dict(full)
+    bandwidth = 0.0
     for _ in range(runs):
+        bandwidth = max(bandwidth, copy_bandwidth())
         for name, decode in decoders.items():
             full[name] = min(full[name], seconds(lambda: decode(NEW_TOKENS)))
             one[name] = min(one[name], seconds(lambda: decode(1)))
-    return {name: (NEW_TOKENS - 1) / (full[name] - one[name]) for name in decoders}
+    return {name: (NEW_TOKENS - 1) / (full[name] - one[name]) for name in decoders}, bandwidth
 
 
 def verdict(value, target):
@@ -96,17 +99,16 @@ def verdict(value, target):
 def main(argv=None):
     """Print the table; return the measurements (bench/run_all.py reads vs_hf and of_bound)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per decoder (the best counts)")
+    parser.add_argument("--runs", type=int, default=5, help="timed rounds (the best of each measure counts)")
     args = parser.parse_args(argv)
     import transformers
 
     load_before = os.getloadavg()[0]
-    bandwidth = copy_bandwidth()
     pion, capped, hf = build_models()
     prompt = torch.randint(3, 50000, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
     same_tokens = pion_decoder(pion, prompt)(NEW_TOKENS) == hf_decoder(hf, prompt)(NEW_TOKENS)
     cap = capped.config.logit_cap
-    rates = decode_rates({"pion": pion_decoder(pion, prompt), "hf": hf_decoder(hf, prompt),
+    rates, bandwidth = decode_rates({"pion": pion_decoder(pion, prompt), "hf": hf_decoder(hf, prompt),
                           "eager": pion_decoder(pion, prompt, compile=False),
                           "capped": pion_decoder(capped, prompt)}, args.runs)
     load_after = os.getloadavg()[0]

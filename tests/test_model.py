@@ -291,12 +291,12 @@ def test_full_forward_prefill_and_decoding_agree(soft_cap, heads, kv_heads):
 def test_kv_cache_is_preallocated_and_written_in_place():
     m = tiny_model().eval()
     cache = m.new_kv_cache(1, 16)
-    storage = cache.k.data_ptr()
+    storage = [k.data_ptr() for k in cache.k]
     with torch.no_grad():
         m(torch.randint(0, 101, (1, 5)), kv_cache=cache)
         for _ in range(3):
             m(torch.randint(0, 101, (1, 1)), kv_cache=cache)
-    assert cache.k.data_ptr() == storage and cache.k.shape[3] == 16 and cache.pos == 8
+    assert [k.data_ptr() for k in cache.k] == storage and cache.k[0].shape[2] == 16 and cache.pos == 8
 
 
 @pytest.mark.parametrize("soft_cap", [True, False])
