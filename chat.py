@@ -93,7 +93,7 @@ def run_command(line, conversation, settings):
     return True
 
 
-def reply(model, tokenizer, conversation, settings, generator):
+def reply(model, tokenizer, conversation, settings, generator, compile=False):
     """Stream the model's reply to the conversation's last turn; returns it as the template stores it."""
     budget = model.config.max_seq_len - settings["max_tokens"]
     prompt_ids = conversation_prompt(tokenizer, conversation, budget)
@@ -105,7 +105,7 @@ def reply(model, tokenizer, conversation, settings, generator):
     stats = {}
     text = generate_text(model, tokenizer, prompt_ids, settings["max_tokens"], stop_strings=(USER_MARKER,),
                          on_text=show, temperature=settings["temperature"], top_k=settings["top_k"],
-                         top_p=settings["top_p"], generator=generator, stats=stats)[0]
+                         top_p=settings["top_p"], generator=generator, stats=stats, compile=compile)[0]
     if not text.endswith("\n"):
         print()
     print(speed_report(stats), file=sys.stderr)
@@ -127,6 +127,7 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="default: bfloat16 on CUDA, float32 elsewhere")
     parser.add_argument("--seed", type=int, default=None, help="the same seed gives the same replies")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the per-token decode step")
     return parser.parse_args(argv)
 
 
@@ -154,7 +155,7 @@ def main(argv=None):
             continue
         conversation.turns.append({"role": "user", "content": line})
         try:
-            text = reply(model, tokenizer, conversation, settings, generator)
+            text = reply(model, tokenizer, conversation, settings, generator, compile=args.compile)
         except KeyboardInterrupt:
             conversation.turns.pop()
             print("\n[stopped; this exchange is left out of the conversation]")

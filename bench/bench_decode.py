@@ -74,22 +74,22 @@ def hf_decoder(hf, prompt):
 
 
 def decode_rates(decoders, runs):
-    """(name -> decode tokens/s, copy bandwidth). Decoding excludes the prefill: (NEW_TOKENS - 1) / (best time
-    of NEW_TOKENS - best time of 1 token), since a 1-token run is the prefill plus the first token. The
-    decoders and the bandwidth measurement take turns in every round, so a shared machine's background load
-    and memory traffic hit them alike."""
+    """(name -> decode tokens/s, [copy bandwidth of each round]). Decoding excludes the prefill:
+    (NEW_TOKENS - 1) / (best time of NEW_TOKENS - best time of 1 token), since a 1-token run is the prefill
+    plus the first token. The decoders and the bandwidth measurement take turns in every round, so a shared
+    machine's background load and memory traffic hit them alike."""
     for decode in decoders.values():  # warm up (compilation, allocator, oneDNN primitives, lazy imports)
         decode(NEW_TOKENS)
         decode(1)
     full = {name: float("inf") for name in decoders}
     one = dict(full)
-    bandwidth = 0.0
+    bandwidths = []
     for _ in range(runs):
-        bandwidth = max(bandwidth, copy_bandwidth())
+        bandwidths.append(copy_bandwidth())
         for name, decode in decoders.items():
             full[name] = min(full[name], seconds(lambda: decode(NEW_TOKENS)))
             one[name] = min(one[name], seconds(lambda: decode(1)))
-    return {name: (NEW_TOKENS - 1) / (full[name] - one[name]) for name in decoders}, bandwidth
+    return {name: (NEW_TOKENS - 1) / (full[name] - one[name]) for name in decoders}, bandwidths
 
 
 def verdict(value, target):
@@ -108,11 +108,12 @@ def main(argv=None):
     prompt = torch.randint(3, 50000, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
     same_tokens = pion_decoder(pion, prompt)(NEW_TOKENS) == hf_decoder(hf, prompt)(NEW_TOKENS)
     cap = capped.config.logit_cap
-    rates, bandwidth = decode_rates({"pion": pion_decoder(pion, prompt), "hf": hf_decoder(hf, prompt),
+    rates, bandwidths = decode_rates({"pion": pion_decoder(pion, prompt), "hf": hf_decoder(hf, prompt),
                           "eager": pion_decoder(pion, prompt, compile=False),
                           "capped": pion_decoder(capped, prompt)}, args.runs)
     load_after = os.getloadavg()[0]
 
+    bandwidth = max(bandwidths)
     weight_bytes = sum(p.numel() * p.element_size() for p in pion.parameters())  # a tied weight counts once
     bound = bandwidth / weight_bytes
     vs_hf, of_bound = rates["pion"] / rates["hf"], rates["pion"] / bound
@@ -121,7 +122,8 @@ def main(argv=None):
     print(f"machine: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
           f"transformers {transformers.__version__} ({hf.config._attn_implementation} attention); "
           f"load average {load_before:.2f} before, {load_after:.2f} after (this benchmark included)")
-    print(f"memory copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write) -> bound {bound:.1f} tok/s")
+    print(f"memory copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write; best of {len(bandwidths)} rounds, lowest "
+          f"{min(bandwidths) / 1e9:.1f}) -> bound {bound:.1f} tok/s")
     print(f"greedy tokens identical (Pion vs transformers): {'yes' if same_tokens else 'NO'}")
     print(f"  {'decoder':44} {'tok/s':>7} {'vs HF':>6} {'of bound':>9}")
     for name, label in [("pion", "Pion generate(compile=True), no soft-cap"),

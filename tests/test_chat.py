@@ -68,6 +68,13 @@ def test_history_truncation_drops_the_oldest_exchanges_but_never_the_system_prom
 # Commands and checkpoint picking
 
 
+def test_a_compiled_reply_equals_the_eager_one(tiny_chat_model, tokenizer, capsys):
+    conversation = chat.Conversation(turns=[user("Hello there")])
+    settings = dict(temperature=0, top_k=0, top_p=1.0, max_tokens=12)
+    eager = chat.reply(tiny_chat_model, tokenizer, conversation, settings, None)
+    assert chat.reply(tiny_chat_model, tokenizer, conversation, settings, None, compile=True) == eager
+
+
 def test_commands_change_settings_and_bad_values_change_nothing(capsys):
     conversation = chat.Conversation("", [user("Hi"), assistant("Hello")])
     settings = dict(temperature=0.7, top_k=50, top_p=0.9, max_tokens=100)
