@@ -69,7 +69,8 @@ def decode_one_token(model, token, kv_cache, input_pos):
 
 @functools.cache
 def compiled_decode_step(device_type):
-    """decode_one_token, torch.compile'd once per process (with CUDA graphs on CUDA, as gpt-fast does)."""
+    """decode_one_token, torch.compile'd once per process; on CUDA in reduce-overhead mode, which uses CUDA
+    graphs where torch can (it skips them for graphs that write to inputs, such as the cache)."""
     return torch.compile(decode_one_token, mode="reduce-overhead" if device_type == "cuda" else None)
 
 
