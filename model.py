@@ -288,7 +288,8 @@ def attention(q, k, v, soft_cap=None, q_offset=0, key_start=None, block_size=256
     queries sit at positions q_offset..q_offset+T-1 (an int, or a (1,) tensor when k, v are a whole
     preallocated cache). soft_cap None means plain softmax attention."""
     T, S = q.shape[2], k.shape[2]
-    plain_causal = isinstance(q_offset, int) and q_offset == 0 and key_start is None and T == S
+    whole_cache = isinstance(q_offset, torch.Tensor)
+    plain_causal = not whole_cache and q_offset == 0 and key_start is None and T == S
     if soft_cap is None:
         if plain_causal:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -296,7 +297,7 @@ def attention(q, k, v, soft_cap=None, q_offset=0, key_start=None, block_size=256
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     if plain_causal and q.is_cuda and torch.is_grad_enabled():
         return flex_softcap_attention(q, k, v, soft_cap)
-    if not torch.is_grad_enabled() and (T * S <= 2**16 or not isinstance(q_offset, int)):
+    if not torch.is_grad_enabled() and (T * S <= 2**16 or whole_cache):
         return softcapped_attention_block(q, k, v, soft_cap, q_offset, key_start)[0]  # decoding: one block
     return SoftCappedAttention.apply(q, k, v, float(soft_cap), q_offset, key_start, block_size)
 
