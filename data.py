@@ -8,7 +8,6 @@ Shards are memory-mapped, so memory stays flat however many there are.
     python data.py download --num_shards 4 --out data/mixed     # the published (N, 2048) shards
     python data.py prepare --input my_texts/ --out data/mine      # your own .txt / .jsonl files
 """
-import argparse
 import functools
 import glob
 import itertools
@@ -20,14 +19,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from model import EOS_ID, PAD_ID, TOKENIZER_PATH, PionError, load_tokenizer, run_cli
+from checkpoint import EOS_ID, PAD_ID, TOKENIZER_PATH, load_tokenizer
+from cli import ArgumentParser, PionError, atomic_write, first_line, positive_int, run_cli
 
 VAL_FRACTION = 0.02  # the last ~2% of the shards (of the rows, when there is one shard) are validation
 DEFAULT_REPO = "SuperGoatScriptGuy/PreprocessedMIXED"
-
-
-def one_line(error):
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def open_shard(path):
@@ -35,7 +31,7 @@ def open_shard(path):
     try:
         shard = np.load(path, mmap_mode="r")
     except (OSError, ValueError, EOFError) as e:
-        raise PionError(f"{path} is not a readable .npy file ({one_line(e)})")
+        raise PionError(f"{path} is not a readable .npy file ({first_line(e)})")
     if shard.ndim != 2:
         raise PionError(f"{path} has shape {shard.shape}; a shard must be 2-D (rows, tokens per row)")
     if not np.issubdtype(shard.dtype, np.integer):
@@ -51,7 +47,7 @@ def read_metadata(data_dir):
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise PionError(f"{path} is not readable JSON ({one_line(e)})")
+        raise PionError(f"{path} is not readable JSON ({first_line(e)})")
 
 
 class PretrainData:
@@ -213,8 +209,10 @@ def create_dataloader(data_dir, split, batch_size, seq_len, vocab_size, seed=42,
             print(data.describe())
     else:
         global_batches = functools.partial(val_global_batches, data.n_samples, global_batch)
+    # The loader draws its workers' seeds from a generator of its own: from the global RNG, that draw would
+    # shift the dropout masks of a resumed run away from those of the uninterrupted one.
     loader = DataLoader(BatchStream(data, global_batches, rank, batch_size), batch_size=None,
-                        num_workers=num_workers, pin_memory=pin_memory)
+                        num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
     return check_token_ids(loader, vocab_size, data_dir)
 
 
@@ -231,7 +229,7 @@ def download(repo, num_shards, out):
     try:
         snapshot_download(repo_id=repo, repo_type="dataset", allow_patterns=names + ["metadata.json"], local_dir=out)
     except (OSError, HFValidationError) as e:  # hub, network and disk errors are all OSErrors
-        raise PionError(f"cannot download {repo}: {one_line(e)}")
+        raise PionError(f"cannot download {repo}: {first_line(e)}")
     missing = [name for name in names if not os.path.exists(os.path.join(out, name))]
     if missing:
         raise PionError(f"{repo} has no {missing[0]} ({len(missing)} of the {num_shards} shards asked for are "
@@ -294,15 +292,7 @@ def hf_documents(name, split, text_field):
                                 f"see --text_field")
             yield row[text_field]
     except (OSError, ValueError) as e:  # not found, offline, bad split: datasets raises these
-        raise PionError(f"cannot read the dataset {name} (split {split}): {one_line(e)}")
-
-
-def write_atomically(path, write):
-    """write(file) into a hidden temp file, then rename it into place: a crash never leaves half a file."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+        raise PionError(f"cannot read the dataset {name} (split {split}): {first_line(e)}")
 
 
 def prepare(documents, out, source, seq_len=2048, tokenizer_path=None, shard_rows=16384):
@@ -321,7 +311,7 @@ def prepare(documents, out, source, seq_len=2048, tokenizer_path=None, shard_row
 
     def write_shard(index, rows):
         os.makedirs(out, exist_ok=True)
-        write_atomically(os.path.join(out, f"shard_{index:05d}.npy"), lambda f: np.save(f, rows))
+        atomic_write(os.path.join(out, f"shard_{index:05d}.npy"), lambda f: np.save(f, rows))
 
     shard_tokens = shard_rows * seq_len
     pending, n_pending = [np.empty(0, dtype=np.uint16)], 0  # tokens not yet in a shard
@@ -356,7 +346,7 @@ def prepare(documents, out, source, seq_len=2048, tokenizer_path=None, shard_row
     n_shards += 1
     metadata = dict(total_tokens=n_tokens, seq_len=seq_len, n_rows=n_rows, n_shards=n_shards,
                     n_documents=n_documents, source=source, tokenizer=tokenizer_path or TOKENIZER_PATH)
-    write_atomically(os.path.join(out, "metadata.json"), lambda f: f.write(json.dumps(metadata, indent=2).encode()))
+    atomic_write(os.path.join(out, "metadata.json"), lambda f: f.write(json.dumps(metadata, indent=2).encode()))
     PretrainData(out, seq_len)  # what we wrote must load
     print(f"wrote {n_tokens:,} tokens from {n_documents:,} documents as {n_rows:,} rows of {seq_len} tokens "
           f"in {n_shards} shard(s) to {out}")
@@ -366,12 +356,12 @@ def prepare(documents, out, source, seq_len=2048, tokenizer_path=None, shard_row
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Get pretraining data: download the published shards or "
+    parser = ArgumentParser(description="Get pretraining data: download the published shards or "
                                                  "tokenize your own text into the same format.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     get = commands.add_parser("download", help="download the first N published shards from the Hugging Face hub")
-    get.add_argument("--num_shards", type=int, required=True)
+    get.add_argument("--num_shards", type=positive_int, required=True, help="how many shards, from the first")
     get.add_argument("--out", required=True, help="data dir to download into")
     get.add_argument("--repo", default=DEFAULT_REPO, help="Hugging Face dataset repo")
 
@@ -381,11 +371,11 @@ def main(argv=None):
     source.add_argument("--input", nargs="+", metavar="PATH", help=".txt files (each one document), .jsonl files "
                         "(one JSON object per line, text in --text_field) or directories holding them")
     source.add_argument("--hf_dataset", metavar="NAME", help="a Hugging Face dataset name or local dataset dir")
-    make.add_argument("--hf_split", default="train")
+    make.add_argument("--hf_split", default="train", help="the split of --hf_dataset")
     make.add_argument("--text_field", default="text", help="field holding the text in .jsonl lines and dataset rows")
     make.add_argument("--out", required=True, help="new data dir (an existing one with shards is refused)")
-    make.add_argument("--seq_len", type=int, default=2048, help="tokens per row")
-    make.add_argument("--shard_rows", type=int, default=16384, help="rows per shard file")
+    make.add_argument("--seq_len", type=positive_int, default=2048, help="tokens per row")
+    make.add_argument("--shard_rows", type=positive_int, default=16384, help="rows per shard file")
     make.add_argument("--tokenizer", default=None, help="tokenizer JSON (default: the Pion tokenizer)")
 
     args = parser.parse_args(argv)

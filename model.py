@@ -1,15 +1,11 @@
 """Pion: a dense decoder-only transformer language model.
 
 GQA, QK-norm, attention logit soft-capping, SwiGLU, RoPE, tied embeddings, chunked cross-entropy and a
-preallocated KV cache, plus the checkpoint and tokenizer I/O that every script shares.
+preallocated KV cache. Checkpoint I/O is in checkpoint.py, decoding in decoding.py.
 `python model.py` prints the size table.
 """
 import dataclasses
 import functools
-import hashlib
-import os
-import sys
-import urllib.request
 from dataclasses import dataclass
 
 import torch
@@ -17,20 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-class PionError(Exception):
-    """A problem with what the user gave us (a file, a flag, data): reported as one line, exit code 2."""
-
-
-def run_cli(main):
-    """Run a script's main(); a PionError becomes one line on stderr and exit code 2, not a traceback."""
-    try:
-        main()
-    except PionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+from cli import PionError, run_cli
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -162,25 +145,23 @@ class SwiGLU(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------
 # Attention: SDPA without soft-capping; with it, FlexAttention on CUDA or a tiled recomputing kernel.
+#
+# Two cases only. Without a cache, T queries attend themselves causally (training, evaluation). With a
+# cache, the keys are the whole preallocated cache (positions 0..S-1) and each query's position comes from
+# a tensor, so every step of a generation has the same shapes and a compiled step is compiled once.
 
 
-def attention_mask(T, S, q_offset, key_start, device):
-    """Boolean (B|1, 1, T, S) mask: query i (absolute position q_offset + i) sees key j when
-    key_start[b] <= j <= q_offset + i. key_start marks left padding; a query always sees itself, so
-    a padding row never becomes an all-masked (NaN) row. q_offset may be a (1,) tensor (KVCache.update)."""
-    q_pos = (torch.arange(T, device=device) + q_offset)[:, None]
-    k_pos = torch.arange(S, device=device)[None, :]
-    allowed = k_pos <= q_pos
-    if key_start is not None:
-        allowed = (allowed & (k_pos >= key_start.view(-1, 1, 1))) | (k_pos == q_pos)
-    return allowed.view(-1, 1, T, S)
+def cache_mask(q_pos, S):
+    """Boolean (B|1, 1, T, S) mask for queries at positions q_pos ((T,) or (B, T)) over S cache slots:
+    a query at position p sees slots 0..p. Slots after p hold nothing yet, or stale keys of a longer row."""
+    allowed = torch.arange(S, device=q_pos.device) <= q_pos[..., None]
+    return allowed.view(-1, 1, *allowed.shape[-2:])
 
 
-def needs_mask(T, S, q_offset, key_start):
-    """Whether causal attention needs an explicit mask: not for one unpadded query that comes right after
-    every key (the usual decoding step), which sees them all. q_offset as a tensor means the keys are the
-    whole preallocated cache, whose unwritten slots must be masked."""
-    return not (T == 1 and key_start is None and isinstance(q_offset, int) and q_offset + 1 == S)
+def causal_mask(T, S, q_offset, device):
+    """Boolean (1, 1, T, S) mask of causal self-attention for queries q_offset..q_offset+T-1 (an int: a
+    block of the tiled kernel) over keys 0..S-1."""
+    return (torch.arange(S, device=device) <= torch.arange(q_offset, q_offset + T, device=device)[:, None])[None, None]
 
 
 def _fp32_at_least(x):
@@ -194,52 +175,49 @@ def fold_groups(x, n_kv_heads):
     return x.reshape(B, n_kv_heads, H // n_kv_heads * T, D)
 
 
-def softcapped_scores(q, k, cap, q_offset, key_start):
-    """Masked scores cap * tanh(q.k * scale / cap) of queries q (B, H, T, D) at positions q_offset.. against
-    keys k (B, Hkv, S, D) at positions 0..S-1 with S = q_offset + T, in fp32 or wider. Returns them as
+def softcapped_scores(q, k, cap, mask):
+    """Scores cap * tanh(q.k * scale / cap) of queries q (B, H, T, D) against keys k (B, Hkv, S, D), in fp32
+    or wider, -inf where the (B|1, 1, T, S) mask is False (None: nothing masked). Returns them as
     (B, Hkv, G*T, S) (fold_groups' rows) and the tanh, which backward needs."""
-    T, S = q.shape[2], k.shape[2]
     raw = _fp32_at_least(fold_groups(q, k.shape[1]) @ k.transpose(-1, -2))
     tanh = torch.tanh(raw * (q.shape[-1] ** -0.5 / cap))
     scores = cap * tanh
-    if needs_mask(T, S, q_offset, key_start):
-        mask = attention_mask(T, S, q_offset, key_start, q.device).repeat(1, 1, q.shape[1] // k.shape[1], 1)
-        scores = scores.masked_fill(~mask, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask.repeat(1, 1, q.shape[1] // k.shape[1], 1), float("-inf"))
     return scores, tanh
 
 
-def softcapped_attention_block(q, k, v, cap, q_offset, key_start):
+def softcapped_attention_block(q, k, v, cap, mask):
     """Soft-capped attention of one block of queries (see softcapped_scores): the output (B, H, T, D) and
     each row's logsumexp (B, Hkv, G*T, 1). Alone, it is the inference path for small score matrices."""
-    scores, _ = softcapped_scores(q, k, cap, q_offset, key_start)
+    scores, _ = softcapped_scores(q, k, cap, mask)
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     return (torch.exp(scores - lse).to(v.dtype) @ v).view(q.shape), lse
 
 
 class SoftCappedAttention(torch.autograd.Function):
-    """Soft-capped causal attention, one block of queries at a time.
+    """Soft-capped causal self-attention, one block of queries at a time.
 
     Forward keeps only the output and the per-row logsumexp; backward recomputes each block's scores
     (as FlashAttention does), so memory is O(seq * block) instead of O(seq^2) per layer."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cap, q_offset, key_start, block_size):
+    def forward(ctx, q, k, v, cap, block_size):
         out = torch.empty_like(q)
         lse = torch.empty(*q.shape[:3], 1, device=q.device, dtype=_fp32_at_least(q[:0]).dtype)
         for t0 in range(0, q.shape[2], block_size):
-            t1 = min(q.shape[2], t0 + block_size)
-            end = q_offset + t1  # later keys are masked for every row of this block
+            t1 = min(q.shape[2], t0 + block_size)  # keys after t1 are masked for every row of this block
             out[:, :, t0:t1], lse_block = softcapped_attention_block(
-                q[:, :, t0:t1], k[:, :, :end], v[:, :, :end], cap, q_offset + t0, key_start)
+                q[:, :, t0:t1], k[:, :, :t1], v[:, :, :t1], cap, causal_mask(t1 - t0, t1, t0, q.device))
             lse[:, :, t0:t1] = lse_block.view(*q.shape[:2], t1 - t0, 1)
-        ctx.save_for_backward(q, k, v, out, lse, key_start)
-        ctx.args = (cap, q_offset, block_size)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (cap, block_size)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, key_start = ctx.saved_tensors
-        cap, q_offset, block_size = ctx.args
+        q, k, v, out, lse = ctx.saved_tensors
+        cap, block_size = ctx.args
         B, H, T, D = q.shape
         n_kv = k.shape[1]
         q32, k32, v32, do = (_fp32_at_least(t) for t in (q, k, v, grad_out))
@@ -247,17 +225,16 @@ class SoftCappedAttention(torch.autograd.Function):
         dq, dk, dv = torch.zeros_like(q32), torch.zeros_like(k32), torch.zeros_like(v32)
         for t0 in range(0, T, block_size):
             t1 = min(T, t0 + block_size)
-            end = q_offset + t1
-            qb, kb, vb = q32[:, :, t0:t1], k32[:, :, :end], v32[:, :, :end]
-            scores, tanh = softcapped_scores(qb, kb, cap, q_offset + t0, key_start)
+            qb, kb, vb = q32[:, :, t0:t1], k32[:, :, :t1], v32[:, :, :t1]
+            scores, tanh = softcapped_scores(qb, kb, cap, causal_mask(t1 - t0, t1, t0, q.device))
             p = torch.exp(scores - fold_groups(lse[:, :, t0:t1], n_kv))
             dob = fold_groups(do[:, :, t0:t1], n_kv)
-            dv[:, :, :end] += p.transpose(-1, -2) @ dob
+            dv[:, :, :t1] += p.transpose(-1, -2) @ dob
             d_raw = (1 - tanh * tanh) * D ** -0.5  # d(cap * tanh(x * scale / cap)) / dx
             ds = p * (dob @ vb.transpose(-1, -2) - fold_groups(delta[:, :, t0:t1], n_kv)) * d_raw
             dq[:, :, t0:t1] = (ds @ kb).view(B, H, t1 - t0, D)
-            dk[:, :, :end] += ds.transpose(-1, -2) @ fold_groups(qb, n_kv)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+            dk[:, :, :t1] += ds.transpose(-1, -2) @ fold_groups(qb, n_kv)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 @functools.lru_cache(maxsize=8)
@@ -283,61 +260,50 @@ def flex_softcap_attention(q, k, v, cap, compiled=True):
     return flex(q, k, v, score_mod=softcap, block_mask=_causal_block_mask(q.shape[2], str(q.device)), enable_gqa=True)
 
 
-def attention(q, k, v, soft_cap=None, q_offset=0, key_start=None, block_size=256):
-    """Causal GQA attention. q: (B, H, T, D); k, v: (B, Hkv, S, D) holding absolute positions 0..S-1;
-    queries sit at positions q_offset..q_offset+T-1 (an int, or a (1,) tensor when k, v are a whole
-    preallocated cache). soft_cap None means plain softmax attention."""
+def attention(q, k, v, soft_cap=None, q_pos=None, block_size=256):
+    """GQA attention of q (B, H, T, D) over k, v (B, Hkv, S, D). q_pos None: causal self-attention (S == T).
+    q_pos, a (T,) or (B, T) tensor: k, v are a whole cache and each query sees the slots up to its position.
+    soft_cap None means plain softmax attention."""
     T, S = q.shape[2], k.shape[2]
-    whole_cache = isinstance(q_offset, torch.Tensor)
-    plain_causal = not whole_cache and q_offset == 0 and key_start is None and T == S
+    if q_pos is not None:
+        mask = cache_mask(q_pos, S)
+        if soft_cap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return softcapped_attention_block(q, k, v, soft_cap, mask)[0]
     if soft_cap is None:
-        if plain_causal:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        mask = attention_mask(T, S, q_offset, key_start, q.device) if needs_mask(T, S, q_offset, key_start) else None
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    if plain_causal and q.is_cuda and torch.is_grad_enabled():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if q.is_cuda and torch.is_grad_enabled():
         return flex_softcap_attention(q, k, v, soft_cap)
-    if not torch.is_grad_enabled() and (T * S <= 2**16 or whole_cache):
-        return softcapped_attention_block(q, k, v, soft_cap, q_offset, key_start)[0]  # decoding: one block
-    return SoftCappedAttention.apply(q, k, v, float(soft_cap), q_offset, key_start, block_size)
+    if not torch.is_grad_enabled() and T * S <= 2**16:  # small: one block, no autograd bookkeeping
+        return softcapped_attention_block(q, k, v, soft_cap, causal_mask(T, S, 0, q.device))[0]
+    return SoftCappedAttention.apply(q, k, v, float(soft_cap), block_size)
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for (batch, max_len) and written in place.
+    """Keys and values of every layer, preallocated for (batch, max_len) and written in place at the
+    positions each forward names. It keeps no position of its own: rows may be at different positions
+    (a batch of prompts of different lengths, or requests that joined at different times)."""
 
-    `pos` is the number of positions already written (shared by all rows) by forwards without input_pos.
-    `key_start[b]` is the first real position of row b when prompts of different lengths are left-padded
-    into one batch."""
-
-    def __init__(self, config, batch_size, max_len, device, dtype, key_start=None):
+    def __init__(self, config, batch_size, max_len, device, dtype):
         shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
         # A tensor per layer, not slices of one: a compiled step updates each in place, whereas a slice of
         # a shared tensor gets its whole layer copied every step (Pion-small, CPU, 2048 slots: 26 ms a
         # token instead of 10).
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.max_len = max_len
-        self.pos = 0
-        self.key_start = key_start
+        self.batch_size, self.max_len = batch_size, max_len
 
-    def update(self, layer, k, v, input_pos=None):
-        """Write k, v (B, Hkv, T, D) at positions pos..pos+T-1 and return the filled part of the cache and
-        the position of the first query. With input_pos ((T,) tensor) write there instead and return the
-        whole cache: its shape never changes, so a compiled decoding step is compiled once."""
-        if input_pos is not None:
+    def update(self, layer, k, v, input_pos):
+        """Write k, v (B, Hkv, T, D) at input_pos ((T,) shared by the rows, or (B, T) per row); return the
+        layer's whole cache."""
+        if input_pos.dim() == 1:
             self.k[layer].index_copy_(2, input_pos, k)
             self.v[layer].index_copy_(2, input_pos, v)
-            return self.k[layer], self.v[layer], input_pos[:1]
-        end = self.pos + k.shape[2]
-        if end > self.max_len:
-            raise PionError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end], self.pos
-
-    def positions(self, input_pos):
-        """Rotary positions of tokens written at input_pos, per row when rows are left-padded."""
-        return input_pos if self.key_start is None else (input_pos[None] - self.key_start[:, None]).clamp(min=0)
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k[layer][rows, :, input_pos] = k.transpose(1, 2)
+            self.v[layer][rows, :, input_pos] = v.transpose(1, 2)
+        return self.k[layer], self.v[layer]
 
 
 class Attention(nn.Module):
@@ -363,12 +329,10 @@ class Attention(nn.Module):
         q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)
         k = apply_rope(self.k_norm(k), cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
-        q_offset, key_start = 0, None
         if kv_cache is not None:
-            k, v, q_offset = kv_cache.update(self.layer_idx, k, v, input_pos)
-            key_start = kv_cache.key_start
+            k, v = kv_cache.update(self.layer_idx, k, v, input_pos)
         soft_cap = c.logit_cap if (c.use_soft_cap and c.logit_cap > 0) else None
-        y = attention(q, k, v, soft_cap, q_offset, key_start)
+        y = attention(q, k, v, soft_cap, input_pos if kv_cache is not None else None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_heads * hd))
 
 
@@ -486,22 +450,22 @@ class Pion(nn.Module):
     def count_parameters(self):
         return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
 
-    def new_kv_cache(self, batch_size, max_len=None, key_start=None, dtype=None):
+    def new_kv_cache(self, batch_size, max_len=None, dtype=None):
+        """An empty cache for batch_size rows of up to max_len positions (default: max_seq_len). Its dtype is
+        the compute dtype (dtype, else the weights'): under FSDP's bf16 policy pass the policy's dtype."""
         p = self.embed.weight
-        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, p.device, dtype or p.dtype, key_start)
+        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, p.device, dtype or p.dtype)
 
-    def forward(self, input_ids, labels=None, kv_cache=None, last_only=False, input_pos=None):
-        """input_ids (B, T). labels (B, T), aligned with input_ids (the shift happens here), -100 ignored:
-        returns {"loss": fp32 mean CE, "logits": None}; the full logits are never built for a loss.
-        Without labels returns {"logits": (B, T, V) or (B, 1, V) with last_only, "loss": None}.
-        With kv_cache the tokens continue the cached sequence and are written into it, and kv_cache.pos
-        advances. With input_pos too ((T,) long tensor) they are written at those positions and attend the
-        whole cache under a mask, and kv_cache.pos is left alone: the shapes and the Python state then
-        stay the same from step to step, which a compiled decoding step needs (generate.py --compile)."""
-        B, T = input_ids.shape
-        positions = torch.arange(T, device=input_ids.device)
-        if kv_cache is not None:
-            positions = kv_cache.positions(positions + kv_cache.pos if input_pos is None else input_pos)
+    def hidden_states(self, input_ids, kv_cache=None, input_pos=None):
+        """input_ids (B, T) -> the final-norm hidden states (B, T, d_model).
+
+        Without kv_cache the tokens sit at positions 0..T-1 and attend causally. With kv_cache, input_pos
+        ((T,) long tensor shared by the rows, or (B, T) per row) gives each token's position: its keys and
+        values are written into the cache there, and it attends every cached position up to its own."""
+        if (kv_cache is None) != (input_pos is None):
+            raise ValueError("kv_cache and input_pos go together")
+        T = input_ids.shape[1]
+        positions = torch.arange(T, device=input_ids.device) if input_pos is None else input_pos
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         x = self.embed(input_ids)
         for layer in self.layers:
@@ -509,9 +473,18 @@ class Pion(nn.Module):
                 x = activation_checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, kv_cache, input_pos)
-        if kv_cache is not None and input_pos is None:
-            kv_cache.pos += T
-        x = self.norm(x)
+        return self.norm(x)
+
+    def logits(self, hidden):
+        """fp32 next-token logits of hidden states: computing them only where needed saves (positions x vocab)."""
+        return self.lm_head(hidden).float()
+
+    def forward(self, input_ids, labels=None, kv_cache=None, input_pos=None):
+        """input_ids (B, T). labels (B, T), aligned with input_ids (the shift happens here), -100 ignored:
+        returns {"loss": fp32 mean CE, "logits": None}; the full logits are never built for a loss.
+        Without labels returns {"logits": (B, T, V), "loss": None}. kv_cache and input_pos: see
+        hidden_states."""
+        x = self.hidden_states(input_ids, kv_cache, input_pos)
         if labels is not None:
             targets = labels[:, 1:].reshape(-1)
             trained = targets != -100
@@ -519,175 +492,7 @@ class Pion(nn.Module):
             hidden = x[:, :-1].reshape(-1, x.shape[-1])[trained]
             loss = chunked_cross_entropy(hidden, self.lm_head.weight, targets[trained])
             return {"logits": None, "loss": loss}
-        if last_only:
-            x = x[:, -1:]
-        return {"logits": self.lm_head(x).float(), "loss": None}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoint I/O
-
-
-def save_checkpoint(path, checkpoint):
-    """Write a checkpoint dict (with "model" and "config") atomically: a crash mid-save leaves the previous
-    file, never a truncated one. The config is stored as a plain dict; non-finite weights are refused."""
-    checkpoint = dict(checkpoint)
-    if dataclasses.is_dataclass(checkpoint.get("config")):
-        checkpoint["config"] = dataclasses.asdict(checkpoint["config"])
-    bad = [k for k, t in checkpoint["model"].items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise PionError(f"refusing to save {path}: non-finite weights in {bad[0]}")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def clean_state_dict(state_dict):
-    """Strip the prefixes torch.compile (`_orig_mod.`) and DDP/FSDP wrappers (`module.`) add."""
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key.replace(prefix, "")
-        out[key] = value
-    return out
-
-
-def infer_config(state_dict):
-    """Rebuild a PionConfig from tensor shapes alone, for checkpoints saved without a config."""
-    try:
-        vocab_size, d_model = state_dict["embed.weight"].shape
-        n_layers = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("layers."))
-        head_dim = state_dict["layers.0.attn.q_norm.weight"].shape[0]
-        tied = "lm_head.weight" not in state_dict or torch.equal(state_dict["lm_head.weight"], state_dict["embed.weight"])
-        return PionConfig(
-            vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
-            n_heads=state_dict["layers.0.attn.q_proj.weight"].shape[0] // head_dim,
-            n_kv_heads=state_dict["layers.0.attn.k_proj.weight"].shape[0] // head_dim,
-            d_ff=state_dict["layers.0.ffn.w1.weight"].shape[0], tie_embeddings=tied)
-    except (KeyError, ValueError, IndexError) as e:
-        raise PionError(f"cannot infer the model shape from the checkpoint's tensors (missing {e})")
-
-
-def resolve_checkpoint(path):
-    """A local path, or `hf:OWNER/REPO/FILE` (e.g. hf:SuperGoatScriptGuy/Pion/pion_small_final.pt), which is
-    downloaded once into the Hugging Face cache (with a progress bar) and returned as a local path."""
-    path = str(path)
-    if not path.startswith("hf:"):
-        return path
-    parts = path[3:].split("/", 2)
-    if len(parts) != 3 or not all(parts):
-        raise PionError(f"bad hub reference {path!r}: expected hf:OWNER/REPO/FILE")
-    from huggingface_hub import hf_hub_download
-    try:
-        return hf_hub_download(repo_id=f"{parts[0]}/{parts[1]}", filename=parts[2])
-    except Exception as e:
-        raise PionError(f"cannot get {path} from the Hugging Face hub ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else 'no details'}); check the name, your network, "
-                        f"or download the file and pass its local path")
-
-
-def read_checkpoint(path, map_location="cpu"):
-    """torch.load with weights_only=True: tensors and plain data only, plus the legacy pickled PionConfig."""
-    path = resolve_checkpoint(path)
-    if not os.path.isfile(path):
-        raise PionError(f"checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals([PionConfig]):
-            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise PionError(f"refusing to load {path}: it pickles objects other than tensors and a PionConfig")
-        raise PionError(f"{path} is not a readable checkpoint (truncated or not a torch file): "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model", checkpoint), dict):
-        raise PionError(f"{path} is not a Pion checkpoint (expected a dict with a 'model' state dict)")
-    return checkpoint
-
-
-def load_checkpoint(path, map_location="cpu", **config_overrides):
-    """Load any Pion checkpoint (ours, the published ones, compiled/DDP, bf16 or fp32, with or without a
-    config) and return (model, checkpoint). The model is fp32 on map_location."""
-    checkpoint = read_checkpoint(path, map_location)
-    state = checkpoint.get("model", checkpoint)
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PionError(f"{path} is not a Pion checkpoint (its 'model' entry is not a state dict)")
-    state = clean_state_dict(state)
-    config = checkpoint.get("config")
-    if isinstance(config, PionConfig):
-        config = dataclasses.asdict(PionConfig.from_dict(vars(config)))  # legacy pickles may lack new fields
-    config = PionConfig.from_dict({**config, **config_overrides}) if isinstance(config, dict) else         dataclasses.replace(infer_config(state), **config_overrides)
-    with torch.device("meta"):
-        model = Pion(config)
-    expected = model.state_dict()
-    if config.tie_embeddings:
-        state.setdefault("lm_head.weight", state.get("embed.weight"))
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and state[k] is not None and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        detail = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected else
-                  f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, expected {tuple(expected[wrong[0]].shape)}")
-        raise PionError(f"{path} does not match its config ({len(missing)} missing, {len(unexpected)} "
-                        f"unexpected, {len(wrong)} mis-shaped tensors; {detail})")
-    model = model.to_empty(device=map_location)
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
-    checkpoint["config"] = config
-    return model, checkpoint
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tokenizer
-
-TOKENIZER_PATH = os.path.join(ROOT, "pile_tokenizer.json")
-TOKENIZER_URL = ("https://raw.githubusercontent.com/Supergoatscriptguy/Pion/"
-                 "d84c8d501ae7aed36d11b477808ce6b8faf03b92/pile_tokenizer.json")
-TOKENIZER_SHA256 = "1e1d10c83bbac16a87b5796eeec281b4a0cd245e03f842f9dd76af629c7f88d8"
-EOS_ID, PAD_ID, UNK_ID = 0, 1, 2  # <|endoftext|>, <|pad|>, <|unk|>
-
-
-def download_tokenizer(path=TOKENIZER_PATH, url=TOKENIZER_URL):
-    """Fetch the pinned tokenizer once, check its sha256, and save it atomically."""
-    print(f"downloading the Pion tokenizer to {path}", file=sys.stderr)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            data = response.read()
-    except OSError as e:
-        raise PionError(f"cannot download the tokenizer ({getattr(e, 'reason', e)}); fetch {url} by hand "
-                        f"and save it as {path}, or pass --tokenizer PATH")
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != TOKENIZER_SHA256:
-        raise PionError(f"downloaded tokenizer has sha256 {digest}, expected {TOKENIZER_SHA256}; not saved")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def load_tokenizer(path=None):
-    """The Pion tokenizer (tokenizers.Tokenizer): `path`, or pile_tokenizer.json at the repo root,
-    downloaded on first use."""
-    from tokenizers import Tokenizer
-    if path is None:
-        path = TOKENIZER_PATH
-        if not os.path.exists(path):
-            download_tokenizer(path)
-    if not os.path.isfile(path):
-        raise PionError(f"tokenizer not found: {path}")
-    try:
-        return Tokenizer.from_file(path)
-    except Exception as e:
-        raise PionError(f"{path} is not a tokenizers JSON file ({str(e).splitlines()[0]})")
+        return {"logits": self.logits(x), "loss": None}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ Labels are aligned with input_ids (the model shifts them) and -100 marks tokens 
 only assistant replies, their "\\n" and the <|endoftext|> after them are learned.
 `python sft_data.py --data_file F` shows one rendered row with the trained text between « and ».
 """
-import argparse
 import itertools
 import os
 from collections import Counter
@@ -13,7 +12,8 @@ from collections import Counter
 import numpy as np
 import torch
 
-from model import EOS_ID, PAD_ID, PionError, load_tokenizer, run_cli
+from checkpoint import EOS_ID, PAD_ID, load_tokenizer
+from cli import ArgumentParser, PionError, first_line, positive_int, run_cli
 
 # The template of the published Pion SFT checkpoint. Each piece (prefix, content, suffix) is tokenized on
 # its own and the ids concatenated, exactly as that checkpoint was trained: the mask boundaries then fall
@@ -133,8 +133,7 @@ def load_conversations(data_file=None, dataset="teknium/OpenHermes-2.5"):
     try:
         return datasets.load_dataset(**kwargs, split="train")
     except Exception as e:  # offline, unknown name, unparsable file...: one line, not a traceback
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PionError(f"cannot load {source}: {message}")
+        raise PionError(f"cannot load {source}: {first_line(e)}")
 
 
 def load_sft_splits(tokenizer, seq_len, data_file=None, dataset="teknium/OpenHermes-2.5", pack=False,
@@ -220,13 +219,13 @@ def marked_text(tokenizer, input_ids, labels):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Show how SFT data is rendered, masked and packed.")
+    parser = ArgumentParser(description="Show how SFT data is rendered, masked and packed.")
     parser.add_argument("--data_file", help="local .json, .jsonl or .parquet file (ShareGPT or OpenAI rows)")
     parser.add_argument("--dataset", default="teknium/OpenHermes-2.5", help="hub dataset, when no --data_file")
     parser.add_argument("--tokenizer", help="tokenizer JSON (default: the Pion tokenizer)")
-    parser.add_argument("--seq_len", type=int, default=2048)
-    parser.add_argument("--pack", action="store_true")
-    parser.add_argument("--max_samples", type=int, default=1000, help="conversations to sample")
+    parser.add_argument("--seq_len", type=positive_int, default=2048, help="tokens per row")
+    parser.add_argument("--pack", action="store_true", help="pack several conversations into each row")
+    parser.add_argument("--max_samples", type=positive_int, default=1000, help="conversations to sample")
     args = parser.parse_args()
     tokenizer = load_tokenizer(args.tokenizer)
     rows, _ = load_sft_splits(tokenizer, args.seq_len, args.data_file, args.dataset, pack=args.pack,

@@ -22,8 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import model  # noqa: E402
-from export_hf import qwen3_config, qwen3_state_dict  # noqa: E402
-from generate import generate  # noqa: E402
+from hf_export import qwen3_config, qwen3_state_dict  # noqa: E402
+from cli import run_cli  # noqa: E402
+from decoding import generate  # noqa: E402
 
 PROMPT_TOKENS, NEW_TOKENS = 32, 128
 TARGET_VS_HF, TARGET_OF_BOUND = 2.0, 0.60
@@ -63,7 +64,7 @@ def qwen3_model(pion):
 
 def pion_decoder(pion, prompt, compile=True):
     # stop_ids=(): never stop at <|endoftext|>, so every run decodes exactly n tokens.
-    return lambda n: generate(pion, prompt, n, temperature=0, stop_ids=(), compile=compile)[0]
+    return lambda n: generate(pion, prompt, n, stop_ids=(), compile=compile)[0]
 
 
 def hf_decoder(hf, prompt):
@@ -139,4 +140,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    model.run_cli(main)
+    run_cli(main)

@@ -29,16 +29,16 @@ def step_timer(step, steps):
 def pion_variant(steps):
     import torch
     import model
-    import train
+    import trainer
 
     torch.manual_seed(0)
     m = model.get_model("nano", use_soft_cap=False)
-    args = train.parse_args(["--data_dir", "-", "--lr", "3e-4", "--weight_decay", "0.1"])
-    rt = train.Runtime("cpu")
-    optimizer = train.build_optimizer(m, args, rt)
+    rt = trainer.Runtime("cpu")
+    optimizer = trainer.build_optimizer(m, trainer.TrainConfig(max_steps=steps, lr=3e-4, min_lr=3e-5, warmup_steps=0,
+                                                               weight_decay=0.1), rt)
     ids = torch.randint(0, m.config.vocab_size, (BATCH, SEQ_LEN))
     batches = iter(lambda: {"input_ids": ids, "labels": ids}, None)
-    tokens_per_s = step_timer(lambda: train.train_step(m, optimizer, batches, rt, 1, 1.0, 3e-4), steps)
+    tokens_per_s = step_timer(lambda: trainer.train_step(m, optimizer, batches, rt, 1, 1.0, 3e-4), steps)
     report({"tokens_per_s": tokens_per_s, "peak_mb": peak_rss_mb()})
 
 
@@ -46,7 +46,7 @@ def hf_variant(steps):
     import torch
     from transformers import Qwen3ForCausalLM
     import model
-    from export_hf import qwen3_config
+    from hf_export import qwen3_config
 
     torch.manual_seed(0)
     config = qwen3_config(model.get_config("nano", use_soft_cap=False))

@@ -1,13 +1,78 @@
+"""Shared test fixtures: tiny models and checkpoints, the tokenizer, an in-process CLI runner and the
+one-line error assertion."""
+import contextlib
+import io
 import os
 import shutil
+import subprocess
 import sys
+import warnings
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED_TOKENIZER = os.path.join(ROOT, "..", "shared", "pile_tokenizer.json")
 TOKENIZER = os.path.join(ROOT, "pile_tokenizer.json")
+
+import checkpoint  # noqa: E402  (after the path insert)
+import cli  # noqa: E402
+import model  # noqa: E402
+
+REAL_VOCAB = dict(vocab_size=50258, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=128)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (compiles, subprocesses, trains)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models
+
+
+def tiny_config(**overrides):
+    base = dict(vocab_size=101, d_model=60, n_layers=2, n_heads=6, n_kv_heads=2, d_ff=96, max_seq_len=64,
+                logit_cap=3.0)
+    return model.PionConfig(**{**base, **overrides})
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return model.Pion(tiny_config(**overrides))
+
+
+def tiny_pion(seed=0, **overrides):
+    """A tiny Pion with the real vocabulary (the tokenizer must fit in it) and weights that exercise every
+    path: random norm gains, since the all-ones default would hide a swapped or dropped norm, and weights
+    larger than the 0.02 init, so that every layer moves the residual stream and greedy decoding follows
+    the prompt instead of repeating one token."""
+    pion = tiny_model(seed, **{**REAL_VOCAB, **overrides})
+    with torch.no_grad():
+        for name, param in pion.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(0.0, 0.5 if name == "embed.weight" else 0.3)
+    return pion.eval()
+
+
+def save_tiny_checkpoint(path, **overrides):
+    """tiny_pion saved as a checkpoint at path; returns the model."""
+    pion = tiny_pion(**overrides)
+    checkpoint.save_checkpoint(str(path), {"model": pion.state_dict(), "config": pion.config})
+    return pion
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A saved soft-capped tiny_pion with the real vocabulary: (path, model)."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny.pt"
+    return str(path), save_tiny_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -22,5 +87,41 @@ def tokenizer_path():
 
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_path):
-    import model
-    return model.load_tokenizer(tokenizer_path)
+    return checkpoint.load_tokenizer(tokenizer_path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running the scripts
+
+
+def run_in_process(main, argv):
+    """A script's main(argv) through cli.run_cli, as its command line runs it but without a fresh interpreter:
+    -> CompletedProcess with the exit code, stdout and stderr."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        formatwarning = warnings.formatwarning  # scripts install one-line warnings: keep them to this run
+        try:
+            cli.run_cli(lambda: main(list(map(str, argv))))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        finally:
+            warnings.formatwarning = formatwarning
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def run_script(script, *args, env=None, timeout=300):
+    """python SCRIPT ARGS in a fresh process (for what only a real process shows: signals, exit codes, torchrun)."""
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def assert_one_line_error(result, text="", after_progress=False):
+    """Exit code 2, no traceback, and one stderr line `error: ...` containing text: the only line, or with
+    after_progress, the only error line among a run's progress output."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    if after_progress:
+        lines = [line for line in lines if line.startswith("error")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], result.stderr
+    return lines[0]

@@ -10,10 +10,11 @@ import pytest
 
 import chat
 import model as M
+import checkpoint as C
 from conftest import ROOT
-from generate import generate_text
+from decoding import SamplingSettings, generate_text
 from sft_data import USER_MARKER, render_conversation
-from test_model import tiny_model
+from conftest import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def tiny_chat_model():
 @pytest.fixture(scope="module")
 def checkpoint(tiny_chat_model, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("chat") / "tiny.pt")
-    M.save_checkpoint(path, {"model": tiny_chat_model.state_dict(), "config": tiny_chat_model.config})
+    C.save_checkpoint(path, {"model": tiny_chat_model.state_dict(), "config": tiny_chat_model.config})
     return path
 
 
@@ -68,28 +69,35 @@ def test_history_truncation_drops_the_oldest_exchanges_but_never_the_system_prom
 # Commands and checkpoint picking
 
 
+def session(model=None, tokenizer=None, **settings):
+    return chat.Session(model, tokenizer, SamplingSettings(**settings), max_tokens=100)
+
+
+@pytest.mark.slow
 def test_a_compiled_reply_equals_the_eager_one(tiny_chat_model, tokenizer, capsys):
     conversation = chat.Conversation(turns=[user("Hello there")])
-    settings = dict(temperature=0, top_k=0, top_p=1.0, max_tokens=12)
-    eager = chat.reply(tiny_chat_model, tokenizer, conversation, settings, None)
-    assert chat.reply(tiny_chat_model, tokenizer, conversation, settings, None, compile=True) == eager
+    eager = chat.reply(session(tiny_chat_model, tokenizer, temperature=0), conversation)
+    compiled = session(tiny_chat_model, tokenizer, temperature=0)
+    compiled.compile = True
+    assert chat.reply(compiled, conversation) == eager
 
 
 def test_commands_change_settings_and_bad_values_change_nothing(capsys):
     conversation = chat.Conversation("", [user("Hi"), assistant("Hello")])
-    settings = dict(temperature=0.7, top_k=50, top_p=0.9, max_tokens=100)
-    for line in ["/temp 0.5", "/topk 3", "/topp 0.5", "/tokens 20"]:
-        assert chat.run_command(line, conversation, settings)
-    assert settings == dict(temperature=0.5, top_k=3, top_p=0.5, max_tokens=20)
+    s = session(temperature=0.7, top_k=50, top_p=0.9)
+    for line in ["/temp 0.5", "/topk 3", "/topp 0.5", "/minp 0.1", "/penalty 1.2", "/tokens 20"]:
+        assert chat.run_command(line, conversation, s)
+    expected = SamplingSettings(temperature=0.5, top_k=3, top_p=0.5, min_p=0.1, repetition_penalty=1.2)
+    assert s.settings == expected and s.max_tokens == 20
     capsys.readouterr()
-    for line in ["/temp abc", "/temp -1", "/topk 1.5", "/topp 0", "/tokens 0", "/tokens"]:
-        assert chat.run_command(line, conversation, settings)
+    for line in ["/temp abc", "/temp -1", "/topk 1.5", "/topp 0", "/minp 2", "/penalty 0", "/tokens 0", "/tokens"]:
+        assert chat.run_command(line, conversation, s)
         assert capsys.readouterr().out.startswith("usage: " + line.split()[0] + " N")
-    assert settings == dict(temperature=0.5, top_k=3, top_p=0.5, max_tokens=20)
-    chat.run_command("/system Be kind.", conversation, settings)
-    chat.run_command("/reset", conversation, settings)
+    assert s.settings == expected and s.max_tokens == 20
+    chat.run_command("/system Be kind.", conversation, s)
+    chat.run_command("/reset", conversation, s)
     assert conversation == chat.Conversation("Be kind.", [])
-    assert not chat.run_command("/quit", conversation, settings)
+    assert not chat.run_command("/quit", conversation, s)
 
 
 def test_the_newest_checkpoint_is_picked_sft_ones_first(tmp_path):
@@ -127,7 +135,7 @@ def test_without_checkpoint_it_uses_the_newest_and_says_which(checkpoint, tmp_pa
 
 def prompt_tokens(child):
     """Wait for the end of a reply; -> how many prompt tokens it was generated from."""
-    child.expect(r"tokens generated; prefill of (\d+) tokens")
+    child.expect(r"tokens x 1 row\(s\); prefill of (\d+) tokens")
     tokens = int(child.match.group(1))
     child.expect_exact(">>> ")
     return tokens
@@ -152,7 +160,7 @@ def test_a_terminal_session(checkpoint, tiny_chat_model, tokenizer):
         first = [user("Hello there")]
         assert prompt_tokens(child) == len(render_conversation(tokenizer, first, add_generation_prompt=True)[0])
         first_reply = generate_text(tiny_chat_model, tokenizer, render_conversation(tokenizer, first, True)[0], 8,
-                                    stop_strings=(USER_MARKER,), temperature=0)[0].removesuffix("\n")
+                                    stop_strings=(USER_MARKER,))[0].removesuffix("\n")
         child.sendline("And then?")
         second = first + [assistant(first_reply), user("And then?")]
         assert prompt_tokens(child) == len(render_conversation(tokenizer, second, add_generation_prompt=True)[0])

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import model as M
+import checkpoint as C
 from conftest import SHARED_TOKENIZER
-from test_model import tiny_config, tiny_model
+from conftest import tiny_config, tiny_model
 
 
 def our_checkpoint(m, **extra):
@@ -24,8 +25,8 @@ def assert_same_weights(a, b):
 def test_save_then_load_round_trips_model_and_entries(tmp_path):
     m = tiny_model()
     path = tmp_path / "ckpt.pt"
-    M.save_checkpoint(path, our_checkpoint(m, tokens_seen=123))
-    loaded, ckpt = M.load_checkpoint(path)
+    C.save_checkpoint(path, our_checkpoint(m, tokens_seen=123))
+    loaded, ckpt = C.load_checkpoint(path)
     assert_same_weights(m, loaded)
     assert ckpt["step"] == 7 and ckpt["tokens_seen"] == 123 and ckpt["config"] == m.config
     assert loaded.lm_head.weight is loaded.embed.weight
@@ -33,14 +34,14 @@ def test_save_then_load_round_trips_model_and_entries(tmp_path):
 
 def test_config_is_stored_as_a_plain_dict(tmp_path):
     path = tmp_path / "ckpt.pt"
-    M.save_checkpoint(path, our_checkpoint(tiny_model()))
+    C.save_checkpoint(path, our_checkpoint(tiny_model()))
     raw = torch.load(path, weights_only=True)
     assert isinstance(raw["config"], dict) and raw["config"]["d_model"] == 60
 
 
 def test_a_crash_mid_save_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    M.save_checkpoint(path, our_checkpoint(tiny_model(seed=1)))
+    C.save_checkpoint(path, our_checkpoint(tiny_model(seed=1)))
     before = path.read_bytes()
 
     def crash(obj, f, *args, **kwargs):
@@ -49,7 +50,7 @@ def test_a_crash_mid_save_keeps_the_previous_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        M.save_checkpoint(path, our_checkpoint(tiny_model(seed=2)))
+        C.save_checkpoint(path, our_checkpoint(tiny_model(seed=2)))
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
@@ -59,7 +60,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     with torch.no_grad():
         m.norm.weight[0] = float("nan")
     with pytest.raises(M.PionError, match="non-finite"):
-        M.save_checkpoint(tmp_path / "ckpt.pt", our_checkpoint(m))
+        C.save_checkpoint(tmp_path / "ckpt.pt", our_checkpoint(m))
     assert not (tmp_path / "ckpt.pt").exists()
 
 
@@ -73,7 +74,7 @@ def test_legacy_pretraining_checkpoint_with_pickled_config_loads(tmp_path):
     path = tmp_path / "pion_small_1000.pt"
     torch.save({"step": 1000, "model": legacy_state(m), "optimizer": opt.state_dict(),
                 "config": tiny_config(), "tokens_seen": 10**6}, path)
-    loaded, ckpt = M.load_checkpoint(path)
+    loaded, ckpt = C.load_checkpoint(path)
     assert ckpt["step"] == 1000 and ckpt["tokens_seen"] == 10**6 and "optimizer" in ckpt
     assert loaded.config == tiny_config()
     ref = legacy_state(m)
@@ -85,7 +86,7 @@ def test_legacy_sft_checkpoint_without_optimizer_loads(tmp_path):
     m = tiny_model()
     path = tmp_path / "pion_sft_final.pt"
     torch.save({"step": 3000, "model": legacy_state(m), "config": tiny_config()}, path)
-    loaded, ckpt = M.load_checkpoint(path)
+    loaded, ckpt = C.load_checkpoint(path)
     assert ckpt["step"] == 3000 and "optimizer" not in ckpt
 
 
@@ -94,14 +95,14 @@ def test_compiled_and_ddp_prefixed_keys_load(tmp_path, prefix):
     m = tiny_model()
     path = tmp_path / "ckpt.pt"
     torch.save({"model": {prefix + k: v for k, v in m.state_dict().items()}, "config": tiny_config()}, path)
-    assert_same_weights(m, M.load_checkpoint(path)[0])
+    assert_same_weights(m, C.load_checkpoint(path)[0])
 
 
 def test_checkpoint_without_config_gets_its_shape_from_the_tensors(tmp_path):
     m = tiny_model(d_model=48, n_layers=3, n_heads=6, n_kv_heads=3, d_ff=80, vocab_size=77)
     path = tmp_path / "ckpt.pt"
     torch.save({"model": m.state_dict()}, path)
-    loaded, _ = M.load_checkpoint(path)
+    loaded, _ = C.load_checkpoint(path)
     c = loaded.config
     assert (c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.d_ff) == (77, 48, 3, 6, 3, 80)
     assert_same_weights(m, loaded)
@@ -109,23 +110,23 @@ def test_checkpoint_without_config_gets_its_shape_from_the_tensors(tmp_path):
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(M.PionError, match="checkpoint not found"):
-        M.load_checkpoint(tmp_path / "nope.pt")
+        C.load_checkpoint(tmp_path / "nope.pt")
 
 
 def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
     path = tmp_path / "notes.pt"
     path.write_text("hello")
     with pytest.raises(M.PionError, match="not a readable checkpoint"):
-        M.load_checkpoint(path)
+        C.load_checkpoint(path)
 
 
 def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
     path = tmp_path / "ckpt.pt"
-    M.save_checkpoint(path, our_checkpoint(tiny_model()))
+    C.save_checkpoint(path, our_checkpoint(tiny_model()))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(M.PionError, match="not a readable checkpoint"):
-        M.load_checkpoint(path)
+        C.load_checkpoint(path)
 
 
 def test_mismatched_shapes_are_one_clear_line(tmp_path):
@@ -135,7 +136,7 @@ def test_mismatched_shapes_are_one_clear_line(tmp_path):
     path = tmp_path / "ckpt.pt"
     torch.save({"model": state, "config": tiny_config()}, path)
     with pytest.raises(M.PionError, match="layers.0.ffn.w1.weight is \\(5, 60\\)") as e:
-        M.load_checkpoint(path)
+        C.load_checkpoint(path)
     assert "\n" not in str(e.value)
 
 
@@ -150,7 +151,7 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "evil.pt"
     torch.save({"model": tiny_model().state_dict(), "config": Exploit()}, path)
     with pytest.raises(M.PionError, match="refusing to load"):
-        M.load_checkpoint(path)
+        C.load_checkpoint(path)
     assert not mark.exists()
 
 
@@ -159,23 +160,23 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
 
 
 def test_tokenizer_has_the_pion_special_tokens(tokenizer):
-    assert tokenizer.token_to_id("<|endoftext|>") == M.EOS_ID
-    assert tokenizer.token_to_id("<|pad|>") == M.PAD_ID
-    assert tokenizer.token_to_id("<|unk|>") == M.UNK_ID
+    assert tokenizer.token_to_id("<|endoftext|>") == C.EOS_ID
+    assert tokenizer.token_to_id("<|pad|>") == C.PAD_ID
+    assert tokenizer.token_to_id("<|unk|>") == C.UNK_ID
     assert tokenizer.get_vocab_size() <= M.PionConfig().vocab_size
 
 
 def test_missing_tokenizer_path_is_a_clear_error(tmp_path):
     with pytest.raises(M.PionError, match="tokenizer not found"):
-        M.load_tokenizer(str(tmp_path / "tok.json"))
+        C.load_tokenizer(str(tmp_path / "tok.json"))
 
 
 def test_tokenizer_download_checks_sha256_and_saves_atomically(tmp_path):
     if not os.path.exists(SHARED_TOKENIZER):
         pytest.skip("no offline copy of the tokenizer")
     target = tmp_path / "pile_tokenizer.json"
-    M.download_tokenizer(str(target), url=pathlib.Path(SHARED_TOKENIZER).resolve().as_uri())
-    assert hashlib.sha256(target.read_bytes()).hexdigest() == M.TOKENIZER_SHA256
+    C.download_tokenizer(str(target), url=pathlib.Path(SHARED_TOKENIZER).resolve().as_uri())
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == C.TOKENIZER_SHA256
     assert os.listdir(tmp_path) == ["pile_tokenizer.json"]
 
 
@@ -184,11 +185,11 @@ def test_tokenizer_download_with_a_wrong_hash_saves_nothing(tmp_path):
     source.write_text("{}")
     target = tmp_path / "pile_tokenizer.json"
     with pytest.raises(M.PionError, match="sha256"):
-        M.download_tokenizer(str(target), url=source.as_uri())
+        C.download_tokenizer(str(target), url=source.as_uri())
     assert not target.exists()
 
 
 def test_offline_tokenizer_download_says_how_to_get_it(tmp_path):
     with pytest.raises(M.PionError, match="--tokenizer PATH") as e:
-        M.download_tokenizer(str(tmp_path / "t.json"), url=(tmp_path / "unreachable.json").as_uri())
+        C.download_tokenizer(str(tmp_path / "t.json"), url=(tmp_path / "unreachable.json").as_uri())
     assert "\n" not in str(e.value)

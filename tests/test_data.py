@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import data
-from model import PAD_ID, ROOT, PionError
+from checkpoint import PAD_ID, ROOT
+from cli import PionError
 
 VOCAB_SIZE = 10_000
 

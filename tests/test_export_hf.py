@@ -7,46 +7,23 @@ import sys
 import pytest
 import torch
 
-import export_hf
+import hf_export
 import model
+import checkpoint as C
 from conftest import ROOT
-from test_model import tiny_model
+from conftest import save_tiny_checkpoint
 
 transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402  (installed with transformers)
 
-from generate import generate  # noqa: E402
-
-TINY = dict(vocab_size=50258, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=128)
-
-
-def tiny_pion(seed=0, **overrides):
-    """A tiny Pion with the real vocabulary (the tokenizer must fit in it) and weights that exercise the
-    mapping: random norm gains, since the all-ones default would hide a swapped or dropped norm, and weights
-    larger than the 0.02 init, so that every layer moves the residual stream and greedy decoding follows
-    the prompt instead of repeating one token."""
-    pion = tiny_model(seed, **{**TINY, **overrides})
-    with torch.no_grad():
-        for name, param in pion.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-            else:
-                param.normal_(0.0, 0.5 if name == "embed.weight" else 0.3)
-    return pion.eval()
-
-
-def save_tiny_checkpoint(path, **overrides):
-    pion = tiny_pion(**overrides)
-    model.save_checkpoint(str(path), {"model": pion.state_dict(), "config": pion.config})
-    return pion
-
+from decoding import generate  # noqa: E402
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tokenizer_path):
     """(pion, folder): a tiny Pion without soft-capping and its export."""
     tmp = tmp_path_factory.mktemp("export")
     pion = save_tiny_checkpoint(tmp / "tiny.pt", use_soft_cap=False)
-    folder = export_hf.export(str(tmp / "tiny.pt"), str(tmp / "hf"), tokenizer_path)
+    folder = hf_export.export(str(tmp / "tiny.pt"), str(tmp / "hf"), tokenizer_path)
     return pion, folder
 
 
@@ -108,11 +85,11 @@ def test_greedy_generation_matches_ours_token_for_token(exported, hf_model, toke
     pion, _ = exported
     for text in ["The quick brown fox", "Once upon a time, in a land far away, there lived"]:
         prompt = tokenizer.encode(text).ids
-        ours = generate(pion, prompt, max_new_tokens=20, temperature=0)[0]
+        ours = generate(pion, prompt, max_new_tokens=20)[0]
         output = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                    do_sample=False, max_new_tokens=20)
         theirs = output[0, len(prompt):].tolist()
-        if theirs[-1:] == [model.EOS_ID]:
+        if theirs[-1:] == [C.EOS_ID]:
             theirs = theirs[:-1]  # transformers returns the EOS it stopped at; generate() does not
         assert ours == theirs
         assert len(set(ours)) > 5  # a real continuation, not one token repeated
@@ -121,7 +98,7 @@ def test_greedy_generation_matches_ours_token_for_token(exported, hf_model, toke
 def test_untied_lm_head_is_exported_as_its_own_tensor(tmp_path, tokenizer_path):
     pion = save_tiny_checkpoint(tmp_path / "untied.pt", use_soft_cap=False, tie_embeddings=False)
     assert pion.lm_head.weight is not pion.embed.weight
-    folder = export_hf.export(str(tmp_path / "untied.pt"), str(tmp_path / "hf"), tokenizer_path)
+    folder = hf_export.export(str(tmp_path / "untied.pt"), str(tmp_path / "hf"), tokenizer_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     assert not hf.config.tie_word_embeddings
     input_ids = torch.randint(0, 50000, (1, 16), generator=torch.Generator().manual_seed(2))
@@ -131,7 +108,7 @@ def test_untied_lm_head_is_exported_as_its_own_tensor(tmp_path, tokenizer_path):
 
 def test_bfloat16_export_stores_bfloat16_weights(tmp_path, tokenizer_path):
     save_tiny_checkpoint(tmp_path / "tiny.pt", use_soft_cap=False)
-    folder = export_hf.export(str(tmp_path / "tiny.pt"), str(tmp_path / "hf"), tokenizer_path, dtype="bfloat16")
+    folder = hf_export.export(str(tmp_path / "tiny.pt"), str(tmp_path / "hf"), tokenizer_path, dtype="bfloat16")
     with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
         assert {f.get_tensor(name).dtype for name in f.keys()} == {torch.bfloat16}
     assert json.load(open(os.path.join(folder, "config.json")))["dtype"] == "bfloat16"
@@ -154,7 +131,7 @@ def test_auto_tokenizer_encodes_and_decodes_like_ours(hf_tokenizer, tokenizer):
 
 def test_generation_config_stops_at_endoftext_and_pads_with_pad(exported):
     generation = transformers.GenerationConfig.from_pretrained(exported[1])
-    assert (generation.eos_token_id, generation.pad_token_id) == (model.EOS_ID, model.PAD_ID)
+    assert (generation.eos_token_id, generation.pad_token_id) == (C.EOS_ID, C.PAD_ID)
 
 
 CHAT = [{"role": "system", "content": "You are Pion."}, {"role": "user", "content": "Hi!"},
@@ -194,7 +171,7 @@ def test_soft_capped_checkpoint_is_refused_with_one_line_and_exit_2(tmp_path):
 
 def test_soft_capped_checkpoint_exports_with_allow_mismatch_and_a_warning(tmp_path, tokenizer_path, capsys):
     save_tiny_checkpoint(tmp_path / "capped.pt", use_soft_cap=True, logit_cap=30.0)
-    folder = export_hf.export(str(tmp_path / "capped.pt"), str(tmp_path / "hf"), tokenizer_path, allow_mismatch=True)
+    folder = hf_export.export(str(tmp_path / "capped.pt"), str(tmp_path / "hf"), tokenizer_path, allow_mismatch=True)
     assert "warning:" in capsys.readouterr().err
     assert json.load(open(os.path.join(folder, "config.json")))["model_type"] == "qwen3"
 
@@ -205,13 +182,13 @@ def test_a_non_empty_out_dir_is_refused_and_left_alone(tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(model.PionError, match="not an empty directory"):
-        export_hf.export(str(tmp_path / "tiny.pt"), str(out))
+        hf_export.export(str(tmp_path / "tiny.pt"), str(out))
     assert os.listdir(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
 
 
 def test_pushing_while_offline_is_one_line(exported, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
-    code = f"import export_hf, model; model.run_cli(lambda: export_hf.push_to_hub({exported[1]!r}, 'someone/pion'))"
+    code = f"import hf_export, cli; cli.run_cli(lambda: hf_export.push_to_hub({exported[1]!r}, 'someone/pion'))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     line = one_error_line(result)
@@ -220,4 +197,4 @@ def test_pushing_while_offline_is_one_line(exported, tmp_path):
 
 def test_qwen3_state_dict_refuses_a_tensor_it_does_not_know():
     with pytest.raises(model.PionError, match="no Qwen3 counterpart"):
-        export_hf.qwen3_state_dict({"layers.0.attn.bias": torch.zeros(1)})
+        hf_export.qwen3_state_dict({"layers.0.attn.bias": torch.zeros(1)})

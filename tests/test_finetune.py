@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import model as M
+import checkpoint as C
 from conftest import ROOT
 
 # Nine conversations: load_sft_splits holds one out for validation (seed 42: the bees), eight are trained.
@@ -95,10 +96,10 @@ def test_assistant_tokens_are_learned_and_the_masked_tokens_are_not(files, train
     train_rows, _ = load_sft_splits(tokenizer, 64, files.sharegpt, seed=42)  # exactly what the run trained on
     batch = collate(list(train_rows))
     ids, labels = batch["input_ids"], batch["labels"]
-    masked = torch.where((labels == -100) & (ids != M.PAD_ID), ids, -100)  # user turns and template prefixes
+    masked = torch.where((labels == -100) & (ids != C.PAD_ID), ids, -100)  # user turns and template prefixes
 
     def loss_on(path, targets):
-        model, _ = M.load_checkpoint(path)
+        model, _ = C.load_checkpoint(path)
         with torch.no_grad():
             return model(ids, labels=targets)["loss"].item()
 
@@ -110,8 +111,8 @@ def test_assistant_tokens_are_learned_and_the_masked_tokens_are_not(files, train
 
 def test_the_finetuned_checkpoint_is_saved_under_save_dir_sft_and_loads(files, trained):
     assert sorted(os.listdir(trained.sft)) == ["metrics.jsonl", f"pion_sft_{MID_STEP}.pt", "pion_sft_final.pt"]
-    model, checkpoint = M.load_checkpoint(trained.sft / "pion_sft_final.pt")
-    base, _ = M.load_checkpoint(files.base)
+    model, checkpoint = C.load_checkpoint(trained.sft / "pion_sft_final.pt")
+    base, _ = C.load_checkpoint(files.base)
     assert checkpoint["config"] == base.config and checkpoint["step"] == MAX_STEPS
     assert not torch.equal(model.layers[0].ffn.w1.weight, base.layers[0].ffn.w1.weight)
 
@@ -125,7 +126,7 @@ def test_each_eval_prints_the_val_loss_and_the_greedy_answer_to_the_fixed_questi
 
 
 def test_the_lr_warms_up_linearly_then_follows_a_cosine_to_min_lr(trained):
-    from finetune import cosine_lr
+    from trainer import cosine_lr
     lrs = losses(metrics(trained.save_dir), "lr")
     assert lrs[1] == pytest.approx(2e-2 / 3) and lrs[3] == pytest.approx(2e-2)
     mid = 1e-3 + 0.5 * (2e-2 - 1e-3) * (1 + math.cos(math.pi * (MID_STEP - 1 - 3) / (MAX_STEPS - 3)))

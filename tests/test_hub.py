@@ -9,9 +9,10 @@ import sys
 import pytest
 
 import model
+import checkpoint as C
 from conftest import ROOT
-from generate import generate_text
-from test_model import tiny_model
+from decoding import generate_text
+from conftest import tiny_model
 
 REPO, FILE = "SuperGoatScriptGuy/Pion", "pion_nano_final.pt"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"  # any 40 hex digits: refs/main only has to name a snapshot
@@ -31,7 +32,7 @@ def hub_cache(tmp_path):
     snapshot.mkdir(parents=True)
     # The real vocabulary, so that a script can encode a prompt with the real tokenizer.
     pion = tiny_model(vocab_size=50258, d_model=32, n_heads=4, n_kv_heads=2)
-    model.save_checkpoint(str(snapshot / FILE), {"model": pion.state_dict(), "config": pion.config})
+    C.save_checkpoint(str(snapshot / FILE), {"model": pion.state_dict(), "config": pion.config})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_CACHE": str(cache)}
     return env, pion
 
@@ -46,7 +47,7 @@ def test_generate_cli_runs_an_hf_checkpoint_from_the_offline_cache(hub_cache, to
                   "--temperature", "0", "--device", "cpu", "--tokenizer", tokenizer_path], env)
     assert result.returncode == 0, result.stderr
     # The same greedy text as the cached model gives here: the script loaded that file, not something else.
-    expected = generate_text(pion, tokenizer, tokenizer.encode("hi").ids, 4, temperature=0)[0]
+    expected = generate_text(pion, tokenizer, tokenizer.encode("hi").ids, 4)[0]
     assert result.stdout.rstrip("\n") == "hi" + expected.rstrip("\n")
 
 
@@ -65,4 +66,4 @@ def test_a_file_missing_from_the_offline_cache_is_one_line_and_exit_2(hub_cache,
 @pytest.mark.parametrize("reference", ["hf:", "hf:owner/repo", "hf:owner//file.pt"])
 def test_a_malformed_hub_reference_is_refused_before_any_download(reference):
     with pytest.raises(model.PionError, match="expected hf:OWNER/REPO/FILE"):
-        model.load_checkpoint(reference)
+        C.load_checkpoint(reference)

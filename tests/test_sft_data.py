@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import sft_data
-from model import PionError
+from cli import PionError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS = "<|endoftext|>"

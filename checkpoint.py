@@ -1,0 +1,222 @@
+"""Checkpoint and tokenizer I/O: atomic saves, safe loading of any Pion checkpoint (ours, the published ones,
+`hf:` hub references, legacy pickled configs), the step checkpoints of a training run, and the pinned
+tokenizer download."""
+import dataclasses
+import glob
+import hashlib
+import os
+import re
+import sys
+import urllib.request
+
+import torch
+
+from cli import DTYPES, PionError, atomic_write, first_line, pick_device
+from model import Pion, PionConfig
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# ----------------------------------------------------------------------------------------------------
+# Saving and loading
+
+
+def save_checkpoint(path, checkpoint):
+    """Write a checkpoint dict (with "model" and "config") atomically and durably: a crash mid-save leaves the
+    previous file, never a truncated one. The config is stored as a plain dict; non-finite weights are refused."""
+    checkpoint = dict(checkpoint)
+    if dataclasses.is_dataclass(checkpoint.get("config")):
+        checkpoint["config"] = dataclasses.asdict(checkpoint["config"])
+    bad = [k for k, t in checkpoint["model"].items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise PionError(f"refusing to save {path}: non-finite weights in {bad[0]}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: torch.save(checkpoint, f), durable=True)
+
+
+def clean_state_dict(state_dict):
+    """Strip the prefixes torch.compile (`_orig_mod.`) and DDP/FSDP wrappers (`module.`) add."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.replace(prefix, "")
+        out[key] = value
+    return out
+
+
+def infer_config(state_dict):
+    """Rebuild a PionConfig from tensor shapes alone, for checkpoints saved without a config."""
+    try:
+        vocab_size, d_model = state_dict["embed.weight"].shape
+        n_layers = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("layers."))
+        head_dim = state_dict["layers.0.attn.q_norm.weight"].shape[0]
+        tied = "lm_head.weight" not in state_dict or torch.equal(state_dict["lm_head.weight"], state_dict["embed.weight"])
+        return PionConfig(
+            vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
+            n_heads=state_dict["layers.0.attn.q_proj.weight"].shape[0] // head_dim,
+            n_kv_heads=state_dict["layers.0.attn.k_proj.weight"].shape[0] // head_dim,
+            d_ff=state_dict["layers.0.ffn.w1.weight"].shape[0], tie_embeddings=tied)
+    except (KeyError, ValueError, IndexError) as e:
+        raise PionError(f"cannot infer the model shape from the checkpoint's tensors (missing {e})")
+
+
+def resolve_checkpoint(path):
+    """A local path, or `hf:OWNER/REPO/FILE` (e.g. hf:SuperGoatScriptGuy/Pion/pion_small_final.pt), which is
+    downloaded once into the Hugging Face cache (with a progress bar) and returned as a local path."""
+    path = str(path)
+    if not path.startswith("hf:"):
+        return path
+    parts = path[3:].split("/", 2)
+    if len(parts) != 3 or not all(parts):
+        raise PionError(f"bad hub reference {path!r}: expected hf:OWNER/REPO/FILE")
+    from huggingface_hub import hf_hub_download
+    try:
+        return hf_hub_download(repo_id=f"{parts[0]}/{parts[1]}", filename=parts[2])
+    except Exception as e:
+        raise PionError(f"cannot get {path} from the Hugging Face hub ({type(e).__name__}: {first_line(e)}); "
+                        f"check the name, your network, or download the file and pass its local path")
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """torch.load with weights_only=True: tensors and plain data only, plus the legacy pickled PionConfig."""
+    path = resolve_checkpoint(path)
+    if not os.path.isfile(path):
+        raise PionError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals([PionConfig]):
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise PionError(f"refusing to load {path}: it pickles objects other than tensors and a PionConfig")
+        raise PionError(f"{path} is not a readable checkpoint (truncated or not a torch file): {first_line(e)}")
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model", checkpoint), dict):
+        raise PionError(f"{path} is not a Pion checkpoint (expected a dict with a 'model' state dict)")
+    return checkpoint
+
+
+def load_checkpoint(path, map_location="cpu", **config_overrides):
+    """Load any Pion checkpoint (ours, the published ones, compiled/DDP, bf16 or fp32, with or without a
+    config) and return (model, checkpoint). The model is fp32 on map_location; the checkpoint dict keeps
+    everything but the weights (config as a PionConfig, step, optimizer, ...)."""
+    checkpoint = read_checkpoint(path, map_location)
+    state = checkpoint.pop("model") if "model" in checkpoint else checkpoint
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PionError(f"{path} is not a Pion checkpoint (its 'model' entry is not a state dict)")
+    state = clean_state_dict(state)
+    config = checkpoint.get("config")
+    if isinstance(config, PionConfig):
+        config = dataclasses.asdict(PionConfig.from_dict(vars(config)))  # legacy pickles may lack new fields
+    config = PionConfig.from_dict({**config, **config_overrides}) if isinstance(config, dict) else \
+        dataclasses.replace(infer_config(state), **config_overrides)
+    with torch.device("meta"):
+        model = Pion(config)
+    expected = model.state_dict()
+    if config.tie_embeddings:
+        state.setdefault("lm_head.weight", state.get("embed.weight"))
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k] is not None and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected else
+                  f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, expected {tuple(expected[wrong[0]].shape)}")
+        raise PionError(f"{path} does not match its config ({len(missing)} missing, {len(unexpected)} "
+                        f"unexpected, {len(wrong)} mis-shaped tensors; {detail})")
+    model = model.to_empty(device=map_location)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    checkpoint["config"] = config
+    return model, checkpoint
+
+
+def load_model(path, device="auto", dtype=None):
+    """A checkpoint ready for inference -> (model in eval mode, its device). dtype: a cli.DTYPES name; None is
+    bfloat16 on CUDA, float32 elsewhere."""
+    device = pick_device(device)
+    model, _ = load_checkpoint(path, map_location=device)
+    dtype = DTYPES[dtype] if dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
+    return model.to(dtype).eval(), device
+
+
+# ----------------------------------------------------------------------------------------------------
+# The step checkpoints of a training run: <prefix>_<step>.pt and <prefix>_final.pt in one folder
+
+
+def step_checkpoints(directory, prefix):
+    """Step checkpoints `<prefix>_<step>.pt` in the directory, oldest step first."""
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(directory), f"{prefix}_*.pt")):
+        match = re.fullmatch(re.escape(prefix) + r"_(\d+)\.pt", os.path.basename(path))
+        if match:
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def find_resume_checkpoint(directory, prefix):
+    """The newest complete checkpoint (saves are atomic, so any file under a final name is complete)."""
+    candidates = step_checkpoints(directory, prefix) + glob.glob(os.path.join(glob.escape(directory), f"{prefix}_final.pt"))
+    return max(candidates, key=os.path.getmtime) if candidates else None
+
+
+def check_save_dir(directory, prefix, resuming):
+    """Fail early on an unwritable save dir, and never let a new run overwrite an earlier run's checkpoints."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".write_test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise PionError(f"cannot write to save dir {directory}: {e.strerror}")
+    if not resuming and find_resume_checkpoint(directory, prefix):
+        raise PionError(f"{directory} already holds {prefix} checkpoints from an earlier run; pass --resume auto "
+                        f"to continue it, or choose another --save_dir")
+
+
+def prune_checkpoints(directory, prefix, keep_last):
+    if keep_last:
+        for path in step_checkpoints(directory, prefix)[:-keep_last]:
+            os.remove(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer
+
+TOKENIZER_PATH = os.path.join(ROOT, "pile_tokenizer.json")
+TOKENIZER_URL = ("https://raw.githubusercontent.com/Supergoatscriptguy/Pion/"
+                 "d84c8d501ae7aed36d11b477808ce6b8faf03b92/pile_tokenizer.json")
+TOKENIZER_SHA256 = "1e1d10c83bbac16a87b5796eeec281b4a0cd245e03f842f9dd76af629c7f88d8"
+EOS_ID, PAD_ID, UNK_ID = 0, 1, 2  # <|endoftext|>, <|pad|>, <|unk|>
+
+
+def download_tokenizer(path=TOKENIZER_PATH, url=TOKENIZER_URL):
+    """Fetch the pinned tokenizer once, check its sha256, and save it atomically."""
+    print(f"downloading the Pion tokenizer to {path}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read()
+    except OSError as e:
+        raise PionError(f"cannot download the tokenizer ({getattr(e, 'reason', e)}); fetch {url} by hand "
+                        f"and save it as {path}, or pass --tokenizer PATH")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != TOKENIZER_SHA256:
+        raise PionError(f"downloaded tokenizer has sha256 {digest}, expected {TOKENIZER_SHA256}; not saved")
+    atomic_write(path, lambda f: f.write(data))
+
+
+def load_tokenizer(path=None, vocab_size=None):
+    """The Pion tokenizer (tokenizers.Tokenizer): `path`, or pile_tokenizer.json at the repo root,
+    downloaded on first use. vocab_size: the model's, which must have an embedding for every id."""
+    from tokenizers import Tokenizer
+    if path is None:
+        path = TOKENIZER_PATH
+        if not os.path.exists(path):
+            download_tokenizer(path)
+    if not os.path.isfile(path):
+        raise PionError(f"tokenizer not found: {path}")
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception as e:
+        raise PionError(f"{path} is not a tokenizers JSON file ({first_line(e)})")
+    if vocab_size is not None and tokenizer.get_vocab_size() > vocab_size:
+        raise PionError(f"the tokenizer {path} has {tokenizer.get_vocab_size()} ids but the model only "
+                        f"{vocab_size} embeddings: pass the tokenizer it was trained with (--tokenizer)")
+    return tokenizer

@@ -1,0 +1,129 @@
+"""The command-line kit every script shares: one-line errors, checked flag types, device and dtype choice,
+atomic file writes and the interactive prompt."""
+import argparse
+import math
+import os
+import sys
+import warnings
+
+import torch
+
+
+class PionError(Exception):
+    """A problem with what the user gave us (a file, a flag, data): reported as one line, exit code 2."""
+
+
+def run_cli(main):
+    """Run a script's main(); a PionError becomes one line on stderr and exit code 2, not a traceback."""
+    try:
+        main()
+    except PionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def first_line(error):
+    """An exception as one line of text, for error messages that must stay one line."""
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit code 2 (a PionError for run_cli), not usage + error,
+    and whose --help shows every flag's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise PionError(f"{message} (see --help)")
+
+
+def checked(kind, is_valid, valid_values):
+    """An argparse `type`: text -> kind(text) if finite and is_valid, else ArgumentTypeError naming what is valid."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except (ValueError, OverflowError):
+            value = None
+        if value is None or not math.isfinite(value) or not is_valid(value):
+            raise argparse.ArgumentTypeError(f"must be {valid_values}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = checked(int, lambda v: v > 0, "a positive integer")
+non_negative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
+non_negative_float = checked(float, lambda v: v >= 0, "a finite number >= 0")
+
+
+def dataclass_from_args(cls, args, **values):
+    """cls (a dataclass) from the parsed flags named like its fields; `values` fill or override fields."""
+    import dataclasses
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **values})
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_inference_args(parser):
+    """The flags of every script that loads a model to run it: tokenizer, device, dtype, compile."""
+    parser.add_argument("--tokenizer", default=None, help="tokenizer JSON (default: the Pion tokenizer, fetched once)")
+    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="weights' dtype (default: bfloat16 on CUDA, float32 elsewhere)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the per-token decode step")
+
+
+def pick_device(name="auto"):
+    """auto: cuda, else mps, else cpu. An unavailable device is a PionError, not a crash mid-load."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PionError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    if (device.type == "cuda" and not torch.cuda.is_available()) or \
+            (device.type == "mps" and not torch.backends.mps.is_available()):
+        raise PionError(f"device {name} is not available on this machine")
+    return device
+
+
+def atomic_write(path, write, durable=False):
+    """write(binary file) into a hidden temp file beside `path`, then rename it into place: a crash never
+    leaves half a file under the final name. durable: fsync before the rename (checkpoints)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def use_one_line_warnings(category):
+    """Warnings as `warning: ...` lines; those of `category` every time (not once per call site)."""
+    warnings.simplefilter("always", category)
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+
+
+def typed_lines(prompt=">>> "):
+    """Lines typed at an interactive prompt, until Ctrl-D. Ctrl-C at the prompt starts a fresh line, as in
+    the Python REPL (during an answer, the caller catches it)."""
+    while True:
+        try:
+            yield input(prompt)
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print()

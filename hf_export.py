@@ -1,0 +1,183 @@
+"""A Pion checkpoint as a Hugging Face transformers folder (Qwen3ForCausalLM + tokenizer + chat template).
+
+Pion without attention soft-capping is the Qwen3 architecture (GQA, per-head QK RMSNorm before rotate-half
+RoPE, SwiGLU, tied embeddings, no biases), so the export is a renaming of tensors, not a conversion: the
+folder loads with AutoModelForCausalLM / AutoTokenizer and works with lm-evaluation-harness, vLLM, etc.
+export_hf.py is its command line.
+"""
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+from checkpoint import EOS_ID, PAD_ID, clean_state_dict, load_checkpoint, load_tokenizer
+from cli import DTYPES, PionError, first_line
+
+# The SFT template (sft_data.py): "<|role|>\n{content}\n" per turn, <|endoftext|> after each assistant turn,
+# and "<|assistant|>\n" as the generation prompt. Roles are plain text to the tokenizer, not special tokens.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('Pion chats have system, user and assistant turns, not ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{{- '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}{{- eos_token -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
+)
+
+
+def require_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise PionError("exporting to Hugging Face format needs transformers: pip install transformers")
+    return transformers
+
+
+def is_soft_capped(config):
+    return bool(config.use_soft_cap and config.logit_cap > 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config and tensor names: also used by bench/bench_decode.py to build the same model in transformers.
+
+
+def qwen3_config(config, dtype=torch.float32):
+    """The transformers.Qwen3Config computing what a PionConfig computes (without soft-capping)."""
+    transformers = require_transformers()
+    qwen = transformers.Qwen3Config(
+        vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.d_ff,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim, hidden_act="silu",
+        max_position_embeddings=config.max_seq_len, rms_norm_eps=1e-6, rope_theta=config.rope_theta,
+        attention_bias=False, attention_dropout=0.0, use_sliding_window=False,
+        tie_word_embeddings=config.tie_embeddings, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+        architectures=["Qwen3ForCausalLM"], dtype=dtype)
+    # transformers 5 stores theta inside rope_parameters; transformers 4 reads only a top-level rope_theta
+    # and would otherwise fall back to Qwen3's default of 1e6, silently changing every position.
+    qwen.rope_theta = config.rope_theta
+    return qwen
+
+
+TOP_LEVEL_NAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+                   "lm_head.weight": "lm_head.weight"}
+LAYER_NAMES = {  # inside layers.{i}. -> inside model.layers.{i}.
+    "norm1.weight": "input_layernorm.weight",
+    "norm2.weight": "post_attention_layernorm.weight",
+    "attn.q_proj.weight": "self_attn.q_proj.weight",
+    "attn.k_proj.weight": "self_attn.k_proj.weight",
+    "attn.v_proj.weight": "self_attn.v_proj.weight",
+    "attn.o_proj.weight": "self_attn.o_proj.weight",
+    "attn.q_norm.weight": "self_attn.q_norm.weight",
+    "attn.k_norm.weight": "self_attn.k_norm.weight",
+    "ffn.w1.weight": "mlp.gate_proj.weight",
+    "ffn.w3.weight": "mlp.up_proj.weight",
+    "ffn.w2.weight": "mlp.down_proj.weight",
+}
+
+
+def qwen3_name(name):
+    if name in TOP_LEVEL_NAMES:
+        return TOP_LEVEL_NAMES[name]
+    prefix, layer, rest = (name.split(".", 2) + ["", ""])[:3]
+    if prefix == "layers" and layer.isdigit() and rest in LAYER_NAMES:
+        return f"model.layers.{layer}.{LAYER_NAMES[rest]}"
+    raise PionError(f"cannot export tensor {name!r}: it has no Qwen3 counterpart")
+
+
+def qwen3_state_dict(state_dict):
+    """Pion state dict -> Qwen3ForCausalLM state dict, same tensors under transformers' names. lm_head.weight
+    is kept (it is the embedding when tied), so Qwen3ForCausalLM.load_state_dict accepts the result as is."""
+    return {qwen3_name(name): tensor for name, tensor in clean_state_dict(state_dict).items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing the folder
+
+
+def write_tokenizer(tokenizer, folder, max_len):
+    transformers = require_transformers()
+    # No BOS: Pion was not trained with one, and tools that want a prefix token (lm-eval) fall back to EOS.
+    hf_tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|pad|>", unk_token="<|unk|>",
+        model_max_length=max_len)
+    hf_tokenizer.chat_template = CHAT_TEMPLATE
+    # The template goes inside tokenizer_config.json (not chat_template.jinja), which every version reads.
+    hf_tokenizer.save_pretrained(folder, save_jinja_files=False)
+    # transformers 5 names the class TokenizersBackend, which transformers 4 cannot resolve; both read
+    # PreTrainedTokenizerFast (a plain tokenizer.json) the same way.
+    config_path = os.path.join(folder, "tokenizer_config.json")
+    with open(config_path) as f:
+        tokenizer_config = json.load(f)
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(config_path, "w") as f:
+        json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)
+
+
+def write_folder(pion_model, tokenizer, folder, dtype):
+    """config.json, model.safetensors, generation_config.json and the tokenizer files into `folder`."""
+    transformers = require_transformers()
+    from safetensors.torch import save_file
+    config = pion_model.config
+    qwen3_config(config, dtype).save_pretrained(folder)
+    tensors = qwen3_state_dict(pion_model.state_dict())
+    if config.tie_embeddings:
+        del tensors["lm_head.weight"]  # stored once: transformers ties lm_head to model.embed_tokens on load
+    tensors = {name: t.detach().to(dtype).contiguous() for name, t in tensors.items()}
+    weights_path = os.path.join(folder, "model.safetensors")
+    save_file(tensors, weights_path, metadata={"format": "pt"})
+    # safetensors creates the file owner-only (0600); give it the mode every other file here got (umask).
+    shutil.copymode(os.path.join(folder, "config.json"), weights_path)
+    transformers.GenerationConfig(eos_token_id=EOS_ID, pad_token_id=PAD_ID).save_pretrained(folder)
+    write_tokenizer(tokenizer, folder, config.max_seq_len)
+
+
+def check_out_dir(out):
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise PionError(f"--out {out} already exists and is not an empty directory; "
+                        f"choose a new path (nothing is ever overwritten)")
+
+
+def export(checkpoint, out, tokenizer_path=None, allow_mismatch=False, dtype="float32"):
+    """Write the transformers folder for `checkpoint` (a path or hf:OWNER/REPO/FILE) to `out`."""
+    check_out_dir(out)
+    require_transformers()
+    pion_model, _ = load_checkpoint(checkpoint)
+    config = pion_model.config
+    if is_soft_capped(config):
+        message = (f"{checkpoint} soft-caps its attention logits (cap * tanh(score / cap), cap "
+                   f"{config.logit_cap:g}), which transformers' Qwen3 does not do: the export drops the cap, "
+                   f"so its outputs differ from Pion's")
+        if not allow_mismatch:
+            raise PionError(message + "; pass --allow_mismatch to export anyway")
+        print(f"warning: {message}", file=sys.stderr)
+    tokenizer = load_tokenizer(tokenizer_path, config.vocab_size)
+    # Build in a sibling staging folder and rename it into place: a failed export leaves no half folder.
+    out = os.path.abspath(out)
+    staging = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tmp{os.getpid()}")
+    os.makedirs(staging)
+    try:
+        write_folder(pion_model, tokenizer, staging, DTYPES[dtype])
+        check_out_dir(out)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (checked just above)
+        os.replace(staging, out)
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging)
+    return out
+
+
+def push_to_hub(folder, repo):
+    from huggingface_hub import HfApi
+    try:
+        api = HfApi()
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=folder, commit_message="Upload Pion exported by export_hf.py")
+    except Exception as e:
+        raise PionError(f"cannot push to the hub repo {repo} ({type(e).__name__}: {first_line(e)}); the export in "
+                        f"{folder} is complete: log in (`hf auth login`) and run `hf upload {repo} {folder}`")
+    print(f"pushed {folder} to https://huggingface.co/{repo}")

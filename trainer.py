@@ -1,0 +1,472 @@
+"""The training loop that pretraining (train.py) and SFT (finetune.py) share: runtime setup (device, torchrun
+ranks, bf16 autocast), the optimizer, one optimizer step, evaluation, checkpoints with exact resume, signals
+and metrics. Configured by a TrainConfig; train() returns the run's final TrainState.
+"""
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import signal
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from tqdm import tqdm
+
+from checkpoint import find_resume_checkpoint, prune_checkpoints, save_checkpoint
+from cli import PionError, first_line, pick_device
+
+MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run gives up
+
+
+@dataclass
+class TrainConfig:
+    """How to train: the schedule, batch layout, intervals and performance switches of one run."""
+    max_steps: int
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    batch_size: int = 8           # sequences per device per micro-step
+    grad_accum: int = 1           # micro-steps per optimizer step
+    seq_len: int = 2048
+    schedule: str = "wsd"         # "wsd" (warmup, constant, linear decay) or "cosine"
+    decay_frac: float = 0.2       # wsd: the fraction of max_steps spent decaying
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0        # max gradient norm, 0 = off
+    log_interval: int = 10
+    eval_interval: int = 500
+    eval_steps: int = 20
+    save_interval: int = 1000
+    keep_last: Optional[int] = None  # keep only the newest N step checkpoints
+    compile: bool = False
+    gradient_checkpointing: bool = True
+    fsdp: bool = False
+    seed: int = 42
+
+
+@dataclass
+class TrainState:
+    """Where a run is: restored on resume, saved in every checkpoint, returned by train()."""
+    step: int = 0
+    tokens_seen: int = 0
+    samples_seen: int = 0
+    stopped_by: Optional[str] = None  # the signal that stopped the run early, if one did
+
+    @property
+    def finished(self):
+        return self.stopped_by is None
+
+
+def add_train_config_args(parser, defaults):
+    """A flag per TrainConfig field that both trainers expose, defaulting to `defaults` (a TrainConfig)."""
+    from cli import non_negative_float, non_negative_int, positive_int
+    d = defaults
+    flag = parser.add_argument
+    flag("--max_steps", type=positive_int, default=d.max_steps, help="optimizer steps of the whole run")
+    flag("--batch_size", type=positive_int, default=d.batch_size, help="sequences per device per micro-step")
+    flag("--grad_accum", type=positive_int, default=d.grad_accum, help="micro-steps per optimizer step")
+    flag("--seq_len", type=positive_int, default=d.seq_len, help="tokens per training sequence")
+    flag("--lr", type=non_negative_float, default=d.lr, help="peak learning rate")
+    flag("--min_lr", type=non_negative_float, default=d.min_lr, help="learning rate at the end of the schedule")
+    flag("--warmup_steps", type=non_negative_int, default=d.warmup_steps, help="steps of linear warmup")
+    flag("--weight_decay", type=non_negative_float, default=d.weight_decay, help="AdamW decay (not on norms)")
+    flag("--grad_clip", type=non_negative_float, default=d.grad_clip, help="max gradient norm, 0 = off")
+    flag("--log_interval", type=positive_int, default=d.log_interval, help="steps between metrics lines")
+    flag("--eval_interval", type=positive_int, default=d.eval_interval, help="steps between validations")
+    flag("--eval_steps", type=positive_int, default=d.eval_steps, help="validation batches per evaluation")
+    flag("--save_interval", type=positive_int, default=d.save_interval, help="steps between checkpoints")
+    flag("--keep_last", type=positive_int, default=d.keep_last, help="keep only the newest N step checkpoints")
+    flag("--compile", action="store_true", help="torch.compile each block")
+    flag("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false",
+         help="keep activations instead of recomputing them in backward (faster, more memory)")
+    flag("--fsdp", action="store_true", help="shard parameters with FSDP2 instead of DDP (torchrun)")
+    flag("--seed", type=non_negative_int, default=d.seed, help="seeds the weights, the data order and dropout")
+
+
+def wsd_lr(step, lr, min_lr, warmup_steps, max_steps, decay_frac):
+    """Warmup-stable-decay: linear warmup, constant lr, then linear decay to min_lr over the last decay_frac."""
+    decay_start = max_steps - int(decay_frac * max_steps)
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step < decay_start:
+        return lr
+    return lr + (min_lr - lr) * (step - decay_start + 1) / (max_steps - decay_start)
+
+
+def cosine_lr(step, lr, min_lr, warmup_steps, max_steps):
+    """Linear warmup to lr, then half a cosine down to min_lr at max_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def learning_rate(config, step):
+    c = config
+    if c.schedule == "cosine":
+        return cosine_lr(step, c.lr, c.min_lr, c.warmup_steps, c.max_steps)
+    return wsd_lr(step, c.lr, c.min_lr, c.warmup_steps, c.max_steps, c.decay_frac)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Runtime: device, processes, precision
+
+
+class Runtime:
+    """Where and how this process trains: device, rank/world size under torchrun, autocast."""
+
+    def __init__(self, device="auto"):
+        self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.device = pick_device(device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.local_rank)  # one GPU per process under torchrun
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.is_main = self.rank == 0
+
+    def autocast(self):
+        """bf16 autocast on CUDA (fp32 master weights and optimizer state); fp32 elsewhere."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def all_reduce(self, value, op=None):
+        """Sum (or op) a float over ranks; identity in a single process."""
+        if not self.distributed:
+            return value
+        t = torch.tensor(float(value), device=self.device)
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t.item()
+
+    def print(self, *args):
+        if self.is_main:
+            tqdm.write(" ".join(str(a) for a in args))
+
+    def memory_used(self):
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+    def memory_total(self):
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_properties(self.device).total_memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+    def close(self):
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def prepare_model(model, config, rt):
+    """Move to the device, then checkpointing, compile and the data-parallel wrapper. Returns the module
+    to train with; the unwrapped model stays reachable as `model` (FSDP2 shards it in place)."""
+    model.gradient_checkpointing = config.gradient_checkpointing
+    model.to(rt.device)
+    if config.compile:
+        for block in model.layers:  # per block: one small graph, reused by every layer
+            block.compile()
+    if not rt.distributed:
+        return model
+    if config.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if rt.device.type == "cuda" else MixedPrecisionPolicy()
+        for block in model.layers:
+            fully_shard(block, mp_policy=mp)
+        return fully_shard(model, mp_policy=mp)
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+
+
+def build_optimizer(model, config, rt):
+    """AdamW (0.9, 0.95), fused (one kernel for all parameters) on CUDA and CPU; no weight decay on norm
+    weights (the 1-D parameters)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=config.lr, betas=(0.9, 0.95), fused=rt.device.type in ("cuda", "cpu"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints of a run
+
+
+def save_training_checkpoint(path, model, optimizer, rt, contents):
+    """Every rank takes part (FSDP gathers shards); rank 0 writes the file atomically."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if rt.is_main:
+        save_checkpoint(path, {"model": model_state, "optimizer": optimizer_state, "rng": rng_state(), **contents})
+        rt.print(f"saved {path}")
+    if rt.distributed:
+        dist.barrier()
+
+
+def restore_optimizer_and_rng(path, checkpoint, model, optimizer):
+    """Resume: the optimizer's moments (into the wrapped model's, possibly sharded, state) and the RNG streams."""
+    if "optimizer" in checkpoint:
+        try:
+            set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        except Exception as e:
+            raise PionError(f"cannot restore the optimizer from {path} ({first_line(e)})")
+    if "rng" in checkpoint:
+        set_rng_state(checkpoint["rng"])
+
+
+def resume_path(resume, run_dir, prefix):
+    """--resume: None (a new run), 'auto' (the newest checkpoint in run_dir, if any) or a path."""
+    return find_resume_checkpoint(run_dir, prefix) if resume == "auto" else resume
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+
+
+class StopSignal:
+    """SIGINT/SIGTERM (Ctrl-C, a preempted cloud GPU) ask the loop to save and exit after this step.
+    A second signal interrupts immediately."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class MetricsLog:
+    """JSON lines, one object per logged step or eval, appended (a resumed run continues the file)."""
+
+    def __init__(self, path, enabled):
+        self.path = path if enabled else None
+
+    def write(self, **record):
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def peak_flops(device):
+    """bf16 dense peak of common GPUs, for MFU; None when unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in (("H200", 989), ("H100", 989), ("A100", 312), ("L40", 181), ("4090", 165), ("A10", 125),
+                        ("L4", 121), ("3090", 71)):
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+@torch.no_grad()
+def evaluate(model, batches, rt, steps):
+    """Mean loss per trained token over up to `steps` validation batches on every rank. Ranks stop together
+    when any runs out (an FSDP forward is a collective: a rank running one batch more would hang)."""
+    was_training = model.training
+    model.eval()
+    batches = iter(batches)
+    loss_sum, tokens = 0.0, 0
+    for _ in range(steps):
+        batch = next(batches, None)
+        if not rt.all_reduce(float(batch is not None), dist.ReduceOp.MIN):
+            break
+        labels = batch["labels"].to(rt.device)
+        count = int((labels[:, 1:] != -100).sum())
+        with rt.autocast():
+            loss_sum += model(batch["input_ids"].to(rt.device), labels=labels)["loss"].item() * count
+        tokens += count
+    model.train(was_training)
+    return rt.all_reduce(loss_sum) / max(rt.all_reduce(tokens), 1)
+
+
+def train_step(model, optimizer, batches, rt, grad_accum, grad_clip, lr):
+    """One optimizer step over grad_accum micro-batches. Returns (loss, grad norm, tokens): the loss is the
+    mean over every trained token of the step, on all ranks. A step whose loss or gradient is not finite
+    changes nothing."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    micro_batches = [next(batches) for _ in range(grad_accum)]
+    # The model returns each micro-batch's mean loss. Weighting it by its share of the step's trained
+    # tokens makes the gradient the true token mean over the whole global step, however padding is
+    # spread over micro-batches and ranks (DDP and FSDP average gradients over ranks: hence world_size).
+    counts = [int((batch["labels"][:, 1:] != -100).sum()) for batch in micro_batches]
+    step_tokens = max(rt.all_reduce(sum(counts)), 1)
+    loss_sum = torch.zeros((), device=rt.device)
+    for micro, (batch, count) in enumerate(zip(micro_batches, counts)):
+        input_ids = batch["input_ids"].to(rt.device, non_blocking=True)
+        labels = batch["labels"].to(rt.device, non_blocking=True)
+        sync = micro == grad_accum - 1  # all-reduce gradients once per step, not per micro-batch
+        if hasattr(model, "no_sync"):
+            context = contextlib.nullcontext() if sync else model.no_sync()
+        else:
+            context = contextlib.nullcontext()
+            if hasattr(model, "set_requires_gradient_sync"):
+                model.set_requires_gradient_sync(sync)
+        with context:
+            with rt.autocast():
+                loss = model(input_ids, labels=labels)["loss"]
+            (loss * (count * rt.world_size / step_tokens)).backward()
+        loss_sum += loss.detach() * count
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    loss = rt.all_reduce(loss_sum.item()) / step_tokens
+    finite = rt.all_reduce(float(math.isfinite(loss) and torch.isfinite(grad_norm).item()), dist.ReduceOp.MIN)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = sum(batch["input_ids"].numel() for batch in micro_batches) * rt.world_size
+    return (loss if finite else float("nan")), grad_norm.item(), tokens
+
+
+def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume=None, sample_fn=None,
+          saved_with=None):
+    """Train `model` (unwrapped, on any device) by `config`; returns the final TrainState.
+
+    train_batches(samples_seen): the training batch iterator positioned after the samples already seen;
+    val_batches(): a fresh validation pass. Both give {"input_ids", "labels"} of this rank.
+    Checkpoints are run_dir/<prefix>_<step>.pt and <prefix>_final.pt.
+    resume: (path, checkpoint dict) of the run to continue: its state, optimizer moments and RNG.
+    sample_fn(model) -> text: printed at each eval (on the unwrapped model, on every rank).
+    saved_with: extra entries for every checkpoint (e.g. which trainer wrote it)."""
+    state = TrainState()
+    if resume is not None:
+        path, checkpoint = resume
+        state = TrainState(**{k: checkpoint.get(k, 0) for k in ("step", "tokens_seen", "samples_seen")})
+        rt.print(f"resuming from {path} at step {state.step}")
+    wrapped = prepare_model(model, config, rt)
+    optimizer = build_optimizer(wrapped, config, rt)
+    if resume is not None:
+        restore_optimizer_and_rng(path, checkpoint, wrapped, optimizer)
+        checkpoint.pop("optimizer", None)  # restored: free the copy
+
+    samples_per_step = config.batch_size * config.grad_accum * rt.world_size
+    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), rt.is_main)
+    stop = StopSignal()
+    batches = iter(train_batches(state.samples_seen))
+    flops_per_token = 6 * model.count_parameters() + 12 * model.config.n_layers * model.config.d_model * config.seq_len
+    peak = peak_flops(rt.device)
+    bar = tqdm(total=config.max_steps, initial=state.step, desc=prefix, unit="step", dynamic_ncols=True,
+               disable=not rt.is_main)
+    wrapped.train()
+    bad_steps, last_saved = 0, None
+    smooth_loss, t0, tokens_since_log = None, time.perf_counter(), 0
+
+    def save(name):
+        nonlocal last_saved
+        contents = {"config": model.config, "train_config": asdict(config), **(saved_with or {}),
+                    "step": state.step, "tokens_seen": state.tokens_seen, "samples_seen": state.samples_seen}
+        save_training_checkpoint(os.path.join(run_dir, f"{prefix}_{name}.pt"), wrapped, optimizer, rt, contents)
+        last_saved = state.step
+
+    try:
+        while state.step < config.max_steps:
+            lr = learning_rate(config, state.step)
+            loss, grad_norm, tokens = train_step(wrapped, optimizer, batches, rt, config.grad_accum, config.grad_clip, lr)
+            if not math.isfinite(loss):
+                bad_steps += 1
+                rt.print(f"warning: non-finite loss at step {state.step + 1}, step skipped ({bad_steps} in a row)")
+                if bad_steps >= MAX_BAD_STEPS:
+                    raise PionError(f"{bad_steps} non-finite losses in a row at step {state.step + 1}; "
+                                    f"stopping (try a lower --lr); the last good checkpoint is kept")
+            else:
+                bad_steps = 0
+            # The step counts even when skipped: its batches were consumed, and resuming must not replay them.
+            state.step += 1
+            state.tokens_seen += tokens
+            state.samples_seen += samples_per_step
+            tokens_since_log += tokens
+            step = state.step
+            if math.isfinite(loss):
+                smooth_loss = loss if smooth_loss is None else 0.9 * smooth_loss + 0.1 * loss
+            bar.update(1)
+
+            if step % config.log_interval == 0 or step == config.max_steps:
+                tok_per_s = tokens_since_log / (time.perf_counter() - t0)
+                t0, tokens_since_log = time.perf_counter(), 0
+                record = {"step": step, "loss": loss, "lr": lr, "tokens_seen": state.tokens_seen,
+                          "tokens_per_s": round(tok_per_s, 1), "grad_norm": grad_norm,
+                          "memory_gb": round(rt.memory_used() / 1e9, 2)}
+                postfix = (f"loss {smooth_loss:.3f} ppl {math.exp(min(smooth_loss, 20)):.1f} lr {lr:.2e} "
+                           f"{tok_per_s:,.0f} tok/s {state.tokens_seen / 1e6:,.1f}M tok "
+                           f"{record['memory_gb']:.1f}GB") if smooth_loss is not None else "loss nan"
+                if peak:
+                    record["mfu"] = round(flops_per_token * tok_per_s / (peak * rt.world_size), 4)
+                    postfix += f" mfu {record['mfu']:.0%}"
+                bar.set_postfix_str(postfix)
+                metrics.write(**record)
+
+            if step % config.eval_interval == 0 or step == config.max_steps:
+                val_loss = evaluate(wrapped, val_batches(), rt, config.eval_steps)
+                rt.print(f"step {step}: val loss {val_loss:.4f}, ppl {math.exp(min(val_loss, 20)):.2f}")
+                metrics.write(step=step, val_loss=val_loss, tokens_seen=state.tokens_seen)
+                if sample_fn is not None:
+                    rt.print(f"sample: {sample_fn(model)!r}")  # unwrapped (FSDP2 shards in place: all ranks call it)
+
+            if step % config.save_interval == 0 and step < config.max_steps:
+                save(str(step))
+                if rt.is_main:
+                    prune_checkpoints(run_dir, prefix, config.keep_last)
+
+            if rt.all_reduce(float(stop.received is not None), dist.ReduceOp.MAX):
+                state.stopped_by = stop.received or "signal"
+                rt.print(f"{state.stopped_by} received: saving step {step} and exiting")
+                if last_saved != step:
+                    save(str(step))
+                return state
+        save("final")
+        return state
+    finally:
+        bar.close()
+        stop.restore()
+
+
+def memory_test(model, config, rt):
+    """One real training step (forward, backward, clipping, AdamW step, zero_grad) on random tokens at the
+    configured batch and precision; returns (peak bytes, total bytes), or None when it ran out of memory."""
+    wrapped = prepare_model(model, config, rt)
+    optimizer = build_optimizer(wrapped, config, rt)
+    ids = torch.randint(0, model.config.vocab_size, (config.batch_size, config.seq_len))
+    try:  # one micro-batch: more of them accumulate into the same gradient buffers, at the same peak
+        train_step(wrapped, optimizer, iter([{"input_ids": ids, "labels": ids}]), rt, 1, config.grad_clip, config.lr)
+    except torch.OutOfMemoryError:
+        return None
+    return rt.memory_used(), rt.memory_total()
