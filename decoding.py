@@ -180,7 +180,9 @@ def generate_tokens(model, prompts, max_new_tokens, settings=GREEDY, generator=N
             for b, row in enumerate(rows):
                 seen[b, row] = True
         logits = prefill(model, kv_cache, rows)
-        input_pos = torch.tensor([[len(row)] for row in rows], device=device)
+        lengths = [len(row) for row in rows]
+        # Rows at one position share it: writing the cache with index_copy_ is cheaper than a per-row scatter.
+        input_pos = torch.tensor(lengths[:1] if len(set(lengths)) == 1 else [[n] for n in lengths], device=device)
         for i in range(max_new_tokens):
             token = sample_next_token(logits, seen, settings, generator)
             yield token

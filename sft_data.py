@@ -218,7 +218,7 @@ def marked_text(tokenizer, input_ids, labels):
     return "".join(pieces)
 
 
-def main():
+def main(argv=None):
     parser = ArgumentParser(description="Show how SFT data is rendered, masked and packed.")
     parser.add_argument("--data_file", help="local .json, .jsonl or .parquet file (ShareGPT or OpenAI rows)")
     parser.add_argument("--dataset", default="teknium/OpenHermes-2.5", help="hub dataset, when no --data_file")
@@ -226,7 +226,7 @@ def main():
     parser.add_argument("--seq_len", type=positive_int, default=2048, help="tokens per row")
     parser.add_argument("--pack", action="store_true", help="pack several conversations into each row")
     parser.add_argument("--max_samples", type=positive_int, default=1000, help="conversations to sample")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     tokenizer = load_tokenizer(args.tokenizer)
     rows, _ = load_sft_splits(tokenizer, args.seq_len, args.data_file, args.dataset, pack=args.pack,
                               max_samples=args.max_samples, val_fraction=0)

@@ -13,6 +13,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# Tests never reach the network: hub clients fail at once instead of retrying (read when they are imported).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 SHARED_TOKENIZER = os.path.join(ROOT, "..", "shared", "pile_tokenizer.json")
 TOKENIZER = os.path.join(ROOT, "pile_tokenizer.json")
 

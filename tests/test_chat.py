@@ -74,10 +74,10 @@ def session(model=None, tokenizer=None, **settings):
 
 
 @pytest.mark.slow
-def test_a_compiled_reply_equals_the_eager_one(tiny_chat_model, tokenizer, capsys):
+def test_a_compiled_reply_equals_the_eager_one(tiny_checkpoint, tokenizer, capsys):
     conversation = chat.Conversation(turns=[user("Hello there")])
-    eager = chat.reply(session(tiny_chat_model, tokenizer, temperature=0), conversation)
-    compiled = session(tiny_chat_model, tokenizer, temperature=0)
+    eager = chat.reply(session(tiny_checkpoint[1], tokenizer, temperature=0), conversation)
+    compiled = session(tiny_checkpoint[1], tokenizer, temperature=0)
     compiled.compile = True
     assert chat.reply(compiled, conversation) == eager
 

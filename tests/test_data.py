@@ -2,16 +2,15 @@ import glob
 import json
 import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import data
-from checkpoint import PAD_ID, ROOT
+from checkpoint import PAD_ID
 from cli import PionError
+from conftest import run_in_process
 
 VOCAB_SIZE = 10_000
 
@@ -203,9 +202,8 @@ def test_token_id_beyond_vocab_raises_pion_error_in_the_main_process(tmp_path):
 # The CLI
 
 
-def run_data_cli(*args, **env):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=120)
+def run_data_cli(*args):
+    return run_in_process(data.main, args)
 
 
 def test_prepare_packs_documents_separated_by_eos_into_uint16_shards(tmp_path, tokenizer, tokenizer_path):
@@ -255,18 +253,18 @@ def test_prepare_names_a_jsonl_line_without_text(tmp_path, tokenizer_path):
                    "--tokenizer", tokenizer_path])
 
 
-def test_prepare_reads_a_hugging_face_dataset(tmp_path, tokenizer_path):
+def test_prepare_reads_a_hugging_face_dataset(tmp_path, tokenizer_path, monkeypatch):
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
     (tmp_path / "dataset").mkdir()
     (tmp_path / "dataset" / "train.jsonl").write_text('{"text": "one document"}\n{"text": "and another"}\n')
     result = run_data_cli("prepare", "--hf_dataset", str(tmp_path / "dataset"), "--out", str(tmp_path / "out"),
-                          "--seq_len", "2", "--tokenizer", tokenizer_path, HF_HUB_OFFLINE="1",
-                          HF_HOME=str(tmp_path / "hf"))
+                          "--seq_len", "2", "--tokenizer", tokenizer_path)
     assert result.returncode == 0, result.stderr
     assert json.load(open(tmp_path / "out" / "metadata.json"))["n_documents"] == 2
 
 
 def test_download_offline_exits_2_with_one_line(tmp_path):
-    result = run_data_cli("download", "--num_shards", "2", "--out", str(tmp_path / "out"), HF_HUB_OFFLINE="1",
-                          HF_HOME=str(tmp_path / "hf"))
+    result = run_data_cli("download", "--num_shards", "2", "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     assert result.stderr.startswith("error: cannot download") and result.stderr.count("\n") == 1

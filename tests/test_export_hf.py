@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import hf_export
-import model
 import checkpoint as C
-from conftest import ROOT
-from conftest import save_tiny_checkpoint
+import model
+import export_hf
+from conftest import ROOT, run_in_process, save_tiny_checkpoint
 
 transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402  (installed with transformers)
@@ -41,8 +41,7 @@ def hf_tokenizer(exported):
 
 
 def run_export_cli(*args):
-    return subprocess.run([sys.executable, "export_hf.py", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return run_in_process(export_hf.main, args)
 
 
 def one_error_line(result):

@@ -2,16 +2,15 @@
 import json
 import math
 import os
-import subprocess
-import sys
 import types
 
 import pytest
 import torch
 
-import model as M
 import checkpoint as C
-from conftest import ROOT
+import finetune as finetune_script
+import model as M
+from conftest import assert_one_line_error, run_in_process
 
 # Nine conversations: load_sft_splits holds one out for validation (seed 42: the bees), eight are trained.
 CONVERSATIONS = [
@@ -53,12 +52,14 @@ def files(tmp_path_factory):
 
 
 def finetune(files, tokenizer_path, save_dir, *flags, data=None, checkpoint=None):
-    """Run the CLI; data: the flags that choose the data (default: --data_file with the ShareGPT file)."""
+    """Run the CLI in this process; data: the flags that choose the data (default: the ShareGPT file)."""
+    import datasets
     data = ["--data_file", files.sharegpt] if data is None else data
-    command = [sys.executable, "finetune.py", "--checkpoint", checkpoint or files.base, *data,
-               "--tokenizer", tokenizer_path, "--save_dir", str(save_dir), *flags]
-    env = {**os.environ, "HF_DATASETS_CACHE": str(files.dir / "hf_datasets"), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    argv = ["--checkpoint", checkpoint or files.base, *data, "--tokenizer", tokenizer_path, "--save_dir", save_dir,
+            *flags]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", str(files.dir / "hf_datasets"))
+        return run_in_process(finetune_script.main, argv)
 
 
 def metrics(save_dir):
@@ -80,9 +81,7 @@ def trained(files, tokenizer_path):
 
 
 def one_error_line(result):
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1, result.stderr
-    return lines[0]
+    return assert_one_line_error(result, after_progress=True)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -259,9 +259,7 @@ def test_cli_stop_string_is_not_printed(checkpoint):
     argv = ["--checkpoint", checkpoint, "--prompt", "Hi", "--max_tokens", "20", "--temperature", "0"]
     generated = run_main(argv).stdout[len("Hi"):]
     stop = generated[5:8]
-    result = run_main(argv + ["--stop", stop])
-    out, err = result.stdout, result.stderr
-    assert out == "Hi" + generated[:generated.index(stop)] + "\n"
+    assert run_main(argv + ["--stop", stop]).stdout == "Hi" + generated[:generated.index(stop)] + "\n"
 
 
 def test_cli_batches_prompts_and_samples(checkpoint):
@@ -316,15 +314,21 @@ def test_cli_runs_end_to_end_in_a_subprocess(checkpoint):
     assert result.stdout.startswith("héllo 👋") and "10 tokens x 1 row(s); prefill" in result.stderr
 
 
-@pytest.mark.parametrize("soft_cap", [True, False])
-def test_compiled_decoding_gives_the_same_tokens_as_eager(soft_cap):
-    m = tiny_model(use_soft_cap=soft_cap)
-    # Rows at different positions, then a second batch and cache size: the compiled step must serve both.
-    for prompts, n in (([[5, 6, 7], [8, 9]], 12), ([[10, 11, 12, 13]], 20)):
+# The compile tests share one model shape and config (tiny_checkpoint's), so torch.compile's graphs are
+# built once for the whole session and reused, in-process, by the CLI and chat tests.
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_same_tokens_as_eager(tiny_checkpoint):
+    m = tiny_checkpoint[1]
+    # Rows at different positions, then one row at one position: the compiled step must serve both.
+    for prompts, n in (([[5, 6, 7], [8, 9]], 12), ([[10, 11, 12, 13]], 12)):
         eager = D.generate(m, prompts, n, stop_ids=())
         assert D.generate(m, prompts, n, stop_ids=(), compile=True) == eager
 
 
-def test_the_compile_flag_gives_the_same_text(checkpoint):
-    argv = ["--checkpoint", checkpoint, "--prompt", "Once upon a time", "--max_tokens", "12", "--temperature", "0"]
+@pytest.mark.slow
+def test_the_compile_flag_gives_the_same_text(tiny_checkpoint):
+    argv = ["--checkpoint", tiny_checkpoint[0], "--prompt", "Once upon a time", "--max_tokens", "12",
+            "--temperature", "0"]
     assert run_main(argv + ["--compile"]).stdout == run_main(argv).stdout

@@ -2,13 +2,12 @@
 import itertools
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 import sft_data
 from cli import PionError
+from conftest import run_in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS = "<|endoftext|>"
@@ -283,10 +282,8 @@ def test_sft_batches_resumed_at_a_step_continue_an_unbroken_run():
 # CLI
 
 
-def run_cli(tmp_path, *args, **env):
-    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets"), **env}
-    return subprocess.run([sys.executable, "sft_data.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+def run_cli(tmp_path, *args):
+    return run_in_process(sft_data.main, args)  # datasets' cache is in tmp_path (datasets_cache_in_tmp)
 
 
 def test_cli_prints_a_marked_sample_and_the_mask_ratio(tokenizer, tokenizer_path, tmp_path, sharegpt_file):
@@ -308,7 +305,7 @@ def test_cli_reports_a_missing_file_in_one_line(tokenizer_path, tmp_path):
 
 
 def test_cli_reports_an_unreachable_dataset_in_one_line(tokenizer_path, tmp_path):
-    result = run_cli(tmp_path, "--dataset", "nobody/no-such-dataset", "--tokenizer", tokenizer_path, HF_HUB_OFFLINE="1")
+    result = run_cli(tmp_path, "--dataset", "nobody/no-such-dataset", "--tokenizer", tokenizer_path)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: cannot load nobody/no-such-dataset: ")
     assert len(result.stderr.strip().splitlines()) == 1
