@@ -2,6 +2,7 @@
 `hf:` hub references, legacy pickled configs), the step checkpoints of a training run, and the pinned
 tokenizer download."""
 import dataclasses
+import fcntl
 import glob
 import hashlib
 import os
@@ -141,34 +142,59 @@ def load_model(path, device="auto", dtype=None):
 # The step checkpoints of a training run: <prefix>_<step>.pt and <prefix>_final.pt in one folder
 
 
-def step_checkpoints(directory, prefix):
-    """Step checkpoints `<prefix>_<step>.pt` in the directory, oldest step first."""
+def run_checkpoints(directory, prefix):
+    """The checkpoints of a run, `<prefix>_<step>.pt` by step and `<prefix>_final.pt` last: resume order by
+    what the files are, not by their times (a copied folder gets new times in any order)."""
     found = []
     for path in glob.glob(os.path.join(glob.escape(directory), f"{prefix}_*.pt")):
-        match = re.fullmatch(re.escape(prefix) + r"_(\d+)\.pt", os.path.basename(path))
+        match = re.fullmatch(re.escape(prefix) + r"_(\d+|final)\.pt", os.path.basename(path))
         if match:
-            found.append((int(match.group(1)), path))
+            found.append((float("inf") if match.group(1) == "final" else int(match.group(1)), path))
     return [path for _, path in sorted(found)]
+
+
+def step_checkpoints(directory, prefix):
+    """Step checkpoints `<prefix>_<step>.pt` in the directory, oldest step first."""
+    return [path for path in run_checkpoints(directory, prefix) if not path.endswith("_final.pt")]
 
 
 def find_resume_checkpoint(directory, prefix):
     """The newest complete checkpoint (saves are atomic, so any file under a final name is complete)."""
-    candidates = step_checkpoints(directory, prefix) + glob.glob(os.path.join(glob.escape(directory), f"{prefix}_final.pt"))
-    return max(candidates, key=os.path.getmtime) if candidates else None
+    paths = run_checkpoints(directory, prefix)
+    return paths[-1] if paths else None
 
 
-def check_save_dir(directory, prefix, resuming):
-    """Fail early on an unwritable save dir, and never let a new run overwrite an earlier run's checkpoints."""
+def open_run_dir(directory, prefix, resume, lock=True):
+    """Prepare the folder a run writes its checkpoints to and return (checkpoint to resume or None, lock file).
+
+    resume: None (a new run), "auto" (the newest checkpoint in the folder, if any) or a path. The lock, an OS
+    lock on the folder held while the returned file stays open (the kernel drops it when the process dies,
+    even by kill -9), keeps a second run from writing into it. A new run never writes into a folder that
+    holds checkpoints, and a resumed one only into its own folder or an empty one: nothing is overwritten."""
     try:
         os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, f".write_test{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
+        lock_file = open(os.path.join(directory, ".lock"), "a")
     except OSError as e:
         raise PionError(f"cannot write to save dir {directory}: {e.strerror}")
-    if not resuming and find_resume_checkpoint(directory, prefix):
+    if lock:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PionError(f"another run is writing to {directory} (it holds {directory}/.lock); wait for it "
+                            f"to end or choose another --save_dir")
+        for stale in glob.glob(os.path.join(glob.escape(directory), f".{prefix}_*.pt.tmp*")):
+            os.remove(stale)  # a save cut short by a crash: with the lock held, no other run is writing it
+    existing = find_resume_checkpoint(directory, prefix)
+    if resume == "auto":
+        return existing, lock_file
+    if resume is None and existing:
         raise PionError(f"{directory} already holds {prefix} checkpoints from an earlier run; pass --resume auto "
                         f"to continue it, or choose another --save_dir")
+    if resume is not None and existing and \
+            os.path.dirname(os.path.abspath(resume)) != os.path.abspath(directory):
+        raise PionError(f"{directory} holds the checkpoints of another run, which resuming {resume} would "
+                        f"overwrite; resume into its own folder or an empty --save_dir")
+    return resume, lock_file
 
 
 def prune_checkpoints(directory, prefix, keep_last):

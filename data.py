@@ -22,7 +22,7 @@ from tqdm import tqdm
 from checkpoint import EOS_ID, PAD_ID, TOKENIZER_PATH, load_tokenizer
 from cli import ArgumentParser, PionError, atomic_write, first_line, positive_int, run_cli
 
-VAL_FRACTION = 0.02  # the last ~2% of the shards (of the rows, when there is one shard) are validation
+VAL_FRACTION = 0.02  # the last ~2% of the rows of every shard are validation
 DEFAULT_REPO = "SuperGoatScriptGuy/PreprocessedMIXED"
 
 
@@ -74,25 +74,22 @@ class PretrainData:
             raise PionError(f"seq_len {seq_len} does not fit the shards of {data_dir}: it must be between 1 and "
                             f"their width {self.width}")
 
-        if len(shards) >= 2:  # split by whole shards: val is the last ~2%, at least one
-            n_val = max(1, round(len(shards) * VAL_FRACTION))
-            keep = slice(len(shards) - n_val, None) if split == "val" else slice(0, len(shards) - n_val)
-            self.shard_paths, self.shards = paths[keep], shards[keep]
-            row_ranges = [(0, len(shard)) for shard in self.shards]
-        else:  # a single shard: split its rows the same way
-            n_rows = len(shards[0])
-            first_val_row = max(0, n_rows - max(1, round(n_rows * VAL_FRACTION)))
-            self.shard_paths, self.shards = paths, shards
-            row_ranges = [(first_val_row, n_rows) if split == "val" else (0, first_val_row)]
+        # Every shard gives its last ~2% of rows (at least one) to validation: the split of a shard never
+        # depends on how many other shards there are, so adding shards never turns validation into training.
+        row_ranges = []
+        for shard in shards:
+            first_val_row = len(shard) - max(1, round(len(shard) * VAL_FRACTION))
+            row_ranges.append((first_val_row, len(shard)) if split == "val" else (0, first_val_row))
+        self.shard_paths, self.shards = paths, shards
 
         self.data_dir, self.split, self.seq_len = data_dir, split, seq_len
         self.windows_per_row = self.width // seq_len
         self.first_row = np.array([start for start, _ in row_ranges])  # per shard, like first_sample
-        rows = np.array([stop - start for start, stop in row_ranges])
-        self.first_sample = np.concatenate([[0], np.cumsum(rows * self.windows_per_row)])
+        self.rows = np.array([stop - start for start, stop in row_ranges])
+        self.first_sample = np.concatenate([[0], np.cumsum(self.rows * self.windows_per_row)])
         self.n_samples = int(self.first_sample[-1])
         if self.n_samples == 0:
-            raise PionError(f"the {split} split of {data_dir} has no samples ({rows.sum()} rows); it needs "
+            raise PionError(f"the {split} split of {data_dir} has no samples ({self.rows.sum()} rows); it needs "
                             f"more rows or shards")
         self.metadata = read_metadata(data_dir)
 
@@ -113,6 +110,26 @@ class PretrainData:
             input_ids[i] = self.shards[shard[i]][row[i], col[i]:col[i] + self.seq_len]
         input_ids = torch.from_numpy(input_ids)
         return {"input_ids": input_ids, "labels": input_ids.masked_fill(input_ids == PAD_ID, -100)}
+
+    def check_tokens(self, vocab_size):
+        """Refuse token ids the model has no embedding for, and a split of padding alone (it would train at
+        loss 0). Reads the split's rows once, a shard at a time (they are memory-mapped)."""
+        real_tokens = 0
+        for path, shard, start, stop in zip(self.shard_paths, self.shards, self.first_row, self.first_row + self.rows):
+            rows = shard[start:stop]
+            low, high = (int(rows.min()), int(rows.max())) if rows.size else (0, 0)
+            if low < 0 or high >= vocab_size:
+                bad = high if high >= vocab_size else low
+                raise PionError(f"token id {bad} in {path} is outside the model's vocabulary of {vocab_size}: the "
+                                f"data was tokenized with another tokenizer")
+            real_tokens += int(np.count_nonzero(rows != PAD_ID))
+        if real_tokens == 0:
+            raise PionError(f"the {self.split} split of {self.data_dir} is all padding: there is nothing to learn")
+
+    def identity(self):
+        """What a checkpoint records of its data, so that resuming on other data is noticed."""
+        return {"shards": [os.path.basename(p) for p in self.shard_paths], "samples": self.n_samples,
+                "seq_len": self.seq_len}
 
     # Workers started by spawn or forkserver get a pickled copy: send the paths, not the shards' contents.
     def __getstate__(self):
@@ -366,7 +383,7 @@ def main(argv=None):
     get.add_argument("--repo", default=DEFAULT_REPO, help="Hugging Face dataset repo")
 
     make = commands.add_parser("prepare", help="tokenize text into shards; the validation split is the last "
-                                               "~2%% of the shards (of the rows, when there is one shard)")
+                                               "~2%% of the rows of every shard")
     source = make.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", metavar="PATH", help=".txt files (each one document), .jsonl files "
                         "(one JSON object per line, text in --text_field) or directories holding them")

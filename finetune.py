@@ -11,14 +11,15 @@ cosine schedule and a sample answer at each eval.
 import contextlib
 import io
 import os
+import sys
 
 import torch.distributed as dist
 
-from checkpoint import check_save_dir, load_checkpoint, load_tokenizer
+from checkpoint import load_checkpoint, open_run_dir, load_tokenizer
 from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, positive_int, run_cli
 from decoding import generate_text
 from sft_data import USER_MARKER, collate, load_sft_splits, render_conversation, sft_batches
-from trainer import Runtime, TrainConfig, add_train_config_args, resume_path, seed_everything, train
+from trainer import Runtime, TrainConfig, add_train_config_args, seed_everything, signal_exit_code, train
 
 PREFIX = "pion_sft"
 DEFAULTS = TrainConfig(max_steps=3000, lr=2e-5, min_lr=2e-6, warmup_steps=100, batch_size=8, grad_accum=4,
@@ -96,8 +97,7 @@ def load_data(args, config, tokenizer, rt):
 
 def finetune(args, config, rt):
     run_dir = os.path.join(args.save_dir, "sft")
-    resume = resume_path(args.resume, run_dir, PREFIX)
-    check_save_dir(run_dir, PREFIX, resuming=args.resume is not None)
+    resume, run_lock = open_run_dir(run_dir, PREFIX, args.resume, lock=rt.is_main)  # held until the run ends
     seed_everything(config.seed)
     # A resumed run continues from its own checkpoint (weights, optimizer, RNG, data position);
     # --checkpoint only names where the run started.
@@ -130,10 +130,12 @@ def finetune(args, config, rt):
                                                             start // global_batch, pad_to), rt),
         val_batches=lambda: val_batches(val_rows, config.batch_size, rt, pad_to),
         run_dir=run_dir, prefix=PREFIX, resume=(resume, checkpoint) if resume else None,
-        sample_fn=sample_fn(args, tokenizer), saved_with={"trainer": "sft", "source": args.checkpoint})
+        sample_fn=sample_fn(args, tokenizer), saved_with={"trainer": "sft", "source": args.checkpoint},
+        data_identity={"data": os.path.basename(args.data_file) if args.data_file else args.dataset, "train_rows": len(train_rows), "pack": args.pack})
     if state.finished:
         rt.print(f"done: {state.step} steps, {state.tokens_seen:,} tokens; "
                  f"chat with it: python chat.py --checkpoint {os.path.join(run_dir, PREFIX + '_final.pt')}")
+    return state
 
 
 def is_sft_checkpoint(checkpoint):
@@ -146,9 +148,11 @@ def main(argv=None):
     config = dataclass_from_args(TrainConfig, args, schedule="cosine")
     rt = Runtime(args.device)
     try:
-        finetune(args, config, rt)
+        state = finetune(args, config, rt)
     finally:
         rt.close()
+    if not state.finished:  # saved after a signal: a pipeline (finetune.py && ...) must not go on
+        sys.exit(signal_exit_code(state.stopped_by))
 
 if __name__ == "__main__":
     run_cli(main)

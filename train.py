@@ -5,16 +5,18 @@
 
 The loop, precision, checkpoints and resume are trainer.py's; this script picks the model and the data.
 """
+import dataclasses
 import json
 import os
 import sys
 
 import data
 import model as pion
-from checkpoint import check_save_dir, load_checkpoint, load_tokenizer
+from checkpoint import load_checkpoint, open_run_dir, load_tokenizer
 from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, run_cli
 from decoding import generate_text
-from trainer import Runtime, TrainConfig, add_train_config_args, memory_test, resume_path, seed_everything, train
+from trainer import (Runtime, TrainConfig, add_train_config_args, memory_test, seed_everything, signal_exit_code,
+                     train)
 
 DEFAULTS = TrainConfig(max_steps=100_000, lr=3e-4, min_lr=3e-5, warmup_steps=1000, batch_size=64, grad_accum=2,
                        save_interval=1000)
@@ -60,9 +62,19 @@ def config_overrides(pairs):
     return overrides
 
 
-def new_model(args, **config):
-    config = {"use_soft_cap": not args.no_soft_cap, **config, **config_overrides(args.override)}
-    return pion.get_model(args.model_size, **config)
+def model_config(args, **config):
+    """The PionConfig the flags ask for: --model_size, --no_soft_cap and --override."""
+    return pion.get_config(args.model_size, **{"use_soft_cap": not args.no_soft_cap, **config,
+                                               **config_overrides(args.override)})
+
+
+def check_same_model(path, checkpoint_config, asked):
+    """Resuming with other model flags would train one model under another's name: refuse it."""
+    differ = [f"{f.name} {getattr(checkpoint_config, f.name)!r} (flags: {getattr(asked, f.name)!r})"
+              for f in dataclasses.fields(asked) if getattr(checkpoint_config, f.name) != getattr(asked, f.name)]
+    if differ:
+        raise PionError(f"{path} is a different model than --model_size/--override/--no_soft_cap ask for: "
+                        f"{', '.join(differ)}; resume it with the flags it was trained with")
 
 
 def sample_fn(args, vocab_size, rt):
@@ -79,7 +91,7 @@ def sample_fn(args, vocab_size, rt):
 
 
 def run_memory_test(args, config, rt):
-    model = new_model(args, max_seq_len=max(config.seq_len, 2048))
+    model = pion.Pion(model_config(args, max_seq_len=max(config.seq_len, 2048)))
     rt.print(f"memory test: one training step of Pion-{args.model_size}, batch {config.batch_size} x seq "
              f"{config.seq_len}, on {rt.device.type}...")
     measured = memory_test(model, config, rt)
@@ -97,23 +109,23 @@ def run_memory_test(args, config, rt):
 def pretrain(args, config, rt):
     run_dir = os.path.join(args.save_dir, args.model_size)
     prefix = f"pion_{args.model_size}"
-    resume = resume_path(args.resume, run_dir, prefix)
-    check_save_dir(run_dir, prefix, resuming=args.resume is not None)
+    resume, run_lock = open_run_dir(run_dir, prefix, args.resume, lock=rt.is_main)  # held until the run ends
     seed_everything(config.seed)
     if resume:
         model, checkpoint = load_checkpoint(resume)
-        if model.config.use_soft_cap == args.no_soft_cap:
-            raise PionError(f"{resume} was trained with use_soft_cap={model.config.use_soft_cap}; "
-                            f"{'drop' if args.no_soft_cap else 'pass'} --no_soft_cap to resume it")
+        check_same_model(resume, model.config, model_config(args))
         # Checkpoints from before data positions were saved: assume this run's batch layout.
         checkpoint.setdefault("samples_seen", checkpoint.get("step", 0) * config.batch_size * config.grad_accum
                               * rt.world_size)
     else:
-        model = new_model(args)
+        model = pion.Pion(model_config(args))
     if config.seq_len > model.config.max_seq_len:
         raise PionError(f"--seq_len {config.seq_len} is larger than the model's max_seq_len {model.config.max_seq_len}")
 
+    # Both splits are checked before step 1: bad validation data must not end a run at its first eval.
     train_data = data.PretrainData(args.data_dir, config.seq_len, "train")
+    for split in (train_data, data.PretrainData(args.data_dir, config.seq_len, "val")):
+        split.check_tokens(model.config.vocab_size)
     loader_args = dict(batch_size=config.batch_size, seq_len=config.seq_len, vocab_size=model.config.vocab_size,
                        rank=rt.rank, world_size=rt.world_size, pin_memory=rt.device.type == "cuda")
     tokens_per_step = config.batch_size * config.grad_accum * rt.world_size * config.seq_len
@@ -128,9 +140,11 @@ def pretrain(args, config, rt):
                                                            num_workers=args.num_workers, **loader_args),
         val_batches=lambda: data.create_dataloader(args.data_dir, "val", num_workers=0, **loader_args),
         run_dir=run_dir, prefix=prefix, resume=(resume, checkpoint) if resume else None,
-        sample_fn=sample_fn(args, model.config.vocab_size, rt), saved_with={"trainer": "pretrain"})
+        sample_fn=sample_fn(args, model.config.vocab_size, rt), saved_with={"trainer": "pretrain"},
+        data_identity=train_data.identity())
     if state.finished:
         rt.print(f"done: {state.tokens_seen:,} tokens in {state.step} steps")
+    return state
 
 
 def main(argv=None):
@@ -142,9 +156,11 @@ def main(argv=None):
             if not run_memory_test(args, config, rt):
                 sys.exit(1)
             return
-        pretrain(args, config, rt)
+        state = pretrain(args, config, rt)
     finally:
         rt.close()
+    if not state.finished:  # saved after a signal: a pipeline (train.py && export_hf.py) must not go on
+        sys.exit(signal_exit_code(state.stopped_by))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ ranks, bf16 autocast), the optimizer, one optimizer step, evaluation, checkpoint
 and metrics. Configured by a TrainConfig; train() returns the run's final TrainState.
 """
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from tqdm import tqdm
 
-from checkpoint import find_resume_checkpoint, prune_checkpoints, save_checkpoint
+from checkpoint import prune_checkpoints, save_checkpoint
 from cli import PionError, first_line, pick_device
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run gives up
@@ -48,6 +49,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     fsdp: bool = False
     seed: int = 42
+    allow_data_change: bool = False  # resume on data other than the checkpoint's (the sample order changes)
 
 
 @dataclass
@@ -87,11 +89,17 @@ def add_train_config_args(parser, defaults):
          help="keep activations instead of recomputing them in backward (faster, more memory)")
     flag("--fsdp", action="store_true", help="shard parameters with FSDP2 instead of DDP (torchrun)")
     flag("--seed", type=non_negative_int, default=d.seed, help="seeds the weights, the data order and dropout")
+    flag("--allow_data_change", action="store_true",
+         help="resume although the data differs from the checkpoint's (its sample order then changes)")
+
+
+def wsd_decay_start(max_steps, decay_frac):
+    return max_steps - round(decay_frac * max_steps)
 
 
 def wsd_lr(step, lr, min_lr, warmup_steps, max_steps, decay_frac):
     """Warmup-stable-decay: linear warmup, constant lr, then linear decay to min_lr over the last decay_frac."""
-    decay_start = max_steps - int(decay_frac * max_steps)
+    decay_start = wsd_decay_start(max_steps, decay_frac)
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if step < decay_start:
@@ -105,6 +113,25 @@ def cosine_lr(step, lr, min_lr, warmup_steps, max_steps):
         return lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def fit_schedule(config, rt):
+    """The config with a warmup that fits the run: a default warmup longer than a short run would keep the lr
+    near 0 for all of it, so it shrinks to a tenth of the run (said out loud). Warmup running into WSD's
+    decay is refused: the schedule would jump down mid-warmup."""
+    c = config
+    if c.warmup_steps >= c.max_steps:
+        warmup = c.max_steps // 10
+        rt.print(f"warning: warmup of {c.warmup_steps} steps does not fit in max_steps {c.max_steps}; "
+                 f"using {warmup} warmup steps instead")
+        c = dataclasses.replace(c, warmup_steps=warmup)
+    if c.schedule == "wsd" and c.warmup_steps > wsd_decay_start(c.max_steps, c.decay_frac):
+        raise PionError(f"warmup ({c.warmup_steps} steps) runs into the decay, which starts at step "
+                        f"{wsd_decay_start(c.max_steps, c.decay_frac)} of {c.max_steps}: lower --warmup_steps or "
+                        f"--decay_frac")
+    if c.schedule == "wsd" and c.decay_frac > 0 and round(c.decay_frac * c.max_steps) == 0:
+        rt.print(f"warning: decay_frac {c.decay_frac} of {c.max_steps} steps is no step: the lr never decays")
+    return c
 
 
 def learning_rate(config, step):
@@ -174,18 +201,28 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def rng_state():
+def rng_state(device):
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)  # this rank's GPU only
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def gather_rng_states(rt):
+    """Every rank's RNG state, on rank 0 (each rank draws its own dropout masks)."""
+    state = rng_state(rt.device)
+    if not rt.distributed:
+        return [state]
+    states = [None] * rt.world_size
+    dist.all_gather_object(states, state)
+    return states
 
 
 def prepare_model(model, config, rt):
@@ -228,32 +265,51 @@ def save_training_checkpoint(path, model, optimizer, rt, contents):
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    rng_states = gather_rng_states(rt)
     if rt.is_main:
-        save_checkpoint(path, {"model": model_state, "optimizer": optimizer_state, "rng": rng_state(), **contents})
+        save_checkpoint(path, {"model": model_state, "optimizer": optimizer_state, "rng": rng_states, **contents})
         rt.print(f"saved {path}")
     if rt.distributed:
         dist.barrier()
 
 
-def restore_optimizer_and_rng(path, checkpoint, model, optimizer):
-    """Resume: the optimizer's moments (into the wrapped model's, possibly sharded, state) and the RNG streams."""
+def restore_optimizer_and_rng(path, checkpoint, model, optimizer, rt):
+    """Resume: the optimizer's moments (into the wrapped model's, possibly sharded, state) and each rank's RNG."""
     if "optimizer" in checkpoint:
         try:
             set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
         except Exception as e:
             raise PionError(f"cannot restore the optimizer from {path} ({first_line(e)})")
-    if "rng" in checkpoint:
-        set_rng_state(checkpoint["rng"])
+    states = checkpoint.get("rng")
+    if isinstance(states, dict):
+        states = [states]  # checkpoints before per-rank states kept rank 0's alone
+    if states:
+        try:
+            set_rng_state(states[rt.rank] if len(states) == rt.world_size else states[0], rt.device)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise PionError(f"{path} has a corrupt RNG state ({first_line(e)})")
 
 
-def resume_path(resume, run_dir, prefix):
-    """--resume: None (a new run), 'auto' (the newest checkpoint in run_dir, if any) or a path."""
-    return find_resume_checkpoint(run_dir, prefix) if resume == "auto" else resume
+def check_same_data(path, checkpoint, data_identity, config):
+    """Resuming on other data (shards added or removed, another seq_len) silently changes which samples
+    come next: refuse it unless the user asks for it."""
+    saved = checkpoint.get("data")
+    if saved is None or data_identity is None or saved == data_identity or config.allow_data_change:
+        return
+    changed = ", ".join(f"{key} {saved.get(key)!r:.60} -> {data_identity.get(key)!r:.60}"
+                        for key in sorted(set(saved) | set(data_identity)) if saved.get(key) != data_identity.get(key))
+    raise PionError(f"the training data differs from what {path} was trained on ({changed}); pass "
+                    f"--allow_data_change to resume on it anyway")
 
 
 # ----------------------------------------------------------------------------------------------------
 # The loop
+
+
+def signal_exit_code(name):
+    """The shell's exit code for a process ended by this signal (130 for SIGINT, 143 for SIGTERM)."""
+    return 128 + signal.Signals[name].value if name in signal.Signals.__members__ else 1
 
 
 class StopSignal:
@@ -358,7 +414,7 @@ def train_step(model, optimizer, batches, rt, grad_accum, grad_clip, lr):
 
 
 def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume=None, sample_fn=None,
-          saved_with=None):
+          saved_with=None, data_identity=None):
     """Train `model` (unwrapped, on any device) by `config`; returns the final TrainState.
 
     train_batches(samples_seen): the training batch iterator positioned after the samples already seen;
@@ -366,16 +422,24 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
     Checkpoints are run_dir/<prefix>_<step>.pt and <prefix>_final.pt.
     resume: (path, checkpoint dict) of the run to continue: its state, optimizer moments and RNG.
     sample_fn(model) -> text: printed at each eval (on the unwrapped model, on every rank).
-    saved_with: extra entries for every checkpoint (e.g. which trainer wrote it)."""
+    saved_with: extra entries for every checkpoint (e.g. which trainer wrote it).
+    data_identity: what the data is (shards, sample count); saved, and compared when resuming."""
+    config = fit_schedule(config, rt)
     state = TrainState()
     if resume is not None:
         path, checkpoint = resume
-        state = TrainState(**{k: checkpoint.get(k, 0) for k in ("step", "tokens_seen", "samples_seen")})
+        check_same_data(path, checkpoint, data_identity, config)
+        try:
+            state = TrainState(**{k: int(checkpoint.get(k, 0)) for k in ("step", "tokens_seen", "samples_seen")})
+        except (TypeError, ValueError):
+            raise PionError(f"{path} has a corrupt step or token count")
         rt.print(f"resuming from {path} at step {state.step}")
+    else:
+        torch.manual_seed(config.seed + 1_000_003 * rt.rank)  # each rank its own dropout masks
     wrapped = prepare_model(model, config, rt)
     optimizer = build_optimizer(wrapped, config, rt)
     if resume is not None:
-        restore_optimizer_and_rng(path, checkpoint, wrapped, optimizer)
+        restore_optimizer_and_rng(path, checkpoint, wrapped, optimizer, rt)
         checkpoint.pop("optimizer", None)  # restored: free the copy
 
     samples_per_step = config.batch_size * config.grad_accum * rt.world_size
@@ -392,7 +456,7 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
 
     def save(name):
         nonlocal last_saved
-        contents = {"config": model.config, "train_config": asdict(config), **(saved_with or {}),
+        contents = {"config": model.config, "train_config": asdict(config), "data": data_identity, **(saved_with or {}),
                     "step": state.step, "tokens_seen": state.tokens_seen, "samples_seen": state.samples_seen}
         save_training_checkpoint(os.path.join(run_dir, f"{prefix}_{name}.pt"), wrapped, optimizer, rt, contents)
         last_saved = state.step
@@ -448,7 +512,8 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
 
             if rt.all_reduce(float(stop.received is not None), dist.ReduceOp.MAX):
                 state.stopped_by = stop.received or "signal"
-                rt.print(f"{state.stopped_by} received: saving step {step} and exiting")
+                rt.print(f"{state.stopped_by} received: saving step {step} and exiting; continue the run with "
+                         f"the same command and --resume auto")
                 if last_saved != step:
                     save(str(step))
                 return state

@@ -69,13 +69,20 @@ def test_bad_data_dir_raises_one_line_naming_the_problem(tmp_path, case):
     assert problem in str(error.value) and "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("n_shards, n_val", [(2, 1), (10, 1), (100, 2)])
-def test_val_split_is_the_last_two_percent_of_the_shards(tmp_path, n_shards, n_val):
-    data_dir = numbered_shards(tmp_path, n_shards, rows=1, width=4)
-    names = sorted(os.listdir(data_dir))
+@pytest.mark.parametrize("rows, n_val", [(2, 1), (10, 1), (100, 2), (1000, 20)])
+def test_val_split_is_the_last_two_percent_of_the_rows_of_every_shard(tmp_path, rows, n_val):
+    data_dir = numbered_shards(tmp_path, 3, rows=rows, width=4)
     train, val = data.PretrainData(data_dir, 4, "train"), data.PretrainData(data_dir, 4, "val")
-    assert [os.path.basename(p) for p in train.shard_paths] == names[:-n_val]
-    assert [os.path.basename(p) for p in val.shard_paths] == names[-n_val:]
+    assert val.n_samples == 3 * n_val
+    assert train.n_samples == 3 * (rows - n_val)
+
+
+def test_adding_a_shard_moves_no_sample_between_the_splits(tmp_path):
+    shards = np.arange(2, 2 + 3 * 100 * 4).reshape(3, 100, 4)
+    first_two = data.PretrainData(write_shards(tmp_path / "a", *shards[:2]), 4, "val")
+    all_three = data.PretrainData(write_shards(tmp_path / "b", *shards), 4, "val")
+    assert torch.equal(all_three.batch(np.arange(first_two.n_samples))["input_ids"],
+                       first_two.batch(np.arange(first_two.n_samples))["input_ids"])
 
 
 def test_single_shard_splits_its_rows(tmp_path):
@@ -87,8 +94,8 @@ def test_single_shard_splits_its_rows(tmp_path):
 
 
 def test_short_seq_len_cuts_each_row_into_windows(tmp_path):
-    shard = np.arange(2, 22).reshape(2, 10)
-    data_dir = write_shards(tmp_path, shard, shard)  # the first is train
+    shard = np.arange(2, 32).reshape(3, 10)
+    data_dir = write_shards(tmp_path, shard)  # rows 0 and 1 are train, row 2 val
     train = data.PretrainData(data_dir, 4)
     windows = [shard[0, 0:4], shard[0, 4:8], shard[1, 0:4], shard[1, 4:8]]  # the last 2 of a row don't fit
     assert train.n_samples == 4
@@ -104,7 +111,7 @@ def test_padding_is_masked_in_labels_not_in_inputs(tmp_path):
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.int64])
 def test_shards_of_any_integer_dtype_give_int64_batches(tmp_path, dtype):
-    data_dir = numbered_shards(tmp_path, 2, rows=3, width=4, dtype=dtype)
+    data_dir = numbered_shards(tmp_path, 2, rows=4, width=4, dtype=dtype)  # 3 train rows per shard
     batch = data.PretrainData(data_dir, 4).batch(np.arange(3))
     assert batch["input_ids"].dtype == batch["labels"].dtype == torch.int64
     assert batch["input_ids"].tolist() == np.arange(2, 14).reshape(3, 4).tolist()
@@ -130,7 +137,7 @@ def test_pickled_data_reopens_the_shards_instead_of_copying_them(tmp_path):
 
 @pytest.fixture
 def data_dir(tmp_path):
-    return numbered_shards(tmp_path, 2, rows=23, width=4)
+    return numbered_shards(tmp_path, 1, rows=24, width=4)  # the last row is validation
 
 
 def test_order_is_fixed_by_seed_and_epoch_not_global_rng(data_dir):
@@ -174,7 +181,7 @@ def test_two_ranks_with_batch_b_see_one_rank_with_batch_2b(tmp_path):
 
 
 def test_val_ranks_split_each_batch_including_the_short_last_one(tmp_path):
-    data_dir = numbered_shards(tmp_path, 3, rows=7, width=4)  # val: the last shard, 7 samples
+    data_dir = numbered_shards(tmp_path, 7, rows=2, width=4)  # val: the last row of each shard, 7 samples
     single = [b["input_ids"] for b in loader(data_dir, "val", batch_size=4)]
     rank0, rank1 = ([b["input_ids"] for b in loader(data_dir, "val", batch_size=2, rank=rank, world_size=2)]
                     for rank in (0, 1))
@@ -183,10 +190,10 @@ def test_val_ranks_split_each_batch_including_the_short_last_one(tmp_path):
 
 
 def test_val_is_one_pass_in_file_order(tmp_path):
-    data_dir = numbered_shards(tmp_path, 3, rows=7, width=4)
+    data_dir = numbered_shards(tmp_path, 7, rows=2, width=4)
     batches = [b["input_ids"][:, 0].tolist() for b in loader(data_dir, "val", batch_size=3)]
-    last_shard = list(range(2 + 2 * 7 * 4, 2 + 3 * 7 * 4, 4))  # first tokens of its rows
-    assert batches == [last_shard[0:3], last_shard[3:6], last_shard[6:]]
+    last_rows = [2 + (2 * shard + 1) * 4 for shard in range(7)]  # first tokens of each shard's last row
+    assert batches == [last_rows[0:3], last_rows[3:6], last_rows[6:]]
 
 
 def test_token_id_beyond_vocab_raises_pion_error_in_the_main_process(tmp_path):

@@ -97,7 +97,7 @@ def test_training_writes_metrics_and_checkpoints(data_dir, tmp_path, tokenizer_p
     result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "ck"], tokenizer_path)
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "ck" / "nano"
-    assert sorted(os.listdir(run_dir)) == ["metrics.jsonl", "pion_nano_3.pt", "pion_nano_final.pt"]
+    assert sorted(os.listdir(run_dir)) == [".lock", "metrics.jsonl", "pion_nano_3.pt", "pion_nano_final.pt"]
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert {"step", "loss", "lr", "tokens_seen"} <= set(records[0])
     assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
@@ -172,9 +172,9 @@ def test_sigterm_saves_a_checkpoint_before_exiting(data_dir, tmp_path, tokenizer
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 128 + signal.SIGTERM, err  # saved, but not finished: `train.py && ...` stops
     saved = [p for p in os.listdir(tmp_path / "nano") if p.endswith(".pt")]
-    assert len(saved) == 1 and "SIGTERM received" in out + err
+    assert len(saved) == 1 and "SIGTERM received" in out + err and "--resume auto" in out + err
     step = C.load_checkpoint(tmp_path / "nano" / saved[0])[1]["step"]
     assert saved[0] == f"pion_nano_{step}.pt" and step >= 3
 
@@ -266,3 +266,100 @@ def test_resume_from_a_file_that_is_not_a_checkpoint_is_one_line(data_dir, tmp_p
 def test_bad_flag_value_exits_2(data_dir, tmp_path, tokenizer_path):
     result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--batch_size", "0"], tokenizer_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr and "--batch_size" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# Nothing the user has is overwritten or lost
+
+
+def test_a_second_run_on_a_locked_save_dir_is_refused(data_dir, tmp_path, tokenizer_path):
+    import fcntl
+    (tmp_path / "nano").mkdir()
+    with open(tmp_path / "nano" / ".lock", "a") as held:  # as a running train.py holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path], tokenizer_path)
+    assert_one_line_error(result, "another run is writing to")
+    assert not any(p.endswith(".pt") for p in os.listdir(tmp_path / "nano"))
+
+
+def test_the_lock_dies_with_its_run(data_dir, tmp_path, tokenizer_path):
+    first = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "a"], tokenizer_path)
+    again = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "a", "--resume", "auto", "--max_steps", 7],
+                      tokenizer_path)
+    assert first.returncode == 0 and again.returncode == 0, again.stderr
+
+
+def test_resuming_into_a_folder_of_another_run_is_refused(data_dir, tmp_path, tokenizer_path):
+    assert run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "a"], tokenizer_path).returncode == 0
+    assert run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "b", "--seed", 1], tokenizer_path).returncode == 0
+    before = {p: os.path.getmtime(tmp_path / "b" / "nano" / p) for p in os.listdir(tmp_path / "b" / "nano")}
+    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "b", "--resume",
+                        tmp_path / "a" / "nano" / "pion_nano_3.pt"], tokenizer_path)
+    assert_one_line_error(result, "holds the checkpoints of another run")
+    assert {p: os.path.getmtime(tmp_path / "b" / "nano" / p) for p in os.listdir(tmp_path / "b" / "nano")} == before
+
+
+def test_resume_auto_picks_the_highest_step_not_the_newest_file(tmp_path):
+    for name, mtime in [("pion_nano_29.pt", 100), ("pion_nano_9.pt", 300), ("pion_nano_final.pt", 50),
+                        ("pion_nano_100.pt", 200)]:
+        (tmp_path / name).write_bytes(b"")
+        os.utime(tmp_path / name, (mtime, mtime))
+    assert C.find_resume_checkpoint(str(tmp_path), "pion_nano") == str(tmp_path / "pion_nano_final.pt")
+    os.remove(tmp_path / "pion_nano_final.pt")
+    assert C.find_resume_checkpoint(str(tmp_path), "pion_nano") == str(tmp_path / "pion_nano_100.pt")
+
+
+def test_resuming_as_another_size_is_refused_naming_the_fields(data_dir, tmp_path, tokenizer_path):
+    assert run_train(["--data_dir", data_dir, "--save_dir", tmp_path], tokenizer_path).returncode == 0
+    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "b", "--override", "d_ff=128",
+                        "--resume", tmp_path / "nano" / "pion_nano_3.pt"], tokenizer_path)
+    assert_one_line_error(result, "d_ff 64 (flags: 128)")
+
+
+def test_resuming_on_changed_data_is_refused_unless_allowed(data_dir, tmp_path, tokenizer_path):
+    assert run_train(["--data_dir", data_dir, "--save_dir", tmp_path], tokenizer_path).returncode == 0
+    np.save(os.path.join(data_dir, "shard_00003.npy"), np.load(os.path.join(data_dir, "shard_00000.npy")))
+    resume = ["--data_dir", data_dir, "--save_dir", tmp_path / "b", "--resume", tmp_path / "nano" / "pion_nano_3.pt"]
+    assert_one_line_error(run_train(resume, tokenizer_path), "--allow_data_change")
+    assert run_train(resume + ["--allow_data_change"], tokenizer_path).returncode == 0
+
+
+def test_stale_temp_files_of_a_killed_save_are_removed_at_the_next_start(data_dir, tmp_path, tokenizer_path):
+    (tmp_path / "nano").mkdir()
+    (tmp_path / "nano" / ".pion_nano_20.pt.tmp4242").write_bytes(b"half a checkpoint")
+    assert run_train(["--data_dir", data_dir, "--save_dir", tmp_path], tokenizer_path).returncode == 0
+    assert not any(".tmp" in p for p in os.listdir(tmp_path / "nano"))
+
+
+@pytest.mark.parametrize("split_row", [-1, 0])  # a validation row (the last of a shard), a training row
+def test_out_of_range_ids_in_either_split_are_refused_before_step_1(data_dir, tmp_path, tokenizer_path, split_row):
+    shard = np.load(os.path.join(data_dir, "shard_00001.npy"))
+    shard[split_row, 5] = 600
+    np.save(os.path.join(data_dir, "shard_00001.npy"), shard)
+    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path], tokenizer_path)
+    assert_one_line_error(result, "token id 600")
+    assert not os.path.exists(tmp_path / "nano" / "metrics.jsonl")  # refused before any step
+
+
+def test_data_of_padding_alone_is_refused(tmp_path, tokenizer_path):
+    path = tmp_path / "data"
+    path.mkdir()
+    np.save(path / "shard_00000.npy", np.full((48, 64), C.PAD_ID, dtype=np.uint16))
+    assert_one_line_error(run_train(["--data_dir", path, "--save_dir", tmp_path], tokenizer_path), "all padding")
+
+
+def test_wsd_decay_length_is_rounded_not_truncated():
+    lr = [T.wsd_lr(s, 1.0, 0.0, warmup_steps=0, max_steps=10, decay_frac=0.29) for s in range(10)]
+    assert lr[6] == 1.0 and lr[7] < 1.0  # 2.9 decay steps round to 3: the decay starts at step 7
+
+
+def test_warmup_running_into_the_decay_is_refused(data_dir, tmp_path, tokenizer_path):
+    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--warmup_steps", 5, "--decay_frac", 0.5],
+                       tokenizer_path)
+    assert_one_line_error(result, "runs into the decay")
+
+
+def test_a_warmup_longer_than_the_run_is_shortened_with_a_warning(data_dir, tmp_path, tokenizer_path):
+    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--warmup_steps", 1000], tokenizer_path)
+    assert result.returncode == 0, result.stderr
+    assert "warmup of 1000 steps does not fit in max_steps 6; using 0 warmup steps" in result.stdout + result.stderr
