@@ -25,6 +25,9 @@ def require_gguf():
         import gguf
     except ImportError:
         raise PionError("exporting to GGUF needs the gguf package: pip install gguf")
+    if not hasattr(gguf.MODEL_ARCH, "QWEN3"):  # added in gguf 0.16.3
+        raise PionError("the installed gguf package predates llama.cpp's qwen3 architecture: "
+                        "pip install -U 'gguf>=0.16.3'")
     return gguf
 
 
@@ -56,12 +59,8 @@ def encode_tensor(array, gguf_type):
     if gguf_type == "f16":
         return array.astype("float16"), types.F16
     try:
-        from gguf import quants
-    except ImportError:
-        raise PionError("q8_0 needs a gguf package with gguf.quants: pip install -U gguf")
-    try:
-        return quants.quantize(array, types.Q8_0), types.Q8_0
-    except quants.QuantError:
+        return gguf.quants.quantize(array, types.Q8_0), types.Q8_0
+    except gguf.QuantError:
         return array.astype("float16"), types.F16
 
 
