@@ -13,6 +13,7 @@ import json
 import os
 import sys
 
+import model
 from export_hf import CHAT_TEMPLATE, is_soft_capped, qwen3_state_dict
 from model import EOS_ID, PAD_ID, UNK_ID, PionError
 
@@ -175,16 +176,18 @@ def add_tokenizer(writer, tokenizer, vocab_size):
 # The file
 
 
-def check_gguf_args(pion_model, path, gguf_type, allow_mismatch):
+def check_output(path, gguf_type):
     if gguf_type not in GGUF_TYPES:
         raise PionError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
     if os.path.exists(path):
         raise PionError(f"{path} already exists; choose a new path (nothing is ever overwritten)")
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise PionError(f"cannot write {path}: its folder does not exist")
-    config = pion_model.config
+
+
+def check_soft_cap(config, allow_mismatch, what="this model"):
     if is_soft_capped(config):
-        message = (f"this model soft-caps its attention logits (cap * tanh(score / cap), cap {config.logit_cap:g}), "
+        message = (f"{what} soft-caps its attention logits (cap * tanh(score / cap), cap {config.logit_cap:g}), "
                    f"which llama.cpp's qwen3 does not do: the export drops the cap, so its outputs differ from "
                    f"Pion's")
         if not allow_mismatch:
@@ -196,8 +199,25 @@ def write_gguf(pion_model, tokenizer, path, gguf_type="f32", allow_mismatch=Fals
     """Write `pion_model` (a model.Pion) and `tokenizer` (tokenizers.Tokenizer) as one GGUF file at `path`,
     which must not exist yet. gguf_type: f32, f16 or q8_0 (8-bit blocks, about a quarter of f32's size).
     Returns the path."""
+    require_gguf()
+    check_output(path, gguf_type)
+    check_soft_cap(pion_model.config, allow_mismatch)
+    return write_checked(pion_model, tokenizer, path, gguf_type)
+
+
+def export_gguf(checkpoint, path, tokenizer_path=None, gguf_type="f32", allow_mismatch=False):
+    """Write the .gguf for `checkpoint` (a path or hf:OWNER/REPO/FILE) and the tokenizer (default:
+    pile_tokenizer.json): what `export_hf.py --gguf PATH` runs. Returns the path."""
+    require_gguf()
+    check_output(path, gguf_type)  # before loading what may be a large checkpoint
+    pion_model, _ = model.load_checkpoint(checkpoint)
+    check_soft_cap(pion_model.config, allow_mismatch, what=checkpoint)
+    return write_checked(pion_model, model.load_tokenizer(tokenizer_path), path, gguf_type)
+
+
+def write_checked(pion_model, tokenizer, path, gguf_type):
+    """write_gguf's work, once the path, the type and the soft-cap have been checked."""
     gguf = require_gguf()
-    check_gguf_args(pion_model, path, gguf_type, allow_mismatch)
     path = os.path.abspath(path)
     # Written beside the target and renamed into place: a failed export leaves no half-written .gguf.
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
@@ -220,3 +240,4 @@ def write_gguf(pion_model, tokenizer, path, gguf_type="f32", allow_mismatch=Fals
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+

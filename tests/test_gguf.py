@@ -10,10 +10,10 @@ import torch
 
 import model
 from export_hf import CHAT_TEMPLATE
-from test_export_hf import CHAT, tiny_pion
+from test_export_hf import CHAT, save_tiny_checkpoint, tiny_pion
 
 gguf = pytest.importorskip("gguf")
-from gguf_export import write_gguf  # noqa: E402
+from gguf_export import export_gguf, write_gguf  # noqa: E402
 
 N_CTX = 128  # the tiny model's max_seq_len
 PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away, there lived"]
@@ -207,6 +207,32 @@ def test_llama_cpp_python_chats_with_the_embedded_template(load_llama):
     assert formatter(messages=CHAT).prompt == (
         "<|system|>\nYou are Pion.\n<|user|>\nHi!\n<|assistant|>\nHello. How can I help?\n"
         "<|endoftext|><|user|>\nCount to 3.\n<|assistant|>\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+# From a checkpoint (what export_hf.py --gguf runs)
+
+
+def test_export_gguf_writes_a_checkpoint_with_the_given_tokenizer(tmp_path, tokenizer_path):
+    save_tiny_checkpoint(tmp_path / "tiny.pt", use_soft_cap=False)
+    path = export_gguf(str(tmp_path / "tiny.pt"), str(tmp_path / "tiny.gguf"), tokenizer_path, gguf_type="q8_0")
+    reader, fields = read_fields(path)
+    assert fields["general.architecture"] == "qwen3" and len(fields["tokenizer.ggml.tokens"]) == 50258
+    assert {t.tensor_type.name for t in reader.tensors} == {"F32", "Q8_0"}
+
+
+def test_export_gguf_names_the_soft_capped_checkpoint_it_refuses(tmp_path, tokenizer_path):
+    save_tiny_checkpoint(tmp_path / "capped.pt", use_soft_cap=True, logit_cap=30.0)
+    with pytest.raises(model.PionError) as excinfo:
+        export_gguf(str(tmp_path / "capped.pt"), str(tmp_path / "capped.gguf"), tokenizer_path)
+    assert "capped.pt soft-caps" in one_line(excinfo)
+    assert not (tmp_path / "capped.gguf").exists()
+
+
+def test_export_gguf_refuses_an_existing_path_before_loading_anything(tmp_path):
+    (tmp_path / "taken.gguf").write_text("mine")
+    with pytest.raises(model.PionError, match="already exists"):
+        export_gguf(str(tmp_path / "no-such.pt"), str(tmp_path / "taken.gguf"))
 
 
 # ---------------------------------------------------------------------------------------------------
