@@ -1,5 +1,5 @@
-"""Export a Pion model as one GGUF file: llama.cpp (llama-cli, llama-server, llama-cpp-python, LM Studio,
-Ollama) loads it as its `qwen3` architecture, with the tokenizer and the chat template inside.
+"""Export a Pion model as one GGUF file: llama.cpp (llama-cli, llama-server, llama-cpp-python and the apps
+built on it) loads it as its `qwen3` architecture, with the tokenizer and the chat template inside.
 
 Pion without attention soft-capping is Qwen3 (see export_hf.py), so the export renames tensors into
 transformers' Qwen3 names and from there into llama.cpp's (the `gguf` package's own name map). Qwen3's Q and

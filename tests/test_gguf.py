@@ -275,6 +275,16 @@ def test_a_missing_folder_is_refused(pion, tokenizer, tmp_path):
     assert "does not exist" in one_line(excinfo)
 
 
+def test_a_tokenizer_llama_cpp_would_split_differently_is_refused(pion, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    whitespace_bpe = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+    whitespace_bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(model.PionError) as excinfo:
+        write_gguf(pion, whitespace_bpe, str(tmp_path / "x.gguf"))
+    assert "byte-level BPE" in one_line(excinfo)
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_tokenizer_larger_than_the_model_is_refused_and_leaves_no_file(tokenizer, tmp_path):
     small = tiny_pion(use_soft_cap=False, vocab_size=1000)
     with pytest.raises(model.PionError) as excinfo:
