@@ -10,10 +10,10 @@ import torch
 
 import model
 from export_hf import CHAT_TEMPLATE
+from gguf_export import export_gguf, write_gguf
 from test_export_hf import CHAT, save_tiny_checkpoint, tiny_pion
 
 gguf = pytest.importorskip("gguf")
-from gguf_export import export_gguf, write_gguf  # noqa: E402
 
 N_CTX = 128  # the tiny model's max_seq_len
 PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away, there lived"]
