@@ -105,6 +105,8 @@ def atomic_write(path, write, durable=False):
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a read-only or missing folder: the file that was there is untouched
+        raise PionError(f"cannot write {path}: {e.strerror or first_line(e)}")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

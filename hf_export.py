@@ -15,14 +15,14 @@ import torch
 from checkpoint import EOS_ID, PAD_ID, clean_state_dict, load_checkpoint, load_tokenizer
 from cli import DTYPES, PionError, first_line
 
-# The SFT template (sft_data.py): "<|role|>\n{content}\n" per turn, <|endoftext|> after each assistant turn,
+# The SFT template (sft_data.py): "<|role|>\n{content, stripped}\n" per turn, <|endoftext|> after each assistant turn,
 # and "<|assistant|>\n" as the generation prompt. Roles are plain text to the tokenizer, not special tokens.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
     "{{- raise_exception('Pion chats have system, user and assistant turns, not ' + message['role']) -}}"
     "{%- endif -%}"
-    "{{- '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' -}}"
+    "{{- '<|' + message['role'] + '|>\\n' + (message['content'] | trim) + '\\n' -}}"
     "{%- if message['role'] == 'assistant' -%}{{- eos_token -}}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
@@ -158,13 +158,15 @@ def export(checkpoint, out, tokenizer_path=None, allow_mismatch=False, dtype="fl
     # Build in a sibling staging folder and rename it into place: a failed export leaves no half folder.
     out = os.path.abspath(out)
     staging = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tmp{os.getpid()}")
-    os.makedirs(staging)
     try:
+        os.makedirs(staging)
         write_folder(pion_model, tokenizer, staging, DTYPES[dtype])
         check_out_dir(out)
         if os.path.isdir(out):
             os.rmdir(out)  # empty (checked just above)
         os.replace(staging, out)
+    except OSError as e:  # a full disk, a read-only or missing folder
+        raise PionError(f"cannot write {out}: {e.strerror or first_line(e)}")
     finally:
         if os.path.exists(staging):
             shutil.rmtree(staging)

@@ -247,10 +247,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     (tokens, vocab) matrix. Logits and loss are fp32 whatever the matmul dtype."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size, compute_dtype):
+    def forward(ctx, hidden, weight, labels, chunk_size, compute_dtype, want_grad):
         valid = labels != -100
         n_valid = valid.sum().clamp(min=1).float()
-        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         w = weight.to(compute_dtype)
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if want_grad else None
@@ -296,15 +295,18 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         ctx.consumed = True
         grad_hidden, grad_weight = ctx.saved_tensors
         return (grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight.mul_(grad_loss).to(ctx.weight_dtype),
-                None, None, None)
+                None, None, None, None)
 
 
 def chunked_cross_entropy(hidden, weight, labels, chunk_size=512):
     """hidden (N, d), weight (V, d), labels (N,) with -100 ignored -> fp32 mean loss over counted tokens."""
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    # Gradients are computed in forward, so only when a backward can come: not under no_grad (validation),
+    # where needs_input_grad would still be true for the (requires_grad) tied weight.
+    want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(device_type, enabled=False):  # the function casts explicitly
-        return ChunkedCrossEntropy.apply(hidden, weight, labels, chunk_size, dtype)
+        return ChunkedCrossEntropy.apply(hidden, weight, labels, chunk_size, dtype, want_grad)
 
 
 # ----------------------------------------------------------------------------------------------------

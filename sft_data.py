@@ -37,7 +37,11 @@ def render_conversation(tokenizer, messages, add_generation_prompt=False):
 
     The one rendering of a conversation, for training and for chat.py alike. Assistant content, its
     suffix and the <|endoftext|> after it are trained (so the model learns to stop); everything else is
-    IGNORE_INDEX. add_generation_prompt appends the assistant prefix for the model to answer after."""
+    IGNORE_INDEX. add_generation_prompt appends the assistant prefix for the model to answer after.
+
+    Content is stripped of surrounding whitespace, as the exported chat template does (`| trim`): then every
+    piece boundary is also a boundary of the tokenizer's pre-tokenization, and tokenizing the pieces apart
+    gives the ids that tokenizing the joined text gives (what transformers and llama.cpp do)."""
     input_ids, labels = [], []
 
     def add(ids, trained):
@@ -47,7 +51,7 @@ def render_conversation(tokenizer, messages, add_generation_prompt=False):
     for message in messages:
         is_assistant = message["role"] == "assistant"
         add(tokenizer.encode(TURN_PREFIXES[message["role"]]).ids, trained=False)
-        add(tokenizer.encode(message["content"]).ids, trained=is_assistant)
+        add(tokenizer.encode(message["content"].strip()).ids, trained=is_assistant)
         add(tokenizer.encode(TURN_SUFFIX).ids, trained=is_assistant)
         if is_assistant:
             add([EOS_ID], trained=True)  # the id itself: the text "<|endoftext|>" is not part of the template

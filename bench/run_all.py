@@ -10,6 +10,7 @@ import time
 
 import bench_ce
 import bench_decode
+import bench_prepare
 import bench_softcap
 import bench_train
 from common import machine
@@ -24,6 +25,9 @@ ROWS = [  # (name, run, [(result key, what, target text, is the target met)])
      [("speed_ratio", "tokens/s vs transformers", ">= 1.20", lambda x: x >= 1.2),
       ("memory_ratio", "peak RSS vs transformers", "<= 0.70", lambda x: x <= 0.7),
       ("loader_ratio", "data loader vs step tokens/s", ">= 20", lambda x: x >= 20)]),
+    ("data.py prepare of one 200 MB document vs the same text as JSONL documents", bench_prepare.main,
+     [("memory_ratio", "peak RSS vs JSONL documents", "<= 1.50", lambda x: x <= 1.5),
+      ("peak_mb", "peak RSS in MB", "< 1024", lambda x: x < 1024)]),
     ("greedy decode vs transformers Qwen3 (small, CPU)", lambda: bench_decode.main([]),
      [("vs_hf", "decode tokens/s vs transformers", ">= 2.00", lambda x: x >= 2.0),
       ("of_bound", "of the memory-bandwidth bound", ">= 0.60", lambda x: x >= 0.6)]),

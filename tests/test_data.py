@@ -239,9 +239,52 @@ def test_prepare_refuses_an_out_dir_that_holds_shards(tmp_path, tokenizer_path):
     (tmp_path / "a.txt").write_text("some text " * 50)
     out = write_shards(tmp_path / "out", np.zeros((2, 4), np.uint16))
     before = (tmp_path / "out" / "shard_00000.npy").read_bytes()
-    with pytest.raises(PionError, match="already holds a data set"):
+    with pytest.raises(PionError, match="already exists and is not an empty folder"):
         data.main(["prepare", "--input", str(tmp_path / "a.txt"), "--out", out, "--tokenizer", tokenizer_path])
     assert (tmp_path / "out" / "shard_00000.npy").read_bytes() == before
+
+
+def test_a_prepare_that_fails_midway_leaves_no_data_set(tmp_path, tokenizer_path):
+    lines = [json.dumps({"text": f"document number {i} " * 20}) for i in range(3000)] + ["{not json"]
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines))
+    result = run_data_cli("prepare", "--input", tmp_path / "docs.jsonl", "--out", tmp_path / "out", "--seq_len", 64,
+                          "--shard_rows", 16, "--tokenizer", tokenizer_path)
+    assert result.returncode == 2 and f"docs.jsonl:{len(lines)} is not valid JSON" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["docs.jsonl"]  # no out folder, no staging folder left behind
+
+
+@pytest.mark.parametrize("out", ["/proc/pion-data", "a.txt/out"])  # a kernel folder; under a file
+def test_prepare_into_an_unwritable_place_is_one_line(tmp_path, tokenizer_path, out):
+    (tmp_path / "a.txt").write_text("some text " * 500)
+    out = os.path.join(tmp_path, out)
+    result = run_data_cli("prepare", "--input", tmp_path / "a.txt", "--out", out, "--seq_len", 16,
+                          "--tokenizer", tokenizer_path)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: cannot write {out}")
+    assert result.stderr.count("\n") == 1
+
+
+def test_a_full_disk_while_writing_a_shard_is_one_line_and_leaves_nothing(tmp_path, tokenizer_path, monkeypatch):
+    import errno
+    (tmp_path / "a.txt").write_text("some text " * 500)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", no_space)
+    result = run_data_cli("prepare", "--input", tmp_path / "a.txt", "--out", tmp_path / "out", "--seq_len", 16,
+                          "--tokenizer", tokenizer_path)
+    assert result.returncode == 2 and "No space left on device" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["a.txt"]
+
+
+def test_a_long_document_is_tokenized_in_pieces_that_give_the_whole_texts_ids(tokenizer):
+    text = "".join(f"Line {i}:  héllo\twörld 👋🏽 {'x' * (i % 7)}   \n\n  " for i in range(400))
+    chunks = [text[i:i + 50] for i in range(0, len(text), 50)]  # as a .txt file is read
+    pieces = list(data.document_pieces(chunks, piece_chars=97))
+    assert len(pieces) > 50 and [last for _, last in pieces] == [False] * (len(pieces) - 1) + [True]
+    assert "".join(piece for piece, _ in pieces) == text
+    ids = [i for piece, _ in pieces for i in tokenizer.encode(piece, add_special_tokens=False).ids]
+    assert ids == tokenizer.encode(text, add_special_tokens=False).ids
 
 
 def test_prepare_refuses_text_too_short_for_two_rows(tmp_path, tokenizer_path):

@@ -147,12 +147,14 @@ def test_chat_template_renders_the_sft_strings(hf_tokenizer):
         hf_tokenizer.apply_chat_template([{"role": "tool", "content": "42"}], tokenize=False)
 
 
-def test_chat_template_tokenizes_like_sft_training(hf_tokenizer, tokenizer):
-    # sft_data renders piece by piece; for turns without leading/trailing whitespace (where BPE could merge
-    # across a piece boundary) that equals tokenizing the rendered text, which is what transformers does.
+@pytest.mark.parametrize("padding", ["", " ", "\n", "  \n\t"])
+def test_chat_template_tokenizes_like_sft_training(hf_tokenizer, tokenizer, padding):
+    """The same token ids, also when a message starts or ends in whitespace (BPE could merge it with the
+    template's newlines in the joined text transformers tokenizes)."""
     sft_data = pytest.importorskip("sft_data")
-    expected, _ = sft_data.render_conversation(tokenizer, CHAT, add_generation_prompt=True)
-    rendered = hf_tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    chat = [{**m, "content": padding + m["content"] + padding} for m in CHAT]
+    expected, _ = sft_data.render_conversation(tokenizer, chat, add_generation_prompt=True)
+    rendered = hf_tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     assert hf_tokenizer(rendered, add_special_tokens=False).input_ids == expected
 
 

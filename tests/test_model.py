@@ -247,6 +247,19 @@ def test_chunked_cross_entropy_matches_plain_cross_entropy_in_fp32():
     assert torch.allclose(gh, rh, rtol=1e-5, atol=1e-7) and torch.allclose(gw, rw, rtol=1e-5, atol=1e-7)
 
 
+def test_chunked_cross_entropy_computes_no_gradients_under_no_grad(monkeypatch):
+    """Validation runs under no_grad: the (vocab x d) weight gradient must not be built there."""
+    allocated = []
+    zeros_like = torch.zeros_like
+    monkeypatch.setattr(torch, "zeros_like", lambda t, **kw: allocated.append(t.shape) or zeros_like(t, **kw))
+    w = torch.randn(101, 16, requires_grad=True)  # the tied weight requires grad during training
+    with torch.no_grad():
+        M.chunked_cross_entropy(torch.randn(8, 16), w, torch.randint(0, 101, (8,)), 4)
+    assert (101, 16) not in allocated
+    M.chunked_cross_entropy(torch.randn(8, 16), w, torch.randint(0, 101, (8,)), 4)
+    assert (101, 16) in allocated
+
+
 def test_chunked_cross_entropy_keeps_no_logits_for_backward():
     h = torch.randn(256, 16, requires_grad=True)
     w = torch.randn(101, 16, requires_grad=True)

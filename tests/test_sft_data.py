@@ -36,7 +36,9 @@ def as_messages(conversation):
 
 
 def replies(conversations):
-    return [text + "\n" + EOS for conversation in conversations for role, text in conversation if role == "assistant"]
+    # Content is trained stripped of surrounding whitespace (the template's one rendering rule).
+    return [text.strip() + "\n" + EOS for conversation in conversations for role, text in conversation
+            if role == "assistant"]
 
 
 def write_jsonl(path, rows):
@@ -95,7 +97,7 @@ def test_trained_tokens_are_the_reply_its_newline_and_the_end_token(tokenizer):
 
 def test_every_assistant_turn_of_a_multi_turn_conversation_is_trained(tokenizer):
     input_ids, labels = sft_data.render_conversation(tokenizer, as_messages(CONVERSATIONS[1]))
-    assert trained_spans(tokenizer, input_ids, labels) == ["Blue.\n" + EOS, " Green, or red.\n" + EOS]
+    assert trained_spans(tokenizer, input_ids, labels) == ["Blue.\n" + EOS, "Green, or red.\n" + EOS]
 
 
 def test_labels_are_aligned_with_input_ids(tokenizer):
