@@ -16,10 +16,10 @@ import sys
 from dataclasses import dataclass, field
 
 from checkpoint import load_model, load_tokenizer
-from cli import ArgumentParser, add_inference_args, dataclass_from_args, PionError, run_cli, typed_lines, use_one_line_warnings
+from cli import (ArgumentParser, PionError, add_inference_args, dataclass_from_args, run_cli, typed_lines,
+                 use_one_line_warnings, valid_text)
 from decoding import (SETTING_TYPES, DecodeTimer, PromptTruncatedWarning, SamplingSettings, TextStream,
-                      add_sampling_args, generate_tokens, max_tokens_type,  seeded_generator,
-                      stream_text)
+                      add_sampling_args, generate_tokens, max_tokens_type, seeded_generator, stream_text)
 from sft_data import TURN_SUFFIX, USER_MARKER, render_conversation
 
 HELP = """\
@@ -81,7 +81,7 @@ def run_command(line, conversation, session):
         name = SETTING_COMMANDS.get(command, "max_tokens")
         try:
             if name == "max_tokens":
-                session.max_tokens = shown = max_tokens_type(value)
+                session.max_tokens = shown = session.reply_limit(max_tokens_type(value))
             else:
                 shown = SETTING_TYPES[name](value)
                 session.settings = dataclasses.replace(session.settings, **{name: shown})
@@ -112,6 +112,14 @@ class Session:
     max_tokens: int
     generator: object = None
     compile: bool = False
+
+    def reply_limit(self, max_tokens):
+        """max_tokens, capped at half the model's context (said out loud): the conversation needs the rest."""
+        limit = self.model.config.max_seq_len // 2 if self.model is not None else max_tokens
+        if max_tokens > limit:
+            print(f"(a reply of {max_tokens} tokens would leave no room for the conversation in the model's "
+                  f"{self.model.config.max_seq_len}-token context: replies stop at {limit})")
+        return min(max_tokens, limit)
 
 
 def reply(session, conversation):
@@ -152,9 +160,11 @@ def main(argv=None):
         print(f"using {checkpoint}, the newest checkpoint under checkpoints/", file=sys.stderr)
     model, device = load_model(checkpoint, args.device, args.dtype)
     tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
-    session = Session(model, tokenizer, dataclass_from_args(SamplingSettings, args), args.max_tokens, seeded_generator(device, args.seed),
-                      args.compile)
-    conversation = Conversation(system=args.system)
+    session = Session(model, tokenizer, dataclass_from_args(SamplingSettings, args), args.max_tokens,
+                      seeded_generator(device, args.seed), args.compile)
+    session.max_tokens = session.reply_limit(args.max_tokens)
+    conversation_system = valid_text(args.system)
+    conversation = Conversation(system=conversation_system)
     print("Pion chat: /help lists the commands; Ctrl-C stops a reply; Ctrl-D or /quit exits.")
     for line in typed_lines():
         if line.startswith("/"):

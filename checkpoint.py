@@ -86,9 +86,9 @@ def read_checkpoint(path, map_location="cpu"):
         with torch.serialization.safe_globals([PionConfig]):
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "Unsupported global" in str(e):  # a pickle that names code to run: never loaded
             raise PionError(f"refusing to load {path}: it pickles objects other than tensors and a PionConfig")
-        raise PionError(f"{path} is not a readable checkpoint (truncated or not a torch file): {first_line(e)}")
+        raise PionError(f"{path} is not a readable checkpoint (truncated, corrupt or not a torch file)")
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model", checkpoint), dict):
         raise PionError(f"{path} is not a Pion checkpoint (expected a dict with a 'model' state dict)")
     return checkpoint

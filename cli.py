@@ -118,12 +118,28 @@ def use_one_line_warnings(category):
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
 
 
+def valid_text(text):
+    """Text the tokenizer can take: bytes that were not UTF-8 (Python keeps them in argv and stdin as lone
+    surrogates) become U+FFFD, as any other invalid UTF-8 does when decoded."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte (e.g. from JSON "\ud800")
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def typed_lines(prompt=">>> "):
     """Lines typed at an interactive prompt, until Ctrl-D. Ctrl-C at the prompt starts a fresh line, as in
-    the Python REPL (during an answer, the caller catches it)."""
+    the Python REPL (during an answer, the caller catches it). A line that is not valid UTF-8 is kept
+    (with U+FFFD for its bad bytes), not a crash that ends the session."""
+    if sys.stdin.isatty():
+        # readline reads keys itself: line editing, history, and no 4095-character cut of a long paste by
+        # the terminal's line discipline.
+        import readline  # noqa: F401
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
-            yield input(prompt)
+            yield valid_text(input(prompt))
         except EOFError:
             print()
             return

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from checkpoint import EOS_ID, PAD_ID
-from cli import checked
+from cli import PionError, checked
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -160,8 +160,8 @@ def generate_tokens(model, prompts, max_new_tokens, settings=GREEDY, generator=N
     rows = prompt_rows(prompts)
     context = model.config.max_seq_len - max_new_tokens
     if context < 1:
-        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in max_seq_len "
-                         f"{model.config.max_seq_len}")
+        raise PionError(f"{max_new_tokens} new tokens leave no room for a prompt in the model's context of "
+                        f"{model.config.max_seq_len} tokens: ask for fewer (--max_tokens)")
     for i, row in enumerate(rows):
         if len(row) > context:
             warnings.warn(f"prompt {i} has {len(row)} tokens, more than the {context} that fit before "

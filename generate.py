@@ -8,7 +8,8 @@ Decoding is decoding.py's: one prefill of the batch, then one token per step ove
 import sys
 
 from checkpoint import load_model, load_tokenizer
-from cli import ArgumentParser, add_inference_args, dataclass_from_args, positive_int, run_cli, typed_lines, use_one_line_warnings
+from cli import (ArgumentParser, add_inference_args, dataclass_from_args, positive_int, run_cli, typed_lines,
+                 use_one_line_warnings, valid_text)
 from decoding import (DecodeTimer, PromptTruncatedWarning, SamplingSettings, TextStream, add_sampling_args,
                       generate_tokens, seeded_generator, stream_text)
 
@@ -31,7 +32,7 @@ def parse_args(argv=None):
 
 def complete(model, tokenizer, prompts, args, generator, echo_prompt):
     """Generate for the prompts (x num_samples) as one batch and print them, streaming a single one."""
-    texts = [prompt for prompt in prompts for _ in range(args.num_samples)]
+    texts = [valid_text(prompt) for prompt in prompts for _ in range(args.num_samples)]
     rows = [tokenizer.encode(text).ids for text in texts]
     stream = len(rows) == 1 and not args.no_stream
     columns = DecodeTimer(generate_tokens(model, rows, args.max_tokens, dataclass_from_args(SamplingSettings, args), generator,

@@ -6,6 +6,7 @@ only assistant replies, their "\\n" and the <|endoftext|> after them are learned
 `python sft_data.py --data_file F` shows one rendered row with the trained text between « and ».
 """
 import itertools
+import json
 import os
 from collections import Counter
 
@@ -128,6 +129,8 @@ def load_conversations(data_file=None, dataset="teknium/OpenHermes-2.5"):
     if data_file is not None:
         if not os.path.isfile(data_file):
             raise PionError(f"data file not found: {data_file}")
+        if os.path.getsize(data_file) == 0:
+            raise PionError(f"{data_file} is empty")
         kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(os.path.splitext(data_file)[1].lower())
         if kind is None:
             raise PionError(f"{data_file}: expected a .json, .jsonl or .parquet file")
@@ -137,7 +140,21 @@ def load_conversations(data_file=None, dataset="teknium/OpenHermes-2.5"):
     try:
         return datasets.load_dataset(**kwargs, split="train")
     except Exception as e:  # offline, unknown name, unparsable file...: one line, not a traceback
-        raise PionError(f"cannot load {source}: {first_line(e)}")
+        bad_line = first_invalid_json_line(data_file) if data_file and data_file.endswith(".jsonl") else None
+        raise PionError(f"{data_file}:{bad_line} is not valid JSON" if bad_line else
+                        f"cannot load {source}: {first_line(e)}")
+
+
+def first_invalid_json_line(path):
+    """The number of the first line of a JSONL file that is not a JSON value, or None (datasets' own error
+    does not say where)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.strip() and json.loads(line)
+            except ValueError:
+                return number
+    return None
 
 
 def load_sft_splits(tokenizer, seq_len, data_file=None, dataset="teknium/OpenHermes-2.5", pack=False,

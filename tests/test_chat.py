@@ -168,7 +168,8 @@ def test_a_terminal_session(checkpoint, tiny_chat_model, tokenizer):
         child.sendline("/reset")
         child.expect_exact("new conversation")
         child.sendline("/tokens 4000")
-        child.expect_exact("max_tokens = 4000")
+        child.expect_exact("replies stop at 2048")
+        child.expect_exact("max_tokens = 2048")
         child.sendline("Tell me a long story")
         child.expect_exact("Tell me a long story\r\n")
         child.expect(r"[\s\S]{20}")  # the reply is streaming...
@@ -186,3 +187,18 @@ def test_a_terminal_session(checkpoint, tiny_chat_model, tokenizer):
     finally:
         child.close()
     assert child.exitstatus == 0, child.before
+
+
+@pytest.mark.slow
+def test_a_long_paste_reaches_the_model_whole(checkpoint, tokenizer):
+    """A 20,000-character line: the terminal's canonical mode would cut it at 4,095; readline does not."""
+    message = " ".join(f"word{i}" for i in range(3000))[:20000]
+    child = pexpect.spawn(sys.executable, ["chat.py", "--checkpoint", checkpoint, "--temperature", "0",
+                                           "--max_tokens", "4"], cwd=ROOT, encoding="utf-8", timeout=120)
+    try:
+        child.expect_exact(">>> ")
+        child.sendline(message)
+        expected = render_conversation(tokenizer, [user(message)], add_generation_prompt=True)[0]
+        assert prompt_tokens(child) == len(expected)
+    finally:
+        child.close(force=True)

@@ -193,3 +193,34 @@ def test_offline_tokenizer_download_says_how_to_get_it(tmp_path):
     with pytest.raises(M.PionError, match="--tokenizer PATH") as e:
         C.download_tokenizer(str(tmp_path / "t.json"), url=(tmp_path / "unreachable.json").as_uri())
     assert "\n" not in str(e.value)
+
+
+def test_random_bytes_are_called_unreadable_not_a_pickle_of_code(tmp_path):
+    (tmp_path / "noise.pt").write_bytes(os.urandom(4096))
+    with pytest.raises(M.PionError, match="not a readable checkpoint"):
+        C.read_checkpoint(tmp_path / "noise.pt")
+
+
+@pytest.mark.parametrize("config", [{"n_heads": 0}, {"d_model": "abc"}, {"max_seq_len": -5}, {"dropout": 2.0},
+                                    {"n_layers": 1.5}, {"n_layers": 0}])
+def test_a_checkpoint_with_a_bad_config_is_one_line(tmp_path, config):
+    m = tiny_model()
+    C.save_checkpoint(tmp_path / "bad.pt", {"model": m.state_dict(), "config": {**vars(m.config), **config}})
+    with pytest.raises(M.PionError, match="bad model config") as error:
+        C.load_checkpoint(tmp_path / "bad.pt")
+    assert "\n" not in str(error.value)
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    import errno
+    m = tiny_model()
+    C.save_checkpoint(tmp_path / "ck.pt", our_checkpoint(m))
+    before = (tmp_path / "ck.pt").read_bytes()
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(M.PionError, match="cannot write .*ck.pt: No space left on device"):
+        C.save_checkpoint(tmp_path / "ck.pt", our_checkpoint(m))
+    assert (tmp_path / "ck.pt").read_bytes() == before and os.listdir(tmp_path) == ["ck.pt"]

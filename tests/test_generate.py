@@ -271,6 +271,24 @@ def test_cli_batches_prompts_and_samples(checkpoint):
     assert "6 tokens x 4 row(s)" in err
 
 
+def test_a_prompt_with_bytes_that_are_not_utf8_is_answered_not_a_crash(checkpoint):
+    # As Python hands a shell's $'\xff' or a lone surrogate to the script: lone surrogates in argv.
+    for prompt in ["caf\udce9 \udcff", "half \ud800 a pair"]:
+        result = run_main(["--checkpoint", checkpoint, "--prompt", prompt, "--max_tokens", "3"])
+        assert "\ufffd" in result.stdout
+
+
+def test_an_interactive_line_that_is_not_utf8_is_answered_and_the_session_goes_on(checkpoint, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 \xff\nHello\n"), encoding="utf-8"))
+    result = run_main(["--checkpoint", checkpoint, "--max_tokens", "3"])
+    assert result.stderr.count("3 tokens x 1 row(s)") == 2
+
+
+def test_more_new_tokens_than_the_context_is_one_line(checkpoint):
+    result = run_in_process(G.main, ["--checkpoint", checkpoint, "--prompt", "Hi", "--max_tokens", "256"])
+    assert_one_line_error(result, "leave no room for a prompt")
+
+
 def test_cli_interactive_mode_answers_until_quit(checkpoint, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n\nquit\nnever read\n"))
     result = run_main(["--checkpoint", checkpoint, "--max_tokens", "5"])

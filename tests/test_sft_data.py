@@ -311,3 +311,23 @@ def test_cli_reports_an_unreachable_dataset_in_one_line(tokenizer_path, tmp_path
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: cannot load nobody/no-such-dataset: ")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_empty_data_file_is_named_in_one_line(tmp_path, tokenizer_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    result = run_cli(tmp_path, "--data_file", str(tmp_path / "empty.jsonl"), "--tokenizer", tokenizer_path)
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {tmp_path / 'empty.jsonl'} is empty"
+
+
+def test_a_malformed_jsonl_line_is_named_by_its_number(tmp_path, tokenizer_path):
+    rows = [json.dumps(sharegpt(c)) for c in CONVERSATIONS[:3]] + ["{not json"]
+    (tmp_path / "bad.jsonl").write_text("\n".join(rows) + "\n")
+    result = run_cli(tmp_path, "--data_file", str(tmp_path / "bad.jsonl"), "--tokenizer", tokenizer_path)
+    last_line = result.stderr.strip().splitlines()[-1]  # after datasets' progress bar
+    assert result.returncode == 2 and last_line == f"error: {tmp_path / 'bad.jsonl'}:4 is not valid JSON"
+
+
+@pytest.mark.parametrize("flags", [["--max_samples", "0"], ["--seq_len", "-1"]])
+def test_non_positive_sizes_are_refused_in_one_line(tmp_path, flags):
+    result = run_cli(tmp_path, "--data_file", "x.jsonl", *flags)
+    assert result.returncode == 2 and "must be a positive integer" in result.stderr
