@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from checkpoint import load_model, load_tokenizer
 from cli import (ArgumentParser, PionError, add_inference_args, dataclass_from_args, run_cli, typed_lines,
                  use_one_line_warnings, valid_text)
-from decoding import (SETTING_TYPES, DecodeTimer, PromptTruncatedWarning, SamplingSettings, TextStream,
-                      add_sampling_args, generate_tokens, max_tokens_type, seeded_generator, stream_text)
+from decoding import (COMPILE_NOTICE, SETTING_TYPES, DecodeTimer, PromptTruncatedWarning, SamplingSettings,
+                      TextStream, add_sampling_args, generate_tokens, max_tokens_type, seeded_generator,
+                      stream_text)
 from sft_data import TURN_SUFFIX, USER_MARKER, render_conversation
 
 HELP = """\
@@ -158,13 +159,19 @@ def main(argv=None):
         if checkpoint is None:
             raise PionError("no checkpoint found under checkpoints/ (looked for *.pt); pass --checkpoint PATH")
         print(f"using {checkpoint}, the newest checkpoint under checkpoints/", file=sys.stderr)
-    model, device = load_model(checkpoint, args.device, args.dtype)
+    model, device, saved = load_model(checkpoint, args.device, args.dtype, with_checkpoint=True)
+    if saved.get("trainer") == "pretrain":
+        print(f"note: {checkpoint} is a pretrained base model, not instruction-tuned: it continues text rather "
+              f"than answering. Tune it for chat with: python finetune.py --checkpoint {checkpoint}",
+              file=sys.stderr)
     tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
     session = Session(model, tokenizer, dataclass_from_args(SamplingSettings, args), args.max_tokens,
                       seeded_generator(device, args.seed), args.compile)
     session.max_tokens = session.reply_limit(args.max_tokens)
     conversation_system = valid_text(args.system)
     conversation = Conversation(system=conversation_system)
+    if args.compile:
+        print(COMPILE_NOTICE, file=sys.stderr)
     print("Pion chat: /help lists the commands; Ctrl-C stops a reply; Ctrl-D or /quit exits.")
     for line in typed_lines():
         if line.startswith("/"):

@@ -129,13 +129,14 @@ def load_checkpoint(path, map_location="cpu", **config_overrides):
     return model, checkpoint
 
 
-def load_model(path, device="auto", dtype=None):
-    """A checkpoint ready for inference -> (model in eval mode, its device). dtype: a cli.DTYPES name; None is
-    bfloat16 on CUDA, float32 elsewhere."""
+def load_model(path, device="auto", dtype=None, with_checkpoint=False):
+    """A checkpoint ready for inference -> (model in eval mode, its device), and the checkpoint dict (without
+    weights) with_checkpoint. dtype: a cli.DTYPES name; None is bfloat16 on CUDA, float32 elsewhere."""
     device = pick_device(device)
-    model, _ = load_checkpoint(path, map_location=device)
+    model, checkpoint = load_checkpoint(path, map_location=device)
     dtype = DTYPES[dtype] if dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
-    return model.to(dtype).eval(), device
+    model = model.to(dtype).eval()
+    return (model, device, checkpoint) if with_checkpoint else (model, device)
 
 
 # ----------------------------------------------------------------------------------------------------

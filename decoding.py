@@ -127,6 +127,10 @@ def decode_step(model, kv_cache, tokens, input_pos):
     return model.logits(model.hidden_states(tokens, kv_cache, input_pos)[:, -1])
 
 
+COMPILE_NOTICE = ("--compile: the first answer waits while the decode step compiles (about 30 s on a 2-core CPU, "
+                  "once per process); the speeds reported leave that out")
+
+
 @functools.cache
 def compiled_decode_step(device_type):
     """decode_step, torch.compile'd once per process; on CUDA in reduce-overhead mode, which uses CUDA

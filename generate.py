@@ -10,8 +10,8 @@ import sys
 from checkpoint import load_model, load_tokenizer
 from cli import (ArgumentParser, add_inference_args, dataclass_from_args, positive_int, run_cli, typed_lines,
                  use_one_line_warnings, valid_text)
-from decoding import (DecodeTimer, PromptTruncatedWarning, SamplingSettings, TextStream, add_sampling_args,
-                      generate_tokens, seeded_generator, stream_text)
+from decoding import (COMPILE_NOTICE, DecodeTimer, PromptTruncatedWarning, SamplingSettings, TextStream,
+                      add_sampling_args, generate_tokens, seeded_generator, stream_text)
 
 
 def parse_args(argv=None):
@@ -60,6 +60,8 @@ def main(argv=None):
     model, device = load_model(args.checkpoint, args.device, args.dtype)
     tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
     generator = seeded_generator(device, args.seed)
+    if args.compile:
+        print(COMPILE_NOTICE, file=sys.stderr)
     if args.prompt:
         try:
             complete(model, tokenizer, args.prompt, args, generator, echo_prompt=True)

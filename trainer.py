@@ -50,6 +50,7 @@ class TrainConfig:
     fsdp: bool = False
     seed: int = 42
     allow_data_change: bool = False  # resume on data other than the checkpoint's (the sample order changes)
+    keep_final_optimizer: bool = False  # the optimizer state (2x the weights) in the _final checkpoint too
 
 
 @dataclass
@@ -89,6 +90,9 @@ def add_train_config_args(parser, defaults):
          help="keep activations instead of recomputing them in backward (faster, more memory)")
     flag("--fsdp", action="store_true", help="shard parameters with FSDP2 instead of DDP (torchrun)")
     flag("--seed", type=non_negative_int, default=d.seed, help="seeds the weights, the data order and dropout")
+    flag("--keep_final_optimizer", action="store_true",
+         help="keep the optimizer state in the _final checkpoint too (only to train further from it; it triples "
+              "the file); step checkpoints always keep it, to resume")
     flag("--allow_data_change", action="store_true",
          help="resume although the data differs from the checkpoint's (its sample order then changes)")
 
@@ -261,13 +265,15 @@ def build_optimizer(model, config, rt):
 
 
 def save_training_checkpoint(path, model, optimizer, rt, contents):
-    """Every rank takes part (FSDP gathers shards); rank 0 writes the file atomically."""
+    """Every rank takes part (FSDP gathers shards); rank 0 writes the file atomically. optimizer None leaves
+    the optimizer state out."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if optimizer is not None:
+        contents = {**contents, "optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
     rng_states = gather_rng_states(rt)
     if rt.is_main:
-        save_checkpoint(path, {"model": model_state, "optimizer": optimizer_state, "rng": rng_states, **contents})
+        save_checkpoint(path, {"model": model_state, "rng": rng_states, **contents})
         rt.print(f"saved {path}")
     if rt.distributed:
         dist.barrier()
@@ -340,6 +346,14 @@ class MetricsLog:
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def human_count(n):
+    """12,345 -> '12.3k', 4,500,000 -> '4.5M': readable at every scale of a run."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.1f}{suffix}"
+    return str(n)
 
 
 def peak_flops(device):
@@ -458,7 +472,9 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
         nonlocal last_saved
         contents = {"config": model.config, "train_config": asdict(config), "data": data_identity, **(saved_with or {}),
                     "step": state.step, "tokens_seen": state.tokens_seen, "samples_seen": state.samples_seen}
-        save_training_checkpoint(os.path.join(run_dir, f"{prefix}_{name}.pt"), wrapped, optimizer, rt, contents)
+        keep_optimizer = name != "final" or config.keep_final_optimizer
+        save_training_checkpoint(os.path.join(run_dir, f"{prefix}_{name}.pt"), wrapped,
+                                 optimizer if keep_optimizer else None, rt, contents)
         last_saved = state.step
 
     try:
@@ -489,9 +505,10 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
                 record = {"step": step, "loss": loss, "lr": lr, "tokens_seen": state.tokens_seen,
                           "tokens_per_s": round(tok_per_s, 1), "grad_norm": grad_norm,
                           "memory_gb": round(rt.memory_used() / 1e9, 2)}
-                postfix = (f"loss {smooth_loss:.3f} ppl {math.exp(min(smooth_loss, 20)):.1f} lr {lr:.2e} "
-                           f"{tok_per_s:,.0f} tok/s {state.tokens_seen / 1e6:,.1f}M tok "
-                           f"{record['memory_gb']:.1f}GB") if smooth_loss is not None else "loss nan"
+                # The step's loss, as metrics.jsonl logs it, beside a moving average that is easier to read.
+                postfix = (f"loss {loss:.3f} (avg {smooth_loss:.3f}) lr {lr:.2e} {tok_per_s:,.0f} tok/s "
+                           f"{human_count(state.tokens_seen)} tok {record['memory_gb']:.1f}GB"
+                           if smooth_loss is not None else "loss nan")
                 if peak:
                     record["mfu"] = round(flops_per_token * tok_per_s / (peak * rt.world_size), 4)
                     postfix += f" mfu {record['mfu']:.0%}"

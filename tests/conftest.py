@@ -78,14 +78,50 @@ def tiny_checkpoint(tmp_path_factory):
 # Tokenizer
 
 
-@pytest.fixture(scope="session")
-def tokenizer_path():
-    """The real Pion tokenizer; tests are offline, so copy it from ../shared when it is missing."""
-    if not os.path.exists(TOKENIZER):
-        if not os.path.exists(SHARED_TOKENIZER):
-            pytest.skip("pile_tokenizer.json is not available offline")
+def published_tokenizer():
+    """The path of the published Pion tokenizer if this checkout has it (at the repo root, or in ../shared/
+    beside it as on CI), else None. PION_TEST_TOKENIZER=built makes the suite run as on a fresh clone."""
+    if os.environ.get("PION_TEST_TOKENIZER") == "built":
+        return None
+    if not os.path.exists(TOKENIZER) and os.path.exists(SHARED_TOKENIZER):
         shutil.copyfile(SHARED_TOKENIZER, TOKENIZER)
-    return TOKENIZER
+    return TOKENIZER if os.path.exists(TOKENIZER) else None
+
+
+def build_tokenizer(path, vocab_size=1000):
+    """A small byte-level BPE with Pion's special ids (<|endoftext|>=0, <|pad|>=1, <|unk|>=2), trained on this
+    repo's own text in well under a second: what tests that need *a* tokenizer use on a fresh, offline clone."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    texts = []
+    for name in sorted(os.listdir(ROOT)):
+        if name.endswith((".py", ".md")):
+            with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+                texts.append(f.read())
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>", "<|unk|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.save(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+    """A byte-level BPE tokenizer with Pion's special ids: the published one when this checkout has a copy,
+    else one built for the session (tests that need the published one itself ask for real_tokenizer_path)."""
+    return published_tokenizer() or build_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_path():
+    """The published tokenizer, for the tests about it; skipped on a checkout without a copy."""
+    path = published_tokenizer()
+    if path is None:
+        pytest.skip("needs the published pile_tokenizer.json: put a copy at the repo root (python -c "
+                    "'import checkpoint; checkpoint.load_tokenizer()' fetches it) or in ../shared/")
+    return path
 
 
 @pytest.fixture(scope="session")

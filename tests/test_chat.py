@@ -11,7 +11,7 @@ import pytest
 import chat
 import model as M
 import checkpoint as C
-from conftest import ROOT
+from conftest import ROOT, run_in_process
 from decoding import SamplingSettings, generate_text
 from sft_data import USER_MARKER, render_conversation
 from conftest import tiny_model
@@ -117,7 +117,8 @@ def test_the_newest_checkpoint_is_picked_sft_ones_first(tmp_path):
     assert chat.find_newest_checkpoint(str(tmp_path)) == newest_sft
 
 
-def test_without_checkpoint_it_uses_the_newest_and_says_which(checkpoint, tmp_path, monkeypatch, capsys):
+def test_without_checkpoint_it_uses_the_newest_and_says_which(checkpoint, tmp_path, monkeypatch, capsys,
+                                                              tokenizer_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() changes it
     with pytest.raises(M.PionError, match="no checkpoint found under checkpoints/"):
@@ -125,8 +126,19 @@ def test_without_checkpoint_it_uses_the_newest_and_says_which(checkpoint, tmp_pa
     os.makedirs("checkpoints/sft")
     os.symlink(checkpoint, "checkpoints/sft/pion_sft_final.pt")
     monkeypatch.setattr(sys, "stdin", io.StringIO("/quit\n"))
-    chat.main(["--tokenizer", os.path.join(ROOT, "pile_tokenizer.json")])
+    chat.main(["--tokenizer", tokenizer_path])
     assert "using checkpoints/sft/pion_sft_final.pt" in capsys.readouterr().err
+
+
+def test_a_base_model_is_named_as_one_and_finetune_is_suggested(tiny_chat_model, tmp_path, monkeypatch,
+                                                                tokenizer_path):
+    path = tmp_path / "pion_nano_final.pt"
+    C.save_checkpoint(path, {"model": tiny_chat_model.state_dict(), "config": tiny_chat_model.config,
+                             "trainer": "pretrain"})
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/quit\n"))
+    result = run_in_process(chat.main, ["--checkpoint", path, "--tokenizer", tokenizer_path])
+    assert "pretrained base model, not instruction-tuned" in result.stderr
+    assert f"python finetune.py --checkpoint {path}" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -349,4 +349,5 @@ def test_compiled_decoding_gives_the_same_tokens_as_eager(tiny_checkpoint):
 def test_the_compile_flag_gives_the_same_text(tiny_checkpoint):
     argv = ["--checkpoint", tiny_checkpoint[0], "--prompt", "Once upon a time", "--max_tokens", "12",
             "--temperature", "0"]
-    assert run_main(argv + ["--compile"]).stdout == run_main(argv).stdout
+    compiled = run_main(argv + ["--compile"])
+    assert compiled.stdout == run_main(argv).stdout and "--compile: the first answer waits" in compiled.stderr

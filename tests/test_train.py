@@ -1,6 +1,7 @@
 """train.py: schedule, exact resume, data-parallel equivalence, signals, bad input."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,6 +48,11 @@ def run_train(args, tokenizer_path, launcher=None):
 def assert_one_line_error(result, text):
     """A run's one error line among its progress output."""
     assert_error_line(result, text, after_progress=True)
+
+
+def losses_records(save_dir):
+    with open(os.path.join(save_dir, "nano", "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def losses(save_dir):
@@ -103,7 +109,8 @@ def test_training_writes_metrics_and_checkpoints(data_dir, tmp_path, tokenizer_p
     assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
     final, checkpoint = C.load_checkpoint(run_dir / "pion_nano_final.pt")
     assert checkpoint["step"] == 6 and checkpoint["tokens_seen"] == 6 * 4 * 2 * 32  # batch x grad_accum x seq
-    assert "optimizer" in checkpoint and checkpoint["trainer"] == "pretrain"
+    assert "optimizer" not in checkpoint and checkpoint["trainer"] == "pretrain"  # final: weights for use
+    assert "optimizer" in C.read_checkpoint(run_dir / "pion_nano_3.pt")  # a step checkpoint: to resume
     assert final.config.d_model == 32
 
 
@@ -210,6 +217,26 @@ def test_memory_test_reports_peak_memory_and_exits_0(tokenizer_path):
     result = run_train(["--memory_test", "--batch_size", "2", "--seq_len", "64"], tokenizer_path)
     assert result.returncode == 0, result.stderr
     assert "memory test" in result.stdout + result.stderr and "GB of" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_the_memory_test_peak_is_a_real_training_steps_peak(data_dir, tmp_path, tokenizer_path):
+    """Pion-nano's full vocabulary, where AdamW's two state buffers are most of the memory: a forward and
+    backward alone would report far less than a real step uses."""
+    shape = ["--model_size", "nano", "--override", "n_layers=2", "--batch_size", "2", "--seq_len", "64"]
+    test = subprocess.run([sys.executable, "train.py", *shape, "--memory_test"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert test.returncode == 0 and "memory test: one training step" in test.stdout, test.stderr
+    reported = float(re.search(r"peak ([\d.]+) GB", test.stdout).group(1))
+    for i in range(2):  # data with the full vocabulary's ids
+        np.save(os.path.join(data_dir, f"shard_{i:05d}.npy"),
+                np.random.default_rng(i).integers(3, 50258, size=(48, 64)).astype(np.uint16))
+    run = subprocess.run([sys.executable, "train.py", *shape, "--data_dir", data_dir, "--save_dir", tmp_path,
+                          "--max_steps", "1", "--num_workers", "0", "--sample_tokens", "0", "--tokenizer",
+                          tokenizer_path], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    real = losses_records(tmp_path)[0]["memory_gb"]  # the trainer's peak RSS, logged after step 1
+    assert reported == pytest.approx(real, rel=0.10)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -363,3 +390,13 @@ def test_a_warmup_longer_than_the_run_is_shortened_with_a_warning(data_dir, tmp_
     result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--warmup_steps", 1000], tokenizer_path)
     assert result.returncode == 0, result.stderr
     assert "warmup of 1000 steps does not fit in max_steps 6; using 0 warmup steps" in result.stdout + result.stderr
+
+
+def test_token_counts_read_well_at_every_scale():
+    assert [T.human_count(n) for n in (512, 12_345, 4_500_000, 2_100_000_000)] == ["512", "12.3k", "4.5M", "2.1B"]
+
+
+def test_the_final_checkpoint_keeps_the_optimizer_only_when_asked(data_dir, tmp_path, tokenizer_path):
+    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--keep_final_optimizer"], tokenizer_path)
+    assert result.returncode == 0, result.stderr
+    assert "optimizer" in C.read_checkpoint(tmp_path / "nano" / "pion_nano_final.pt")
