@@ -88,7 +88,8 @@ class BatchingEngine:
         self.positions = torch.zeros((max_batch, 1), dtype=torch.long, device=self.device)
         self.waiting = queue.Queue()
         self.sample_rows = sample_rows  # the token source; tests may script it
-        self.prefill_seconds = self.step_seconds = 0.0  # the latest prefill and decode step, for /health
+        self.prefill_seconds = 0.0  # the latest prefill's
+        self.steps, self.decode_seconds = 0, 0.0  # decode steps so far and their time, for /health and benchmarks
         self.thread = threading.Thread(target=self._run, name="pion-batching-engine", daemon=True)
         self.closed = False
 
@@ -179,7 +180,8 @@ class BatchingEngine:
                     self.rows[slot] = None
                     self._send(run.request, Update("", "error", run.completion_tokens, f"{type(e).__name__}: {e}"))
             return
-        self.step_seconds = time.perf_counter() - start
+        self.steps += 1
+        self.decode_seconds += time.perf_counter() - start
         for slot, token in zip(slots, tokens):
             self._accept(slot, token)
 

@@ -8,10 +8,13 @@ back with its text, which reaches the request's event loop through an asyncio qu
 cancels its request, which frees its row before the next decode step. Errors use OpenAI's JSON shape.
 """
 import asyncio
+import contextlib
 import hmac
 import json
 import math
 import os
+import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -349,7 +352,7 @@ def create_app(engine, tokenizer, model_name="pion", api_key=None, limits=None):
     async def health():
         return {"status": "ok", "model": model_name, "max_batch": engine.max_batch, "active": engine.active,
                 "waiting": engine.waiting.qsize(), "prefill_seconds": engine.prefill_seconds,
-                "step_seconds": engine.step_seconds}
+                "steps": engine.steps, "decode_seconds": engine.decode_seconds}
 
     page = open(CHAT_PAGE, encoding="utf-8").read()
 
@@ -364,3 +367,26 @@ def create_app(engine, tokenizer, model_name="pion", api_key=None, limits=None):
                             headers={"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff"})
 
     return app
+
+
+@contextlib.contextmanager
+def serving_in_thread(app, host="127.0.0.1"):
+    """uvicorn serving app on a free port of host from a background thread (tests, benchmarks): yields the
+    base URL, and stops the server on exit."""
+    import uvicorn
+    sock = socket.socket()
+    sock.bind((host, 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

@@ -3,17 +3,17 @@ as decoding.generate_text answers, continuous batching, limits and errors, and t
 headless browser."""
 import concurrent.futures
 import contextlib
-import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import openai
 import pytest
 import torch
-import uvicorn
 
 try:  # the HTTP client the openai package brings: httpx2 in its newer releases, httpx before
     import httpx2 as httpx
@@ -23,9 +23,9 @@ except ImportError:
 import decoding as D
 import serve
 from batching import BatchingEngine, GenerationRequest, cache_rows
-from conftest import assert_one_line_error, run_in_process, save_tiny_checkpoint, tiny_pion
+from conftest import ROOT, assert_one_line_error, run_in_process, tiny_pion
 from decoding import GREEDY, SamplingSettings
-from server import Limits, create_app
+from server import Limits, create_app, serving_in_thread
 from sft_data import TURN_SUFFIX, USER_MARKER, render_conversation
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three rivers."}]
@@ -39,22 +39,11 @@ def serving(model, tokenizer, max_batch=4, api_key=None, limits=None, sample_row
     if sample_rows is not None:
         engine.sample_rows = sample_rows
     engine.start()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, "tiny", api_key, limits), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
+        with serving_in_thread(create_app(engine, tokenizer, "tiny", api_key, limits)) as url:
+            yield url, engine
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         engine.close()
-        sock.close()
 
 
 def scripted_reply(tokens, seconds_per_step=0.0):
@@ -355,6 +344,32 @@ def test_serve_defaults_to_localhost_and_reads_the_key_from_the_environment(monk
     monkeypatch.setenv("PION_API_KEY", "from-env")
     args = serve.parse_args(["--checkpoint", "x.pt"])
     assert (args.host, args.port, args.max_batch, args.api_key) == ("127.0.0.1", 8000, 8, "from-env")
+
+
+@pytest.mark.slow
+def test_serve_py_serves_a_checkpoint_until_interrupted(tiny_checkpoint, tokenizer_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", tiny_checkpoint[0], "--tokenizer",
+                                tokenizer_path, "--port", str(port), "--max_batch", "2"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                models = client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
+                time.sleep(0.2)
+        assert [m.id for m in models.data] == ["tiny"]
+        assert client.completions.create(model="tiny", prompt="Hi", max_tokens=4).usage.completion_tokens <= 4
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=30)
+    assert f"at http://127.0.0.1:{port}/" in stderr and "Traceback" not in stderr
 
 
 # ---------------------------------------------------------------------------------------------------
