@@ -25,6 +25,9 @@ from decoding import GREEDY, SamplingSettings, TextStream, compiled_decode_step,
     sample_next_token, seeded_generator
 
 
+SLOTS_ROUNDING = 64  # an eager step attends to the slots in use rounded up to this: fewer distinct shapes
+
+
 @dataclass
 class Update:
     """What the engine sends a request: newly final text, and once it is over, why and how many tokens."""
@@ -53,17 +56,18 @@ class Running:
     request: GenerationRequest
     stream: TextStream
     generator: torch.Generator
-    position: int = 0  # the cache slot of the row's latest token
+    position: int = 0  # the slot of the token after the one the row feeds next: slots 0..position-1 are in use
     completion_tokens: int = 0
 
 
-def cache_rows(kv_cache, start, stop):
-    """A KVCache over rows start..stop-1 of kv_cache that shares its storage: writes through it land in
-    kv_cache. Prefill of one row and a step over the rows in use need no copy."""
+def cache_rows(kv_cache, start, stop, length=None):
+    """A KVCache over rows start..stop-1 and slots 0..length-1 of kv_cache that shares its storage: writes
+    through it land in kv_cache. Prefill of one row and a step over the rows and slots in use copy nothing,
+    and attention reads only those slots instead of the whole max_seq_len."""
     view = copy.copy(kv_cache)
-    view.k = [k[start:stop] for k in kv_cache.k]
-    view.v = [v[start:stop] for v in kv_cache.v]
-    view.batch_size = stop - start
+    view.k = [k[start:stop, :, :length] for k in kv_cache.k]
+    view.v = [v[start:stop, :, :length] for v in kv_cache.v]
+    view.batch_size, view.max_len = stop - start, length or kv_cache.max_len
     return view
 
 
@@ -133,10 +137,15 @@ class BatchingEngine:
                 if self.active:
                     self._decode_step()
 
+    def _free(self, slot):
+        # A free row in a step's view still decodes (one batch): at slot 0 it stays inside any view's slots.
+        self.rows[slot] = None
+        self.tokens[slot, 0], self.positions[slot, 0] = PAD_ID, 0
+
     def _free_cancelled(self):
         for slot, run in enumerate(self.rows):
             if run is not None and run.request.cancelled:
-                self.rows[slot] = None
+                self._free(slot)
 
     def _admit(self, block):
         """Prefill waiting requests into free rows (waiting for one when block); False once closed."""
@@ -157,7 +166,8 @@ class BatchingEngine:
                       seeded_generator(self.device, request.seed), position=len(request.prompt_ids))
         start = time.perf_counter()
         try:
-            logits = prefill(self.model, cache_rows(self.kv_cache, slot, slot + 1), [request.prompt_ids])
+            logits = prefill(self.model, cache_rows(self.kv_cache, slot, slot + 1, len(request.prompt_ids)),
+                             [request.prompt_ids])
             token = self.sample_rows(logits, [run])[0]
         except Exception as e:  # this request's problem (e.g. out of memory): the others go on
             self._send(request, Update("", "error", error=f"{type(e).__name__}: {e}"))
@@ -167,17 +177,22 @@ class BatchingEngine:
         self._accept(slot, token)
 
     def _decode_step(self):
-        in_use = self.max_batch if self.compiled else max(s for s, run in enumerate(self.rows) if run) + 1
+        if self.compiled:  # one shape for every step
+            in_use, length = self.max_batch, self.max_seq_len
+        else:
+            in_use = max(s for s, run in enumerate(self.rows) if run) + 1
+            length = max(run.position for run in self.rows if run)  # the furthest slot written this step, + 1
+            length = min(self.max_seq_len, -(-length // SLOTS_ROUNDING) * SLOTS_ROUNDING)
         start = time.perf_counter()
         try:
-            logits = self.step(self.model, cache_rows(self.kv_cache, 0, in_use), self.tokens[:in_use],
+            logits = self.step(self.model, cache_rows(self.kv_cache, 0, in_use, length), self.tokens[:in_use],
                                self.positions[:in_use])
             slots = [s for s in range(in_use) if self.rows[s] is not None]
             tokens = self.sample_rows(logits[slots], [self.rows[s] for s in slots])
         except Exception as e:  # the step failed for every row: end them all, keep serving
             for slot, run in enumerate(self.rows):
                 if run is not None:
-                    self.rows[slot] = None
+                    self._free(slot)
                     self._send(run.request, Update("", "error", run.completion_tokens, f"{type(e).__name__}: {e}"))
             return
         self.steps += 1
@@ -198,7 +213,7 @@ class BatchingEngine:
             if reason:
                 text += run.stream.finish()
         if reason:
-            self.rows[slot] = None  # free at once: a waiting request can take it before the next step
+            self._free(slot)  # at once: a waiting request can take it before the next step
         else:
             self.tokens[slot, 0] = token
             self.positions[slot, 0] = run.position

@@ -165,7 +165,8 @@ def test_models_and_health(client, server):
 def test_concurrent_requests_each_get_the_reply_they_would_get_alone(client, reference, tokenizer):
     conversations = [[{"role": "user", "content": f"Tell me about {topic}."}] for topic in
                      ("cats", "the sea", "a long and winding road", "x", "bread and butter", "seven stars")]
-    lengths = [30, 12, 25, 8, 18, 22]  # 6 requests, 4 rows: some wait for a row and join mid-decode
+    lengths = [30, 12, 60, 8, 18, 22]  # 6 requests, 4 rows: some wait for a row and join mid-decode; 60 runs
+    # past 64 slots, where an eager step starts attending to a longer view of the cache
     expected = [expected_reply(reference, tokenizer, m, n) for m, n in zip(conversations, lengths)]
 
     def ask(i):
