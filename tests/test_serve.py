@@ -67,7 +67,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def server(pion, tokenizer):
-    with serving(pion, tokenizer, max_batch=4, limits=Limits(max_body_bytes=20_000, max_messages=8)) as served:
+    with serving(pion, tokenizer, max_batch=6, limits=Limits(max_body_bytes=20_000, max_messages=8)) as served:
         yield served
 
 
@@ -155,7 +155,7 @@ def test_usage_counts_the_prompt_and_the_new_tokens(client, tokenizer):
 def test_models_and_health(client, server):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     health = httpx.get(server[0] + "/health").json()
-    assert health["status"] == "ok" and health["max_batch"] == 4
+    assert health["status"] == "ok" and health["max_batch"] == 6
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -164,17 +164,19 @@ def test_models_and_health(client, server):
 
 def test_concurrent_requests_each_get_the_reply_they_would_get_alone(client, reference, tokenizer):
     conversations = [[{"role": "user", "content": f"Tell me about {topic}."}] for topic in
-                     ("cats", "the sea", "a long and winding road", "x", "bread and butter", "seven stars")]
-    lengths = [30, 12, 60, 8, 18, 22]  # 6 requests, 4 rows: some wait for a row and join mid-decode; 60 runs
-    # past 64 slots, where an eager step starts attending to a longer view of the cache
+                     ("cats", "the sea", "a long and winding road", "x", "bread and butter", "seven stars",
+                                   "rain", "the first of many long words")]
+    # 8 requests, 6 rows: some wait for a row and join mid-decode. 60 runs past 64 slots, where an eager step
+    # starts attending to a longer view of the cache; more than 4 rows take the model's many-row products.
+    lengths = [30, 12, 60, 8, 18, 22, 40, 5]
     expected = [expected_reply(reference, tokenizer, m, n) for m, n in zip(conversations, lengths)]
 
     def ask(i):
         return client.chat.completions.create(model="tiny", messages=conversations[i], max_tokens=lengths[i],
                                               temperature=0, stream=i % 2 == 0)
 
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        replies = list(pool.map(ask, range(6)))
+    with concurrent.futures.ThreadPoolExecutor(len(lengths)) as pool:
+        replies = list(pool.map(ask, range(len(lengths))))
     texts = [streamed(r)[0] if i % 2 == 0 else r.choices[0].message.content for i, r in enumerate(replies)]
     assert texts == expected
 
