@@ -65,7 +65,12 @@ class APIError(Exception):
 
 
 async def read_json(request, max_bytes):
-    """The body as a JSON object, refused (413) as soon as it passes max_bytes, however it is sent."""
+    """The body as a JSON object, refused (413) as soon as it passes max_bytes, however it is sent.
+
+    Only application/json is read: a web page elsewhere can make a browser send a text/plain POST here
+    without asking first (a "simple" request), but not a JSON one, which needs a CORS preflight we never grant."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise APIError(400, "the body must be JSON, sent with Content-Type: application/json", code="invalid_content_type")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise APIError(413, f"the request body is over the limit of {max_bytes} bytes", code="request_too_large")
@@ -295,7 +300,9 @@ def create_app(engine, tokenizer, model_name="pion", api_key=None, limits=None):
             return f"data: {json.dumps(data)}\n\n"
 
         stream = updates(request, generation)
-        first = await anext(stream)  # errors before the first token are still a proper error response
+        first = await anext(stream, None)  # errors before the first token are still a proper error response
+        if first is None:
+            return JSONResponse({})  # the client left before its first token
 
         async def events(update):
             if kind == "chat":

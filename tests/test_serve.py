@@ -3,6 +3,7 @@ as decoding.generate_text answers, continuous batching, limits and errors, and t
 headless browser."""
 import concurrent.futures
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -290,8 +291,16 @@ def test_invalid_messages_are_a_400(server, messages):
 
 
 def test_a_body_that_is_not_a_json_object_is_a_400(server):
-    error_of(httpx.post(server[0] + "/v1/completions", content=b"{not json", timeout=30), 400)
+    headers = {"Content-Type": "application/json"}
+    error_of(httpx.post(server[0] + "/v1/completions", content=b"{not json", headers=headers, timeout=30), 400)
     error_of(post(server, ["a", "list"], "/v1/completions"), 400)
+
+
+def test_a_body_not_sent_as_json_is_refused_so_other_sites_cannot_post_here(server):
+    # A page on another site can send a text/plain POST without a CORS preflight; it must not start a generation.
+    body = json.dumps({"prompt": "hi", "max_tokens": 2})
+    error = error_of(httpx.post(server[0] + "/v1/completions", content=body, headers={"Content-Type": "text/plain"}), 400)
+    assert error["code"] == "invalid_content_type"
 
 
 def test_max_tokens_beyond_the_context_left_is_a_400(server):
