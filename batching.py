@@ -131,11 +131,20 @@ class BatchingEngine:
     def _run(self):
         with torch.inference_mode():
             while not self.closed:
-                self._free_cancelled()
-                if not self._admit(block=self.active == 0):
-                    break
-                if self.active:
-                    self._decode_step()
+                try:
+                    self._free_cancelled()
+                    if not self._admit(block=self.active == 0):
+                        break
+                    if self.active:
+                        self._decode_step()
+                except Exception as e:  # a bug must not stop the engine thread: end the rows it hit, go on
+                    self._fail_all(e)
+
+    def _fail_all(self, error):
+        for slot, run in enumerate(self.rows):
+            if run is not None:
+                self._free(slot)
+                self._send(run.request, Update("", "error", run.completion_tokens, f"{type(error).__name__}: {error}"))
 
     def _free(self, slot):
         # A free row in a step's view still decodes (one batch): at slot 0 it stays inside any view's slots.
@@ -183,18 +192,12 @@ class BatchingEngine:
             in_use = max(s for s, run in enumerate(self.rows) if run) + 1
             length = max(run.position for run in self.rows if run)  # the furthest slot written this step, + 1
             length = min(self.max_seq_len, -(-length // SLOTS_ROUNDING) * SLOTS_ROUNDING)
+        # The compiled step gets the cache itself: a fresh view object every step could make it recompile.
+        cache = self.kv_cache if self.compiled else cache_rows(self.kv_cache, 0, in_use, length)
         start = time.perf_counter()
-        try:
-            logits = self.step(self.model, cache_rows(self.kv_cache, 0, in_use, length), self.tokens[:in_use],
-                               self.positions[:in_use])
-            slots = [s for s in range(in_use) if self.rows[s] is not None]
-            tokens = self.sample_rows(logits[slots], [self.rows[s] for s in slots])
-        except Exception as e:  # the step failed for every row: end them all, keep serving
-            for slot, run in enumerate(self.rows):
-                if run is not None:
-                    self._free(slot)
-                    self._send(run.request, Update("", "error", run.completion_tokens, f"{type(e).__name__}: {e}"))
-            return
+        logits = self.step(self.model, cache, self.tokens[:in_use], self.positions[:in_use])
+        slots = [s for s in range(in_use) if self.rows[s] is not None]
+        tokens = self.sample_rows(logits[slots], [self.rows[s] for s in slots])  # a failure here ends every row
         self.steps += 1
         self.decode_seconds += time.perf_counter() - start
         for slot, token in zip(slots, tokens):

@@ -261,6 +261,27 @@ def test_a_failing_request_leaves_the_others_and_the_server_running(pion, tokeni
         assert httpx.get(url + "/health").json()["status"] == "ok"
 
 
+def test_a_failing_decode_step_ends_its_rows_with_an_error_and_the_engine_goes_on(pion, tokenizer):
+    failures = [RuntimeError("boom")]
+
+    def sample_rows(logits, running):
+        if len(running) == 2 and failures:
+            raise failures.pop()
+        return [5] * len(running)
+
+    engine, events, done, request = engine_events(pion, tokenizer, max_batch=2)
+    engine.sample_rows = sample_rows
+    engine.start()
+    try:
+        engine.submit(request("a", [5, 6], 10, then=(1, request("b", [7, 8], 10))))  # b joins a at once
+        assert done.acquire(timeout=30) and done.acquire(timeout=30)
+        engine.submit(request("c", [9], 3))
+        assert done.acquire(timeout=30)
+    finally:
+        engine.close()
+    assert {(name, reason) for name, reason in events if reason} == {("a", "error"), ("b", "error"), ("c", "length")}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Bad input: OpenAI's error shape and status
 
