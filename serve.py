@@ -7,6 +7,7 @@
 Concurrent requests decode together, up to --max_batch at a time (batching.py); the API is server.py's.
 """
 import os
+import socket
 import sys
 
 from batching import BatchingEngine
@@ -31,21 +32,35 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def listening_socket(host, port):
+    """The server's socket, bound before the model loads: a busy port fails at once, in one line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise PionError(f"cannot listen on {host}:{port} ({e.strerror or e})")
+    return sock
+
+
 def main(argv=None):
     args = parse_args(argv)
     import uvicorn  # after the flags are checked: --help needs no web stack
+    sock = listening_socket(args.host, args.port)
     model, device = load_model(args.checkpoint, args.device, args.dtype)
     tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
     name = args.model_name or os.path.splitext(os.path.basename(args.checkpoint))[0]
     engine = BatchingEngine(model, tokenizer, args.max_batch, compile=args.compile).start()
     app = create_app(engine, tokenizer, name, args.api_key or None, Limits(default_max_tokens=args.max_tokens))
-    print(f"serving {name} on {device} (max_batch {args.max_batch}) at http://{args.host}:{args.port}/", file=sys.stderr)
+    host, port = sock.getsockname()[:2]  # port 0 picks a free one
+    print(f"serving {name} on {device} (max_batch {args.max_batch}) at http://{host}:{port}/", file=sys.stderr)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    except OSError as e:
-        raise PionError(f"cannot listen on {args.host}:{args.port} ({e.strerror})")
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     finally:
         engine.close()
+        sock.close()
 
 
 if __name__ == "__main__":

@@ -373,6 +373,15 @@ def test_serve_reports_a_missing_checkpoint_in_one_line(tmp_path):
     assert_one_line_error(run_in_process(serve.main, ["--checkpoint", tmp_path / "none.pt"]), "not found")
 
 
+def test_serve_reports_a_busy_port_in_one_line_before_loading_the_model(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_in_process(serve.main, ["--checkpoint", tmp_path / "none.pt", "--port", port])
+    assert_one_line_error(result, f"cannot listen on 127.0.0.1:{port}")
+
+
 def test_serve_defaults_to_localhost_and_reads_the_key_from_the_environment(monkeypatch):
     monkeypatch.setenv("PION_API_KEY", "from-env")
     args = serve.parse_args(["--checkpoint", "x.pt"])
