@@ -93,8 +93,9 @@ def health(url):
 
 
 def late_join(url, probes=5):
-    """A request sent while 7 others decode: its first-token time / (its prefill + 2 decode steps), worst of
-    `probes`. The prefill and step times are the engine's own (from /health), measured during that request."""
+    """Requests sent while 7 others decode: the worst first-token time / (its prefill + 2 decode steps). The
+    prefill time is the engine's own for that request (from /health); the step time is the mean over the
+    probes' window (a probe that lands between two steps sees none of its own)."""
     background = [threading.Thread(target=stream_completion, args=(openai_client(url), prompt(100 + i), 400))
                   for i in range(CLIENTS - 1)]
     for thread in background:
@@ -102,17 +103,16 @@ def late_join(url, probes=5):
     while health(url)["active"] < CLIENTS - 1:
         time.sleep(0.01)
     time.sleep(0.5)  # steady decoding
-    client, ratios = openai_client(url), []
+    client, probed, start = openai_client(url), [], health(url)
     for i in range(probes):
-        before = health(url)
         ttft, _, _ = stream_completion(client, prompt(200 + i), 1)
-        after = health(url)
-        step = (after["decode_seconds"] - before["decode_seconds"]) / max(after["steps"] - before["steps"], 1)
-        ratios.append((ttft / (after["prefill_seconds"] + 2 * step), ttft, after["prefill_seconds"], step))
+        probed.append((ttft, health(url)["prefill_seconds"]))
         time.sleep(0.2)
+    end = health(url)
+    step = (end["decode_seconds"] - start["decode_seconds"]) / max(end["steps"] - start["steps"], 1)
     for thread in background:
         thread.join()
-    return max(ratios)
+    return max((ttft / (prefill + 2 * step), ttft, prefill, step) for ttft, prefill in probed)
 
 
 def client_side(url, join):
