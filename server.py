@@ -233,20 +233,27 @@ def create_app(engine, tokenizer, model_name="pion", api_key=None, limits=None):
         if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
             raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
 
-    async def updates(request, generation):
-        """Submit a generation and yield its Updates; leaving early (the client went away) cancels it."""
+    async def updates(request, generation, poll_disconnect):
+        """Submit a generation and yield its Updates; leaving early (the client went away) cancels it.
+        poll_disconnect: look for a departed client every half second (a streamed response instead notices
+        when a send fails)."""
         if engine.waiting.qsize() >= limits.max_waiting:
             raise APIError(503, "the server is busy; try again", code="server_busy")
         loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
         generation.on_update = lambda update: loop.call_soon_threadsafe(inbox.put_nowait, update)
         engine.submit(generation)
+        next_poll = loop.time() + 0.5
         try:
             while True:
                 try:
-                    update = await asyncio.wait_for(inbox.get(), timeout=1.0)
+                    update = await asyncio.wait_for(inbox.get(), timeout=0.5)
                 except asyncio.TimeoutError:
+                    update = None
+                if loop.time() >= next_poll and (poll_disconnect or update is None):
                     if await request.is_disconnected():
                         return
+                    next_poll = loop.time() + 0.5
+                if update is None:
                     continue
                 yield update
                 if update.finish_reason:
@@ -275,7 +282,7 @@ def create_app(engine, tokenizer, model_name="pion", api_key=None, limits=None):
 
         if not body.get("stream", False):
             text, last = [], None
-            async for last in updates(request, generation):
+            async for last in updates(request, generation, poll_disconnect=True):
                 text.append(text_of(last))
             if last is None or not last.finish_reason:
                 return JSONResponse({})  # the client left
@@ -299,7 +306,7 @@ def create_app(engine, tokenizer, model_name="pion", api_key=None, limits=None):
                 data["usage"] = None
             return f"data: {json.dumps(data)}\n\n"
 
-        stream = updates(request, generation)
+        stream = updates(request, generation, poll_disconnect=False)
         first = await anext(stream, None)  # errors before the first token are still a proper error response
         if first is None:
             return JSONResponse({})  # the client left before its first token

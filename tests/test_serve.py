@@ -245,6 +245,18 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(pion, tokenizer):
         assert engine.active == 0
 
 
+def test_a_client_that_gives_up_on_a_whole_reply_frees_its_row(pion, tokenizer):
+    slow = scripted_reply(tokenizer.encode(" and so on").ids, seconds_per_step=0.02)
+    with serving(pion, tokenizer, sample_rows=slow) as (url, engine):
+        body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 100}
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(url + "/v1/chat/completions", json=body, timeout=0.5)
+        deadline = time.monotonic() + 5  # the server notices within a second or so
+        while engine.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.active == 0 and engine.steps < 90
+
+
 def test_a_failing_request_leaves_the_others_and_the_server_running(pion, tokenizer):
     poison = tokenizer.encode("poison").ids
 
