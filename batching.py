@@ -7,8 +7,10 @@ The KV cache has max_batch rows and each row is one request at its own position 
 input_pos), so requests start and end independently. Between two decode steps the engine frees the rows of
 finished and cancelled requests and admits waiting ones: each prompt is prefilled alone into its free row
 (through a one-row view of the cache) and its first token goes out at once; from the next step on it
-decodes with the others. A row decodes exactly as decoding.generate_tokens decodes that prompt alone, so
-greedy output is the same text. Other threads talk to the engine only through submit(), cancel() and the
+decodes with the others. A row attends only to its own slots and is sampled with the very calls
+decoding.generate_tokens makes for that prompt alone, so greedy and seeded replies are generate_text's (a
+product over several rows may round the last bit differently from one over a single row; that could only
+swap two near-equal tokens, and tests/test_serve.py checks it does not). Other threads talk to the engine only through submit(), cancel() and the
 on_update callback, which the engine calls from its own thread.
 """
 import copy
@@ -46,7 +48,7 @@ class GenerationRequest:
     settings: SamplingSettings = GREEDY
     stop_strings: tuple = ()
     seed: int = None
-    on_update: Callable = print
+    on_update: Callable = None  # required: submit() refuses a request without one
     cancelled: bool = False  # set by cancel(): the engine frees the row before its next step
 
 
@@ -112,6 +114,8 @@ class BatchingEngine:
         """Queue a request; it gets a row at the engine's next step (or when a row frees up)."""
         if self.closed:
             raise RuntimeError("the engine is closed")
+        if not callable(request.on_update):
+            raise ValueError("a request needs an on_update callback: its text has nowhere else to go")
         if len(request.prompt_ids) + request.max_tokens > self.max_seq_len or not request.prompt_ids:
             raise ValueError(f"a prompt of {len(request.prompt_ids)} tokens and max_tokens {request.max_tokens} do "
                              f"not fit in max_seq_len {self.max_seq_len}")
