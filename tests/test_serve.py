@@ -432,6 +432,17 @@ def test_serve_py_serves_a_checkpoint_until_interrupted(tiny_checkpoint, tokeniz
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
+def test_the_page_is_one_file_that_loads_nothing_from_elsewhere_and_runs_only_its_own_script(server):
+    page = httpx.get(server[0] + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    nonce = policy.split("'nonce-")[1].split("'")[0]
+    assert f'<script nonce="{nonce}">' in page.text and page.text.count("<script") == 1
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy
+    assert "http://" not in page.text and "https://" not in page.text and "innerHTML" not in page.text
+    assert httpx.get(server[0] + "/").headers["content-security-policy"] != policy  # a fresh nonce each time
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="no chromium (install it with .ci/install_browser)")
 def test_the_chat_page_streams_a_reply_as_text_and_stops_it(pion, tokenizer):
