@@ -14,7 +14,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import statistics
 import sys
 import threading
 import time
