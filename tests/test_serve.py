@@ -323,6 +323,14 @@ def test_invalid_messages_are_a_400(server, messages):
     assert error_of(post(server, {"messages": messages}), 400)["param"].startswith("messages")
 
 
+def test_a_content_given_as_text_parts_is_the_same_as_a_string(client):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Name three "}, {"type": "text", "text": "rivers."}]}]
+    as_string = [{"role": "user", "content": "Name three rivers."}]
+    replies = [client.chat.completions.create(model="tiny", messages=m, max_tokens=8, temperature=0) for m in (parts, as_string)]
+    assert replies[0].choices[0].message.content == replies[1].choices[0].message.content
+    assert replies[0].usage.prompt_tokens == replies[1].usage.prompt_tokens
+
+
 def test_a_body_that_is_not_a_json_object_is_a_400(server):
     headers = {"Content-Type": "application/json"}
     error_of(httpx.post(server[0] + "/v1/completions", content=b"{not json", headers=headers, timeout=30), 400)
@@ -449,8 +457,13 @@ def test_the_chat_page_streams_a_reply_as_text_and_stops_it(pion, tokenizer):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     injected = '<script>document.title = "pwned"</script><img src=x onerror="document.title = \'pwned\'">'
     reply = tokenizer.encode(f"Hello {injected} and then" + " more" * 200).ids
-    with serving(pion, tokenizer, sample_rows=scripted_reply(reply, seconds_per_step=0.03)) as (url, engine), \
-            sync_api.sync_playwright() as playwright:
+    scripted, asked = scripted_reply(reply, seconds_per_step=0.03), []
+
+    def sample_rows(logits, running):
+        asked.extend(run.request for run in running if run.request not in asked)
+        return scripted(logits, running)
+
+    with serving(pion, tokenizer, sample_rows=sample_rows) as (url, engine), sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
             page = browser.new_page()
@@ -474,6 +487,9 @@ def test_the_chat_page_streams_a_reply_as_text_and_stops_it(pion, tokenizer):
             while engine.active and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert engine.active == 0  # stopping in the page freed the row
+            [request] = asked  # the page sent its settings and the system prompt
+            assert request.max_tokens == 100 and request.settings.temperature == 0.7
+            assert "<|system|>\nBe brief.\n<|user|>\nSay hello" in tokenizer.decode(request.prompt_ids)
             time.sleep(0.2)
             assert assistant.text_content() == stopped  # nothing more arrives
             page.click("#new-chat")
