@@ -11,6 +11,7 @@ import time
 import bench_ce
 import bench_decode
 import bench_prepare
+import bench_serve
 import bench_softcap
 import bench_train
 from common import machine
@@ -31,6 +32,11 @@ ROWS = [  # (name, run, [(result key, what, target text, is the target met)])
     ("greedy decode vs transformers Qwen3 (small, CPU)", lambda: bench_decode.main([]),
      [("vs_hf", "decode tokens/s vs transformers", ">= 2.00", lambda x: x >= 2.0),
       ("of_bound", "of the memory-bandwidth bound", ">= 0.60", lambda x: x >= 0.6)]),
+    ("serving: 8 clients x 4 requests x 64 tokens, max_batch 8 vs 1 (CPU)", lambda: bench_serve.main([]),
+     [("speedup_nano", "aggregate tokens/s, nano", ">= 4.00", lambda x: x >= 4.0),
+      ("speedup_small", "aggregate tokens/s, small", ">= 4.00", lambda x: x >= 4.0),
+      ("lost", "requests lost or truncated", "== 0", lambda x: x == 0),
+      ("join_ratio", "late first token / (prefill + 2 steps)", "<= 1.00", lambda x: x <= 1.0)]),
 ]
 
 

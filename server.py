@@ -1,0 +1,406 @@
+"""An OpenAI-compatible HTTP API and a web chat page over a BatchingEngine.
+
+    app = create_app(engine, tokenizer, model_name="pion")   # then uvicorn.run(app, ...)
+
+POST /v1/chat/completions and /v1/completions (streamed as server-sent events or not), GET /v1/models,
+GET /health, and the chat page at /. Every request becomes a GenerationRequest; the engine thread calls
+back with its text, which reaches the request's event loop through an asyncio queue. A client that leaves
+cancels its request, which frees its row before the next decode step. Errors use OpenAI's JSON shape.
+"""
+import asyncio
+import contextlib
+import hmac
+import json
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from batching import GenerationRequest
+from decoding import SamplingSettings
+from sft_data import TURN_SUFFIX, USER_MARKER, render_conversation
+
+CHAT_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_page.html")
+ROLES = ("system", "user", "assistant")
+MAX_STOP_STRINGS = 4  # as OpenAI's API
+
+
+@dataclass
+class Limits:
+    """What one request may ask for. None: as much as the model's context allows."""
+    max_body_bytes: int = 1_000_000
+    max_messages: int = 256
+    max_prompt_tokens: int = None  # default: max_seq_len - 1 (one new token at least)
+    max_tokens: int = None         # the most new tokens a request may ask for (default: max_seq_len - 1)
+    default_max_tokens: int = 512  # when a request names none (cut to what its prompt leaves)
+    max_waiting: int = 256         # requests queued for a row; more are refused with 503
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+             405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error"}
+
+    def __init__(self, status, message, param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def response(self):
+        error = {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+                 "param": self.param, "code": self.code}
+        return JSONResponse({"error": error}, status_code=self.status)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading a request
+
+
+async def read_json(request, max_bytes):
+    """The body as a JSON object, refused (413) as soon as it passes max_bytes, however it is sent.
+
+    Only application/json is read: a web page elsewhere can make a browser send a text/plain POST here
+    without asking first (a "simple" request), but not a JSON one, which needs a CORS preflight we never grant."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise APIError(400, "the body must be JSON, sent with Content-Type: application/json", code="invalid_content_type")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise APIError(413, f"the request body is over the limit of {max_bytes} bytes", code="request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise APIError(413, f"the request body is over the limit of {max_bytes} bytes", code="request_too_large")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the body is not valid JSON ({e})", code="invalid_json")
+    if not isinstance(data, dict):
+        raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    return data
+
+
+def number(body, name, default, low, high, low_open=False):
+    """body[name], a finite number in [low, high] ((low, high] with low_open), or default when absent/null."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+            not (low < value <= high if low_open else low <= value <= high):
+        bounds = f"{'(' if low_open else '['}{low}, {high}]"
+        raise APIError(400, f"{name} must be a number in {bounds}, got {value!r}", param=name, code="invalid_value")
+    return value
+
+
+def integer(body, name, low, high):
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
+        raise APIError(400, f"{name} must be an integer in [{low}, {high}], got {value!r}", param=name,
+                       code="invalid_value")
+    return value
+
+
+def stop_strings(body):
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP_STRINGS:
+        raise APIError(400, f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them",
+                       param="stop", code="invalid_value")
+    return stop
+
+
+def message_text(message, i):
+    """A message's content: a string, or a list of text parts (OpenAI's multi-part form)."""
+    content = message.get("content")
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
+                                         isinstance(p.get("text"), str) for p in content):
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise APIError(400, f"messages[{i}].content must be a string or a list of text parts",
+                       param=f"messages[{i}].content", code="invalid_value")
+    return content
+
+
+def chat_messages(body, limits):
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages must be a non-empty list", param="messages", code="invalid_value")
+    if len(messages) > limits.max_messages:
+        raise APIError(413, f"{len(messages)} messages is over the limit of {limits.max_messages}",
+                       param="messages", code="too_many_messages")
+    rendered = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise APIError(400, f"messages[{i}] must be an object with a role of {', '.join(ROLES)}",
+                           param=f"messages[{i}].role", code="invalid_value")
+        rendered.append({"role": message["role"], "content": message_text(message, i)})
+    return rendered
+
+
+def completion_prompt(body):
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise APIError(400, "prompt must be a string (one prompt per request)", param="prompt", code="invalid_value")
+    return prompt
+
+
+def generation_request(body, prompt_ids, stop, max_seq_len, limits):
+    """The sampling parameters of a request, checked against the limits and the context its prompt leaves."""
+    if body.get("n", 1) != 1:
+        raise APIError(400, "only n = 1 is supported", param="n", code="invalid_value")
+    if not isinstance(body.get("stream", False), bool):
+        raise APIError(400, "stream must be true or false", param="stream", code="invalid_value")
+    max_prompt = limits.max_prompt_tokens or max_seq_len - 1
+    if len(prompt_ids) > max_prompt:
+        raise APIError(413, f"the prompt has {len(prompt_ids)} tokens, over the limit of {max_prompt}",
+                       param="messages" if "messages" in body else "prompt", code="context_length_exceeded")
+    room = max_seq_len - len(prompt_ids)
+    cap = min(limits.max_tokens or max_seq_len - 1, room)
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = integer(body, name, 1, 2**31)
+    if max_tokens is None:
+        max_tokens = min(limits.default_max_tokens, cap)
+    elif max_tokens > cap:
+        raise APIError(400, f"{name} {max_tokens} is over the {cap} new tokens allowed after this prompt of "
+                       f"{len(prompt_ids)} tokens (context {max_seq_len})", param=name, code="context_length_exceeded")
+    settings = SamplingSettings(temperature=number(body, "temperature", 1.0, 0, 2),
+                                top_p=number(body, "top_p", 1.0, 0, 1, low_open=True),
+                                top_k=integer(body, "top_k", 0, 2**31) or 0)
+    return GenerationRequest(prompt_ids, max_tokens, settings, tuple(stop), integer(body, "seed", 0, 2**63 - 1))
+
+
+class SuffixTrimmer:
+    """Streams a chat reply without the template's TURN_SUFFIX at its end (as chat.py stores replies): a
+    trailing piece that may be the suffix is held back until more text follows or the reply ends."""
+
+    def __init__(self, suffix=TURN_SUFFIX):
+        self.suffix, self.held = suffix, ""
+
+    def push(self, text):
+        text = self.held + text
+        keep = next((n for n in range(min(len(text), len(self.suffix)), 0, -1) if self.suffix.startswith(text[-n:])), 0)
+        self.held = text[len(text) - keep:]
+        return text[:len(text) - keep]
+
+    def finish(self):
+        rest, self.held = self.held, ""
+        return rest.removesuffix(self.suffix)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The app
+
+
+def create_app(engine, tokenizer, model_name="pion", api_key=None, limits=None):
+    """The FastAPI app over a started engine. api_key: required as `Authorization: Bearer KEY` on /v1/*."""
+    limits = limits or Limits()
+    max_seq_len = engine.max_seq_len
+    app = FastAPI(title="Pion", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def api_error(request, error):
+        return error.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, error):
+        return APIError(error.status_code, str(error.detail)).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, error):
+        return APIError(400, "invalid request", code="invalid_value").response()
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request, error):  # one bad request must not take the server down
+        return APIError(500, f"internal error: {type(error).__name__}").response()
+
+    def check_key(request):
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+
+    async def updates(request, generation, poll_disconnect):
+        """Submit a generation and yield its Updates; leaving early (the client went away) cancels it.
+        poll_disconnect: look for a departed client every half second (a streamed response instead notices
+        when a send fails)."""
+        if engine.waiting.qsize() >= limits.max_waiting:
+            raise APIError(503, "the server is busy; try again", code="server_busy")
+        loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
+        generation.on_update = lambda update: loop.call_soon_threadsafe(inbox.put_nowait, update)
+        engine.submit(generation)
+        next_poll = loop.time() + 0.5
+        try:
+            while True:
+                try:
+                    update = await asyncio.wait_for(inbox.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    update = None
+                if loop.time() >= next_poll and (poll_disconnect or update is None):
+                    if await request.is_disconnected():
+                        return
+                    next_poll = loop.time() + 0.5
+                if update is None:
+                    continue
+                yield update
+                if update.finish_reason:
+                    return
+        finally:
+            engine.cancel(generation)  # no-op once it finished
+
+    async def respond(request, body, generation, kind, trim_suffix):
+        """Run the generation and answer as a chat or text completion, streamed or whole."""
+        completion_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        prompt_tokens = len(generation.prompt_ids)
+        trimmer = SuffixTrimmer() if trim_suffix else None
+        head = {"id": completion_id, "object": "chat.completion" if kind == "chat" else "text_completion",
+                "created": int(time.time()), "model": model_name}
+
+        def usage(completion_tokens):
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens}
+
+        def text_of(update):
+            if update.finish_reason == "error":
+                raise APIError(500, f"generation failed: {update.error}", code="generation_failed")
+            if trimmer is None:
+                return update.text
+            return trimmer.push(update.text) + (trimmer.finish() if update.finish_reason else "")
+
+        if not body.get("stream", False):
+            text, last = [], None
+            async for last in updates(request, generation, poll_disconnect=True):
+                text.append(text_of(last))
+            if last is None or not last.finish_reason:
+                return JSONResponse({})  # the client left
+            text = "".join(text)
+            choice = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
+            choice.update({"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text})
+            return JSONResponse({**head, "choices": [choice], "usage": usage(last.completion_tokens)})
+
+        head["object"] += ".chunk" if kind == "chat" else ""
+        options = body.get("stream_options") or {}
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+
+        def chunk(text, finish_reason=None, first=False):
+            if kind == "chat":
+                delta = {"role": "assistant", "content": text} if first else {"content": text} if text else {}
+                choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+            data = {**head, "choices": [choice]}
+            if include_usage:
+                data["usage"] = None
+            return f"data: {json.dumps(data)}\n\n"
+
+        stream = updates(request, generation, poll_disconnect=False)
+        first = await anext(stream, None)  # errors before the first token are still a proper error response
+        if first is None:
+            return JSONResponse({})  # the client left before its first token
+
+        async def events(update):
+            if kind == "chat":
+                yield chunk("", first=True)
+            while True:
+                text = text_of(update) if update.finish_reason != "error" else ""
+                if text:
+                    yield chunk(text)
+                if update.finish_reason:
+                    # An engine error mid-stream has no status code to use: the stream ends with reason "error".
+                    yield chunk("", update.finish_reason)
+                    if include_usage:
+                        yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage(update.completion_tokens)})}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                update = await anext(stream)
+
+        async def closing(update):
+            try:
+                async for event in events(update):
+                    yield event
+            finally:
+                await stream.aclose()  # cancels the generation if the client left mid-stream
+
+        if first.finish_reason == "error":
+            text_of(first)
+        return StreamingResponse(closing(first), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_key(request)
+        body = await read_json(request, limits.max_body_bytes)
+        messages = chat_messages(body, limits)
+        prompt_ids, _ = render_conversation(tokenizer, messages, add_generation_prompt=True)
+        generation = generation_request(body, prompt_ids, [USER_MARKER, *stop_strings(body)], max_seq_len, limits)
+        return await respond(request, body, generation, "chat", trim_suffix=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check_key(request)
+        body = await read_json(request, limits.max_body_bytes)
+        prompt_ids = tokenizer.encode(completion_prompt(body)).ids or [0]  # empty: a new document, as generate.py
+        generation = generation_request(body, prompt_ids, stop_strings(body), max_seq_len, limits)
+        return await respond(request, body, generation, "text", trim_suffix=False)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_key(request)
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "pion"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "max_batch": engine.max_batch, "active": engine.active,
+                "waiting": engine.waiting.qsize(), "prefill_seconds": engine.prefill_seconds,
+                "steps": engine.steps, "decode_seconds": engine.decode_seconds}
+
+    page = open(CHAT_PAGE, encoding="utf-8").read()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page():
+        # Only the page's own script runs (it carries this response's nonce), and it talks only to this
+        # server: even text that slipped into the DOM as HTML could not run a script or load anything.
+        nonce = uuid.uuid4().hex
+        policy = (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; connect-src 'self'; "
+                  "img-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+        return HTMLResponse(page.replace("{{NONCE}}", nonce),
+                            headers={"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff"})
+
+    return app
+
+
+@contextlib.contextmanager
+def serving_in_thread(app, host="127.0.0.1"):
+    """uvicorn serving app on a free port of host from a background thread (tests, benchmarks): yields the
+    base URL, and stops the server on exit."""
+    import uvicorn
+    sock = socket.socket()
+    sock.bind((host, 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
