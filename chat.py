@@ -24,7 +24,7 @@ from decoding import (COMPILE_NOTICE, SETTING_TYPES, DecodeTimer, PromptTruncate
 from sft_data import TURN_SUFFIX, USER_MARKER, render_conversation
 
 HELP = """\
-/temp N       sampling temperature, a number >= 0 (0 = greedy)
+/temp N       sampling temperature, a number >= 0 (0 = greedy); /temp alone shows it (as every setting)
 /topk N       sample from the N most likely tokens, an integer >= 0 (0 = off)
 /topp N       nucleus sampling, a number in (0, 1] (1 = off)
 /minp N       drop tokens below N x the top probability, a number in [0, 1] (0 = off)
@@ -80,6 +80,9 @@ def run_command(line, conversation, session):
     value = value.strip()
     if command in SETTING_COMMANDS or command == "/tokens":
         name = SETTING_COMMANDS.get(command, "max_tokens")
+        if not value:  # /temp alone shows the current value
+            print(f"{name} = {session.max_tokens if name == 'max_tokens' else getattr(session.settings, name)}")
+            return True
         try:
             if name == "max_tokens":
                 session.max_tokens = shown = session.reply_limit(max_tokens_type(value))

@@ -1,12 +1,14 @@
 """Checkpoint and tokenizer I/O: atomic saves, safe loading of any Pion checkpoint (ours, the published ones,
 `hf:` hub references, legacy pickled configs), the step checkpoints of a training run, and the pinned
 tokenizer download."""
+import contextlib
 import dataclasses
 import fcntl
 import glob
 import hashlib
 import os
 import re
+import shutil
 import sys
 import urllib.request
 
@@ -165,29 +167,42 @@ def find_resume_checkpoint(directory, prefix):
     return paths[-1] if paths else None
 
 
+@contextlib.contextmanager
 def open_run_dir(directory, prefix, resume, lock=True):
-    """Prepare the folder a run writes its checkpoints to and return (checkpoint to resume or None, lock file).
+    """with open_run_dir(...) as resume_path: the folder a run writes its checkpoints to, for the run's life.
 
-    resume: None (a new run), "auto" (the newest checkpoint in the folder, if any) or a path. The lock, an OS
-    lock on the folder held while the returned file stays open (the kernel drops it when the process dies,
-    even by kill -9), keeps a second run from writing into it. A new run never writes into a folder that
-    holds checkpoints, and a resumed one only into its own folder or an empty one: nothing is overwritten."""
+    resume: None (a new run), "auto" (the newest checkpoint in the folder, if any) or a path; yields the
+    checkpoint to resume, or None. An OS lock on the folder (dropped by the kernel when the process dies,
+    even by kill -9) keeps a second run from writing into it. A new run never writes into a folder that
+    holds checkpoints, and a resumed one only into its own folder or an empty one: nothing is overwritten.
+    A run that fails before writing anything leaves no empty folder behind."""
+    created = not os.path.isdir(directory)
     try:
         os.makedirs(directory, exist_ok=True)
         lock_file = open(os.path.join(directory, ".lock"), "a")
     except OSError as e:
         raise PionError(f"cannot write to save dir {directory}: {e.strerror}")
-    if lock:
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PionError(f"another run is writing to {directory} (it holds {directory}/.lock); wait for it "
-                            f"to end or choose another --save_dir")
-        for stale in glob.glob(os.path.join(glob.escape(directory), f".{prefix}_*.pt.tmp*")):
-            os.remove(stale)  # a save cut short by a crash: with the lock held, no other run is writing it
+    try:
+        with lock_file:
+            if lock:
+                try:
+                    fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise PionError(f"another run is writing to {directory} (it holds {directory}/.lock); wait "
+                                    f"for it to end or choose another --save_dir")
+                for stale in glob.glob(os.path.join(glob.escape(directory), f".{prefix}_*.pt.tmp*")):
+                    os.remove(stale)  # a save cut short by a crash: with the lock held, no one is writing it
+            yield resume_checkpoint(directory, prefix, resume)
+    except BaseException:
+        if created and os.listdir(directory) == [".lock"]:
+            shutil.rmtree(directory)
+        raise
+
+
+def resume_checkpoint(directory, prefix, resume):
     existing = find_resume_checkpoint(directory, prefix)
     if resume == "auto":
-        return existing, lock_file
+        return existing
     if resume is None and existing:
         raise PionError(f"{directory} already holds {prefix} checkpoints from an earlier run; pass --resume auto "
                         f"to continue it, or choose another --save_dir")
@@ -195,7 +210,7 @@ def open_run_dir(directory, prefix, resume, lock=True):
             os.path.dirname(os.path.abspath(resume)) != os.path.abspath(directory):
         raise PionError(f"{directory} holds the checkpoints of another run, which resuming {resume} would "
                         f"overwrite; resume into its own folder or an empty --save_dir")
-    return resume, lock_file
+    return resume
 
 
 def prune_checkpoints(directory, prefix, keep_last):

@@ -15,7 +15,7 @@ import sys
 
 import torch.distributed as dist
 
-from checkpoint import load_checkpoint, open_run_dir, load_tokenizer
+from checkpoint import load_checkpoint, load_tokenizer, open_run_dir
 from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, positive_int, run_cli
 from decoding import generate_text
 from sft_data import USER_MARKER, collate, load_sft_splits, render_conversation, sft_batches
@@ -97,45 +97,47 @@ def load_data(args, config, tokenizer, rt):
 
 def finetune(args, config, rt):
     run_dir = os.path.join(args.save_dir, "sft")
-    resume, run_lock = open_run_dir(run_dir, PREFIX, args.resume, lock=rt.is_main)  # held until the run ends
-    seed_everything(config.seed)
-    # A resumed run continues from its own checkpoint (weights, optimizer, RNG, data position);
-    # --checkpoint only names where the run started.
-    source = resume or args.checkpoint
-    model, checkpoint = load_checkpoint(source)
-    if model.config.use_soft_cap and args.no_soft_cap:
-        raise PionError(f"{source} was trained with soft-capped attention (use_soft_cap=True); plain SDPA would "
-                        f"change what it computes: drop --no_soft_cap")
-    if config.seq_len > model.config.max_seq_len:
-        raise PionError(f"--seq_len {config.seq_len} is larger than the model's max_seq_len {model.config.max_seq_len}")
-    if resume and not is_sft_checkpoint(checkpoint):  # e.g. a pretraining checkpoint given as --resume
-        raise PionError(f"{resume} is not a finetune.py checkpoint; to finetune it, pass it as --checkpoint")
-    if not resume:
-        checkpoint = None  # a published checkpoint's optimizer state is not this run's: free it
+    with open_run_dir(run_dir, PREFIX, args.resume, lock=rt.is_main) as resume:  # locked until the run ends
+        seed_everything(config.seed)
+        # A resumed run continues from its own checkpoint (weights, optimizer, RNG, data position);
+        # --checkpoint only names where the run started.
+        source = resume or args.checkpoint
+        model, checkpoint = load_checkpoint(source)
+        if model.config.use_soft_cap and args.no_soft_cap:
+            raise PionError(f"{source} was trained with soft-capped attention (use_soft_cap=True); plain SDPA would "
+                            f"change what it computes: drop --no_soft_cap")
+        if config.seq_len > model.config.max_seq_len:
+            raise PionError(f"--seq_len {config.seq_len} is larger than the model's max_seq_len "
+                            f"{model.config.max_seq_len}")
+        if resume and not is_sft_checkpoint(checkpoint):  # e.g. a pretraining checkpoint given as --resume
+            raise PionError(f"{resume} is not a finetune.py checkpoint; to finetune it, pass it as --checkpoint")
+        if not resume:
+            checkpoint = None  # a published checkpoint's optimizer state is not this run's: free it
 
-    tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
-    train_rows, val_rows = load_data(args, config, tokenizer, rt)
-    # The data stream is in global batches (all ranks' rows of one micro-step), so its position depends
-    # only on the samples seen. Static shapes under CUDA or --compile: no recompiles or allocator churn.
-    global_batch = config.batch_size * rt.world_size
-    pad_to = config.seq_len if rt.device.type == "cuda" or config.compile else None
-    rt.print(f"Pion SFT: {model.count_parameters():,} parameters on {rt.device} x {rt.world_size}, "
-             f"{'soft-capped' if model.config.use_soft_cap else 'SDPA'} attention, {len(train_rows):,} train rows, "
-             f"{global_batch * config.grad_accum:,} rows/step")
-    rt.print(f"cosine schedule: warmup {config.warmup_steps}, lr {config.lr:g} to {config.min_lr:g} at step "
-             f"{config.max_steps}")
-    state = train(
-        model, config, rt,
-        train_batches=lambda start: rank_slices(sft_batches(train_rows, global_batch, config.seed,
-                                                            start // global_batch, pad_to), rt),
-        val_batches=lambda: val_batches(val_rows, config.batch_size, rt, pad_to),
-        run_dir=run_dir, prefix=PREFIX, resume=(resume, checkpoint) if resume else None,
-        sample_fn=sample_fn(args, tokenizer), saved_with={"trainer": "sft", "source": args.checkpoint},
-        data_identity={"data": os.path.basename(args.data_file) if args.data_file else args.dataset, "train_rows": len(train_rows), "pack": args.pack})
-    if state.finished:
-        rt.print(f"done: {state.step} steps, {state.tokens_seen:,} tokens; "
-                 f"chat with it: python chat.py --checkpoint {os.path.join(run_dir, PREFIX + '_final.pt')}")
-    return state
+        tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
+        train_rows, val_rows = load_data(args, config, tokenizer, rt)
+        # The data stream is in global batches (all ranks' rows of one micro-step), so its position depends
+        # only on the samples seen. Static shapes under CUDA or --compile: no recompiles or allocator churn.
+        global_batch = config.batch_size * rt.world_size
+        pad_to = config.seq_len if rt.device.type == "cuda" or config.compile else None
+        rt.print(f"Pion SFT: {model.count_parameters():,} parameters on {rt.device} x {rt.world_size}, "
+                 f"{'soft-capped' if model.config.use_soft_cap else 'SDPA'} attention, {len(train_rows):,} train rows, "
+                 f"{global_batch * config.grad_accum:,} rows/step")
+        rt.print(f"cosine schedule: warmup {config.warmup_steps}, lr {config.lr:g} to {config.min_lr:g} at step "
+                 f"{config.max_steps}")
+        state = train(
+            model, config, rt,
+            train_batches=lambda start: rank_slices(sft_batches(train_rows, global_batch, config.seed,
+                                                                start // global_batch, pad_to), rt),
+            val_batches=lambda: val_batches(val_rows, config.batch_size, rt, pad_to),
+            run_dir=run_dir, prefix=PREFIX, resume=(resume, checkpoint) if resume else None,
+            sample_fn=sample_fn(args, tokenizer), saved_with={"trainer": "sft", "source": args.checkpoint},
+            data_identity={"data": os.path.basename(args.data_file) if args.data_file else args.dataset,
+                           "train_rows": len(train_rows), "pack": args.pack})
+        if state.finished:
+            rt.print(f"done: {state.step} steps, {state.tokens_seen:,} tokens; "
+                     f"chat with it: python chat.py --checkpoint {os.path.join(run_dir, PREFIX + '_final.pt')}")
+        return state
 
 
 def is_sft_checkpoint(checkpoint):

@@ -197,7 +197,8 @@ def load_sft_splits(tokenizer, seq_len, data_file=None, dataset="teknium/OpenHer
     if pack:
         train, val = (rows.map(pack_rows, batched=True, fn_kwargs=dict(seq_len=seq_len), num_proc=num_proc,
                                desc="packing") for rows in (train, val))
-    print(f"sft data: {len(train):,} train rows, {len(val):,} val rows{' (packed)' if pack else ''}")
+    held_out = f", {len(val):,} val rows" if val_fraction > 0 else " (no validation rows held out here)"
+    print(f"sft data: {len(train):,} train rows{held_out}{' (packed)' if pack else ''}")
     return train, val
 
 

@@ -10,13 +10,15 @@ import json
 import os
 import sys
 
+import numpy as np
+
 import data
 import model as pion
-from checkpoint import load_checkpoint, open_run_dir, load_tokenizer
+from checkpoint import PAD_ID, load_checkpoint, load_tokenizer, open_run_dir
 from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, run_cli
 from decoding import generate_text
 from trainer import (Runtime, TrainConfig, add_train_config_args, memory_test, seed_everything, signal_exit_code,
-                     train)
+                     train, wsd_decay_start)
 
 DEFAULTS = TrainConfig(max_steps=100_000, lr=3e-4, min_lr=3e-5, warmup_steps=1000, batch_size=64, grad_accum=2,
                        save_interval=1000)
@@ -37,7 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--num_workers", type=non_negative_int, default=4, help="data loader processes")
     p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto: cuda > mps > cpu")
     p.add_argument("--tokenizer", default=None, help="tokenizer JSON for the eval samples (default: the Pion one)")
-    p.add_argument("--sample_prompt", default="The meaning of life is", help="prompt of the sample at each eval")
+    p.add_argument("--sample_prompt", default=None,
+                   help="prompt of the sample at each eval (default: the first 16 tokens of the validation data)")
     p.add_argument("--sample_tokens", type=non_negative_int, default=48, help="tokens of that sample; 0 = none")
     p.add_argument("--memory_test", action="store_true", help="run one real training step, report peak memory, exit")
     args = p.parse_args(argv)
@@ -77,17 +80,22 @@ def check_same_model(path, checkpoint_config, asked):
                         f"{', '.join(differ)}; resume it with the flags it was trained with")
 
 
-def sample_fn(args, vocab_size, rt):
-    """A short greedy continuation of a fixed prompt, printed at each eval. Greedy and seedless, so it
-    draws nothing from the RNG that a resumed run must reproduce."""
+def sample_fn(args, vocab_size, rt, val_data):
+    """A short greedy continuation of a fixed prompt, printed at each eval: --sample_prompt, or the start of
+    the validation data (text like the data's, whatever it is). Greedy and seedless, so it draws nothing
+    from the RNG that a resumed run must reproduce."""
     if not args.sample_tokens:
         return None
     tokenizer = load_tokenizer(args.tokenizer)
     if tokenizer.get_vocab_size() > vocab_size:  # a toy vocabulary (e.g. --override vocab_size=512)
         rt.print(f"no samples: the tokenizer's {tokenizer.get_vocab_size()} ids exceed vocab_size {vocab_size}")
         return None
-    prompt = tokenizer.encode(args.sample_prompt).ids
-    return lambda model: args.sample_prompt + generate_text(model, tokenizer, prompt, args.sample_tokens)[0]
+    if args.sample_prompt is None:
+        prompt = [t for t in val_data.batch(np.array([0]))["input_ids"][0, :16].tolist() if t != PAD_ID]
+        text = tokenizer.decode(prompt)
+    else:
+        text, prompt = args.sample_prompt, tokenizer.encode(args.sample_prompt).ids
+    return lambda model: text + generate_text(model, tokenizer, prompt, args.sample_tokens)[0]
 
 
 def run_memory_test(args, config, rt):
@@ -109,42 +117,45 @@ def run_memory_test(args, config, rt):
 def pretrain(args, config, rt):
     run_dir = os.path.join(args.save_dir, args.model_size)
     prefix = f"pion_{args.model_size}"
-    resume, run_lock = open_run_dir(run_dir, prefix, args.resume, lock=rt.is_main)  # held until the run ends
-    seed_everything(config.seed)
-    if resume:
-        model, checkpoint = load_checkpoint(resume)
-        check_same_model(resume, model.config, model_config(args))
-        # Checkpoints from before data positions were saved: assume this run's batch layout.
-        checkpoint.setdefault("samples_seen", checkpoint.get("step", 0) * config.batch_size * config.grad_accum
-                              * rt.world_size)
-    else:
-        model = pion.Pion(model_config(args))
-    if config.seq_len > model.config.max_seq_len:
-        raise PionError(f"--seq_len {config.seq_len} is larger than the model's max_seq_len {model.config.max_seq_len}")
+    with open_run_dir(run_dir, prefix, args.resume, lock=rt.is_main) as resume:  # locked until the run ends
+        seed_everything(config.seed)
+        if resume:
+            model, checkpoint = load_checkpoint(resume)
+            check_same_model(resume, model.config, model_config(args))
+            # Checkpoints from before data positions were saved: assume this run's batch layout.
+            checkpoint.setdefault("samples_seen", checkpoint.get("step", 0) * config.batch_size * config.grad_accum
+                                  * rt.world_size)
+        else:
+            model = pion.Pion(model_config(args))
+        if config.seq_len > model.config.max_seq_len:
+            raise PionError(f"--seq_len {config.seq_len} is larger than the model's max_seq_len "
+                            f"{model.config.max_seq_len}")
 
-    # Both splits are checked before step 1: bad validation data must not end a run at its first eval.
-    train_data = data.PretrainData(args.data_dir, config.seq_len, "train")
-    for split in (train_data, data.PretrainData(args.data_dir, config.seq_len, "val")):
-        split.check_tokens(model.config.vocab_size)
-    loader_args = dict(batch_size=config.batch_size, seq_len=config.seq_len, vocab_size=model.config.vocab_size,
-                       rank=rt.rank, world_size=rt.world_size, pin_memory=rt.device.type == "cuda")
-    tokens_per_step = config.batch_size * config.grad_accum * rt.world_size * config.seq_len
-    rt.print(f"Pion-{args.model_size}: {model.count_parameters():,} parameters on {rt.device} x {rt.world_size}, "
-             f"{tokens_per_step:,} tokens/step, {train_data.n_samples:,} train samples/epoch")
-    rt.print(f"WSD schedule: warmup {config.warmup_steps}, constant until step "
-             f"{config.max_steps - int(config.decay_frac * config.max_steps)}, decay to {config.min_lr:g} at "
-             f"{config.max_steps}")
-    state = train(
-        model, config, rt,
-        train_batches=lambda start: data.create_dataloader(args.data_dir, "train", seed=config.seed, start_sample=start,
-                                                           num_workers=args.num_workers, **loader_args),
-        val_batches=lambda: data.create_dataloader(args.data_dir, "val", num_workers=0, **loader_args),
-        run_dir=run_dir, prefix=prefix, resume=(resume, checkpoint) if resume else None,
-        sample_fn=sample_fn(args, model.config.vocab_size, rt), saved_with={"trainer": "pretrain"},
-        data_identity=train_data.identity())
-    if state.finished:
-        rt.print(f"done: {state.tokens_seen:,} tokens in {state.step} steps")
-    return state
+        # Both splits are checked before step 1: bad validation data must not end a run at its first eval.
+        train_data = data.PretrainData(args.data_dir, config.seq_len, "train")
+        val_data = data.PretrainData(args.data_dir, config.seq_len, "val")
+        for split in (train_data, val_data):
+            split.check_tokens(model.config.vocab_size)
+        loader_args = dict(batch_size=config.batch_size, seq_len=config.seq_len, vocab_size=model.config.vocab_size,
+                           rank=rt.rank, world_size=rt.world_size, pin_memory=rt.device.type == "cuda")
+        tokens_per_step = config.batch_size * config.grad_accum * rt.world_size * config.seq_len
+        rt.print(f"Pion-{args.model_size}: {model.count_parameters():,} parameters on {rt.device} x {rt.world_size}, "
+                 f"{tokens_per_step:,} tokens/step, {train_data.n_samples:,} train samples/epoch")
+        rt.print(f"WSD schedule: warmup {config.warmup_steps}, constant until step "
+                 f"{wsd_decay_start(config.max_steps, config.decay_frac)}, decay to {config.min_lr:g} at "
+                 f"{config.max_steps}")
+        state = train(
+            model, config, rt,
+            train_batches=lambda start: data.create_dataloader(args.data_dir, "train", seed=config.seed,
+                                                               start_sample=start, num_workers=args.num_workers,
+                                                               **loader_args),
+            val_batches=lambda: data.create_dataloader(args.data_dir, "val", num_workers=0, **loader_args),
+            run_dir=run_dir, prefix=prefix, resume=(resume, checkpoint) if resume else None,
+            sample_fn=sample_fn(args, model.config.vocab_size, rt, val_data), saved_with={"trainer": "pretrain"},
+            data_identity=train_data.identity())
+        if state.finished:
+            rt.print(f"done: {state.tokens_seen:,} tokens in {state.step} steps")
+        return state
 
 
 def main(argv=None):

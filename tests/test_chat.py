@@ -90,10 +90,13 @@ def test_commands_change_settings_and_bad_values_change_nothing(capsys):
     expected = SamplingSettings(temperature=0.5, top_k=3, top_p=0.5, min_p=0.1, repetition_penalty=1.2)
     assert s.settings == expected and s.max_tokens == 20
     capsys.readouterr()
-    for line in ["/temp abc", "/temp -1", "/topk 1.5", "/topp 0", "/minp 2", "/penalty 0", "/tokens 0", "/tokens"]:
+    for line in ["/temp abc", "/temp -1", "/topk 1.5", "/topp 0", "/minp 2", "/penalty 0", "/tokens 0"]:
         assert chat.run_command(line, conversation, s)
         assert capsys.readouterr().out.startswith("usage: " + line.split()[0] + " N")
     assert s.settings == expected and s.max_tokens == 20
+    chat.run_command("/temp", conversation, s)
+    chat.run_command("/tokens", conversation, s)
+    assert capsys.readouterr().out == "temperature = 0.5\nmax_tokens = 20\n"
     chat.run_command("/system Be kind.", conversation, s)
     chat.run_command("/reset", conversation, s)
     assert conversation == chat.Conversation("Be kind.", [])

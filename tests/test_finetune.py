@@ -217,3 +217,15 @@ def test_a_new_run_never_overwrites_an_earlier_runs_checkpoints(files, tokenizer
 def test_resuming_from_a_checkpoint_finetune_did_not_write_is_refused(files, tokenizer_path, tmp_path):
     line = one_error_line(finetune(files, tokenizer_path, tmp_path, *TRAINING_FLAGS, "--resume", files.base))
     assert line == f"error: {files.base} is not a finetune.py checkpoint; to finetune it, pass it as --checkpoint"
+
+
+def test_a_checkpoint_that_cannot_be_loaded_leaves_no_empty_run_folder(files, tokenizer_path, tmp_path):
+    result = finetune(files, tokenizer_path, tmp_path / "ck", *TRAINING_FLAGS, checkpoint=str(tmp_path / "nowhere.pt"))
+    assert result.returncode == 2 and not os.path.exists(tmp_path / "ck" / "sft")
+
+
+def test_a_short_run_says_its_warmup_does_not_fit(files, tokenizer_path, tmp_path):
+    result = finetune(files, tokenizer_path, tmp_path, "--max_steps", "3", "--seq_len", "64", "--batch_size", "4",
+                      "--num_workers", "0", "--sample_tokens", "0")
+    assert result.returncode == 0, result.stderr
+    assert "warmup of 100 steps does not fit in max_steps 3; using 0 warmup steps" in result.stdout + result.stderr

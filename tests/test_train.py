@@ -400,3 +400,23 @@ def test_the_final_checkpoint_keeps_the_optimizer_only_when_asked(data_dir, tmp_
     result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--keep_final_optimizer"], tokenizer_path)
     assert result.returncode == 0, result.stderr
     assert "optimizer" in C.read_checkpoint(tmp_path / "nano" / "pion_nano_final.pt")
+
+
+def test_the_eval_sample_starts_from_the_validation_data_unless_given_a_prompt(data_dir, tmp_path, tokenizer_path):
+    # A tokenizer within the toy vocabulary of 512, so that samples are decoded.
+    from conftest import build_tokenizer
+    small = build_tokenizer(tmp_path / "small.json", vocab_size=300)
+    first = np.load(os.path.join(data_dir, "shard_00000.npy"))[-1]  # the first validation row
+    first = np.where(first < 300, first, 5)
+    shard = np.load(os.path.join(data_dir, "shard_00000.npy")) % 300
+    shard[-1] = first
+    np.save(os.path.join(data_dir, "shard_00000.npy"), shard)
+    for i in (1, 2):
+        np.save(os.path.join(data_dir, f"shard_{i:05d}.npy"), np.load(os.path.join(data_dir, f"shard_{i:05d}.npy")) % 300)
+    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "a", "--tokenizer", small], tokenizer_path)
+    from tokenizers import Tokenizer
+    start = Tokenizer.from_file(small).decode([int(t) for t in first[:16] if t != C.PAD_ID])
+    assert result.returncode == 0 and f"sample: {start!r}"[:-1] in result.stdout + result.stderr
+    given = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "b", "--tokenizer", small, "--sample_prompt",
+                       "def main"], tokenizer_path)
+    assert "sample: 'def main" in given.stdout + given.stderr
