@@ -119,6 +119,27 @@ def atomic_write(path, write, durable=False):
             os.remove(tmp)
 
 
+def write_folder_atomically(out, write):
+    """write(folder) into a hidden staging folder beside `out`, then rename it to `out` (which must be new or an
+    empty folder): a failed or interrupted write never leaves a half-written folder under the final name.
+    Returns what write returns."""
+    import shutil
+    out = os.path.abspath(out)
+    staging = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tmp{os.getpid()}")
+    try:
+        os.makedirs(staging)
+        result = write(staging)
+        if os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)
+        os.replace(staging, out)  # refuses a folder that filled up meanwhile
+        return result
+    except OSError as e:  # a full disk, a read-only or missing folder, a file as parent
+        raise PionError(f"cannot write {out}: {e.strerror or first_line(e)}")
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging)
+
+
 def use_one_line_warnings(category):
     """Warnings as `warning: ...` lines; those of `category` every time (not once per call site)."""
     warnings.simplefilter("always", category)

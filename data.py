@@ -14,7 +14,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from checkpoint import EOS_ID, PAD_ID, TOKENIZER_PATH, load_tokenizer
-from cli import ArgumentParser, PionError, atomic_write, first_line, positive_int, run_cli
+from cli import ArgumentParser, PionError, atomic_write, first_line, positive_int, run_cli, write_folder_atomically
 
 VAL_FRACTION = 0.02  # the last ~2% of the rows of every shard are validation
 DEFAULT_REPO = "SuperGoatScriptGuy/PreprocessedMIXED"
@@ -362,21 +361,15 @@ def prepare(documents, out, source, seq_len=2048, tokenizer_path=None, shard_row
     tokenizer = load_tokenizer(tokenizer_path)
     if tokenizer.get_vocab_size() > 2 ** 16:
         raise PionError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, too many for uint16 shards")
-    staging = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tmp{os.getpid()}")
-    try:
-        os.makedirs(staging)
-        summary = write_shards(tokenizer, documents, staging, seq_len, shard_rows)
+
+    def write(folder):
+        summary = write_shards(tokenizer, documents, folder, seq_len, shard_rows)
         metadata = dict(**summary, seq_len=seq_len, source=source, tokenizer=tokenizer_path or TOKENIZER_PATH)
-        atomic_write(os.path.join(staging, "metadata.json"), lambda f: f.write(json.dumps(metadata, indent=2).encode()))
-        PretrainData(staging, seq_len)  # what we wrote must load
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty (checked above)
-        os.replace(staging, out)
-    except OSError as e:  # a full disk, a read-only or missing folder
-        raise PionError(f"cannot write {out}: {e.strerror or first_line(e)}")
-    finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging)
+        atomic_write(os.path.join(folder, "metadata.json"), lambda f: f.write(json.dumps(metadata, indent=2).encode()))
+        PretrainData(folder, seq_len)  # what we wrote must load
+        return summary
+
+    summary = write_folder_atomically(out, write)
     print(f"wrote {summary['total_tokens']:,} tokens from {summary['n_documents']:,} documents as "
           f"{summary['n_rows']:,} rows of {seq_len} tokens in {summary['n_shards']} shard(s) to {out}")
 

@@ -11,11 +11,10 @@ so they need none of the permutation llama.cpp's `llama` architecture wants.
 """
 import json
 import os
-import sys
 
 from checkpoint import EOS_ID, PAD_ID, UNK_ID, load_checkpoint, load_tokenizer
 from cli import PionError
-from hf_export import CHAT_TEMPLATE, is_soft_capped, qwen3_state_dict
+from hf_export import CHAT_TEMPLATE, check_soft_cap, qwen3_state_dict
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 ARCH = "qwen3"
@@ -185,23 +184,13 @@ def check_output(path, gguf_type):
         raise PionError(f"cannot write {path}: its folder does not exist")
 
 
-def check_soft_cap(config, allow_mismatch, what="this model"):
-    if is_soft_capped(config):
-        message = (f"{what} soft-caps its attention logits (cap * tanh(score / cap), cap {config.logit_cap:g}), "
-                   f"which llama.cpp's qwen3 does not do: the export drops the cap, so its outputs differ from "
-                   f"Pion's")
-        if not allow_mismatch:
-            raise PionError(message + "; pass --allow_mismatch to export anyway")
-        print(f"warning: {message}", file=sys.stderr)
-
-
 def write_gguf(pion_model, tokenizer, path, gguf_type="f32", allow_mismatch=False):
     """Write `pion_model` (a model.Pion) and `tokenizer` (tokenizers.Tokenizer) as one GGUF file at `path`,
     which must not exist yet. gguf_type: f32, f16 or q8_0 (8-bit blocks, about a quarter of f32's size).
     Returns the path."""
     require_gguf()
     check_output(path, gguf_type)
-    check_soft_cap(pion_model.config, allow_mismatch)
+    check_soft_cap(pion_model.config, allow_mismatch, "this model", "llama.cpp's qwen3")
     return write_checked(pion_model, tokenizer, path, gguf_type)
 
 
@@ -211,7 +200,7 @@ def export_gguf(checkpoint, path, tokenizer_path=None, gguf_type="f32", allow_mi
     require_gguf()
     check_output(path, gguf_type)  # before loading what may be a large checkpoint
     pion_model, _ = load_checkpoint(checkpoint)
-    check_soft_cap(pion_model.config, allow_mismatch, what=checkpoint)
+    check_soft_cap(pion_model.config, allow_mismatch, checkpoint, "llama.cpp's qwen3")
     return write_checked(pion_model, load_tokenizer(tokenizer_path), path, gguf_type)
 
 

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from checkpoint import EOS_ID, PAD_ID, clean_state_dict, load_checkpoint, load_tokenizer
-from cli import DTYPES, PionError, first_line
+from cli import DTYPES, PionError, first_line, write_folder_atomically
 
 # The SFT template (sft_data.py): "<|role|>\n{content, stripped}\n" per turn, <|endoftext|> after each assistant turn,
 # and "<|assistant|>\n" as the generation prompt. Roles are plain text to the tokenizer, not special tokens.
@@ -146,31 +146,19 @@ def export(checkpoint, out, tokenizer_path=None, allow_mismatch=False, dtype="fl
     check_out_dir(out)
     require_transformers()
     pion_model, _ = load_checkpoint(checkpoint)
-    config = pion_model.config
+    check_soft_cap(pion_model.config, allow_mismatch, checkpoint, "transformers' Qwen3")
+    tokenizer = load_tokenizer(tokenizer_path, pion_model.config.vocab_size)
+    return write_folder_atomically(out, lambda folder: write_folder(pion_model, tokenizer, folder, DTYPES[dtype]) or out)
+
+
+def check_soft_cap(config, allow_mismatch, what, target):
+    """A soft-capped model has no exact export: refuse it, or with allow_mismatch warn that its outputs change."""
     if is_soft_capped(config):
-        message = (f"{checkpoint} soft-caps its attention logits (cap * tanh(score / cap), cap "
-                   f"{config.logit_cap:g}), which transformers' Qwen3 does not do: the export drops the cap, "
-                   f"so its outputs differ from Pion's")
+        message = (f"{what} soft-caps its attention logits (cap * tanh(score / cap), cap {config.logit_cap:g}), "
+                   f"which {target} does not do: the export drops the cap, so its outputs differ from Pion's")
         if not allow_mismatch:
             raise PionError(message + "; pass --allow_mismatch to export anyway")
         print(f"warning: {message}", file=sys.stderr)
-    tokenizer = load_tokenizer(tokenizer_path, config.vocab_size)
-    # Build in a sibling staging folder and rename it into place: a failed export leaves no half folder.
-    out = os.path.abspath(out)
-    staging = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tmp{os.getpid()}")
-    try:
-        os.makedirs(staging)
-        write_folder(pion_model, tokenizer, staging, DTYPES[dtype])
-        check_out_dir(out)
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty (checked just above)
-        os.replace(staging, out)
-    except OSError as e:  # a full disk, a read-only or missing folder
-        raise PionError(f"cannot write {out}: {e.strerror or first_line(e)}")
-    finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging)
-    return out
 
 
 def push_to_hub(folder, repo):
