@@ -9,7 +9,9 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import sys
+import urllib.parse
 import urllib.request
 
 import torch
@@ -73,10 +75,23 @@ def resolve_checkpoint(path):
         raise PionError(f"bad hub reference {path!r}: expected hf:OWNER/REPO/FILE")
     from huggingface_hub import hf_hub_download
     try:
-        return hf_hub_download(repo_id=f"{parts[0]}/{parts[1]}", filename=parts[2])
+        return hf_hub_download(repo_id=f"{parts[0]}/{parts[1]}", filename=parts[2], local_files_only=hub_unreachable())
     except Exception as e:
         raise PionError(f"cannot get {path} from the Hugging Face hub ({type(e).__name__}: {first_line(e)}); "
                         f"check the name, your network, or download the file and pass its local path")
+
+
+def hub_unreachable():
+    """True when the hub's host name does not resolve and no proxy is set (offline): huggingface_hub would
+    retry for ~25 s before failing, so only its local cache is asked."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+        return False
+    except OSError:
+        return True
 
 
 def read_checkpoint(path, map_location="cpu"):

@@ -67,3 +67,16 @@ def test_a_file_missing_from_the_offline_cache_is_one_line_and_exit_2(hub_cache,
 def test_a_malformed_hub_reference_is_refused_before_any_download(reference):
     with pytest.raises(model.PionError, match="expected hf:OWNER/REPO/FILE"):
         C.load_checkpoint(reference)
+
+
+def test_without_a_network_a_download_fails_at_once_instead_of_retrying(hub_cache, tmp_path):
+    """Not offline mode: a machine whose DNS cannot resolve the hub. huggingface_hub alone retries ~25 s."""
+    env, _ = hub_cache
+    env = {**env, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "https://hub.invalid"}  # .invalid never resolves
+    result = run(["-c", "import time, checkpoint, cli; t = time.time(); "
+                        f"cli.run_cli(lambda: checkpoint.resolve_checkpoint('hf:{REPO}/pion_missing.pt'))"], env)
+    assert result.returncode == 2 and "cannot get" in result.stderr and "Retrying" not in result.stderr
+    result = run(["-c", "import time, checkpoint; t = time.time(); "
+                        f"checkpoint.resolve_checkpoint('hf:{REPO}/{FILE}'); print(time.time() - t)"], env)
+    assert result.returncode == 0, result.stderr  # the cached file is still found, without a network
+    assert float(result.stdout) < 5
