@@ -125,6 +125,11 @@ def real_tokenizer_path():
 
 
 @pytest.fixture(scope="session")
+def real_tokenizer(real_tokenizer_path):
+    return checkpoint.load_tokenizer(real_tokenizer_path)
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tokenizer_path):
     return checkpoint.load_tokenizer(tokenizer_path)
 

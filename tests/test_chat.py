@@ -156,9 +156,10 @@ def prompt_tokens(child):
     return tokens
 
 
-def test_a_terminal_session(checkpoint, tiny_chat_model, tokenizer):
+def test_a_terminal_session(checkpoint, tiny_chat_model, tokenizer, tokenizer_path):
     child = pexpect.spawn(sys.executable, ["chat.py", "--checkpoint", checkpoint, "--temperature", "0",
-                                           "--max_tokens", "8"], cwd=ROOT, encoding="utf-8", timeout=60)
+                                           "--max_tokens", "8", "--tokenizer", tokenizer_path], cwd=ROOT,
+                          encoding="utf-8", timeout=60)
     try:
         child.expect_exact(">>> ")
         child.sendline("/temp 0.5")
@@ -205,11 +206,12 @@ def test_a_terminal_session(checkpoint, tiny_chat_model, tokenizer):
 
 
 @pytest.mark.slow
-def test_a_long_paste_reaches_the_model_whole(checkpoint, tokenizer):
+def test_a_long_paste_reaches_the_model_whole(checkpoint, tokenizer, tokenizer_path):
     """A 20,000-character line: the terminal's canonical mode would cut it at 4,095; readline does not."""
     message = " ".join(f"word{i}" for i in range(3000))[:20000]
     child = pexpect.spawn(sys.executable, ["chat.py", "--checkpoint", checkpoint, "--temperature", "0",
-                                           "--max_tokens", "4"], cwd=ROOT, encoding="utf-8", timeout=120)
+                                           "--max_tokens", "4", "--tokenizer", tokenizer_path], cwd=ROOT,
+                          encoding="utf-8", timeout=120)
     try:
         child.expect_exact(">>> ")
         child.sendline(message)

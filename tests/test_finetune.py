@@ -88,7 +88,10 @@ def one_error_line(result):
 # What training learns
 
 
-def test_assistant_tokens_are_learned_and_the_masked_tokens_are_not(files, trained, tokenizer, monkeypatch):
+def test_assistant_tokens_are_learned_and_the_masked_tokens_are_not(files, trained, tokenizer, monkeypatch,
+                                                                    real_tokenizer_path):
+    # How fast a 2-layer model learns these answers depends on how the tokenizer splits them: the
+    # thresholds below are for the published tokenizer (real_tokenizer_path skips without it).
     import datasets
     from sft_data import collate, load_sft_splits
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(files.dir / "hf_datasets_test"))
@@ -109,14 +112,14 @@ def test_assistant_tokens_are_learned_and_the_masked_tokens_are_not(files, train
 
 
 def test_the_finetuned_checkpoint_is_saved_under_save_dir_sft_and_loads(files, trained):
-    assert sorted(os.listdir(trained.sft)) == ["metrics.jsonl", f"pion_sft_{MID_STEP}.pt", "pion_sft_final.pt"]
+    assert sorted(os.listdir(trained.sft)) == [".lock", "metrics.jsonl", f"pion_sft_{MID_STEP}.pt", "pion_sft_final.pt"]
     model, checkpoint = C.load_checkpoint(trained.sft / "pion_sft_final.pt")
     base, _ = C.load_checkpoint(files.base)
     assert checkpoint["config"] == base.config and checkpoint["step"] == MAX_STEPS
     assert not torch.equal(model.layers[0].ffn.w1.weight, base.layers[0].ffn.w1.weight)
 
 
-def test_each_eval_prints_the_val_loss_and_the_greedy_answer_to_the_fixed_question(trained):
+def test_each_eval_prints_the_val_loss_and_the_greedy_answer_to_the_fixed_question(trained, real_tokenizer_path):
     val = losses(metrics(trained.save_dir), "val_loss")
     assert sorted(val) == [MID_STEP, MAX_STEPS]
     assert f"step {MAX_STEPS}: val loss {val[MAX_STEPS]:.4f}" in trained.stdout
@@ -150,12 +153,13 @@ def test_resuming_from_a_mid_run_checkpoint_reproduces_the_rest_of_the_run(files
 
 
 def test_openai_json_trains_exactly_like_sharegpt_jsonl(files, tokenizer_path, trained, tmp_path):
-    # Warmup lrs do not depend on max_steps, so the first steps must match the ShareGPT run's.
-    flags = TRAINING_FLAGS[:TRAINING_FLAGS.index("--max_steps")] + ["--max_steps", "2"] + \
+    # Warmup lrs do not depend on max_steps, so the first steps must match the ShareGPT run's (4 steps: the
+    # 3 warmup steps must fit in the run, or the warmup is shortened).
+    flags = TRAINING_FLAGS[:TRAINING_FLAGS.index("--max_steps")] + ["--max_steps", "4"] + \
         TRAINING_FLAGS[TRAINING_FLAGS.index("--max_steps") + 2:]
     result = finetune(files, tokenizer_path, tmp_path, *flags, data=["--data_file", files.openai])
     assert result.returncode == 0, result.stderr[-3000:]
-    first = losses(metrics(tmp_path))
+    first = {step: loss for step, loss in losses(metrics(tmp_path)).items() if step <= 2}
     assert first == {step: losses(metrics(trained.save_dir))[step] for step in (1, 2)}
 
 

@@ -25,6 +25,13 @@ TEXTS = ["Hello world", " leading space and  double  spaces\n\nnew lines\t", "tr
 
 
 @pytest.fixture(scope="module")
+def tokenizer(real_tokenizer):
+    """Pion's published tokenizer: what these tests check is that llama.cpp gets *it* right (its metadata, its
+    pre-tokenizer, greedy decoding of text it encodes)."""
+    return real_tokenizer
+
+
+@pytest.fixture(scope="module")
 def pion():
     return tiny_pion(use_soft_cap=False)
 

@@ -235,9 +235,9 @@ def test_conversations_without_a_trained_token_after_truncation_are_dropped_and_
 
 
 def test_packing_fills_rows_with_whole_conversations_and_trains_the_same_tokens(tokenizer, sharegpt_file):
-    train, val = sft_data.load_sft_splits(tokenizer, 64, data_file=sharegpt_file, pack=True, val_fraction=0)
+    train, val = sft_data.load_sft_splits(tokenizer, 256, data_file=sharegpt_file, pack=True, val_fraction=0)
     assert len(train) < len(CONVERSATIONS) and val.num_rows == 0
-    assert all(len(row["input_ids"]) <= 64 for row in train)
+    assert all(len(row["input_ids"]) <= 256 for row in train)
     assert max(row["input_ids"].count(0) for row in train) >= 2  # several conversations share a row
     assert all_spans(tokenizer, train) == sorted(replies(CONVERSATIONS))
 

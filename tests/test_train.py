@@ -213,6 +213,22 @@ def test_two_processes_match_one_process_with_the_same_global_batch(data_dir, tm
     assert C.load_checkpoint(tmp_path / "two" / "nano" / "pion_nano_final.pt")[1]["step"] == 6
 
 
+@pytest.mark.slow
+def test_two_processes_with_dropout_resume_exactly_with_each_ranks_rng(data_dir, tmp_path, tokenizer_path):
+    """Each rank draws its own dropout masks from its own saved RNG: resuming both reproduces the run."""
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    flags = ["--data_dir", data_dir, "--batch_size", 2, "--override", "dropout=0.1"]
+    full = run_train([*flags, "--save_dir", tmp_path / "a"], tokenizer_path, launcher=torchrun)
+    assert full.returncode == 0, full.stderr
+    assert len(C.read_checkpoint(tmp_path / "a" / "nano" / "pion_nano_3.pt")["rng"]) == 2  # one state per rank
+    resumed = run_train([*flags, "--save_dir", tmp_path / "b", "--resume", tmp_path / "a" / "nano" / "pion_nano_3.pt"],
+                        tokenizer_path, launcher=torchrun)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    for step in (4, 5, 6):
+        assert a[step] == pytest.approx(b[step], abs=1e-6), step
+
+
 def test_memory_test_reports_peak_memory_and_exits_0(tokenizer_path):
     result = run_train(["--memory_test", "--batch_size", "2", "--seq_len", "64"], tokenizer_path)
     assert result.returncode == 0, result.stderr
