@@ -1,0 +1,353 @@
+"""Pion as a model of lm-evaluation-harness: any harness task (HellaSwag, ARC, PIQA, your own YAML) on any
+Pion checkpoint, scored with Pion's own forward (soft-cap included) and generated with decoding.py's engine.
+
+    lm = PionLM(model, tokenizer)                    # or: lm_eval --model pion --model_args checkpoint=PATH
+    results = run_tasks(lm, ["hellaswag"], limit=500)
+
+The scoring is the harness's `hf` backend's (same tokenization, EOS as the context of an empty one, the same
+left truncation), computed more cheaply: requests are sorted by length and batched, identical inputs run
+once, and the vocabulary projection is computed only at the positions whose next token is scored.
+eval.py is the command line; the trainers call run_tasks at each eval interval (--eval_tasks).
+"""
+import json
+import logging
+import math
+import os
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from checkpoint import EOS_ID, PAD_ID, load_model, load_tokenizer
+from cli import PionError, first_line
+from decoding import GREEDY, SamplingSettings, TextStream, generate_tokens, seeded_generator
+from hf_export import CHAT_TEMPLATE
+from sft_data import TURN_PREFIXES, TURN_SUFFIX
+
+DEFAULT_MAX_GEN_TOKS = 256
+
+
+@register_model("pion")
+class PionLM(TemplateLM):
+    """A Pion model and its tokenizer behind the harness's LM API.
+
+    model: a Pion (any device, dtype, train or eval mode: scoring runs in eval mode and restores it), or
+    None with checkpoint (a path or hf:OWNER/REPO/FILE), which `lm_eval --model pion` passes.
+    Under torch.distributed every rank holds the model and the harness gives each rank its share of the
+    requests; scores are gathered on rank 0."""
+
+    def __init__(self, model=None, tokenizer=None, checkpoint=None, device="auto", dtype=None, batch_size=16,
+                 max_gen_toks=DEFAULT_MAX_GEN_TOKS, seed=1234, **ignored):
+        super().__init__()
+        if model is None:
+            if checkpoint is None:
+                raise PionError("PionLM needs a model or a checkpoint")
+            model, _ = load_model(checkpoint, device or "auto", dtype)
+        if tokenizer is None or isinstance(tokenizer, str):
+            self.tokenizer_path = tokenizer
+            tokenizer = load_tokenizer(tokenizer, model.config.vocab_size)
+        else:
+            self.tokenizer_path = None
+        self.model, self.tokenizer = model, tokenizer
+        # "auto" (the harness's default) has no meaning here: the batches are small and sorted, so any size works.
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
+        self.max_gen_toks = int(max_gen_toks)
+        self.seed = seed
+        self.distributed = dist.is_available() and dist.is_initialized()
+        if self.distributed:
+            self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
+
+    # ------------------------------------------------------------------------------------------------
+    # What the harness asks of a model
+
+    @property
+    def device(self):
+        return self.model.embed.weight.device
+
+    @property
+    def eot_token_id(self):
+        return EOS_ID  # also the prefix of an empty context: Pion has no BOS, every document follows an EOS
+
+    @property
+    def max_length(self):
+        return self.model.config.max_seq_len
+
+    @property
+    def tokenizer_name(self):
+        return f"pion-{os.path.basename(self.tokenizer_path or 'pile_tokenizer.json')}"
+
+    def chat_template(self, chat_template=False):
+        return CHAT_TEMPLATE
+
+    def apply_chat_template(self, chat_history, add_generation_prompt=True):
+        """The SFT template as text (sft_data.py renders the same turns as ids): `<|role|>\\n{content}\\n` per
+        turn, <|endoftext|> after an assistant turn, and `<|assistant|>\\n` for the model to answer after."""
+        text = ""
+        for message in chat_history:
+            if message["role"] not in TURN_PREFIXES:
+                raise PionError(f"Pion chats have system, user and assistant turns, not {message['role']!r}")
+            text += TURN_PREFIXES[message["role"]] + message["content"] + TURN_SUFFIX
+            if message["role"] == "assistant":
+                text += self.tokenizer.decode([EOS_ID], skip_special_tokens=False)
+        if add_generation_prompt:
+            text += TURN_PREFIXES["assistant"]
+        return text
+
+    def tok_encode(self, string, add_special_tokens=None, **kwargs):
+        return self.tokenizer.encode(string).ids  # no BOS or other added tokens
+
+    def tok_decode(self, ids, skip_special_tokens=True):
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # torch.distributed for the harness's bookkeeping (request counts, gathered metrics).
+    def all_gather(self, tensor):
+        if not self.distributed:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor)
+        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+    def gather_object(self, obj, dst=0):
+        if not self.distributed:
+            return [obj]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered if self.rank == dst else None
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+    # ------------------------------------------------------------------------------------------------
+    # Scoring
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):
+        """requests: [((context, continuation) or None, context ids, continuation ids)] -> [(log p, is greedy)].
+
+        As in the harness: the scored sequence is context + continuation, its last max_length + 1 tokens
+        (longer ones lose their oldest context), and the continuation's tokens are predicted from the
+        positions before them. Requests whose inputs are identical (one-token answers to one question) share
+        a row; rows are sorted longest first, so each batch pads little."""
+        L = self.max_length
+        rows, row_of = [], {}  # distinct model inputs, and the row of each one
+        scored = []  # per request: (row, first predicting position, continuation ids)
+        for _, context, continuation in requests:
+            if not continuation:
+                raise ValueError("the harness sent an empty continuation")
+            tokens = (context + continuation)[-(L + 1):]
+            inputs = tuple(tokens[:-1])
+            if inputs not in row_of:
+                row_of[inputs] = len(rows)
+                rows.append(inputs)
+            n = len(continuation)
+            scored.append((row_of[inputs], len(inputs) - n, tokens[-n:]))
+        by_row = defaultdict(list)
+        for i, (row, _, _) in enumerate(scored):
+            by_row[row].append(i)
+
+        results = [None] * len(requests)
+        order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
+        bar = tqdm(total=len(requests), desc="scoring", disable=disable_tqdm or self.rank != 0)
+        with self._eval_mode():
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start:start + self.batch_size]
+                slot = {row: j for j, row in enumerate(batch)}  # row -> its place in this batch
+                members = [i for row in batch for i in by_row[row]]
+                batch_scored = [(slot[scored[i][0]], *scored[i][1:]) for i in members]
+                for i, score in zip(members, self._score_batch([rows[row] for row in batch], batch_scored)):
+                    results[i] = score
+                    if requests[i][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], score)
+                bar.update(len(members))
+        bar.close()
+        return results
+
+    def _score_batch(self, rows, scored):
+        """rows: token tuples; scored: (row, first position, target ids) -> [(sum of log p, all greedy)].
+        Only the scored positions reach the vocabulary projection: (positions, V), never (B, T, V)."""
+        device = self.device
+        T = max(map(len, rows))
+        input_ids = torch.tensor([list(r) + [PAD_ID] * (T - len(r)) for r in rows], device=device)
+        hidden = self.model.hidden_states(input_ids)  # right padding: causal attention never sees it
+        row_index = torch.tensor([row for row, first, targets in scored for _ in targets], device=device)
+        positions = torch.tensor([first + k for row, first, targets in scored for k in range(len(targets))],
+                                 device=device)
+        targets = torch.tensor([t for _, _, targets in scored for t in targets], device=device)
+        logits = self.model.logits(hidden[row_index, positions])
+        log_probs = F.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+        greedy = logits.argmax(dim=-1) == targets
+        out, start = [], 0
+        for _, _, target_ids in scored:
+            end = start + len(target_ids)
+            out.append((float(log_probs[start:end].sum()), bool(greedy[start:end].all())))
+            start = end
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm=False):
+        """Whole-text log-likelihood (perplexity tasks): windows of max_length tokens, each token scored once,
+        the first after EOS, as the harness's rolling windows define."""
+        windows, owner = [], []
+        for i, (text,) in enumerate(req.args for req in requests):
+            for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
+                    self.tok_encode(text), prefix_token=EOS_ID, max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, context, continuation))
+                owner.append(i)
+        totals = [0.0] * len(requests)
+        for i, (log_p, _) in zip(owner, self._loglikelihood_tokens(windows, disable_tqdm)):
+            totals[i] += log_p
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # ------------------------------------------------------------------------------------------------
+    # Generation
+
+    def generate_until(self, requests, disable_tqdm=False):
+        """Continue each context until one of its stop strings (or <|endoftext|>, or max_gen_toks), through
+        generate_tokens and TextStream: the text returned ends before the stop string."""
+        groups = defaultdict(list)  # requests with the same generation settings decode together
+        for i, req in enumerate(requests):
+            groups[json.dumps(req.args[1], sort_keys=True, default=str)].append(i)
+        results = [None] * len(requests)
+        bar = tqdm(total=len(requests), desc="generating", disable=disable_tqdm or self.rank != 0)
+        with self._eval_mode():
+            for members in groups.values():
+                kwargs = dict(requests[members[0]].args[1])
+                until = kwargs.get("until") or []
+                until = [until] if isinstance(until, str) else list(until)
+                max_new = int(kwargs.get("max_gen_toks", kwargs.get("max_new_tokens", self.max_gen_toks)))
+                context_room = self.max_length - max_new
+                if context_room < 1:
+                    raise PionError(f"max_gen_toks {max_new} leaves no room for a context in max_seq_len "
+                                    f"{self.max_length}")
+                settings = sampling_settings(kwargs)
+                prompts = {i: self.tok_encode(requests[i].args[0])[-context_room:] for i in members}
+                members = sorted(members, key=lambda i: -len(prompts[i]))
+                for start in range(0, len(members), self.batch_size):
+                    batch = members[start:start + self.batch_size]
+                    texts = self._generate([prompts[i] for i in batch], max_new, settings, until)
+                    for i, text in zip(batch, texts):
+                        results[i] = text
+                        self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                    bar.update(len(batch))
+        bar.close()
+        return results
+
+    def _generate(self, prompts, max_new_tokens, settings, until):
+        generator = None if settings is GREEDY else seeded_generator(self.device, self.seed)
+        streams = [TextStream(self.tokenizer, until) for _ in prompts]
+        for column in generate_tokens(self.model, prompts, max_new_tokens, settings, generator):
+            for stream, token in zip(streams, column.tolist()):
+                if stream.finished:
+                    continue
+                if token == EOS_ID:
+                    stream.finish()
+                else:
+                    stream.push(token)
+                    if stream.stopped:
+                        stream.finish()
+            if self._all_ranks_done(all(stream.finished for stream in streams)):
+                break
+        for stream in streams:
+            if not stream.finished:  # max_new_tokens reached: release what was held back
+                stream.finish()
+        return [stream.text for stream in streams]
+
+    def _all_ranks_done(self, done):
+        """Whether every rank's batch is finished. Ranks decode in step (a sharded model's forward is a
+        collective), so a rank whose rows are done keeps stepping until the others are too."""
+        if not self.distributed:
+            return done
+        flag = torch.tensor(float(done), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _eval_mode(self):
+        return EvalMode(self.model)
+
+
+class EvalMode:
+    """Inference mode and model.eval() for a block, restoring the model's mode after (the trainers call
+    the harness mid-run)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+        self.no_grad = torch.inference_mode()
+        self.no_grad.__enter__()
+
+    def __exit__(self, *exc):
+        self.no_grad.__exit__(*exc)
+        self.model.train(self.was_training)
+
+
+def sampling_settings(gen_kwargs):
+    """The harness's generation kwargs -> SamplingSettings: greedy unless do_sample with a temperature > 0."""
+    temperature = float(gen_kwargs.get("temperature", 1.0) or 0.0)
+    if not gen_kwargs.get("do_sample", False) or temperature == 0:
+        return GREEDY
+    return SamplingSettings(temperature=temperature, top_k=int(gen_kwargs.get("top_k", 0) or 0),
+                            top_p=float(gen_kwargs.get("top_p", 1.0) or 1.0))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running tasks
+
+
+def task_manager(tasks, include_path=None):
+    """A TaskManager that knows every name in `tasks` and has their data, else a PionError (an unknown name,
+    data the hub cannot give: no network, HF_DATASETS_OFFLINE). Checked before any model is scored; the
+    data stays in the datasets cache for the evaluation itself. Indexing the harness's own thousands of
+    tasks takes seconds, so when include_path alone has them all only that folder is indexed."""
+    from lm_eval.tasks import TaskManager
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    manager = None
+    if include_path is not None:
+        if not os.path.isdir(include_path):
+            raise PionError(f"--include_path {include_path} is not a folder")
+        manager = TaskManager(include_path=include_path, include_defaults=False)
+    if manager is None or not all(name in manager.all_tasks for name in tasks):
+        manager = TaskManager(include_path=include_path)
+    unknown = [name for name in tasks if name not in manager.all_tasks]
+    if unknown:
+        raise PionError(f"unknown task(s) {', '.join(unknown)}: see `lm_eval ls tasks` for the harness's "
+                        f"names, or add YAML files with --include_path")
+    try:
+        manager.load(list(tasks))
+    except (ConnectionError, FileNotFoundError) as e:
+        raise PionError(f"cannot load the data of {', '.join(tasks)} ({first_line(e)}); check your network "
+                        f"and HF_DATASETS_OFFLINE / HF_HUB_OFFLINE, or run it where the data is cached")
+    return manager
+
+
+def run_tasks(lm, tasks, manager=None, limit=None, num_fewshot=None, apply_chat_template=False,
+              log_samples=False, bootstrap_iters=1000):
+    """Evaluate lm on the named tasks (manager: from task_manager) -> the harness's results dict on rank 0,
+    None on the other ranks."""
+    from lm_eval import simple_evaluate
+    return simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager or task_manager(tasks), limit=limit,
+                           num_fewshot=num_fewshot, apply_chat_template=apply_chat_template,
+                           log_samples=log_samples, bootstrap_iters=bootstrap_iters)
+
+
+def metric_values(results):
+    """The results dict's numbers as {"eval/<task>/<metric>": value}: stderr left out, and the filter named
+    only when it is not the default ("none")."""
+    values = {}
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            metric, _, filter_name = key.partition(",")
+            if not filter_name or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            name = metric if filter_name == "none" else f"{metric}_{filter_name}"
+            if math.isfinite(value):
+                values[f"eval/{task}/{name}"] = float(value)
+    return values
