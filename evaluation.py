@@ -9,12 +9,15 @@ left truncation), computed more cheaply: requests are sorted by length and batch
 once, and the vocabulary projection is computed only at the positions whose next token is scored.
 eval.py is the command line; the trainers call run_tasks at each eval interval (--eval_tasks).
 """
+import contextlib
 import json
 import logging
 import math
 import os
+import random
 from collections import defaultdict
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -42,7 +45,7 @@ class PionLM(TemplateLM):
     requests; scores are gathered on rank 0."""
 
     def __init__(self, model=None, tokenizer=None, checkpoint=None, device="auto", dtype=None, batch_size=16,
-                 max_gen_toks=DEFAULT_MAX_GEN_TOKS, seed=1234, **ignored):
+                 max_gen_toks=DEFAULT_MAX_GEN_TOKS, seed=1234, progress=True, **ignored):
         super().__init__()
         if model is None:
             if checkpoint is None:
@@ -58,6 +61,7 @@ class PionLM(TemplateLM):
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
         self.max_gen_toks = int(max_gen_toks)
         self.seed = seed
+        self.progress = progress  # the progress bars (the trainers turn them off)
         self.distributed = dist.is_available() and dist.is_initialized()
         if self.distributed:
             self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
@@ -152,7 +156,7 @@ class PionLM(TemplateLM):
 
         results = [None] * len(requests)
         order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
-        bar = tqdm(total=len(requests), desc="scoring", disable=disable_tqdm or self.rank != 0)
+        bar = tqdm(total=len(requests), desc="scoring", disable=disable_tqdm or not self.progress or self.rank != 0)
         with self._eval_mode():
             for start in range(0, len(order), self.batch_size):
                 batch = order[start:start + self.batch_size]
@@ -214,7 +218,7 @@ class PionLM(TemplateLM):
         for i, req in enumerate(requests):
             groups[json.dumps(req.args[1], sort_keys=True, default=str)].append(i)
         results = [None] * len(requests)
-        bar = tqdm(total=len(requests), desc="generating", disable=disable_tqdm or self.rank != 0)
+        bar = tqdm(total=len(requests), desc="generating", disable=disable_tqdm or not self.progress or self.rank != 0)
         with self._eval_mode():
             for members in groups.values():
                 kwargs = dict(requests[members[0]].args[1])
@@ -351,3 +355,51 @@ def metric_values(results):
             if math.isfinite(value):
                 values[f"eval/{task}/{name}"] = float(value)
     return values
+
+
+# ----------------------------------------------------------------------------------------------------
+# Benchmarks during training
+
+
+def training_benchmarks(tasks, tokenizer, vocab_size, limit=None, include_path=None, batch_size=16):
+    """trainer.train's benchmark_fn for --eval_tasks: model -> {"eval/<task>/<metric>": value} on rank 0 ({}
+    elsewhere). Task names and data are checked now, before training starts. Under torchrun each rank scores
+    its share of the requests. The harness seeds the global RNGs; they are restored after each run, so a
+    run with benchmarks trains exactly as one without."""
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise PionError(f"--eval_tasks: the tokenizer's {tokenizer.get_vocab_size()} ids exceed the model's "
+                        f"vocab_size {vocab_size}")
+    manager = task_manager(names, include_path)
+
+    def benchmark(model):
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state(), \
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        try:
+            with unsharded(model):
+                lm = PionLM(model, tokenizer, batch_size=batch_size, progress=False)
+                results = run_tasks(lm, names, manager, limit=limit, bootstrap_iters=0)
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+            if saved[3] is not None:
+                torch.cuda.set_rng_state_all(saved[3])
+        return metric_values(results) if results is not None else {}
+
+    return benchmark
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """FSDP2 gathers a module's parameters in a hook on its forward(); PionLM calls hidden_states() and
+    logits(), which the root module's hook does not see, so gather the root's parameters for the whole run.
+    The blocks are their own FSDP modules and gather in their forwards as usual."""
+    if not hasattr(model, "unshard"):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()

@@ -14,6 +14,7 @@ import os
 
 import torch.distributed as dist
 
+from bpb import token_byte_lengths
 from checkpoint import check_save_dir, load_checkpoint, load_tokenizer
 from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, positive_int, run_cli
 from decoding import generate_text
@@ -37,6 +38,10 @@ def parse_args(argv=None):
                    help="the question answered at each eval")
     p.add_argument("--sample_tokens", type=non_negative_int, default=48, help="tokens of that answer; 0 = none")
     add_train_config_args(p, DEFAULTS)
+    p.add_argument("--eval_tasks", default=None,
+                   help="lm-evaluation-harness tasks scored at each eval, e.g. hellaswag,arc_easy (pip install lm-eval)")
+    p.add_argument("--eval_limit", type=positive_int, default=None, help="examples per task at each eval (default: all)")
+    p.add_argument("--eval_include_path", default=None, help="folder of task YAML files of your own for --eval_tasks")
     p.add_argument("--no_soft_cap", action="store_true", help="refuse soft-capped checkpoints (plain SDPA only)")
     p.add_argument("--save_dir", default="checkpoints", help="checkpoints go to SAVE_DIR/sft/")
     p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest in the save dir")
@@ -130,7 +135,9 @@ def finetune(args, config, rt):
                                                             start // global_batch, pad_to), rt),
         val_batches=lambda: val_batches(val_rows, config.batch_size, rt, pad_to),
         run_dir=run_dir, prefix=PREFIX, resume=(resume, checkpoint) if resume else None,
-        sample_fn=sample_fn(args, tokenizer), saved_with={"trainer": "sft", "source": args.checkpoint})
+        sample_fn=sample_fn(args, tokenizer), saved_with={"trainer": "sft", "source": args.checkpoint},
+        token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size),
+        benchmark_fn=benchmark_fn(args, tokenizer, model.config.vocab_size, config.batch_size))
     if state.finished:
         rt.print(f"done: {state.step} steps, {state.tokens_seen:,} tokens; "
                  f"chat with it: python chat.py --checkpoint {os.path.join(run_dir, PREFIX + '_final.pt')}")
@@ -139,6 +146,18 @@ def finetune(args, config, rt):
 def is_sft_checkpoint(checkpoint):
     # Checkpoints before "trainer" was saved stored finetune.py's flags, which include --checkpoint.
     return checkpoint.get("trainer") == "sft" or "checkpoint" in checkpoint.get("args", {})
+
+
+def benchmark_fn(args, tokenizer, vocab_size, batch_size):
+    """--eval_tasks: harness scores at each eval. lm_eval is imported only then: training needs none of it."""
+    if not args.eval_tasks:
+        return None
+    try:
+        import evaluation
+    except ImportError as e:
+        raise PionError(f"--eval_tasks needs lm-evaluation-harness ({e}): pip install lm-eval")
+    return evaluation.training_benchmarks(args.eval_tasks, tokenizer, vocab_size, args.eval_limit,
+                                          args.eval_include_path, batch_size)
 
 
 def main(argv=None):

@@ -12,7 +12,8 @@ import sys
 import data
 import model as pion
 from checkpoint import check_save_dir, load_checkpoint, load_tokenizer
-from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, run_cli
+from bpb import token_byte_lengths
+from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, positive_int, run_cli
 from decoding import generate_text
 from trainer import Runtime, TrainConfig, add_train_config_args, memory_test, resume_path, seed_everything, train
 
@@ -27,6 +28,10 @@ def parse_args(argv=None):
                    help="change a PionConfig field of the size, e.g. --override n_layers=8 (repeatable)")
     p.add_argument("--data_dir", default=None, help="folder of shard_*.npy (see data.py)")
     add_train_config_args(p, DEFAULTS)
+    p.add_argument("--eval_tasks", default=None,
+                   help="lm-evaluation-harness tasks scored at each eval, e.g. hellaswag,arc_easy (pip install lm-eval)")
+    p.add_argument("--eval_limit", type=positive_int, default=None, help="examples per task at each eval (default: all)")
+    p.add_argument("--eval_include_path", default=None, help="folder of task YAML files of your own for --eval_tasks")
     p.add_argument("--decay_frac", type=float, default=DEFAULTS.decay_frac,
                    help="WSD: fraction of max_steps spent decaying")
     p.add_argument("--no_soft_cap", action="store_true", help="plain SDPA attention without logit soft-capping")
@@ -114,6 +119,7 @@ def pretrain(args, config, rt):
         raise PionError(f"--seq_len {config.seq_len} is larger than the model's max_seq_len {model.config.max_seq_len}")
 
     train_data = data.PretrainData(args.data_dir, config.seq_len, "train")
+    tokenizer = load_tokenizer(args.tokenizer)  # its byte lengths give val_bpb; --eval_tasks encodes with it
     loader_args = dict(batch_size=config.batch_size, seq_len=config.seq_len, vocab_size=model.config.vocab_size,
                        rank=rt.rank, world_size=rt.world_size, pin_memory=rt.device.type == "cuda")
     tokens_per_step = config.batch_size * config.grad_accum * rt.world_size * config.seq_len
@@ -128,9 +134,23 @@ def pretrain(args, config, rt):
                                                            num_workers=args.num_workers, **loader_args),
         val_batches=lambda: data.create_dataloader(args.data_dir, "val", num_workers=0, **loader_args),
         run_dir=run_dir, prefix=prefix, resume=(resume, checkpoint) if resume else None,
-        sample_fn=sample_fn(args, model.config.vocab_size, rt), saved_with={"trainer": "pretrain"})
+        sample_fn=sample_fn(args, model.config.vocab_size, rt), saved_with={"trainer": "pretrain"},
+        token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size),
+        benchmark_fn=benchmark_fn(args, tokenizer, model.config.vocab_size, config.batch_size))
     if state.finished:
         rt.print(f"done: {state.tokens_seen:,} tokens in {state.step} steps")
+
+
+def benchmark_fn(args, tokenizer, vocab_size, batch_size):
+    """--eval_tasks: harness scores at each eval. lm_eval is imported only then: training needs none of it."""
+    if not args.eval_tasks:
+        return None
+    try:
+        import evaluation
+    except ImportError as e:
+        raise PionError(f"--eval_tasks needs lm-evaluation-harness ({e}): pip install lm-eval")
+    return evaluation.training_benchmarks(args.eval_tasks, tokenizer, vocab_size, args.eval_limit,
+                                          args.eval_include_path, batch_size)
 
 
 def main(argv=None):

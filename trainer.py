@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from tqdm import tqdm
 
+from bpb import bits_per_byte
 from checkpoint import find_resume_checkpoint, prune_checkpoints, save_checkpoint
 from cli import PionError, first_line, pick_device
 
@@ -299,24 +300,32 @@ def peak_flops(device):
 
 
 @torch.no_grad()
-def evaluate(model, batches, rt, steps):
-    """Mean loss per trained token over up to `steps` validation batches on every rank. Ranks stop together
-    when any runs out (an FSDP forward is a collective: a rank running one batch more would hang)."""
+def evaluate(model, batches, rt, steps, token_bytes=None):
+    """{"val_loss": mean loss per trained token, "val_bpb": bits per UTF-8 byte of those tokens} over up to
+    `steps` validation batches on every rank; val_bpb needs token_bytes (bpb.token_byte_lengths). Ranks stop
+    together when any runs out (an FSDP forward is a collective: a rank running one batch more would hang)."""
     was_training = model.training
     model.eval()
     batches = iter(batches)
-    loss_sum, tokens = 0.0, 0
+    loss_sum, tokens, n_bytes = 0.0, 0, 0
     for _ in range(steps):
         batch = next(batches, None)
         if not rt.all_reduce(float(batch is not None), dist.ReduceOp.MIN):
             break
         labels = batch["labels"].to(rt.device)
-        count = int((labels[:, 1:] != -100).sum())
+        targets = labels[:, 1:]
+        count = int((targets != -100).sum())
         with rt.autocast():
             loss_sum += model(batch["input_ids"].to(rt.device), labels=labels)["loss"].item() * count
         tokens += count
+        if token_bytes is not None:
+            n_bytes += int(token_bytes.to(rt.device)[targets[targets != -100]].sum())
     model.train(was_training)
-    return rt.all_reduce(loss_sum) / max(rt.all_reduce(tokens), 1)
+    loss_sum = rt.all_reduce(loss_sum)
+    metrics = {"val_loss": loss_sum / max(rt.all_reduce(tokens), 1)}
+    if token_bytes is not None:
+        metrics["val_bpb"] = bits_per_byte(loss_sum, rt.all_reduce(n_bytes))
+    return metrics
 
 
 def train_step(model, optimizer, batches, rt, grad_accum, grad_clip, lr):
@@ -358,7 +367,7 @@ def train_step(model, optimizer, batches, rt, grad_accum, grad_clip, lr):
 
 
 def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume=None, sample_fn=None,
-          saved_with=None):
+          saved_with=None, token_bytes=None, benchmark_fn=None):
     """Train `model` (unwrapped, on any device) by `config`; returns the final TrainState.
 
     train_batches(samples_seen): the training batch iterator positioned after the samples already seen;
@@ -366,7 +375,10 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
     Checkpoints are run_dir/<prefix>_<step>.pt and <prefix>_final.pt.
     resume: (path, checkpoint dict) of the run to continue: its state, optimizer moments and RNG.
     sample_fn(model) -> text: printed at each eval (on the unwrapped model, on every rank).
-    saved_with: extra entries for every checkpoint (e.g. which trainer wrote it)."""
+    saved_with: extra entries for every checkpoint (e.g. which trainer wrote it).
+    token_bytes: each id's UTF-8 length (bpb.token_byte_lengths), for val_bpb next to val_loss.
+    benchmark_fn(model) -> {"eval/<task>/<metric>": value}: benchmark scores at each eval (on the unwrapped
+    model, on every rank: each scores its share of the requests)."""
     state = TrainState()
     if resume is not None:
         path, checkpoint = resume
@@ -435,9 +447,13 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
                 metrics.write(**record)
 
             if step % config.eval_interval == 0 or step == config.max_steps:
-                val_loss = evaluate(wrapped, val_batches(), rt, config.eval_steps)
-                rt.print(f"step {step}: val loss {val_loss:.4f}, ppl {math.exp(min(val_loss, 20)):.2f}")
-                metrics.write(step=step, val_loss=val_loss, tokens_seen=state.tokens_seen)
+                val = evaluate(wrapped, val_batches(), rt, config.eval_steps, token_bytes)
+                if benchmark_fn is not None:
+                    val.update(benchmark_fn(model))
+                rt.print(f"step {step}: val loss {val['val_loss']:.4f}, ppl {math.exp(min(val['val_loss'], 20)):.2f}"
+                         + "".join(f", {name.replace('val_', '')} {value:.4f}" for name, value in val.items()
+                                   if name != "val_loss"))
+                metrics.write(step=step, **val, tokens_seen=state.tokens_seen)
                 if sample_fn is not None:
                     rt.print(f"sample: {sample_fn(model)!r}")  # unwrapped (FSDP2 shards in place: all ranks call it)
 

@@ -11,6 +11,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="pion_eval_datasets_"))
 
 import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -21,7 +23,7 @@ lm_eval = pytest.importorskip("lm_eval")
 import evaluation  # noqa: E402
 import hf_export  # noqa: E402
 from checkpoint import EOS_ID  # noqa: E402
-from conftest import assert_one_line_error, run_in_process, save_tiny_checkpoint, tiny_pion  # noqa: E402
+from conftest import ROOT, assert_one_line_error, run_in_process, save_tiny_checkpoint, tiny_pion  # noqa: E402
 
 MC_TASK, GEN_TASK = "pion_test_mc", "pion_test_gen"
 WORDS = "red green blue yellow river mountain forest city bread apple stone window music winter summer".split()
@@ -260,3 +262,77 @@ def test_missing_checkpoint_is_one_line(tasks, tmp_path, tokenizer_path):
 def test_a_task_whose_data_is_on_the_unreachable_hub_is_one_line(exported, tokenizer_path):
     result = run_eval("--checkpoint", exported[1], "--tasks", "hellaswag", "--tokenizer", tokenizer_path)
     assert_one_line_error(result, "hellaswag")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Benchmarks during training (train.py --eval_tasks)
+
+REAL_VOCAB_TINY = ["--override", "vocab_size=50258", "--sample_tokens", "0"]  # test_train's tiny model, real vocabulary
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    import numpy as np
+    path = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        np.save(path / f"shard_{i:05d}.npy", rng.integers(3, 50000, size=(48, 64)).astype(np.uint16))
+    return path
+
+
+def train_records(save_dir):
+    with open(os.path.join(save_dir, "nano", "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_training_logs_benchmark_scores_at_each_eval(shards, tasks, tmp_path, tokenizer_path):
+    from test_train import run_train
+    result = run_train([*REAL_VOCAB_TINY, "--data_dir", shards, "--save_dir", tmp_path, "--eval_tasks", MC_TASK,
+                        "--eval_limit", 8, "--eval_include_path", tasks], tokenizer_path)
+    assert result.returncode == 0, result.stderr
+    evals = [r for r in train_records(tmp_path) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    for record in evals:
+        assert {"val_bpb", f"eval/{MC_TASK}/acc", f"eval/{MC_TASK}/acc_norm"} <= set(record)
+        assert record[f"eval/{MC_TASK}/acc"] in {k / 8 for k in range(9)}  # 8 questions scored
+    assert f"eval/{MC_TASK}/acc" in result.stdout
+
+
+def test_benchmarks_leave_the_training_run_unchanged(shards, tasks, tmp_path, tokenizer_path):
+    """The harness seeds the global RNGs; with dropout on, a changed RNG stream would change the losses."""
+    from test_train import run_train
+    common = [*REAL_VOCAB_TINY, "--override", "dropout=0.1", "--data_dir", shards]
+    plain = run_train([*common, "--save_dir", tmp_path / "a"], tokenizer_path)
+    scored = run_train([*common, "--save_dir", tmp_path / "b", "--eval_tasks", MC_TASK, "--eval_limit", 4,
+                        "--eval_include_path", tasks], tokenizer_path)
+    assert plain.returncode == 0 and scored.returncode == 0, plain.stderr + scored.stderr
+    losses = lambda path: [r["loss"] for r in train_records(path) if "loss" in r]  # noqa: E731
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_training_without_eval_tasks_never_imports_lm_eval(shards, tmp_path, tokenizer_path):
+    code = ("import sys, train, cli; from test_train import TINY; "
+            f"cli.run_cli(lambda: train.main(TINY + ['--override', 'vocab_size=50258', '--data_dir', {str(shards)!r}, '--save_dir', {str(tmp_path)!r}, "
+            f"'--max_steps', '2', '--eval_interval', '1', '--seq_len', '32', '--batch_size', '2', '--num_workers', "
+            f"'0', '--tokenizer', {tokenizer_path!r}])); "
+            "assert not [m for m in sys.modules if m.startswith('lm_eval')], 'lm_eval imported'")
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests")}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def test_two_processes_split_the_requests_and_report_the_same_scores(shards, tasks, tmp_path, tokenizer_path):
+    from test_train import run_train
+    flags = [*REAL_VOCAB_TINY, "--data_dir", shards, "--eval_tasks", f"{MC_TASK},{GEN_TASK}", "--eval_limit", 9,
+             "--eval_include_path", tasks, "--max_steps", 3]
+    single = run_train([*flags, "--save_dir", tmp_path / "one", "--batch_size", 4], tokenizer_path)
+    assert single.returncode == 0, single.stderr
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    double = run_train([*flags, "--save_dir", tmp_path / "two", "--batch_size", 2], tokenizer_path, launcher=torchrun)
+    assert double.returncode == 0, double.stderr
+    one, two = train_records(tmp_path / "one")[-1], train_records(tmp_path / "two")[-1]
+    scores = [key for key in one if key.startswith("eval/")]
+    assert {f"eval/{MC_TASK}/acc", f"eval/{GEN_TASK}/exact_match"} <= set(scores)
+    for key in scores:
+        assert one[key] == pytest.approx(two[key], abs=1e-6), key
