@@ -33,6 +33,7 @@ from hf_export import CHAT_TEMPLATE
 from sft_data import TURN_PREFIXES, TURN_SUFFIX
 
 DEFAULT_MAX_GEN_TOKS = 256
+SCORE_BYTES = 2**29  # at most about this much soft-capped attention scores per batch (see PionLM._batches)
 
 
 @register_model("pion")
@@ -134,63 +135,98 @@ class PionLM(TemplateLM):
         """requests: [((context, continuation) or None, context ids, continuation ids)] -> [(log p, is greedy)].
 
         As in the harness: the scored sequence is context + continuation, its last max_length + 1 tokens
-        (longer ones lose their oldest context), and the continuation's tokens are predicted from the
-        positions before them. Requests whose inputs are identical (one-token answers to one question) share
-        a row; rows are sorted longest first, so each batch pads little."""
+        (longer ones lose their oldest context), and each continuation token is predicted from the positions
+        before it. The choices of one question share their context, so it runs once: requests are grouped by
+        their prefix (the input up to the position that predicts the first continuation token), prefixes
+        run longest first in batches with a KV cache, and each request's remaining continuation tokens run
+        against its prefix's cache. A one-token answer costs nothing beyond its question."""
         L = self.max_length
-        rows, row_of = [], {}  # distinct model inputs, and the row of each one
-        scored = []  # per request: (row, first predicting position, continuation ids)
-        for _, context, continuation in requests:
+        prefixes, group_of = [], {}  # distinct prefixes, and the group of each
+        members = defaultdict(list)  # group -> [(request, its remaining input tokens, its target ids)]
+        for i, (_, context, continuation) in enumerate(requests):
             if not continuation:
                 raise ValueError("the harness sent an empty continuation")
             tokens = (context + continuation)[-(L + 1):]
-            inputs = tuple(tokens[:-1])
-            if inputs not in row_of:
-                row_of[inputs] = len(rows)
-                rows.append(inputs)
             n = len(continuation)
-            scored.append((row_of[inputs], len(inputs) - n, tokens[-n:]))
-        by_row = defaultdict(list)
-        for i, (row, _, _) in enumerate(scored):
-            by_row[row].append(i)
+            split = len(tokens) - n  # tokens[:split] predicts the first continuation token
+            prefix = tuple(tokens[:split])
+            if prefix not in group_of:
+                group_of[prefix] = len(prefixes)
+                prefixes.append(prefix)
+            members[group_of[prefix]].append((i, tokens[split:-1], tokens[split:]))
 
         results = [None] * len(requests)
-        order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
+        order = sorted(range(len(prefixes)), key=lambda g: -len(prefixes[g]))
         bar = tqdm(total=len(requests), desc="scoring", disable=disable_tqdm or not self.progress or self.rank != 0)
         with self._eval_mode():
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start:start + self.batch_size]
-                slot = {row: j for j, row in enumerate(batch)}  # row -> its place in this batch
-                members = [i for row in batch for i in by_row[row]]
-                batch_scored = [(slot[scored[i][0]], *scored[i][1:]) for i in members]
-                for i, score in zip(members, self._score_batch([rows[row] for row in batch], batch_scored)):
+            for batch in self._batches(order, prefixes, members):
+                scored = [(slot, rest, targets) for slot, g in enumerate(batch) for _, rest, targets in members[g]]
+                scores = self._score_batch([prefixes[g] for g in batch], scored)
+                for (i, _, _), score in zip((m for g in batch for m in members[g]), scores):
                     results[i] = score
                     if requests[i][0] is not None:
                         self.cache_hook.add_partial("loglikelihood", requests[i][0], score)
-                bar.update(len(members))
+                bar.update(len(scored))
         bar.close()
         return results
 
-    def _score_batch(self, rows, scored):
-        """rows: token tuples; scored: (row, first position, target ids) -> [(sum of log p, all greedy)].
-        Only the scored positions reach the vocabulary projection: (positions, V), never (B, T, V)."""
-        device = self.device
-        T = max(map(len, rows))
-        input_ids = torch.tensor([list(r) + [PAD_ID] * (T - len(r)) for r in rows], device=device)
-        hidden = self.model.hidden_states(input_ids)  # right padding: causal attention never sees it
-        row_index = torch.tensor([row for row, first, targets in scored for _ in targets], device=device)
-        positions = torch.tensor([first + k for row, first, targets in scored for k in range(len(targets))],
-                                 device=device)
-        targets = torch.tensor([t for _, _, targets in scored for t in targets], device=device)
-        logits = self.model.logits(hidden[row_index, positions])
+    def _batches(self, order, prefixes, members):
+        """The groups in order, batch_size at a time, or fewer where a soft-capped model's attention scores
+        would pass SCORE_BYTES: with a cache, soft-capped attention builds each row's whole (heads, T, S)
+        fp32 score matrix (model.softcapped_attention_block), which long few-shot contexts make large."""
+        c = self.model.config
+        capped = c.use_soft_cap and c.logit_cap > 0
+        batch, used = [], 0
+        for g in order:
+            P, R = len(prefixes[g]), max(len(rest) for _, rest, _ in members[g])
+            need = 4 * c.n_heads * (P + R) * (P + len(members[g]) * R) if capped else 0
+            if batch and (len(batch) == self.batch_size or used + need > SCORE_BYTES):
+                yield batch
+                batch, used = [], 0
+            batch.append(g)
+            used += need
+        if batch:
+            yield batch
+
+    def _score_batch(self, prefixes, scored):
+        """prefixes: token tuples; scored: [(prefix slot, remaining input ids, target ids)] ->
+        [(sum of log p of the targets, all of them greedy)].
+
+        Two forwards: the prefixes (right-padded) into a KV cache, then every request's remaining tokens at
+        the positions after its prefix, against a copy of its prefix's cache rows. Only the scored positions
+        reach the vocabulary projection: (scored tokens, V), never (B, T, V)."""
+        device, model = self.device, self.model
+        P = max(map(len, prefixes))
+        R = max(len(rest) for _, rest, _ in scored)
+        cache = model.new_kv_cache(len(prefixes), P + R)
+        prefix_ids = torch.tensor([list(p) + [PAD_ID] * (P - len(p)) for p in prefixes], device=device)
+        hidden = model.hidden_states(prefix_ids, cache, torch.arange(P, device=device))
+        prefix_len = torch.tensor([len(p) for p in prefixes], device=device)
+        slots = torch.tensor([slot for slot, _, _ in scored], device=device)
+        # The first target of each request is predicted by its prefix's last position.
+        states = [hidden[slots, prefix_len[slots] - 1]]
+        targets = [torch.tensor([t[0] for _, _, t in scored], device=device)]
+        owner = [torch.arange(len(scored), device=device)]
+        longer = [r for r, (_, rest, _) in enumerate(scored) if rest]
+        if longer:
+            rows = slots[longer]
+            cache.k = [k[rows] for k in cache.k]  # one cache row per request, a copy of its prefix's
+            cache.v = [v[rows] for v in cache.v]
+            rest_ids = torch.tensor([scored[r][1] + [PAD_ID] * (R - len(scored[r][1])) for r in longer], device=device)
+            positions = prefix_len[rows][:, None] + torch.arange(R, device=device)
+            rest_hidden = model.hidden_states(rest_ids, cache, positions)
+            lengths = torch.tensor([len(scored[r][1]) for r in longer], device=device)
+            row, column = (torch.arange(R, device=device) < lengths[:, None]).nonzero(as_tuple=True)
+            states.append(rest_hidden[row, column])
+            targets.append(torch.tensor([t for r in longer for t in scored[r][2][1:]], device=device))
+            owner.append(torch.tensor(longer, device=device)[row])
+        logits = model.logits(torch.cat(states))
+        targets, owner = torch.cat(targets), torch.cat(owner)
         log_probs = F.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
-        greedy = logits.argmax(dim=-1) == targets
-        out, start = [], 0
-        for _, _, target_ids in scored:
-            end = start + len(target_ids)
-            out.append((float(log_probs[start:end].sum()), bool(greedy[start:end].all())))
-            start = end
-        return out
+        missed = (logits.argmax(dim=-1) != targets).float()
+        totals = torch.zeros(len(scored), dtype=torch.float64, device=device).index_add_(0, owner, log_probs.double())
+        misses = torch.zeros(len(scored), device=device).index_add_(0, owner, missed)
+        return [(float(total), not bool(miss)) for total, miss in zip(totals.tolist(), misses.tolist())]
 
     def loglikelihood_rolling(self, requests, disable_tqdm=False):
         """Whole-text log-likelihood (perplexity tasks): windows of max_length tokens, each token scored once,

@@ -10,6 +10,7 @@ import time
 
 import bench_ce
 import bench_decode
+import bench_eval
 import bench_softcap
 import bench_train
 from common import machine
@@ -27,6 +28,8 @@ ROWS = [  # (name, run, [(result key, what, target text, is the target met)])
     ("greedy decode vs transformers Qwen3 (small, CPU)", lambda: bench_decode.main([]),
      [("vs_hf", "decode tokens/s vs transformers", ">= 2.00", lambda x: x >= 2.0),
       ("of_bound", "of the memory-bandwidth bound", ">= 0.60", lambda x: x >= 0.6)]),
+    ("multiple-choice eval vs the harness's hf backend (nano, CPU)", lambda: bench_eval.main([]),
+     [("speed_ratio", "examples/s vs hf backend", ">= 2.00", lambda x: x >= 2.0)]),
 ]
 
 

@@ -92,7 +92,7 @@ metric_list:
 
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
-    return write_tasks(tmp_path_factory.mktemp("tasks"), mc_rows(24))
+    return write_tasks(tmp_path_factory.mktemp("tasks"), mc_rows(12))
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def pion_results(exported, manager, tokenizer_path):
 
 def test_log_likelihoods_match_the_hf_backend_on_the_exported_model(pion_results, hf_results):
     ours, theirs = responses(pion_results, MC_TASK), responses(hf_results, MC_TASK)
-    assert len(ours) == len(theirs) == 25
+    assert len(ours) == len(theirs) == 13
     for doc_ours, doc_theirs in zip(ours, theirs):
         for (ll, greedy), (ll_ref, greedy_ref) in zip(doc_ours, doc_theirs):
             assert abs(ll - ll_ref) <= 1e-4 and greedy == greedy_ref
@@ -187,6 +187,22 @@ def test_a_soft_capped_model_is_scored_with_its_cap(tokenizer):
         assert abs(ll - ll_capless) > 1e-3
 
 
+def test_long_soft_capped_contexts_run_in_smaller_batches_with_the_same_scores(tokenizer, monkeypatch):
+    lm = evaluation.PionLM(tiny_pion(), tokenizer, batch_size=8, progress=False)
+    rows = mc_rows(4, seed=3)[1:]  # without the over-long question, whose truncation differs per choice
+    requests = [lm_eval.api.instance.Instance("loglikelihood", {}, (f"Question: {row['question']}\nAnswer:", " " + c),
+                                              i) for i, row in enumerate(rows) for c in row["choices"]]
+    batched = lm.loglikelihood(requests, disable_tqdm=True)
+    batch_sizes = []
+    score_batch = lm._score_batch
+    lm._score_batch = lambda prefixes, scored: (batch_sizes.append(len(prefixes)), score_batch(prefixes, scored))[1]
+    monkeypatch.setattr(evaluation, "SCORE_BYTES", 1)  # every batch over budget: one question at a time
+    one_by_one = lm.loglikelihood(requests, disable_tqdm=True)
+    assert set(batch_sizes) == {1} and len(batch_sizes) == len(rows)  # one prefix per question
+    for (ll, greedy), (ll_one, greedy_one) in zip(batched, one_by_one):
+        assert abs(ll - ll_one) <= 1e-4 and greedy == greedy_one
+
+
 def test_only_the_scored_positions_reach_the_vocabulary_projection(exported, tokenizer):
     pion = exported[0]
     projected_rows = []
@@ -228,6 +244,21 @@ def test_chat_template_renders_the_sft_conversation(tokenizer):
     assert lm.chat_template(True) == hf_export.CHAT_TEMPLATE and lm.tokenizer_name.startswith("pion")
 
 
+def test_the_harness_builds_pion_from_its_registered_name(exported, tokenizer_path):
+    from lm_eval.api.registry import get_model
+    lm = get_model("pion").create_from_arg_string(f"checkpoint={exported[1]},tokenizer={tokenizer_path}",
+                                                  {"batch_size": 4, "device": "cpu", "max_batch_size": None})
+    assert isinstance(lm, evaluation.PionLM) and lm.batch_size == 4 and lm.max_length == 128
+    assert str(lm.device) == "cpu" and not lm.model.training
+
+
+def test_apply_chat_template_prompts_with_the_sft_turns(manager, tokenizer):
+    lm = evaluation.PionLM(tiny_pion(), tokenizer, progress=False)
+    results = evaluation.run_tasks(lm, [MC_TASK], manager, limit=2, apply_chat_template=True, log_samples=True)
+    context = results["samples"][MC_TASK][0]["arguments"][0][0]
+    assert context.startswith("<|user|>\nQuestion:") and context.endswith("\n<|assistant|>\n")
+
+
 # ---------------------------------------------------------------------------------------------------
 # eval.py
 
@@ -247,6 +278,7 @@ def test_eval_prints_the_table_and_writes_the_json(exported, tasks, tmp_path, to
     assert set(saved["results"]) == {MC_TASK, GEN_TASK}
 
 
+@pytest.mark.slow
 def test_unknown_task_is_one_line(exported, tasks, tokenizer_path):
     result = run_eval("--checkpoint", exported[1], "--tasks", "no_such_task", "--include_path", tasks,
                       "--tokenizer", tokenizer_path)
@@ -259,6 +291,7 @@ def test_missing_checkpoint_is_one_line(tasks, tmp_path, tokenizer_path):
     assert_one_line_error(result, "nope.pt")
 
 
+@pytest.mark.slow
 def test_a_task_whose_data_is_on_the_unreachable_hub_is_one_line(exported, tokenizer_path):
     result = run_eval("--checkpoint", exported[1], "--tasks", "hellaswag", "--tokenizer", tokenizer_path)
     assert_one_line_error(result, "hellaswag")
@@ -285,6 +318,7 @@ def train_records(save_dir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_training_logs_benchmark_scores_at_each_eval(shards, tasks, tmp_path, tokenizer_path):
     from test_train import run_train
     result = run_train([*REAL_VOCAB_TINY, "--data_dir", shards, "--save_dir", tmp_path, "--eval_tasks", MC_TASK,
@@ -298,6 +332,7 @@ def test_training_logs_benchmark_scores_at_each_eval(shards, tasks, tmp_path, to
     assert f"eval/{MC_TASK}/acc" in result.stdout
 
 
+@pytest.mark.slow
 def test_benchmarks_leave_the_training_run_unchanged(shards, tasks, tmp_path, tokenizer_path):
     """The harness seeds the global RNGs; with dropout on, a changed RNG stream would change the losses."""
     from test_train import run_train
@@ -310,6 +345,7 @@ def test_benchmarks_leave_the_training_run_unchanged(shards, tasks, tmp_path, to
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
+@pytest.mark.slow
 def test_training_without_eval_tasks_never_imports_lm_eval(shards, tmp_path, tokenizer_path):
     code = ("import sys, train, cli; from test_train import TINY; "
             f"cli.run_cli(lambda: train.main(TINY + ['--override', 'vocab_size=50258', '--data_dir', {str(shards)!r}, '--save_dir', {str(tmp_path)!r}, "
@@ -322,6 +358,7 @@ def test_training_without_eval_tasks_never_imports_lm_eval(shards, tmp_path, tok
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_two_processes_split_the_requests_and_report_the_same_scores(shards, tasks, tmp_path, tokenizer_path):
     from test_train import run_train
     flags = [*REAL_VOCAB_TINY, "--data_dir", shards, "--eval_tasks", f"{MC_TASK},{GEN_TASK}", "--eval_limit", 9,
@@ -336,3 +373,22 @@ def test_two_processes_split_the_requests_and_report_the_same_scores(shards, tas
     assert {f"eval/{MC_TASK}/acc", f"eval/{GEN_TASK}/exact_match"} <= set(scores)
     for key in scores:
         assert one[key] == pytest.approx(two[key], abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_finetuning_logs_val_bpb_and_benchmark_scores(tasks, tmp_path, tokenizer_path):
+    import finetune
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {w}."},
+                                                      {"role": "assistant", "content": f"{w.title()}."}]}) + "\n"
+                             for w in WORDS))
+    save_tiny_checkpoint(tmp_path / "base.pt")
+    result = run_in_process(finetune.main, [
+        "--checkpoint", tmp_path / "base.pt", "--data_file", chats, "--tokenizer", tokenizer_path,
+        "--save_dir", tmp_path / "ck", "--seq_len", 64, "--batch_size", 4, "--max_steps", 2, "--eval_interval", 2,
+        "--num_workers", 0, "--sample_tokens", 0, "--eval_tasks", MC_TASK, "--eval_limit", 4,
+        "--eval_include_path", tasks])
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "ck" / "sft" / "metrics.jsonl") as f:
+        (record,) = [r for r in map(json.loads, f) if "val_loss" in r]
+    assert record["step"] == 2 and record["val_bpb"] > 0 and f"eval/{MC_TASK}/acc" in record
