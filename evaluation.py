@@ -428,14 +428,22 @@ def training_benchmarks(tasks, tokenizer, vocab_size, limit=None, include_path=N
 
 @contextlib.contextmanager
 def unsharded(model):
-    """FSDP2 gathers a module's parameters in a hook on its forward(); PionLM calls hidden_states() and
-    logits(), which the root module's hook does not see, so gather the root's parameters for the whole run.
-    The blocks are their own FSDP modules and gather in their forwards as usual."""
-    if not hasattr(model, "unshard"):
+    """An FSDP2-sharded model with every parameter gathered, for a whole harness run.
+
+    An FSDP forward is a collective, so ranks would have to run exactly as many forwards as each other, but
+    each rank's share of the requests batches differently. Gathered once and kept gathered (no resharding
+    after each forward, as FSDP's docs suggest for evals), the forwards run locally. Afterwards the shards
+    come back and the blocks reshard after their forwards again, as in training (the root never does)."""
+    sharded = [m for m in model.modules() if hasattr(m, "unshard") and hasattr(m, "set_reshard_after_forward")]
+    if not sharded:
         yield
         return
-    model.unshard()
+    for module in sharded:
+        module.set_reshard_after_forward(False, recurse=False)
+        module.unshard()
     try:
         yield
     finally:
-        model.reshard()
+        for module in sharded:
+            module.reshard()
+            module.set_reshard_after_forward(module is not model, recurse=False)

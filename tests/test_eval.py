@@ -349,7 +349,7 @@ def test_benchmarks_leave_the_training_run_unchanged(shards, tasks, tmp_path, to
 def test_training_without_eval_tasks_never_imports_lm_eval(shards, tmp_path, tokenizer_path):
     code = ("import sys, train, cli; from test_train import TINY; "
             f"cli.run_cli(lambda: train.main(TINY + ['--override', 'vocab_size=50258', '--data_dir', {str(shards)!r}, '--save_dir', {str(tmp_path)!r}, "
-            f"'--max_steps', '2', '--eval_interval', '1', '--seq_len', '32', '--batch_size', '2', '--num_workers', "
+            f"'--max_steps', '2', '--eval_interval', '1', '--sample_tokens', '0', '--seq_len', '32', '--batch_size', '2', '--num_workers', "
             f"'0', '--tokenizer', {tokenizer_path!r}])); "
             "assert not [m for m in sys.modules if m.startswith('lm_eval')], 'lm_eval imported'")
     env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests")}
@@ -359,20 +359,29 @@ def test_training_without_eval_tasks_never_imports_lm_eval(shards, tmp_path, tok
 
 
 @pytest.mark.slow
-def test_two_processes_split_the_requests_and_report_the_same_scores(shards, tasks, tmp_path, tokenizer_path):
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
+def test_two_processes_split_the_requests_and_report_the_same_scores(shards, tasks, tmp_path, tokenizer_path,
+                                                                      sharding):
+    """An eval at step 2, then one more step: the scores and the training after them match one process."""
     from test_train import run_train
     flags = [*REAL_VOCAB_TINY, "--data_dir", shards, "--eval_tasks", f"{MC_TASK},{GEN_TASK}", "--eval_limit", 9,
-             "--eval_include_path", tasks, "--max_steps", 3]
+             "--eval_include_path", tasks, "--max_steps", 3, "--eval_interval", 2]
     single = run_train([*flags, "--save_dir", tmp_path / "one", "--batch_size", 4], tokenizer_path)
     assert single.returncode == 0, single.stderr
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-    double = run_train([*flags, "--save_dir", tmp_path / "two", "--batch_size", 2], tokenizer_path, launcher=torchrun)
+    double = run_train([*flags, "--save_dir", tmp_path / "two", "--batch_size", 2, *sharding], tokenizer_path,
+                       launcher=torchrun)
     assert double.returncode == 0, double.stderr
-    one, two = train_records(tmp_path / "one")[-1], train_records(tmp_path / "two")[-1]
-    scores = [key for key in one if key.startswith("eval/")]
-    assert {f"eval/{MC_TASK}/acc", f"eval/{GEN_TASK}/exact_match"} <= set(scores)
-    for key in scores:
-        assert one[key] == pytest.approx(two[key], abs=1e-6), key
+    one, two = train_records(tmp_path / "one"), train_records(tmp_path / "two")
+    evals_one, evals_two = [r for r in one if "val_loss" in r], [r for r in two if "val_loss" in r]
+    assert [r["step"] for r in evals_one] == [r["step"] for r in evals_two] == [2, 3]
+    for a, b in zip(evals_one, evals_two):
+        scores = [key for key in a if key.startswith("eval/")]
+        assert {f"eval/{MC_TASK}/acc", f"eval/{GEN_TASK}/exact_match"} <= set(scores)
+        for key in scores:
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    losses = lambda records: [r["loss"] for r in records if "loss" in r]  # noqa: E731
+    assert losses(one) == pytest.approx(losses(two), rel=1e-5)
 
 
 @pytest.mark.slow
