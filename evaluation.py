@@ -41,22 +41,22 @@ class PionLM(TemplateLM):
     """A Pion model and its tokenizer behind the harness's LM API.
 
     model: a Pion (any device, dtype, train or eval mode: scoring runs in eval mode and restores it), or
-    None with checkpoint (a path or hf:OWNER/REPO/FILE), which `lm_eval --model pion` passes.
+    None with checkpoint (a path or hf:OWNER/REPO/FILE), as the harness's registry builds it from model_args
+    (`get_model("pion").create_from_arg_string("checkpoint=PATH")`). batch_size counts distinct contexts per
+    forward: the choices of one question share theirs.
     Under torch.distributed every rank holds the model and the harness gives each rank its share of the
     requests; scores are gathered on rank 0."""
 
     def __init__(self, model=None, tokenizer=None, checkpoint=None, device="auto", dtype=None, batch_size=16,
-                 max_gen_toks=DEFAULT_MAX_GEN_TOKS, seed=1234, progress=True, **ignored):
+                 max_gen_toks=DEFAULT_MAX_GEN_TOKS, seed=1234, progress=True, tokenizer_path=None, **ignored):
         super().__init__()
         if model is None:
             if checkpoint is None:
                 raise PionError("PionLM needs a model or a checkpoint")
             model, _ = load_model(checkpoint, device or "auto", dtype)
+        self.tokenizer_path = tokenizer if isinstance(tokenizer, str) else tokenizer_path  # names request caches
         if tokenizer is None or isinstance(tokenizer, str):
-            self.tokenizer_path = tokenizer
             tokenizer = load_tokenizer(tokenizer, model.config.vocab_size)
-        else:
-            self.tokenizer_path = None
         self.model, self.tokenizer = model, tokenizer
         # "auto" (the harness's default) has no meaning here: the batches are small and sorted, so any size works.
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
