@@ -15,11 +15,13 @@ import sys
 
 import torch.distributed as dist
 
+from bpb import token_byte_lengths
 from checkpoint import load_checkpoint, load_tokenizer, open_run_dir
 from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, positive_int, run_cli
 from decoding import generate_text
 from sft_data import USER_MARKER, collate, load_sft_splits, render_conversation, sft_batches
-from trainer import Runtime, TrainConfig, add_train_config_args, seed_everything, signal_exit_code, train
+from trainer import (Runtime, TrainConfig, add_benchmark_args, add_train_config_args, benchmark_scorer, seed_everything,
+                     signal_exit_code, train)
 
 PREFIX = "pion_sft"
 DEFAULTS = TrainConfig(max_steps=3000, lr=2e-5, min_lr=2e-6, warmup_steps=100, batch_size=8, grad_accum=4,
@@ -38,6 +40,7 @@ def parse_args(argv=None):
                    help="the question answered at each eval")
     p.add_argument("--sample_tokens", type=non_negative_int, default=48, help="tokens of that answer; 0 = none")
     add_train_config_args(p, DEFAULTS)
+    add_benchmark_args(p)
     p.add_argument("--no_soft_cap", action="store_true", help="refuse soft-capped checkpoints (plain SDPA only)")
     p.add_argument("--save_dir", default="checkpoints", help="checkpoints go to SAVE_DIR/sft/")
     p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest in the save dir")
@@ -133,7 +136,10 @@ def finetune(args, config, rt):
             run_dir=run_dir, prefix=PREFIX, resume=(resume, checkpoint) if resume else None,
             sample_fn=sample_fn(args, tokenizer), saved_with={"trainer": "sft", "source": args.checkpoint},
             data_identity={"data": os.path.basename(args.data_file) if args.data_file else args.dataset,
-                           "train_rows": len(train_rows), "pack": args.pack})
+                           "train_rows": len(train_rows), "pack": args.pack},
+            token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size),
+            benchmark_fn=benchmark_scorer(args.eval_tasks, tokenizer, model.config.vocab_size, args.eval_limit,
+                                          args.eval_include_path, config.batch_size))
         if state.finished:
             rt.print(f"done: {state.step} steps, {state.tokens_seen:,} tokens; "
                      f"chat with it: python chat.py --checkpoint {os.path.join(run_dir, PREFIX + '_final.pt')}")

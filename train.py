@@ -14,11 +14,12 @@ import numpy as np
 
 import data
 import model as pion
+from bpb import token_byte_lengths
 from checkpoint import PAD_ID, load_checkpoint, load_tokenizer, open_run_dir
 from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, run_cli
 from decoding import generate_text
-from trainer import (Runtime, TrainConfig, add_train_config_args, memory_test, seed_everything, signal_exit_code,
-                     train, wsd_decay_start)
+from trainer import (Runtime, TrainConfig, add_benchmark_args, add_train_config_args, benchmark_scorer, memory_test,
+                     seed_everything, signal_exit_code, train, wsd_decay_start)
 
 DEFAULTS = TrainConfig(max_steps=100_000, lr=3e-4, min_lr=3e-5, warmup_steps=1000, batch_size=64, grad_accum=2,
                        save_interval=1000)
@@ -31,6 +32,7 @@ def parse_args(argv=None):
                    help="change a PionConfig field of the size, e.g. --override n_layers=8 (repeatable)")
     p.add_argument("--data_dir", default=None, help="folder of shard_*.npy (see data.py)")
     add_train_config_args(p, DEFAULTS)
+    add_benchmark_args(p)
     p.add_argument("--decay_frac", type=float, default=DEFAULTS.decay_frac,
                    help="WSD: fraction of max_steps spent decaying")
     p.add_argument("--no_soft_cap", action="store_true", help="plain SDPA attention without logit soft-capping")
@@ -80,13 +82,12 @@ def check_same_model(path, checkpoint_config, asked):
                         f"{', '.join(differ)}; resume it with the flags it was trained with")
 
 
-def sample_fn(args, vocab_size, rt, val_data):
+def sample_fn(args, tokenizer, vocab_size, rt, val_data):
     """A short greedy continuation of a fixed prompt, printed at each eval: --sample_prompt, or the start of
     the validation data (text like the data's, whatever it is). Greedy and seedless, so it draws nothing
     from the RNG that a resumed run must reproduce."""
     if not args.sample_tokens:
         return None
-    tokenizer = load_tokenizer(args.tokenizer)
     if tokenizer.get_vocab_size() > vocab_size:  # a toy vocabulary (e.g. --override vocab_size=512)
         rt.print(f"no samples: the tokenizer's {tokenizer.get_vocab_size()} ids exceed vocab_size {vocab_size}")
         return None
@@ -136,6 +137,7 @@ def pretrain(args, config, rt):
         val_data = data.PretrainData(args.data_dir, config.seq_len, "val")
         for split in (train_data, val_data):
             split.check_tokens(model.config.vocab_size)
+        tokenizer = load_tokenizer(args.tokenizer)  # its byte lengths give val_bpb; --eval_tasks encodes with it
         loader_args = dict(batch_size=config.batch_size, seq_len=config.seq_len, vocab_size=model.config.vocab_size,
                            rank=rt.rank, world_size=rt.world_size, pin_memory=rt.device.type == "cuda")
         tokens_per_step = config.batch_size * config.grad_accum * rt.world_size * config.seq_len
@@ -151,8 +153,11 @@ def pretrain(args, config, rt):
                                                                **loader_args),
             val_batches=lambda: data.create_dataloader(args.data_dir, "val", num_workers=0, **loader_args),
             run_dir=run_dir, prefix=prefix, resume=(resume, checkpoint) if resume else None,
-            sample_fn=sample_fn(args, model.config.vocab_size, rt, val_data), saved_with={"trainer": "pretrain"},
-            data_identity=train_data.identity())
+            sample_fn=sample_fn(args, tokenizer, model.config.vocab_size, rt, val_data),
+            saved_with={"trainer": "pretrain"}, data_identity=train_data.identity(),
+            token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size),
+            benchmark_fn=benchmark_scorer(args.eval_tasks, tokenizer, model.config.vocab_size, args.eval_limit,
+                                          args.eval_include_path, config.batch_size))
         if state.finished:
             rt.print(f"done: {state.tokens_seen:,} tokens in {state.step} steps")
         return state

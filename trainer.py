@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from tqdm import tqdm
 
+from bpb import bits_per_byte
 from checkpoint import prune_checkpoints, save_checkpoint
 from cli import PionError, first_line, pick_device
 
@@ -95,6 +96,29 @@ def add_train_config_args(parser, defaults):
               "the file); step checkpoints always keep it, to resume")
     flag("--allow_data_change", action="store_true",
          help="resume although the data differs from the checkpoint's (its sample order then changes)")
+
+
+def add_benchmark_args(parser):
+    """--eval_tasks and its companions: harness benchmarks scored at each eval, in both trainers."""
+    from cli import positive_int
+    parser.add_argument("--eval_tasks", default=None, help="lm-evaluation-harness tasks scored at each eval, e.g. "
+                        "hellaswag,arc_easy (pip install lm-eval; default: none)")
+    parser.add_argument("--eval_limit", type=positive_int, default=None,
+                        help="examples per task at each eval (default: all)")
+    parser.add_argument("--eval_include_path", default=None,
+                        help="folder of task YAML files of your own for --eval_tasks (default: none)")
+
+
+def benchmark_scorer(tasks, tokenizer, vocab_size, limit, include_path, batch_size):
+    """model -> {"eval/<task>/<metric>": value} for --eval_tasks, or None without them. lm_eval is imported
+    only then: training needs none of it."""
+    if not tasks:
+        return None
+    try:
+        import evaluation
+    except ImportError as e:
+        raise PionError(f"--eval_tasks needs lm-evaluation-harness ({e}): pip install lm-eval")
+    return evaluation.training_benchmarks(tasks, tokenizer, vocab_size, limit, include_path, batch_size)
 
 
 def wsd_decay_start(max_steps, decay_frac):
@@ -369,24 +393,32 @@ def peak_flops(device):
 
 
 @torch.no_grad()
-def evaluate(model, batches, rt, steps):
-    """Mean loss per trained token over up to `steps` validation batches on every rank. Ranks stop together
-    when any runs out (an FSDP forward is a collective: a rank running one batch more would hang)."""
+def evaluate(model, batches, rt, steps, token_bytes=None):
+    """{"val_loss": mean loss per trained token, "val_bpb": bits per UTF-8 byte of those tokens} over up to
+    `steps` validation batches on every rank; val_bpb needs token_bytes (bpb.token_byte_lengths). Ranks stop
+    together when any runs out (an FSDP forward is a collective: a rank running one batch more would hang)."""
     was_training = model.training
     model.eval()
     batches = iter(batches)
-    loss_sum, tokens = 0.0, 0
+    loss_sum, tokens, n_bytes = 0.0, 0, 0
     for _ in range(steps):
         batch = next(batches, None)
         if not rt.all_reduce(float(batch is not None), dist.ReduceOp.MIN):
             break
         labels = batch["labels"].to(rt.device)
-        count = int((labels[:, 1:] != -100).sum())
+        targets = labels[:, 1:]
+        count = int((targets != -100).sum())
         with rt.autocast():
             loss_sum += model(batch["input_ids"].to(rt.device), labels=labels)["loss"].item() * count
         tokens += count
+        if token_bytes is not None:
+            n_bytes += int(token_bytes.to(rt.device)[targets[targets != -100]].sum())
     model.train(was_training)
-    return rt.all_reduce(loss_sum) / max(rt.all_reduce(tokens), 1)
+    loss_sum = rt.all_reduce(loss_sum)
+    metrics = {"val_loss": loss_sum / max(rt.all_reduce(tokens), 1)}
+    if token_bytes is not None:
+        metrics["val_bpb"] = bits_per_byte(loss_sum, rt.all_reduce(n_bytes))
+    return metrics
 
 
 def train_step(model, optimizer, batches, rt, grad_accum, grad_clip, lr):
@@ -428,7 +460,7 @@ def train_step(model, optimizer, batches, rt, grad_accum, grad_clip, lr):
 
 
 def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume=None, sample_fn=None,
-          saved_with=None, data_identity=None):
+          saved_with=None, data_identity=None, token_bytes=None, benchmark_fn=None):
     """Train `model` (unwrapped, on any device) by `config`; returns the final TrainState.
 
     train_batches(samples_seen): the training batch iterator positioned after the samples already seen;
@@ -437,7 +469,10 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
     resume: (path, checkpoint dict) of the run to continue: its state, optimizer moments and RNG.
     sample_fn(model) -> text: printed at each eval (on the unwrapped model, on every rank).
     saved_with: extra entries for every checkpoint (e.g. which trainer wrote it).
-    data_identity: what the data is (shards, sample count); saved, and compared when resuming."""
+    data_identity: what the data is (shards, sample count); saved, and compared when resuming.
+    token_bytes: each id's UTF-8 length (bpb.token_byte_lengths), for val_bpb next to val_loss.
+    benchmark_fn(model) -> {"eval/<task>/<metric>": value}: benchmark scores at each eval (on the unwrapped
+    model, on every rank: each scores its share of the requests)."""
     config = fit_schedule(config, rt)
     state = TrainState()
     if resume is not None:
@@ -516,9 +551,13 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
                 metrics.write(**record)
 
             if step % config.eval_interval == 0 or step == config.max_steps:
-                val_loss = evaluate(wrapped, val_batches(), rt, config.eval_steps)
-                rt.print(f"step {step}: val loss {val_loss:.4f}, ppl {math.exp(min(val_loss, 20)):.2f}")
-                metrics.write(step=step, val_loss=val_loss, tokens_seen=state.tokens_seen)
+                val = evaluate(wrapped, val_batches(), rt, config.eval_steps, token_bytes)
+                if benchmark_fn is not None:
+                    val.update(benchmark_fn(model))
+                rt.print(f"step {step}: val loss {val['val_loss']:.4f}, ppl {math.exp(min(val['val_loss'], 20)):.2f}"
+                         + "".join(f", {name.replace('val_', '')} {value:.4f}" for name, value in val.items()
+                                   if name != "val_loss"))
+                metrics.write(step=step, **val, tokens_seen=state.tokens_seen)
                 if sample_fn is not None:
                     rt.print(f"sample: {sample_fn(model)!r}")  # unwrapped (FSDP2 shards in place: all ranks call it)
 

@@ -12,6 +12,7 @@ import bench_ce
 import bench_decode
 import bench_prepare
 import bench_serve
+import bench_eval
 import bench_softcap
 import bench_train
 from common import machine
@@ -37,6 +38,8 @@ ROWS = [  # (name, run, [(result key, what, target text, is the target met)])
       ("speedup_small", "aggregate tokens/s, small", ">= 4.00", lambda x: x >= 4.0),
       ("lost", "requests lost or truncated", "== 0", lambda x: x == 0),
       ("join_ratio", "late first token / (prefill + 2 steps)", "<= 1.00", lambda x: x <= 1.0)]),
+    ("multiple-choice eval vs the harness's hf backend (nano, CPU)", lambda: bench_eval.main([]),
+     [("speed_ratio", "examples/s vs hf backend", ">= 2.00", lambda x: x >= 2.0)]),
 ]
 
 

@@ -1,0 +1,99 @@
+"""Evaluate a Pion checkpoint: benchmark tasks through lm-evaluation-harness, and/or validation loss and bits
+per byte on a pretraining data set.
+
+    python eval.py --checkpoint hf:SuperGoatScriptGuy/Pion/pion_small_final.pt --tasks hellaswag,arc_easy,piqa
+    python eval.py --checkpoint checkpoints/sft/pion_sft_final.pt --tasks arc_easy --apply_chat_template
+    python eval.py --checkpoint checkpoints/nano/pion_nano_final.pt --data_dir data/mixed
+
+Tasks are the harness's (`lm_eval ls tasks`) or YAML files of your own in --include_path. The scoring is
+evaluation.py's; needs `pip install lm-eval` (requirements-dev.txt) for --tasks.
+"""
+import json
+import os
+import sys
+
+from cli import DTYPES, ArgumentParser, PionError, positive_int, run_cli
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a path or hf:OWNER/REPO/FILE")
+    p.add_argument("--tasks", default=None, help="comma-separated harness tasks, e.g. hellaswag,arc_easy")
+    p.add_argument("--limit", type=positive_int, default=None, help="examples per task (default: all)")
+    p.add_argument("--num_fewshot", type=int, default=None, help="examples in each prompt (default: the task's)")
+    p.add_argument("--batch_size", type=positive_int, default=16, help="contexts per forward (a question's choices share one)")
+    p.add_argument("--include_path", default=None, help="folder of task YAML files of your own")
+    p.add_argument("--apply_chat_template", action="store_true", help="prompt an SFT model with its chat template")
+    p.add_argument("--output_path", default=None, help="write results.json into this folder")
+    p.add_argument("--data_dir", default=None, help="report val loss and bits per byte on this data's val split")
+    p.add_argument("--seq_len", type=positive_int, default=None,
+                   help="--data_dir: tokens per sequence (default: the model's max_seq_len, at most the shards')")
+    p.add_argument("--eval_steps", type=positive_int, default=None, help="--data_dir: batches (default: all)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer JSON (default: the Pion tokenizer, fetched once)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="weights' dtype (default: bfloat16 on CUDA, float32 elsewhere)")
+    args = p.parse_args(argv)
+    if not args.tasks and not args.data_dir:
+        p.error("nothing to evaluate: pass --tasks, --data_dir or both")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        p.error("--num_fewshot must be >= 0")
+    return args
+
+
+def validation_metrics(args, model, tokenizer, device):
+    """Val loss and bpb over the val split of a pretraining data dir, as the trainer computes them."""
+    import data
+    from bpb import token_byte_lengths
+    from trainer import Runtime, evaluate
+    seq_len = args.seq_len or min(model.config.max_seq_len, data.PretrainData(args.data_dir, 1, "val").width)
+    if seq_len > model.config.max_seq_len:
+        raise PionError(f"--seq_len {seq_len} is larger than the model's max_seq_len {model.config.max_seq_len}")
+    batches = data.create_dataloader(args.data_dir, "val", args.batch_size, seq_len, model.config.vocab_size)
+    n_batches = -(-data.PretrainData(args.data_dir, seq_len, "val").n_samples // args.batch_size)
+    steps = min(args.eval_steps or n_batches, n_batches)
+    from tqdm import tqdm
+    batches = tqdm(batches, total=steps, desc="val", unit="batch", file=sys.stderr)
+    return evaluate(model, batches, Runtime(str(device)), steps, token_byte_lengths(tokenizer, model.config.vocab_size))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    tasks = [name.strip() for name in (args.tasks or "").split(",") if name.strip()]
+    if tasks:
+        try:
+            import evaluation
+        except ImportError as e:
+            raise PionError(f"--tasks needs lm-evaluation-harness ({e}): pip install lm-eval")
+        manager = evaluation.task_manager(tasks, args.include_path)  # unknown names fail before the model loads
+    from checkpoint import load_model, load_tokenizer
+    model, device = load_model(args.checkpoint, args.device, args.dtype)
+    tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
+    print(f"{args.checkpoint}: {model.count_parameters():,} parameters, "
+          f"{'soft-capped' if model.config.use_soft_cap else 'SDPA'} attention, on {device}", file=sys.stderr)
+
+    report = {}
+    if args.data_dir:
+        report["validation"] = validation_metrics(args, model, tokenizer, device)
+        print(f"{args.data_dir}: val loss {report['validation']['val_loss']:.4f}, "
+              f"bpb {report['validation']['val_bpb']:.4f}")
+    if tasks:
+        from lm_eval.utils import handle_non_serializable, make_table
+        lm = evaluation.PionLM(model, tokenizer, batch_size=args.batch_size, tokenizer_path=args.tokenizer)
+        results = evaluation.run_tasks(lm, tasks, manager, limit=args.limit, num_fewshot=args.num_fewshot,
+                                       apply_chat_template=args.apply_chat_template)
+        results["config"]["model"] = args.checkpoint
+        print(make_table(results))
+        if results.get("groups"):
+            print(make_table(results, "groups"))
+        report.update(results)
+    if args.output_path:
+        os.makedirs(args.output_path, exist_ok=True)
+        path = os.path.join(args.output_path, "results.json")
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2, default=handle_non_serializable if tasks else str)
+        print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(main)
