@@ -75,7 +75,8 @@ def sample_fn(args, vocab_size, rt):
         rt.print(f"no samples: the tokenizer's {tokenizer.get_vocab_size()} ids exceed vocab_size {vocab_size}")
         return None
     prompt = tokenizer.encode(args.sample_prompt).ids
-    return lambda model: args.sample_prompt + generate_text(model, tokenizer, prompt, args.sample_tokens)[0]
+    return lambda model, cache_dtype=None: args.sample_prompt + generate_text(
+        model, tokenizer, prompt, args.sample_tokens, cache_dtype=cache_dtype)[0]
 
 
 def run_memory_test(args, config, rt):
