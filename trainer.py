@@ -330,6 +330,19 @@ def evaluate(model, batches, rt, steps):
     return rt.all_reduce(loss_sum) / max(rt.all_reduce(tokens), 1)
 
 
+def sample_text(sample_fn, model, wrapped, config, rt):
+    """sample_fn(model, cache_dtype) on the unwrapped model, on every rank (FSDP2 shards in place). Decoding
+    calls hidden_states, not forward, so FSDP2's hooks gather the blocks' weights but not the root's
+    (embedding, final norm): gather those here, in the compute dtype, which the KV cache must share."""
+    if not (config.fsdp and rt.distributed):
+        return sample_fn(model, None)
+    wrapped.unshard()
+    try:
+        return sample_fn(model, fsdp_param_dtype(config, rt))
+    finally:
+        wrapped.reshard()
+
+
 def train_step(model, optimizer, batches, rt, grad_accum, grad_clip, lr):
     """One optimizer step over grad_accum micro-batches. Returns (loss, grad norm, tokens): the loss is the
     mean over every trained token of the step, on all ranks. A step whose loss or gradient is not finite
@@ -452,9 +465,7 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
                 rt.print(f"step {step}: val loss {val_loss:.4f}, ppl {math.exp(min(val_loss, 20)):.2f}")
                 metrics.write(step=step, val_loss=val_loss, tokens_seen=state.tokens_seen)
                 if sample_fn is not None:
-                    cache_dtype = fsdp_param_dtype(config, rt) if config.fsdp and rt.distributed else None
-                    # unwrapped (FSDP2 shards in place: all ranks call it)
-                    rt.print(f"sample: {sample_fn(model, cache_dtype)!r}")
+                    rt.print(f"sample: {sample_text(sample_fn, model, wrapped, config, rt)!r}")
 
             if step % config.save_interval == 0 and step < config.max_steps:
                 save(str(step))
