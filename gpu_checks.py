@@ -114,7 +114,11 @@ def check_training_speed(target):
         if target.dry_run and soft_cap and compile:
             rows.append((name, "skipped (dry run: no FlexAttention compile)", True))
             continue
-        r = train_speed(target, size, soft_cap, compile, checkpointing)
+        try:
+            r = train_speed(target, size, soft_cap, compile, checkpointing)
+        except Exception as e:  # one failed variant (out of memory, a compile error) is one failed row
+            rows.append((name, f"{type(e).__name__}: {' '.join(str(e).split())[:150]}", False))
+            continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         rows.append((name, f"{r['tokens_per_s']:,.0f} tok/s, MFU {mfu}, peak {r['peak_gb']:.2f} GB, loss "
                            f"{r['loss']:.2f}", np.isfinite(r["loss"])))
