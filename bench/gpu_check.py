@@ -89,7 +89,8 @@ def main(argv=None):
     rows = run_checks(target, checks)
     print_table(rows)
     failed = sum(not passed for _, _, passed in rows)
-    print(f"{len(rows) - failed} of {len(rows)} checks passed" + ("" if args.dry_run else "; GPU ready" * (not failed)))
+    ready = "" if failed or args.dry_run else ": this GPU is ready to train Pion"
+    print(f"{len(rows) - failed} of {len(rows)} checks passed{ready}")
     if failed:
         sys.exit(1)
 
