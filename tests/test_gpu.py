@@ -85,10 +85,10 @@ def test_a_bf16_training_step_on_cuda_gives_a_finite_loss(soft_cap):
 
 
 def test_bf16_autocast_training_steps_on_the_cpu_give_finite_falling_losses():
-    losses = gpu_checks.training_losses(CPU_TARGET, "tiny", steps=20,
+    losses = gpu_checks.training_losses(CPU_TARGET, "tiny", steps=6,
                                         autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     assert all(torch.isfinite(torch.tensor(losses)))
-    assert losses[-1] < 0.5 * losses[0]
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:])) and losses[-1] < 0.8 * losses[0]
 
 
 def test_the_optimizer_is_fused_adamw_and_steps_like_the_per_parameter_loop():
