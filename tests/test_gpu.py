@@ -135,7 +135,8 @@ seen = []
 def sample(m, cache_dtype):
     seen.append(cache_dtype)
     return generate(m, [5, 6, 7], 4)[0]
-print("tokens", trainer.sample_text(sample, model, wrapped, config, rt), "cache", seen[0])
+tokens = trainer.sample_text(sample, model, wrapped, config, rt)
+sys.stdout.write(f"tokens {{tokens}} cache {{seen[0]}}\\n")  # one write: the two ranks share the pipe
 rt.close()
 """
 
