@@ -133,8 +133,8 @@ COMPILE_NOTICE = ("--compile: the first answer waits while the decode step compi
 
 @functools.cache
 def compiled_decode_step(device_type):
-    """decode_step, torch.compile'd once per process; on CUDA in reduce-overhead mode, which uses CUDA
-    graphs where torch can (it skips them for graphs that write to inputs, such as the cache)."""
+    """decode_step, torch.compile'd once per process; on CUDA in reduce-overhead mode: CUDA graphs, which
+    capture the cache's in-place writes because KVCache marks its tensors as static addresses."""
     return torch.compile(decode_step, mode="reduce-overhead" if device_type == "cuda" else None)
 
 
@@ -219,10 +219,12 @@ def generate(model, prompts, max_new_tokens, settings=GREEDY, stop_ids=(EOS_ID,)
 class DecodeTimer:
     """Wraps generate_tokens' columns and times them: the first column costs the prefill (and, with
     compile, nothing more: compiling happens at the first decode step, timed apart as warm-up), the rest
-    a decode step each."""
+    a decode step each. With bytes_per_step (hardware.decode_bytes_per_step) and the device, the report
+    adds MBU: bytes read per step x steps/s / the device's memory bandwidth (hardware.memory_bandwidth)."""
 
-    def __init__(self, columns, prompt_tokens):
+    def __init__(self, columns, prompt_tokens, bytes_per_step=None, device=None):
         self.columns, self.prompt_tokens = columns, prompt_tokens
+        self.bytes_per_step, self.device = bytes_per_step, device
         self.prefill_seconds = self.first_step_seconds = self.decode_seconds = 0.0
         self.rows = self.steps = 0
 
@@ -245,10 +247,19 @@ class DecodeTimer:
         timed_steps = self.steps - 2  # the first step (compile, warm-up) is left out of the speed
         if timed_steps > 0:
             speed = f"decode {self.rows * timed_steps / self.decode_seconds:.1f} tokens/s"
+            speed += self._bandwidth_utilization(timed_steps / self.decode_seconds)
         else:
             speed = "too few steps to time decoding"
         return (f"{self.steps} tokens x {self.rows} row(s); prefill of {self.prompt_tokens} tokens "
                 f"{prefill:.1f} tokens/s, {speed}")
+
+    def _bandwidth_utilization(self, steps_per_second):
+        from hardware import memory_bandwidth
+        bandwidth = memory_bandwidth(self.device) if self.bytes_per_step and self.device is not None else None
+        if not bandwidth:
+            return ""
+        mbu = self.bytes_per_step * steps_per_second / bandwidth
+        return f", MBU {mbu:.0%} ({self.bytes_per_step / 1e6:,.0f} MB a step of {bandwidth / 1e9:,.0f} GB/s)"
 
 
 # ----------------------------------------------------------------------------------------------------

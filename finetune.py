@@ -74,8 +74,9 @@ def sample_fn(args, tokenizer):
     prompt, _ = render_conversation(tokenizer, [{"role": "user", "content": args.sample_question}],
                                     add_generation_prompt=True)
 
-    def sample(model):
-        answer = generate_text(model, tokenizer, prompt, args.sample_tokens, stop_strings=(USER_MARKER,))[0]
+    def sample(model, cache_dtype=None):
+        answer = generate_text(model, tokenizer, prompt, args.sample_tokens, stop_strings=(USER_MARKER,),
+                               cache_dtype=cache_dtype)[0]
         return f"{args.sample_question} -> {answer.strip()}"
 
     return sample

@@ -176,6 +176,11 @@ class KVCache:
         # token instead of 10).
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        if torch.device(device).type == "cuda":
+            # The compiled step writes the cache in place. CUDA graphs (reduce-overhead) replay fixed addresses
+            # and skip graphs that mutate inputs they would copy; a static address lets them capture it (gpt-fast).
+            for tensor in self.k + self.v:
+                torch._dynamo.mark_static_address(tensor)
         self.batch_size, self.max_len = batch_size, max_len
 
     def update(self, layer, k, v, input_pos):

@@ -96,7 +96,8 @@ def sample_fn(args, tokenizer, vocab_size, rt, val_data):
         text = tokenizer.decode(prompt)
     else:
         text, prompt = args.sample_prompt, tokenizer.encode(args.sample_prompt).ids
-    return lambda model: text + generate_text(model, tokenizer, prompt, args.sample_tokens)[0]
+    return lambda model, cache_dtype=None: text + generate_text(model, tokenizer, prompt, args.sample_tokens,
+                                                                cache_dtype=cache_dtype)[0]
 
 
 def run_memory_test(args, config, rt):

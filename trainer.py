@@ -49,6 +49,7 @@ class TrainConfig:
     compile: bool = False
     gradient_checkpointing: bool = True
     fsdp: bool = False
+    fsdp_param_dtype: str = "auto"  # FSDP2's compute dtype: "auto" = bfloat16 on CUDA, float32 elsewhere
     seed: int = 42
     allow_data_change: bool = False  # resume on data other than the checkpoint's (the sample order changes)
     keep_final_optimizer: bool = False  # the optimizer state (2x the weights) in the _final checkpoint too
@@ -90,6 +91,8 @@ def add_train_config_args(parser, defaults):
     flag("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false",
          help="keep activations instead of recomputing them in backward (faster, more memory)")
     flag("--fsdp", action="store_true", help="shard parameters with FSDP2 instead of DDP (torchrun)")
+    flag("--fsdp_param_dtype", choices=["auto", "bfloat16", "float32"], default=d.fsdp_param_dtype,
+         help="FSDP2 compute dtype (auto: bfloat16 on CUDA, float32 elsewhere)")
     flag("--seed", type=non_negative_int, default=d.seed, help="seeds the weights, the data order and dropout")
     flag("--keep_final_optimizer", action="store_true",
          help="keep the optimizer state in the _final checkpoint too (only to train further from it; it triples "
@@ -253,6 +256,13 @@ def gather_rng_states(rt):
     return states
 
 
+def fsdp_param_dtype(config, rt):
+    """The dtype FSDP2 gathers the weights in, which is the compute dtype of the sharded model's forward."""
+    if config.fsdp_param_dtype == "auto":
+        return torch.bfloat16 if rt.device.type == "cuda" else torch.float32
+    return getattr(torch, config.fsdp_param_dtype)
+
+
 def prepare_model(model, config, rt):
     """Move to the device, then checkpointing, compile and the data-parallel wrapper. Returns the module
     to train with; the unwrapped model stays reachable as `model` (FSDP2 shards it in place)."""
@@ -265,8 +275,9 @@ def prepare_model(model, config, rt):
         return model
     if config.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if rt.device.type == "cuda" else MixedPrecisionPolicy()
+        dtype = fsdp_param_dtype(config, rt)
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) \
+            if dtype != torch.float32 else MixedPrecisionPolicy()
         for block in model.layers:
             fully_shard(block, mp_policy=mp)
         return fully_shard(model, mp_policy=mp)
@@ -385,8 +396,8 @@ def peak_flops(device):
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, tflops in (("H200", 989), ("H100", 989), ("A100", 312), ("L40", 181), ("4090", 165), ("A10", 125),
-                        ("L4", 121), ("3090", 71)):
+    for key, tflops in (("H200", 989), ("H100 PCIe", 756), ("H100", 989), ("A100", 312), ("A40", 150), ("L40", 181),
+                        ("4090", 165), ("A10", 125), ("L4", 121), ("3090", 71)):
         if key in name:
             return tflops * 1e12
     return None
@@ -419,6 +430,19 @@ def evaluate(model, batches, rt, steps, token_bytes=None):
     if token_bytes is not None:
         metrics["val_bpb"] = bits_per_byte(loss_sum, rt.all_reduce(n_bytes))
     return metrics
+
+
+def sample_text(sample_fn, model, wrapped, config, rt):
+    """sample_fn(model, cache_dtype) on the unwrapped model, on every rank (FSDP2 shards in place). Decoding
+    calls hidden_states, not forward, so FSDP2's hooks gather the blocks' weights but not the root's
+    (embedding, final norm): gather those here, in the compute dtype, which the KV cache must share."""
+    if not (config.fsdp and rt.distributed):
+        return sample_fn(model, None)
+    wrapped.unshard()
+    try:
+        return sample_fn(model, fsdp_param_dtype(config, rt))
+    finally:
+        wrapped.reshard()
 
 
 def train_step(model, optimizer, batches, rt, grad_accum, grad_clip, lr):
@@ -467,7 +491,9 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
     val_batches(): a fresh validation pass. Both give {"input_ids", "labels"} of this rank.
     Checkpoints are run_dir/<prefix>_<step>.pt and <prefix>_final.pt.
     resume: (path, checkpoint dict) of the run to continue: its state, optimizer moments and RNG.
-    sample_fn(model) -> text: printed at each eval (on the unwrapped model, on every rank).
+    sample_fn(model, cache_dtype) -> text: printed at each eval (on the unwrapped model, on every rank); its
+        KV cache must be cache_dtype, the compute dtype (None: the weights'), as FSDP's bf16 policy computes
+        in bf16 while the sharded weights stay fp32.
     saved_with: extra entries for every checkpoint (e.g. which trainer wrote it).
     data_identity: what the data is (shards, sample count); saved, and compared when resuming.
     token_bytes: each id's UTF-8 length (bpb.token_byte_lengths), for val_bpb next to val_loss.
@@ -559,7 +585,7 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
                                    if name != "val_loss"))
                 metrics.write(step=step, **val, tokens_seen=state.tokens_seen)
                 if sample_fn is not None:
-                    rt.print(f"sample: {sample_fn(model)!r}")  # unwrapped (FSDP2 shards in place: all ranks call it)
+                    rt.print(f"sample: {sample_text(sample_fn, model, wrapped, config, rt)!r}")
 
             if step % config.save_interval == 0 and step < config.max_steps:
                 save(str(step))

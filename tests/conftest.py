@@ -28,6 +28,7 @@ REAL_VOCAB = dict(vocab_size=50258, d_model=32, n_layers=2, n_heads=4, n_kv_head
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds (compiles, subprocesses, trains)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one): `pytest -m cuda` on the GPU")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -240,12 +240,13 @@ def test_text_that_only_looks_like_a_stop_string_is_released(monkeypatch, tokeni
 # Command line
 
 
-def test_cli_prints_the_continuation_and_the_speed(checkpoint):
+def test_cli_prints_the_continuation_the_speed_and_the_bandwidth_utilization(checkpoint):
     result = run_main(["--checkpoint", checkpoint, "--prompt", "Once upon a time", "--max_tokens", "12",
                          "--temperature", "0"])
     out, err = result.stdout, result.stderr
     assert out.startswith("Once upon a time")
-    assert re.search(r"^12 tokens x 1 row\(s\); prefill of 4 tokens [\d.]+ tokens/s, decode [\d.]+ tokens/s$", err, re.M)
+    assert re.search(r"^12 tokens x 1 row\(s\); prefill of 4 tokens [\d.]+ tokens/s, decode [\d.]+ tokens/s, "
+                     r"MBU \d+% \([\d,]+ MB a step of [\d,]+ GB/s\)$", err, re.M)
 
 
 def test_cli_same_seed_same_text_and_streaming_equals_no_stream(checkpoint):
