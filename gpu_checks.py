@@ -206,7 +206,8 @@ def fsdp_sample_run(target, nproc=1, param_dtype="bfloat16", steps=4):
                 "--device", target.device.type, "--data_dir", os.path.join(work, "data"),
                 "--save_dir", os.path.join(work, "ck"), "--max_steps", steps, "--eval_interval", 2, "--eval_steps", 1,
                 "--save_interval", steps, "--log_interval", 1, "--num_workers", 0, "--warmup_steps", 1,
-                "--batch_size", 2, "--seq_len", seq_len, "--sample_tokens", 8, "--sample_prompt", "The meaning of life is"]
+                "--batch_size", 2, "--seq_len", seq_len, "--sample_tokens", 8,
+                "--sample_prompt", "The meaning of life is"]
         if target.tokenizer:
             args += ["--tokenizer", target.tokenizer]
         result = run_train(args, nproc=nproc)
