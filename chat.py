@@ -150,7 +150,7 @@ def main(argv=None):
         if checkpoint is None:
             raise PionError("no checkpoint found under checkpoints/ (looked for *.pt); pass --checkpoint PATH")
         print(f"using {checkpoint}, the newest checkpoint under checkpoints/", file=sys.stderr)
-    model, device = load_model(checkpoint, args.device, args.dtype)
+    model, device = load_model(checkpoint, args.device, args.dtype, args.quantize)
     tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
     session = Session(model, tokenizer, dataclass_from_args(SamplingSettings, args), args.max_tokens, seeded_generator(device, args.seed),
                       args.compile)

@@ -14,6 +14,7 @@ import torch
 
 from cli import DTYPES, PionError, atomic_write, first_line, pick_device
 from model import Pion, PionConfig
+from quantize import quantize as quantize_model
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -129,13 +130,13 @@ def load_checkpoint(path, map_location="cpu", **config_overrides):
     return model, checkpoint
 
 
-def load_model(path, device="auto", dtype=None):
+def load_model(path, device="auto", dtype=None, quantize=None):
     """A checkpoint ready for inference -> (model in eval mode, its device). dtype: a cli.DTYPES name; None is
-    bfloat16 on CUDA, float32 elsewhere."""
+    bfloat16 on CUDA, float32 elsewhere. quantize: None or "int8" (see quantize.py)."""
     device = pick_device(device)
     model, _ = load_checkpoint(path, map_location=device)
     dtype = DTYPES[dtype] if dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
-    return model.to(dtype).eval(), device
+    return quantize_model(model.to(dtype).eval(), quantize), device
 
 
 # ----------------------------------------------------------------------------------------------------
