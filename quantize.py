@@ -49,8 +49,13 @@ class Int8Linear(nn.Module):
             # As model.Linear: inductor fuses this into one vectorized pass over the int8 rows, converting
             # each to x's dtype in registers; the scale multiplies the (out,) result, not the weight.
             y = (x.unsqueeze(-2) * self.int8_weight.to(x.dtype)).sum(-1)
+        elif x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+            # Eager and prefill: ATen's CPU int8-weight kernel (as gpt-fast uses), which reads the int8
+            # weight as it is instead of building a dequantized copy: ~3x faster for one row.
+            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.int8_weight, self.scale.to(x.dtype))
+            return y.view(*x.shape[:-1], self.out_features)
         else:
-            # Eager and prefill: a temporary dequantized copy (exact: |int8| <= 127 fits any float dtype).
+            # Elsewhere a temporary dequantized copy (exact: |int8| <= 127 fits any float dtype).
             y = F.linear(x, self.int8_weight.to(x.dtype))
         return (y * self.scale).to(x.dtype)
 
