@@ -112,3 +112,9 @@ def test_cli_unknown_quantize_value_is_one_line(tiny_checkpoint):
     path, _ = tiny_checkpoint
     result = run_in_process(G.main, ["--checkpoint", path, "--quantize", "int4", "--prompt", "x"])
     assert_one_line_error(result, "--quantize")
+
+
+def test_chat_takes_the_same_flag():
+    import chat
+    assert chat.parse_args(["--quantize", "int8"]).quantize == "int8"
+    assert chat.parse_args([]).quantize is None
