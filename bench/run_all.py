@@ -26,7 +26,9 @@ ROWS = [  # (name, run, [(result key, what, target text, is the target met)])
       ("loader_ratio", "data loader vs step tokens/s", ">= 20", lambda x: x >= 20)]),
     ("greedy decode vs transformers Qwen3 (small, CPU)", lambda: bench_decode.main([]),
      [("vs_hf", "decode tokens/s vs transformers", ">= 2.00", lambda x: x >= 2.0),
-      ("of_bound", "of the memory-bandwidth bound", ">= 0.60", lambda x: x >= 0.6)]),
+      ("of_bound", "of the memory-bandwidth bound", ">= 0.60", lambda x: x >= 0.6),
+      ("int8_vs_fp32", "--quantize int8 decode tokens/s vs fp32", ">= 1.80", lambda x: x >= 1.8),
+      ("int8_vs_llama_q8_0", "--quantize int8 vs llama.cpp q8_0", ">= 1.00", lambda x: x >= 1.0)]),
 ]
 
 
