@@ -17,7 +17,7 @@ from cli import PionError
 from model import Linear
 
 QUANTIZATIONS = ("int8",)
-INT8_DEVICES = ("cpu", "cuda")  # where the dequantizing product has been run
+INT8_DEVICES = ("cpu", "cuda")  # cuda takes the plain dequantizing path; only the CPU has been measured
 
 
 def quantize_rows_int8(weight):
