@@ -162,7 +162,8 @@ def main(argv=None):
         if checkpoint is None:
             raise PionError("no checkpoint found under checkpoints/ (looked for *.pt); pass --checkpoint PATH")
         print(f"using {checkpoint}, the newest checkpoint under checkpoints/", file=sys.stderr)
-    model, device, saved = load_model(checkpoint, args.device, args.dtype, with_checkpoint=True)
+    model, device, saved = load_model(checkpoint, args.device, args.dtype, args.quantize,
+                                       with_checkpoint=True)
     if saved.get("trainer") == "pretrain":
         print(f"note: {checkpoint} is a pretrained base model, not instruction-tuned: it continues text rather "
               f"than answering. Tune it for chat with: python finetune.py --checkpoint {checkpoint}",

@@ -18,6 +18,7 @@ import torch
 
 from cli import DTYPES, PionError, atomic_write, first_line, pick_device
 from model import Pion, PionConfig
+from quantize import quantize as quantize_model
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -146,13 +147,14 @@ def load_checkpoint(path, map_location="cpu", **config_overrides):
     return model, checkpoint
 
 
-def load_model(path, device="auto", dtype=None, with_checkpoint=False):
+def load_model(path, device="auto", dtype=None, quantize=None, with_checkpoint=False):
     """A checkpoint ready for inference -> (model in eval mode, its device), and the checkpoint dict (without
-    weights) with_checkpoint. dtype: a cli.DTYPES name; None is bfloat16 on CUDA, float32 elsewhere."""
+    weights) with_checkpoint. dtype: a cli.DTYPES name; None is bfloat16 on CUDA, float32 elsewhere.
+    quantize: None or "int8" (see quantize.py)."""
     device = pick_device(device)
     model, checkpoint = load_checkpoint(path, map_location=device)
     dtype = DTYPES[dtype] if dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = model.to(dtype).eval()
+    model = quantize_model(model.to(dtype).eval(), quantize)
     return (model, device, checkpoint) if with_checkpoint else (model, device)
 
 

@@ -60,7 +60,7 @@ def complete(model, tokenizer, prompts, args, generator, echo_prompt):
 def main(argv=None):
     args = parse_args(argv)
     use_one_line_warnings(PromptTruncatedWarning)
-    model, device = load_model(args.checkpoint, args.device, args.dtype)
+    model, device = load_model(args.checkpoint, args.device, args.dtype, args.quantize)
     tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
     generator = seeded_generator(device, args.seed)
     if args.compile:

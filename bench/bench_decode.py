@@ -112,7 +112,11 @@ def main(argv=None):
     """Print the table; return the measurements (bench/run_all.py reads vs_hf and of_bound)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="timed rounds (the best of each measure counts)")
+    parser.add_argument("--local_only", action="store_true", help="only the int8/bf16/llama.cpp table")
     args = parser.parse_args(argv)
+    if args.local_only:
+        torch.manual_seed(0)
+        return local_inference(model.get_model("small", use_soft_cap=False).eval(), bench_prompt(), args.runs)
     import transformers
 
     load_before = os.getloadavg()[0]
@@ -157,7 +161,80 @@ def main(argv=None):
     print(f"Pion / bound {of_bound:.2f} (target >= {TARGET_OF_BOUND:.2f}) {verdict(of_bound, TARGET_OF_BOUND)}")
     return {"vs_hf": vs_hf, "of_bound": of_bound, "compiled_vs_hf_compiled": compiled_ratio,
             "eager_vs_hf_eager": eager_ratio, "tokens_per_second": rates, "bound_tokens_per_second": bound,
-            "copy_bandwidth_gb_s": bandwidth / 1e9, "same_tokens": same_tokens and same_compiled}
+            "copy_bandwidth_gb_s": bandwidth / 1e9, "same_tokens": same_tokens and same_compiled,
+            **local_inference(pion, prompt, args.runs)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Local inference (issue #16): int8 and bf16 weights, and llama.cpp on the GGUF export of the same model
+
+TARGET_INT8_VS_FP32, TARGET_INT8_VS_LLAMA_Q8 = 1.8, 1.0
+
+
+def bench_prompt():
+    """main's prompt (for --local_only)."""
+    return torch.randint(3, 50000, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def llama_cpp_decoder(pion, gguf_type, prompt, folder):
+    """Greedy decoding by llama.cpp (llama-cpp-python) of pion exported as gguf_type, on torch's thread
+    count, token by token with the argmax of its logits, as tests/test_gguf.py drives it."""
+    import llama_cpp
+    import numpy as np
+    from checkpoint import load_tokenizer
+    from gguf_export import write_gguf
+    path = write_gguf(pion, load_tokenizer(), os.path.join(folder, f"pion-{gguf_type}.gguf"), gguf_type)
+    threads = torch.get_num_threads()
+    llm = llama_cpp.Llama(path, n_ctx=PROMPT_TOKENS + NEW_TOKENS + 1, n_batch=PROMPT_TOKENS, n_threads=threads,
+                          n_threads_batch=threads, logits_all=True, verbose=False)
+
+    def decode(n):
+        llm.reset()
+        llm.eval(prompt)
+        new = []
+        for _ in range(n):
+            new.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            if len(new) < n:
+                llm.eval(new[-1:])
+        return new
+    return decode, llm
+
+
+def local_inference(pion, prompt, runs):
+    """Pion fp32, int8 and bf16 weights, all compiled, against llama.cpp's f32 and q8_0 on the same weights;
+    measured together (decode_rates interleaves them), so fp32 is re-measured as this table's baseline."""
+    import copy
+    import tempfile
+    import llama_cpp
+    from quantize import quantize
+    int8 = quantize(copy.deepcopy(pion), "int8")
+    bf16 = copy.deepcopy(pion).to(torch.bfloat16)
+    int8_bytes = sum(b.numel() * b.element_size() for name, b in int8.named_buffers() if name.endswith("int8_weight"))
+    with tempfile.TemporaryDirectory() as folder:
+        llama_f32, llm_f32 = llama_cpp_decoder(pion, "f32", prompt, folder)
+        llama_q8, llm_q8 = llama_cpp_decoder(pion, "q8_0", prompt, folder)
+        decoders = {"fp32": pion_decoder(pion, prompt), "int8": pion_decoder(int8, prompt),
+                    "bf16": pion_decoder(bf16, prompt), "llama_f32": llama_f32, "llama_q8_0": llama_q8}
+        tokens = {name: decode(NEW_TOKENS) for name, decode in decoders.items()}
+        rates, _ = decode_rates(decoders, runs)
+        llm_f32.close()
+        llm_q8.close()
+    agree = {name: sum(a == b for a, b in zip(tokens[name], tokens["fp32"])) for name in tokens}
+    print(f"\nlocal inference: Pion-small compiled (generate(compile=True)) vs llama.cpp {llama_cpp.__version__} "
+          f"(llama-cpp-python) on the GGUF export, {torch.get_num_threads()} threads each, batch 1 greedy, CPU; "
+          f"int8 weights {int8_bytes / 1e6:.0f} MB")
+    print(f"  {'decoder':44} {'tok/s':>7} {'vs fp32':>8} {'vs q8_0':>8} {'tokens = fp32':>14}")
+    for name, label in [("fp32", "Pion fp32, compiled"), ("int8", "Pion --quantize int8, compiled"),
+                        ("bf16", "Pion --dtype bfloat16, compiled"), ("llama_f32", "llama.cpp f32 GGUF"),
+                        ("llama_q8_0", "llama.cpp q8_0 GGUF")]:
+        print(f"  {label:44} {rates[name]:7.1f} {rates[name] / rates['fp32']:7.2f}x "
+              f"{rates[name] / rates['llama_q8_0']:7.2f}x {agree[name]:>9}/{NEW_TOKENS}")
+    int8_vs_fp32, int8_vs_q8 = rates["int8"] / rates["fp32"], rates["int8"] / rates["llama_q8_0"]
+    print(f"Pion int8 / Pion fp32 {int8_vs_fp32:.2f}x (target >= {TARGET_INT8_VS_FP32:.2f}x) "
+          f"{verdict(int8_vs_fp32, TARGET_INT8_VS_FP32)}")
+    print(f"Pion int8 / llama.cpp q8_0 {int8_vs_q8:.2f}x (target >= {TARGET_INT8_VS_LLAMA_Q8:.2f}x) "
+          f"{verdict(int8_vs_q8, TARGET_INT8_VS_LLAMA_Q8)}")
+    return {"int8_vs_fp32": int8_vs_fp32, "int8_vs_llama_q8_0": int8_vs_q8, "local_tokens_per_second": rates}
 
 
 if __name__ == "__main__":

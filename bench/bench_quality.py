@@ -1,0 +1,91 @@
+"""What int8 weights cost in quality, on a trained checkpoint: perplexity on held-out text and greedy agreement
+with fp32, both models loaded as generate.py loads them (checkpoint.load_model, fp32 on the CPU).
+
+Defaults fit the README's CPU quickstart, which trains Pion-nano on the repo's top-level *.py: the held-out
+text is then tests/*.py (code it never saw). Greedy agreement: 10 prompts of 32 tokens taken from the
+held-out text, 128 new tokens each, decoded by int8 and by fp32; counted two ways: position by position
+(one flipped near-tie changes the rest of a continuation) and teacher-forced along fp32's path (int8's
+next-token choice after each prefix of fp32's continuation, as tests/test_quantize.py checks).
+Targets: int8 perplexity within 1% of fp32, agreement >= 90%. Exit code 0 either way.
+    python bench/bench_quality.py [--checkpoint checkpoints/nano/pion_nano_final.pt] [--text FILE ...]
+"""
+import argparse
+import glob
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from checkpoint import load_model, load_tokenizer  # noqa: E402
+from cli import run_cli  # noqa: E402
+from decoding import generate  # noqa: E402
+
+PROMPTS, PROMPT_TOKENS, NEW_TOKENS, WINDOW = 10, 32, 128, 256
+TARGET_PPL_RATIO, TARGET_AGREEMENT = 1.01, 0.90
+
+
+@torch.inference_mode()
+def perplexity(model, ids):
+    """exp(mean next-token cross-entropy) over consecutive windows of WINDOW tokens."""
+    windows = ids[:len(ids) // WINDOW * WINDOW].view(-1, WINDOW)
+    total = 0.0
+    for batch in windows.split(4):
+        logits = model(batch)["logits"][:, :-1]
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
+    return torch.tensor(total / (windows.numel() - len(windows))).exp().item()
+
+
+@torch.inference_mode()
+def teacher_forced_agreement(model, prompts, continuations):
+    """Tokens of each continuation that model predicts (argmax) after the prompt and the continuation before it."""
+    rows = torch.tensor([p + c[:-1] for p, c in zip(prompts, continuations)])
+    predicted = model(rows)["logits"][:, PROMPT_TOKENS - 1:].argmax(-1)
+    return (predicted == torch.tensor(continuations)).sum().item()
+
+
+def verdict(agreement):
+    return "PASS" if agreement >= TARGET_AGREEMENT else "FAIL"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default=os.path.join(ROOT, "checkpoints/nano/pion_nano_final.pt"))
+    parser.add_argument("--text", nargs="+", default=sorted(glob.glob(os.path.join(ROOT, "tests", "*.py"))),
+                        help="held-out text files")
+    parser.add_argument("--max_tokens", type=int, default=16 * WINDOW, help="held-out tokens for perplexity")
+    args = parser.parse_args(argv)
+
+    fp32, _ = load_model(args.checkpoint, "cpu")
+    int8, _ = load_model(args.checkpoint, "cpu", quantize="int8")
+    tokenizer = load_tokenizer(None, fp32.config.vocab_size)
+    text = "".join(open(path, encoding="utf-8").read() for path in args.text)
+    ids = torch.tensor(tokenizer.encode(text).ids[:args.max_tokens])
+    ppl_fp32, ppl_int8 = perplexity(fp32, ids), perplexity(int8, ids)
+
+    step = (len(ids) - PROMPT_TOKENS) // PROMPTS
+    prompts = [ids[i * step:i * step + PROMPT_TOKENS].tolist() for i in range(PROMPTS)]
+    ours = generate(fp32, prompts, NEW_TOKENS, stop_ids=())  # one batch: each row decodes as it would alone
+    theirs = generate(int8, prompts, NEW_TOKENS, stop_ids=())
+    total = PROMPTS * NEW_TOKENS
+    free = sum(a == b for row_a, row_b in zip(ours, theirs) for a, b in zip(row_a, row_b)) / total
+    forced = teacher_forced_agreement(int8, prompts, ours) / total
+    distinct = len({t for row in ours for t in row})
+
+    ratio = ppl_int8 / ppl_fp32
+    print(f"int8 vs fp32 on {args.checkpoint} ({fp32.count_parameters():,} params), CPU")
+    print(f"held-out text: {len(args.text)} file(s), {len(ids) // WINDOW * WINDOW} tokens in windows of {WINDOW}")
+    print(f"perplexity fp32 {ppl_fp32:.3f}, int8 {ppl_int8:.3f}: ratio {ratio:.4f} (target <= {TARGET_PPL_RATIO}) "
+          f"{'PASS' if ratio <= TARGET_PPL_RATIO else 'FAIL'}")
+    print(f"greedy, {PROMPTS} prompts x {NEW_TOKENS} tokens ({distinct} distinct tokens in fp32's output): "
+          f"position by position {free:.1%} {verdict(free)}, teacher-forced {forced:.1%} {verdict(forced)} "
+          f"(target >= {TARGET_AGREEMENT:.0%})")
+    return {"ppl_fp32": ppl_fp32, "ppl_int8": ppl_int8, "ppl_ratio": ratio, "greedy_agreement": free,
+            "teacher_forced_agreement": forced}
+
+
+if __name__ == "__main__":
+    run_cli(main)

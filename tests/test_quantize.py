@@ -1,0 +1,120 @@
+"""quantize.py: int8 weight-only decoding keeps what the model says, and --quantize is wired into the CLIs."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import generate as G
+from cli import PionError
+from conftest import assert_one_line_error, run_in_process, tiny_pion
+from decoding import generate
+from model import Linear
+from quantize import Int8Linear, quantize, quantize_rows_int8
+
+PROMPTS = [[464, 2068, 7586, 21831], [7454, 2402, 257, 640, 11], [4299, 277, 7, 87, 2599], [50, 1000, 20000]]
+
+
+@pytest.fixture(scope="module")
+def models():
+    """(fp32 tiny_pion, its int8 copy): greedy decoding follows the prompt with these weights."""
+    fp32 = tiny_pion()
+    return fp32, quantize(copy.deepcopy(fp32), "int8")
+
+
+def perplexity(m, ids):
+    with torch.no_grad():
+        logits = m(ids[None])["logits"][0, :-1]
+    return F.cross_entropy(logits, ids[1:]).exp().item()
+
+
+def test_rows_round_to_the_nearest_int8_step_of_their_own_scale():
+    w = torch.randn(8, 32) * torch.linspace(0.01, 10, 8)[:, None]  # rows of very different ranges
+    q, scale = quantize_rows_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (8,)
+    assert q.abs().amax(dim=1).eq(127).all()  # each row's largest weight uses the full range
+    assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-6).all()
+
+
+def test_an_all_zero_row_stays_zero():
+    q, scale = quantize_rows_int8(torch.zeros(2, 4))
+    assert q.eq(0).all() and torch.isfinite(scale).all()
+
+
+def test_every_linear_and_the_tied_output_projection_become_int8_while_the_embedding_stays(models):
+    fp32, int8 = models
+    assert not any(isinstance(m, Linear) for m in int8.modules())
+    assert sum(isinstance(m, Int8Linear) for m in int8.modules()) == 7 * fp32.config.n_layers + 1
+    assert isinstance(int8.lm_head, Int8Linear) and int8.lm_head.int8_weight.shape == fp32.embed.weight.shape
+    assert int8.embed.weight.dtype == torch.float32 and torch.equal(int8.embed.weight, fp32.embed.weight)
+
+
+def test_int8_predicts_fp32s_greedy_continuations_on_at_least_90_percent_of_tokens(models):
+    # Teacher-forced along fp32's own greedy path, as tests/test_gguf.py checks q8_0: this random tiny model
+    # has near-ties (top-2 gaps of 0.01 logit) that rounding flips, and free-running, one flip changes the
+    # whole rest of the continuation. About 1 token in 20 disagrees.
+    fp32, int8 = models
+    agree = total = 0
+    for prompt in PROMPTS:
+        continuation = generate(fp32, prompt, 32, stop_ids=())[0]
+        assert len(set(continuation)) > 5  # a real continuation, not one token repeated
+        with torch.no_grad():
+            logits = int8(torch.tensor([prompt + continuation[:-1]]))["logits"][0, len(prompt) - 1:]
+        agree += sum(p == t for p, t in zip(logits.argmax(-1).tolist(), continuation))
+        total += len(continuation)
+    assert agree >= 0.9 * total, f"{agree}/{total} tokens agree"
+
+
+def test_int8_perplexity_is_within_1_percent_of_fp32(models):
+    fp32, int8 = models
+    ids = torch.randint(3, 50000, (100,), generator=torch.Generator().manual_seed(0))
+    ids = torch.cat([ids, torch.tensor(sum(PROMPTS, []))])
+    assert perplexity(int8, ids) == pytest.approx(perplexity(fp32, ids), rel=0.01)
+
+
+def test_bfloat16_weights_quantize_too(models):
+    fp32, _ = models
+    int8 = quantize(copy.deepcopy(fp32).to(torch.bfloat16), "int8")
+    logits = int8(torch.tensor([PROMPTS[0]]))["logits"]
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_compiled_int8_decoding_gives_the_same_tokens_as_eager_int8(models):
+    _, int8 = models
+    for prompt in PROMPTS[:2]:
+        assert generate(int8, prompt, 16, stop_ids=(), compile=True) == generate(int8, prompt, 16, stop_ids=())
+
+
+def test_an_unknown_quantization_is_an_error():
+    with pytest.raises(PionError, match="int8"):
+        quantize(tiny_pion(), "int4")
+
+
+def test_quantizing_on_a_device_without_support_is_one_clear_line():
+    m = tiny_pion().to("meta")
+    with pytest.raises(PionError) as excinfo:
+        quantize(m, "int8")
+    message = str(excinfo.value)
+    assert "\n" not in message and "meta" in message and "--device cpu" in message
+
+
+def test_cli_decodes_with_int8_weights(tiny_checkpoint, tokenizer_path):
+    path, _ = tiny_checkpoint
+    result = run_in_process(G.main, ["--checkpoint", path, "--tokenizer", tokenizer_path, "--device", "cpu",
+                                     "--quantize", "int8", "--prompt", "The quick brown fox", "--max_tokens", "8",
+                                     "--temperature", "0"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The quick brown fox") and "8 tokens" in result.stderr
+
+
+def test_cli_unknown_quantize_value_is_one_line(tiny_checkpoint):
+    path, _ = tiny_checkpoint
+    result = run_in_process(G.main, ["--checkpoint", path, "--quantize", "int4", "--prompt", "x"])
+    assert_one_line_error(result, "--quantize")
+
+
+def test_chat_takes_the_same_flag():
+    import chat
+    assert chat.parse_args(["--quantize", "int8"]).quantize == "int8"
+    assert chat.parse_args([]).quantize is None
