@@ -70,7 +70,9 @@ def training_flops_per_token(model, seq_len):
 
 
 def parameter_bytes(model):
-    return sum(p.numel() * p.element_size() for p in model.parameters())  # a tied weight counts once
+    """The weights' bytes: parameters (a tied weight counts once) and buffers (int8 weights and their scales,
+    see quantize.py). With --quantize int8 the fp32 embedding counts whole though a step looks up one row."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def kv_cache_bytes(config, batch_size, cache_len, dtype):

@@ -118,3 +118,12 @@ def test_chat_takes_the_same_flag():
     import chat
     assert chat.parse_args(["--quantize", "int8"]).quantize == "int8"
     assert chat.parse_args([]).quantize is None
+
+
+def test_the_bytes_a_decode_step_reads_count_the_int8_weights():
+    import hardware
+    from conftest import tiny_model
+    fp32 = tiny_model()
+    int8 = quantize(tiny_model(), "int8")
+    assert 0 < hardware.parameter_bytes(int8) < hardware.parameter_bytes(fp32)
+    assert hardware.parameter_bytes(int8) > sum(p.numel() * p.element_size() for p in int8.parameters())
