@@ -1,8 +1,10 @@
 """The command-line kit every script shares: one-line errors, checked flag types, device and dtype choice,
 atomic file writes and the interactive prompt."""
 import argparse
+import dataclasses
 import math
 import os
+import shutil
 import sys
 import warnings
 
@@ -69,7 +71,6 @@ non_negative_float = checked(float, lambda v: v >= 0, "a finite number >= 0")
 
 def dataclass_from_args(cls, args, **values):
     """cls (a dataclass) from the parsed flags named like its fields; `values` fill or override fields."""
-    import dataclasses
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **values})
 
@@ -121,11 +122,18 @@ def atomic_write(path, write, durable=False):
             os.remove(tmp)
 
 
+def check_new_folder(out):
+    """Refuse an --out that holds anything: an export or a data set never overwrites what is there. Checked
+    before the slow work, and again by write_folder_atomically's rename."""
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise PionError(f"--out {out} already exists and is not an empty folder; choose a new path (nothing is "
+                        f"ever overwritten)")
+
+
 def write_folder_atomically(out, write):
     """write(folder) into a hidden staging folder beside `out`, then rename it to `out` (which must be new or an
     empty folder): a failed or interrupted write never leaves a half-written folder under the final name.
     Returns what write returns."""
-    import shutil
     out = os.path.abspath(out)
     staging = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tmp{os.getpid()}")
     try:

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from checkpoint import EOS_ID, PAD_ID, TOKENIZER_PATH, load_tokenizer
-from cli import ArgumentParser, PionError, atomic_write, first_line, positive_int, run_cli, write_folder_atomically
+from cli import (ArgumentParser, PionError, atomic_write, check_new_folder, first_line, positive_int, run_cli,
+                 write_folder_atomically)
 
 VAL_FRACTION = 0.02  # the last ~2% of the rows of every shard are validation
 DEFAULT_REPO = "SuperGoatScriptGuy/PreprocessedMIXED"
@@ -355,9 +356,7 @@ def prepare(documents, out, source, seq_len=2048, tokenizer_path=None, shard_row
     if seq_len < 1 or shard_rows < 1:
         raise PionError(f"--seq_len and --shard_rows must be positive, got {seq_len} and {shard_rows}")
     out = os.path.abspath(out)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise PionError(f"--out {out} already exists and is not an empty folder; choose a new one: prepare never "
-                        f"overwrites data")
+    check_new_folder(out)
     tokenizer = load_tokenizer(tokenizer_path)
     if tokenizer.get_vocab_size() > 2 ** 16:
         raise PionError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, too many for uint16 shards")

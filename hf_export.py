@@ -13,7 +13,7 @@ import sys
 import torch
 
 from checkpoint import EOS_ID, PAD_ID, clean_state_dict, load_checkpoint, load_tokenizer
-from cli import DTYPES, PionError, first_line, write_folder_atomically
+from cli import DTYPES, PionError, check_new_folder, first_line, write_folder_atomically
 
 # The SFT template (sft_data.py): "<|role|>\n{content, stripped}\n" per turn, <|endoftext|> after each assistant turn,
 # and "<|assistant|>\n" as the generation prompt. Roles are plain text to the tokenizer, not special tokens.
@@ -135,15 +135,9 @@ def write_folder(pion_model, tokenizer, folder, dtype):
     write_tokenizer(tokenizer, folder, config.max_seq_len)
 
 
-def check_out_dir(out):
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise PionError(f"--out {out} already exists and is not an empty directory; "
-                        f"choose a new path (nothing is ever overwritten)")
-
-
 def export(checkpoint, out, tokenizer_path=None, allow_mismatch=False, dtype="float32"):
     """Write the transformers folder for `checkpoint` (a path or hf:OWNER/REPO/FILE) to `out`."""
-    check_out_dir(out)
+    check_new_folder(out)
     require_transformers()
     pion_model, _ = load_checkpoint(checkpoint)
     check_soft_cap(pion_model.config, allow_mismatch, checkpoint, "transformers' Qwen3")

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from bpb import bits_per_byte
 from checkpoint import prune_checkpoints, save_checkpoint
-from cli import PionError, first_line, pick_device
+from cli import PionError, first_line, non_negative_float, non_negative_int, pick_device, positive_int
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run gives up
 
@@ -70,7 +70,6 @@ class TrainState:
 
 def add_train_config_args(parser, defaults):
     """A flag per TrainConfig field that both trainers expose, defaulting to `defaults` (a TrainConfig)."""
-    from cli import non_negative_float, non_negative_int, positive_int
     d = defaults
     flag = parser.add_argument
     flag("--max_steps", type=positive_int, default=d.max_steps, help="optimizer steps of the whole run")
@@ -103,7 +102,6 @@ def add_train_config_args(parser, defaults):
 
 def add_benchmark_args(parser):
     """--eval_tasks and its companions: harness benchmarks scored at each eval, in both trainers."""
-    from cli import positive_int
     parser.add_argument("--eval_tasks", default=None, help="lm-evaluation-harness tasks scored at each eval, e.g. "
                         "hellaswag,arc_easy (pip install lm-eval; default: none)")
     parser.add_argument("--eval_limit", type=positive_int, default=None,

@@ -182,7 +182,7 @@ def test_a_non_empty_out_dir_is_refused_and_left_alone(tmp_path):
     out = tmp_path / "hf"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(model.PionError, match="not an empty directory"):
+    with pytest.raises(model.PionError, match="not an empty folder"):
         hf_export.export(str(tmp_path / "tiny.pt"), str(out))
     assert os.listdir(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
 
