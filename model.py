@@ -5,6 +5,7 @@ preallocated KV cache. Checkpoint I/O is in checkpoint.py, decoding in decoding.
 `python model.py` prints the size table.
 """
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -244,6 +245,9 @@ class Block(nn.Module):
 # Chunked cross-entropy
 
 
+LOG2_E = math.log2(math.e)
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Mean CE of (hidden @ weight.T) against labels, never holding more than one chunk of logits.
 
@@ -256,36 +260,47 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         valid = labels != -100
         n_valid = valid.sum().clamp(min=1).float()
         w = weight.to(compute_dtype)
+        vocab, fp32 = weight.shape[0], compute_dtype == torch.float32
+        # On the CPU, MKL multiplies a (512, d) x (d, 50k) product at ~70% of its 2048^3 speed but column
+        # blocks of 512 at ~90%, and each block is still in cache for its softmax pass. GPUs need no blocks.
+        block = 512 if hidden.device.type == "cpu" else vocab
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if want_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
+        # fp32: the first chunk's product overwrites it (beta=0), so it needs no zero fill.
+        grad_weight = (torch.empty_like if fp32 else torch.zeros_like)(weight, dtype=torch.float32) if want_grad else None
         # One (chunk, vocab) fp32 buffer for every chunk: a fresh one each time costs its page faults again.
-        logits_buffer = torch.empty(min(chunk_size, len(labels)), weight.shape[0], device=hidden.device)
+        logits_buffer = torch.empty(min(chunk_size, len(labels)), vocab, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk_size):
             h, y, m = hidden[s:s + chunk_size].to(compute_dtype), labels[s:s + chunk_size], valid[s:s + chunk_size]
             logits = logits_buffer[:len(y)]
-            if compute_dtype == torch.float32:
-                torch.mm(h, w.T, out=logits)
-            else:
-                logits.copy_(h @ w.T)
+            for v in range(0, vocab, block):
+                if fp32:
+                    torch.mm(h, w[v:v + block].T, out=logits[:, v:v + block])
+                else:
+                    logits[:, v:v + block].copy_(h @ w[v:v + block].T)
             target = y.clamp(min=0)
             target_logit = logits.gather(1, target[:, None]).squeeze(1)
-            row_max = logits.max(dim=-1, keepdim=True).values
-            exp = logits.sub_(row_max).exp_()  # everything below is in place
-            sum_exp = exp.sum(dim=-1, keepdim=True)
-            lse = (row_max + sum_exp.log()).squeeze(1)
-            loss += ((lse - target_logit) * m).sum()
-            if want_grad:  # d(mean CE)/d(logits) = (softmax - onehot) * row_weight, row_weight = counted / n
-                grad = exp.div_(sum_exp)
-                grad[torch.arange(len(y), device=y.device), target] -= 1
-                grad = grad.to(compute_dtype)
-                # Apply row_weight to the small (chunk, d) side of each product, not the (chunk, vocab) one.
-                row_weight = (m / n_valid).to(compute_dtype)[:, None]
-                grad_hidden[s:s + chunk_size] = (grad @ w) * row_weight
-                if compute_dtype == torch.float32:
-                    grad_weight.addmm_(grad.T, h * row_weight)  # accumulate in place, no (vocab, d) temporary
+            row_max = logits.amax(dim=-1, keepdim=True)  # amax: max(dim) also finds indices, at 4x the time
+            # exp in place, block by block so each is read and written once while in cache; as 2^(x log2 e)
+            # because CPU exp2 is twice as fast as exp.
+            sum_exp = sum(logits[:, v:v + block].sub_(row_max).mul_(LOG2_E).exp2_().sum(-1, keepdim=True)
+                          for v in range(0, vocab, block))
+            exp = logits
+            loss += ((row_max.squeeze(1) + sum_exp.squeeze(1).log() - target_logit) * m).sum()
+            if want_grad:
+                # d(mean CE)/d(logits) = (exp / sum_exp - onehot) * row_weight, row_weight = counted / n. Both
+                # factors are per row: they scale the small (chunk, d) side of each product, and the onehot
+                # part is a (chunk, d) gather and scatter, so the (chunk, vocab) matrix is used as it is.
+                row_weight = (m / n_valid)[:, None]
+                scale = row_weight / sum_exp
+                exp = exp.to(compute_dtype)
+                grad_hidden[s:s + chunk_size] = (exp @ w) * scale - w[target] * row_weight
+                h_scaled = (h * scale).to(compute_dtype)
+                if fp32:
+                    grad_weight.addmm_(exp.T, h_scaled, beta=0.0 if s == 0 else 1.0)  # in place: no (vocab, d) temporary
                 else:
-                    grad_weight += grad.T @ (h * row_weight)
+                    grad_weight += exp.T @ h_scaled
+                grad_weight.index_add_(0, target, (h * row_weight).float(), alpha=-1)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss / n_valid
