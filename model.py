@@ -246,6 +246,7 @@ class Block(nn.Module):
 
 
 LOG2_E = math.log2(math.e)
+CPU_VOCAB_BLOCK = 512
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -263,7 +264,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         vocab, fp32 = weight.shape[0], compute_dtype == torch.float32
         # On the CPU, MKL multiplies a (512, d) x (d, 50k) product at ~70% of its 2048^3 speed but column
         # blocks of 512 at ~90%, and each block is still in cache for its softmax pass. GPUs need no blocks.
-        block = 512 if hidden.device.type == "cpu" else vocab
+        block = CPU_VOCAB_BLOCK if hidden.device.type == "cpu" else vocab
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if want_grad else None
         # fp32: the first chunk's product overwrites it (beta=0), so it needs no zero fill.
