@@ -6,17 +6,21 @@ embeddings), seq_len 256, batch 8, soft-capping off, no gradient checkpointing, 
 same optimizer: trainer.build_optimizer's fused AdamW, decay on the matrices, none on the 1-D norm weights.
 Compiled means what each side's users do: Pion as `train.py --compile` (each block compiled), transformers
 as its docs describe (torch.compile of the whole model, loss included). Speed is compared eager vs eager
-and compiled vs compiled. Each side runs in a fresh process so its peak RSS is its own (compared eager).
+and compiled vs compiled.
 
-A separate process measures the machine's fp32 matmul peak (a 2048 x 2048 product, best of 5, before and
-after), and each step is printed as a fraction of it: model FLOPs per token (hardware.training_flops_per_token,
-the same shape on both sides) x tokens/s / that peak. This fraction, unlike tokens/s, means the same on
+Each side runs in a fresh process (so its peak RSS, compared eager, is its own): eager steps, then the same
+model compiled. The machine is shared and its speed drifts from minute to minute, so the sides alternate
+for --rounds rounds and each keeps its best round (of the median step). Every process also measures the
+fp32 matmul peak (a 2048 x 2048 product, best of 5) before and after its steps; the best of them all is the
+peak, and each step is printed as a fraction of it: model FLOPs per token (hardware.training_flops_per_token,
+the same shape on both sides) x tokens/s / peak. This fraction, unlike tokens/s, means the same on
 another machine.
 Targets: Pion >= 1.2x transformers' tokens/s (both pairs) and <= 0.7x its peak RSS; loader >= 20x the
 step's tokens/s; Pion's compiled step >= 0.85 of the measured matmul peak.
-    python bench/bench_train.py [--steps 6]
+    python bench/bench_train.py [--steps 8] [--rounds 2]
 """
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -27,63 +31,82 @@ SEQ_LEN, BATCH = 256, 8
 TARGET_SPEED, TARGET_MEMORY, TARGET_LOADER, TARGET_OF_PEAK = 1.2, 0.7, 20.0, 0.85
 
 
-def train_config(steps):
+def train_config(steps, compile=False):
     import trainer
-    return trainer.TrainConfig(max_steps=steps, lr=3e-4, min_lr=3e-5, warmup_steps=0, weight_decay=0.1)
+    return trainer.TrainConfig(max_steps=steps, lr=3e-4, min_lr=3e-5, warmup_steps=0, weight_decay=0.1,
+                               compile=compile, gradient_checkpointing=False)
 
 
-def step_timer(step, steps):
-    step()  # warm-up: first-touch allocations, optimizer state, compilation
+def tokens_per_s(step, steps):
+    """tokens/s of the median of `steps` steps, after two warm-up steps (first-touch allocations, optimizer
+    state, compilation)."""
     step()
-    start = time.perf_counter()
+    step()
+    seconds = []
     for _ in range(steps):
+        start = time.perf_counter()
         step()
-    return BATCH * SEQ_LEN * steps / (time.perf_counter() - start)
+        seconds.append(time.perf_counter() - start)
+    return BATCH * SEQ_LEN / statistics.median(seconds)
 
 
-def pion_variant(steps, compiled):
-    import dataclasses
+def measure(build, compile_model, steps):
+    """Eager steps, then compiled ones, of the (model, step) that build() returns; reports both speeds, the
+    eager peak RSS and the matmul peak measured before and after."""
+    import hardware
+    peak_flops = hardware.matmul_peak_flops()
+    m, step = build()
+    eager = tokens_per_s(step, steps)
+    eager_mb = peak_rss_mb()
+    compile_model(m)
+    compiled = tokens_per_s(step, steps)
+    report({"eager": eager, "compiled": compiled, "peak_mb": eager_mb,
+            "peak_flops": max(peak_flops, hardware.matmul_peak_flops())})
+
+
+def pion_variant(steps):
     import torch
     import model
     import trainer
 
-    torch.manual_seed(0)
+    def build():
+        torch.manual_seed(0)
+        m = trainer.prepare_model(model.get_model("nano", use_soft_cap=False), train_config(steps), rt)
+        optimizer = trainer.build_optimizer(m, train_config(steps), rt)
+        ids = torch.randint(0, m.config.vocab_size, (BATCH, SEQ_LEN))
+        batches = iter(lambda: {"input_ids": ids, "labels": ids}, None)
+        return m, lambda: trainer.train_step(m, optimizer, batches, rt, 1, 1.0, 3e-4)
+
     rt = trainer.Runtime("cpu")
-    config = dataclasses.replace(train_config(steps), compile=compiled, gradient_checkpointing=False)
-    m = trainer.prepare_model(model.get_model("nano", use_soft_cap=False), config, rt)
-    optimizer = trainer.build_optimizer(m, config, rt)
-    ids = torch.randint(0, m.config.vocab_size, (BATCH, SEQ_LEN))
-    batches = iter(lambda: {"input_ids": ids, "labels": ids}, None)
-    tokens_per_s = step_timer(lambda: trainer.train_step(m, optimizer, batches, rt, 1, 1.0, 3e-4), steps)
-    report({"tokens_per_s": tokens_per_s, "peak_mb": peak_rss_mb()})
+    measure(build, lambda m: trainer.prepare_model(m, train_config(steps, compile=True), rt), steps)
 
 
-def hf_variant(steps, compiled):
+def hf_variant(steps):
     import torch
     from transformers import Qwen3ForCausalLM
     import model
     import trainer
     from hf_export import qwen3_config
 
-    torch.manual_seed(0)
-    config = qwen3_config(model.get_config("nano", use_soft_cap=False))
-    config._attn_implementation = "sdpa"
-    m = Qwen3ForCausalLM(config)
-    optimizer = trainer.build_optimizer(m, train_config(steps), trainer.Runtime("cpu"))  # Pion's, groups and all
-    if compiled:
-        m.compile()
-    ids = torch.randint(0, config.vocab_size, (BATCH, SEQ_LEN))
+    def build():
+        torch.manual_seed(0)
+        config = qwen3_config(model.get_config("nano", use_soft_cap=False))
+        config._attn_implementation = "sdpa"
+        m = Qwen3ForCausalLM(config)
+        optimizer = trainer.build_optimizer(m, train_config(steps), trainer.Runtime("cpu"))  # Pion's, groups and all
+        ids = torch.randint(0, config.vocab_size, (BATCH, SEQ_LEN))
 
-    def step():
-        m(input_ids=ids, labels=ids).loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        def step():
+            m(input_ids=ids, labels=ids).loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return m, step
 
-    report({"tokens_per_s": step_timer(step, steps), "peak_mb": peak_rss_mb()})
+    measure(build, lambda m: m.compile(), steps)
 
 
-def loader_variant(steps, compiled):
+def loader_variant(steps):
     import numpy as np
     import data
 
@@ -100,11 +123,6 @@ def loader_variant(steps, compiled):
         report({"tokens_per_s": BATCH * SEQ_LEN * n / (time.perf_counter() - start)})
 
 
-def matmul_variant(steps, compiled):
-    import hardware
-    report({"flops": hardware.matmul_peak_flops()})
-
-
 def flops_per_token():
     import torch
     import hardware
@@ -113,50 +131,57 @@ def flops_per_token():
         return hardware.training_flops_per_token(model.get_model("nano", use_soft_cap=False), SEQ_LEN)
 
 
-def main(steps):
+def main(steps=8, rounds=2):
     import os
     load_before = os.getloadavg()[0]
-    peak = run_variant(__file__, "matmul", steps, 0)["flops"]
-    steps_of = {(side, compiled): run_variant(__file__, side, steps, int(compiled))
-                for compiled in (False, True) for side in ("pion", "hf")}
-    peak = max(peak, run_variant(__file__, "matmul", steps, 0)["flops"])  # before and after: the best counts
-    loader = run_variant(__file__, "loader", steps, 0)
+    runs = {"pion": [], "hf": []}
+    for _ in range(rounds):
+        for side in runs:
+            runs[side].append(run_variant(__file__, side, steps))
+    loader = run_variant(__file__, "loader", steps)
+    peak = max(r["peak_flops"] for side in runs.values() for r in side)
+    best = {(side, mode): max(r[mode] for r in runs[side]) for side in runs for mode in ("eager", "compiled")}
     flops = flops_per_token()
-    speed = {c: steps_of["pion", c]["tokens_per_s"] / steps_of["hf", c]["tokens_per_s"] for c in (False, True)}
-    memory = steps_of["pion", False]["peak_mb"] / steps_of["hf", False]["peak_mb"]
-    feed = loader["tokens_per_s"] / steps_of["pion", False]["tokens_per_s"]
-    of_peak = {key: r["tokens_per_s"] * flops / peak for key, r in steps_of.items()}
+    speed = {mode: best["pion", mode] / best["hf", mode] for mode in ("eager", "compiled")}
+    memory = min(r["peak_mb"] for r in runs["pion"]) / min(r["peak_mb"] for r in runs["hf"])
+    feed = loader["tokens_per_s"] / best["pion", "eager"]
+    of_peak = {key: value * flops / peak for key, value in best.items()}
     print(f"training step, nano shape, batch {BATCH} x seq {SEQ_LEN}, fp32 CPU, fused AdamW on both sides "
-          f"({steps} steps after 2 warm-up steps)")
+          f"(median of {steps} steps after 2 warm-up steps; best of {rounds} alternating rounds)")
     print(f"machine: {machine()}; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after (this "
           f"benchmark included): a shared machine makes every figure noisy")
-    print(f"measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (2048^3, best of 5, before and after); "
-          f"{flops / 1e6:.1f} MFLOPs per trained token")
+    print(f"measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (2048^3, best of 5, before and after each "
+          f"process: from {min(r['peak_flops'] for side in runs.values() for r in side) / 1e9:.0f} to "
+          f"{peak / 1e9:.0f}); {flops / 1e6:.1f} MFLOPs per trained token")
     names = {"hf": "transformers Qwen3", "pion": "Pion"}
-    for compiled in (False, True):
+    for mode in ("eager", "compiled"):
         for side in ("hf", "pion"):
-            r = steps_of[side, compiled]
-            print(f"  {names[side] + (' compiled' if compiled else ''):28s} {r['tokens_per_s']:6.0f} tokens/s   "
-                  f"peak RSS {r['peak_mb']:6.0f} MB   {of_peak[side, compiled]:.2f} of the matmul peak")
+            rounds_text = ", ".join(f"{r[mode]:.0f}" for r in runs[side])
+            print(f"  {names[side] + ' ' + mode:28s} {best[side, mode]:6.0f} tokens/s ({rounds_text})   "
+                  f"{of_peak[side, mode]:.2f} of the matmul peak")
+    print(f"  peak RSS, eager: transformers {min(r['peak_mb'] for r in runs['hf']):.0f} MB, "
+          f"Pion {min(r['peak_mb'] for r in runs['pion']):.0f} MB")
     print(f"  data loader:                 {loader['tokens_per_s']:8.0f} tokens/s")
-    checks = [(f"speed, eager vs eager        {speed[False]:.2f}x", speed[False] >= TARGET_SPEED, f">= {TARGET_SPEED}x"),
-              (f"speed, compiled vs compiled  {speed[True]:.2f}x", speed[True] >= TARGET_SPEED, f">= {TARGET_SPEED}x"),
+    checks = [(f"speed, eager vs eager        {speed['eager']:.2f}x", speed["eager"] >= TARGET_SPEED, f">= {TARGET_SPEED}x"),
+              (f"speed, compiled vs compiled  {speed['compiled']:.2f}x", speed["compiled"] >= TARGET_SPEED,
+               f">= {TARGET_SPEED}x"),
               (f"peak RSS, eager              {memory:.2f}x", memory <= TARGET_MEMORY, f"<= {TARGET_MEMORY}x"),
               (f"loader / step                {feed:.0f}x", feed >= TARGET_LOADER, f">= {TARGET_LOADER:.0f}x"),
-              (f"Pion compiled, of peak       {of_peak['pion', True]:.2f}", of_peak["pion", True] >= TARGET_OF_PEAK,
-               f">= {TARGET_OF_PEAK}")]
+              (f"Pion compiled, of peak       {of_peak['pion', 'compiled']:.2f}",
+               of_peak["pion", "compiled"] >= TARGET_OF_PEAK, f">= {TARGET_OF_PEAK}")]
     for text, ok, target in checks:
         print(f"  {text} (target {target}) {'PASS' if ok else 'FAIL'}")
-    return {"speed_ratio": speed[False], "compiled_speed_ratio": speed[True], "memory_ratio": memory,
-            "loader_ratio": feed, "of_peak": of_peak["pion", True], "eager_of_peak": of_peak["pion", False],
-            "hf_of_peak": of_peak["hf", True], "pass": all(ok for _, ok, _ in checks)}
+    return {"speed_ratio": speed["eager"], "compiled_speed_ratio": speed["compiled"], "memory_ratio": memory,
+            "loader_ratio": feed, "of_peak": of_peak["pion", "compiled"], "eager_of_peak": of_peak["pion", "eager"],
+            "pass": all(ok for _, ok, _ in checks)}
 
 
 if __name__ == "__main__":
     if "--variant" in sys.argv:
-        {"pion": pion_variant, "hf": hf_variant, "loader": loader_variant,
-         "matmul": matmul_variant}[sys.argv[2]](int(sys.argv[3]), bool(int(sys.argv[4])))
+        {"pion": pion_variant, "hf": hf_variant, "loader": loader_variant}[sys.argv[2]](int(sys.argv[3]))
     else:
         p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-        p.add_argument("--steps", type=int, default=6)
-        main(p.parse_args().steps)
+        p.add_argument("--steps", type=int, default=8)
+        p.add_argument("--rounds", type=int, default=2)
+        args = p.parse_args()
+        main(args.steps, args.rounds)
