@@ -267,8 +267,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         block = CPU_VOCAB_BLOCK if hidden.device.type == "cpu" else vocab
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if want_grad else None
-        # fp32: the first chunk's product overwrites it (beta=0), so it needs no zero fill.
-        grad_weight = (torch.empty_like if fp32 else torch.zeros_like)(weight, dtype=torch.float32) if want_grad else None
+        # fp32: the first chunk's product overwrites it (beta=0), so it needs no zero fill, if there is a chunk.
+        first_chunk_overwrites = fp32 and len(labels) > 0
+        grad_weight = (torch.empty_like if first_chunk_overwrites else torch.zeros_like)(weight, dtype=torch.float32) \
+            if want_grad else None
         # One (chunk, vocab) fp32 buffer for every chunk: a fresh one each time costs its page faults again.
         logits_buffer = torch.empty(min(chunk_size, len(labels)), vocab, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk_size):

@@ -285,6 +285,14 @@ def test_chunked_cross_entropy_is_fp32_under_bf16_autocast():
     assert (w.grad - ref_grad).norm() < 2e-2 * ref_grad.norm()
 
 
+def test_chunked_cross_entropy_of_no_tokens_gives_a_zero_weight_gradient():
+    """An SFT micro-batch whose targets are all masked reaches the loss with no rows at all."""
+    w = torch.randn(1100, 16, requires_grad=True)
+    loss = M.chunked_cross_entropy(torch.randn(0, 16, requires_grad=True), w, torch.zeros(0, dtype=torch.long), 4)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(w.grad, torch.zeros_like(w))
+
+
 def test_chunked_cross_entropy_of_only_ignored_tokens_is_zero():
     h = torch.randn(8, 16, requires_grad=True)
     loss = M.chunked_cross_entropy(h, torch.randn(101, 16), torch.full((8,), -100), 4)
