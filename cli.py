@@ -1,6 +1,7 @@
 """The command-line kit every script shares: one-line errors, checked flag types, device and dtype choice,
 atomic file writes and the interactive prompt."""
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -103,23 +104,32 @@ def pick_device(name="auto"):
     return device
 
 
-def atomic_write(path, write, durable=False):
-    """write(binary file) into a hidden temp file beside `path`, then rename it into place: a crash never
-    leaves half a file under the final name. durable: fsync before the rename (checkpoints)."""
+@contextlib.contextmanager
+def replaced_atomically(path):
+    """Yield a hidden temp path beside `path`, renamed to `path` when the block ends without an error: a crash
+    never leaves half a file under the final name. An OSError (a full disk, a read-only or missing folder)
+    becomes one line naming `path`, and the file that was there is untouched."""
     directory, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
     try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        raise PionError(f"cannot write {path}: {e.strerror or first_line(e)}")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write(path, write, durable=False):
+    """write(binary file) into a file that replaced_atomically renames to `path`. durable: fsync before the
+    rename (checkpoints)."""
+    with replaced_atomically(path) as tmp:
         with open(tmp, "wb") as f:
             write(f)
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:  # a full disk, a read-only or missing folder: the file that was there is untouched
-        raise PionError(f"cannot write {path}: {e.strerror or first_line(e)}")
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def check_new_folder(out):

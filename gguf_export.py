@@ -13,7 +13,7 @@ import json
 import os
 
 from checkpoint import EOS_ID, PAD_ID, UNK_ID, load_checkpoint, load_tokenizer
-from cli import PionError
+from cli import PionError, replaced_atomically
 from hf_export import CHAT_TEMPLATE, check_soft_cap, qwen3_state_dict
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -208,25 +208,18 @@ def write_checked(pion_model, tokenizer, path, gguf_type):
     """write_gguf's work, once the path, the type and the soft-cap have been checked."""
     gguf = require_gguf()
     path = os.path.abspath(path)
-    # Written beside the target and renamed into place: a failed export leaves no half-written .gguf.
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, ARCH)
-    try:
-        add_hyperparameters(writer, pion_model, gguf_type)
-        add_tokenizer(writer, tokenizer, pion_model.config.vocab_size)
-        add_tensors(writer, pion_model, gguf_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+    with replaced_atomically(path) as tmp:  # a failed export leaves no half-written .gguf
+        writer = gguf.GGUFWriter(tmp, ARCH)
+        try:
+            add_hyperparameters(writer, pion_model, gguf_type)
+            add_tokenizer(writer, tokenizer, pion_model.config.vocab_size)
+            add_tensors(writer, pion_model, gguf_type)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
         if os.path.exists(path):  # appeared while we wrote
             raise PionError(f"{path} already exists; choose a new path (nothing is ever overwritten)")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise PionError(f"cannot write {path}: {e.strerror or e}")
-    finally:
-        writer.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 

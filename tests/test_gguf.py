@@ -334,3 +334,15 @@ def test_a_tokenizer_larger_than_the_model_is_refused_and_leaves_no_file(tokeniz
         write_gguf(small, tokenizer, str(tmp_path / "small.gguf"))
     assert "wrong tokenizer" in one_line(excinfo)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_gguf_write_that_fails_midway_leaves_no_file(pion, tokenizer, tmp_path, monkeypatch):
+    import errno
+    import gguf_export
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(gguf_export, "add_tensors", full_disk)
+    with pytest.raises(PionError, match="cannot write .*No space left on device"):
+        write_gguf(pion, tokenizer, str(tmp_path / "out.gguf"))
+    assert os.listdir(tmp_path) == []
