@@ -265,6 +265,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         # On the CPU, MKL multiplies a (512, d) x (d, 50k) product at ~70% of its 2048^3 speed but column
         # blocks of 512 at ~90%, and each block is still in cache for its softmax pass. GPUs need no blocks.
         block = CPU_VOCAB_BLOCK if hidden.device.type == "cpu" else vocab
+        w_blocks = w.split(block)
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if want_grad else None
         # fp32: the first chunk's product overwrites it (beta=0), so it needs no zero fill, if there is a chunk.
@@ -276,19 +277,18 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         for s in range(0, hidden.shape[0], chunk_size):
             h, y, m = hidden[s:s + chunk_size].to(compute_dtype), labels[s:s + chunk_size], valid[s:s + chunk_size]
             logits = logits_buffer[:len(y)]
-            for v in range(0, vocab, block):
+            logits_blocks = logits.split(block, dim=1)
+            for w_block, logits_block in zip(w_blocks, logits_blocks):
                 if fp32:
-                    torch.mm(h, w[v:v + block].T, out=logits[:, v:v + block])
+                    torch.mm(h, w_block.T, out=logits_block)
                 else:
-                    logits[:, v:v + block].copy_(h @ w[v:v + block].T)
+                    logits_block.copy_(h @ w_block.T)
             target = y.clamp(min=0)
             target_logit = logits.gather(1, target[:, None]).squeeze(1)
             row_max = logits.amax(dim=-1, keepdim=True)  # amax: max(dim) also finds indices, at 4x the time
             # exp in place, block by block so each is read and written once while in cache; as 2^(x log2 e)
             # because CPU exp2 is twice as fast as exp.
-            sum_exp = sum(logits[:, v:v + block].sub_(row_max).mul_(LOG2_E).exp2_().sum(-1, keepdim=True)
-                          for v in range(0, vocab, block))
-            exp = logits
+            sum_exp = sum(b.sub_(row_max).mul_(LOG2_E).exp2_().sum(-1, keepdim=True) for b in logits_blocks)
             loss += ((row_max.squeeze(1) + sum_exp.squeeze(1).log() - target_logit) * m).sum()
             if want_grad:
                 # d(mean CE)/d(logits) = (exp / sum_exp - onehot) * row_weight, row_weight = counted / n. Both
@@ -296,7 +296,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 # part is a (chunk, d) gather and scatter, so the (chunk, vocab) matrix is used as it is.
                 row_weight = (m / n_valid)[:, None]
                 scale = row_weight / sum_exp
-                exp = exp.to(compute_dtype)
+                exp = logits.to(compute_dtype)  # the logits buffer now holds exp(logit - row_max)
                 grad_hidden[s:s + chunk_size] = (exp @ w) * scale - w[target] * row_weight
                 h_scaled = (h * scale).to(compute_dtype)
                 if fp32:
