@@ -71,8 +71,9 @@ def pion_variant(steps):
 
     def build():
         torch.manual_seed(0)
-        m = trainer.prepare_model(model.get_model("nano", use_soft_cap=False), train_config(steps), rt)
-        optimizer = trainer.build_optimizer(m, train_config(steps), rt)
+        config = train_config(steps)
+        m = trainer.prepare_model(model.get_model("nano", use_soft_cap=False), config, rt)
+        optimizer = trainer.build_optimizer(m, config, rt)
         ids = torch.randint(0, m.config.vocab_size, (BATCH, SEQ_LEN))
         batches = iter(lambda: {"input_ids": ids, "labels": ids}, None)
         return m, lambda: trainer.train_step(m, optimizer, batches, rt, 1, 1.0, 3e-4)
