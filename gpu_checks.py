@@ -2,7 +2,8 @@
 
 Each check runs on a Target: a CUDA GPU at the real model sizes in bf16, or (dry run) a tiny fp32 model on
 the CPU, which runs the same code with the CUDA-only parts (FlexAttention, CUDA graphs) left out. A check
-returns rows of the table: (check, what was measured, passed).
+yields rows of the table, (check, what was measured, passed), each as soon as it is measured: a run cut
+short (a rented GPU's time running out) still shows what it got through.
 """
 import itertools
 import os
@@ -104,25 +105,24 @@ def train_speed(target, size, soft_cap, compile, checkpointing):
 
 
 def check_training_speed(target):
-    """Every size x {SDPA, soft-cap} x {eager, compiled} x {checkpointing on, off}. The dry run leaves out
-    compiling the soft-capped step: on CUDA that is FlexAttention, which a CPU does not compile."""
-    rows = []
-    for size, soft_cap, compile, checkpointing in itertools.product(target.sizes, (False, True), (False, True),
+    """{eager, compiled} x every size x {SDPA, soft-cap} x {checkpointing on, off}: the eager rows (seconds
+    each) before the compiled ones (a compile each). The dry run leaves out compiling the soft-capped step: on
+    CUDA that is FlexAttention, which a CPU does not compile."""
+    for compile, size, soft_cap, checkpointing in itertools.product((False, True), target.sizes, (False, True),
                                                                     (True, False)):
         name = (f"train {size} {'soft-cap' if soft_cap else 'SDPA'} {'compiled' if compile else 'eager'} "
                 f"ckpt {'on' if checkpointing else 'off'}")
         if target.dry_run and soft_cap and compile:
-            rows.append((name, "skipped (dry run: no FlexAttention compile)", True))
+            yield name, "skipped (dry run: no FlexAttention compile)", True
             continue
         try:
             r = train_speed(target, size, soft_cap, compile, checkpointing)
         except Exception as e:  # one failed variant (out of memory, a compile error) is one failed row
-            rows.append((name, f"{type(e).__name__}: {' '.join(str(e).split())[:150]}", False))
+            yield name, f"{type(e).__name__}: {' '.join(str(e).split())[:150]}", False
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        rows.append((name, f"{r['tokens_per_s']:,.0f} tok/s, MFU {mfu}, peak {r['peak_gb']:.2f} GB, loss "
-                           f"{r['loss']:.2f}", np.isfinite(r["loss"])))
-    return rows
+        yield name, (f"{r['tokens_per_s']:,.0f} tok/s, MFU {mfu}, peak {r['peak_gb']:.2f} GB, loss "
+                     f"{r['loss']:.2f}"), np.isfinite(r["loss"])
 
 
 def repeated_batch(vocab_size, batch_size, seq_len, period=64):
@@ -151,7 +151,7 @@ def check_loss_falls(target, steps=50):
     size = target.sizes[0]
     losses = training_losses(target, size, steps)
     falls = all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0]
-    return [(f"loss falls: {size}, {steps} steps, repeated batch", f"{losses[0]:.3f} -> {losses[-1]:.3f}", falls)]
+    yield f"loss falls: {size}, {steps} steps, repeated batch", f"{losses[0]:.3f} -> {losses[-1]:.3f}", falls
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -185,8 +185,8 @@ def check_memory_test(target):
     result = run_train([*model_flags(target, size), "--memory_test", "--device", target.device.type,
                         "--batch_size", target.batch_size, "--seq_len", target.seq_len])
     found = re.search(r"peak [\d.]+ GB of [\d.]+ GB \(\d+%\)", result.stdout + result.stderr)
-    return [(f"memory test: {size}, batch {target.batch_size} x {target.seq_len}",
-             found.group(0) if found else last_line(result), result.returncode == 0 and found is not None)]
+    yield (f"memory test: {size}, batch {target.batch_size} x {target.seq_len}",
+           found.group(0) if found else last_line(result), result.returncode == 0 and found is not None)
 
 
 def write_shards(folder, vocab_size, width, rows=48, count=3):
@@ -218,7 +218,7 @@ def fsdp_sample_run(target, nproc=1, param_dtype="bfloat16", steps=4):
 def check_fsdp(target):
     passed, samples, result = fsdp_sample_run(target)
     detail = f"{len(samples)} eval samples, e.g. {samples[0][8:48]}" if passed else last_line(result)
-    return [("torchrun FSDP2, bf16 policy, 1 process, eval sample", detail, passed)]
+    yield "torchrun FSDP2, bf16 policy, 1 process, eval sample", detail, passed
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -265,9 +265,9 @@ def check_decoding(target, new_tokens=None):
     model = new_model(size).to(target.device).eval()
     prompt = torch.randint(3, model.config.vocab_size, (32,), generator=torch.Generator().manual_seed(0)).tolist()
     compiled, eager = greedy_compiled_equals_eager(model, prompt, new_tokens)
-    rows = [(f"decode {size}: greedy compiled = eager (fp32, {new_tokens} tokens)",
-             "identical" if compiled == eager else f"differ from token {next_difference(compiled, eager)}",
-             compiled == eager)]
+    yield (f"decode {size}: greedy compiled = eager (fp32, {new_tokens} tokens)",
+           "identical" if compiled == eager else f"differ from token {next_difference(compiled, eager)}",
+           compiled == eager)
     if target.device.type == "cuda":
         model = model.to(torch.bfloat16)
     counters["inductor"]["cudagraph_skips"] = 0
@@ -277,9 +277,8 @@ def check_decoding(target, new_tokens=None):
     skips = counters["inductor"]["cudagraph_skips"]
     graphs = f", cudagraph skips {skips}" if target.device.type == "cuda" else ""
     speed = f"{rate:,.1f} tok/s" if rate else "too noisy to time"
-    rows.append((f"decode {size}: compiled, batch 1, {str(next(model.parameters()).dtype)[6:]}",
-                 f"{speed}, MBU {mbu} ({bytes_per_step / 1e6:,.0f} MB a step){graphs}", skips == 0))
-    return rows
+    yield (f"decode {size}: compiled, batch 1, {str(next(model.parameters()).dtype)[6:]}",
+           f"{speed}, MBU {mbu} ({bytes_per_step / 1e6:,.0f} MB a step){graphs}", skips == 0)
 
 
 def next_difference(a, b):
@@ -304,8 +303,9 @@ def check_export(target):
     model = new_model(size, use_soft_cap=False).eval()
     with tempfile.TemporaryDirectory() as folder:
         difference = export_logit_difference(model, load_tokenizer(target.tokenizer), os.path.join(folder, "hf"))
-    return [(f"export round trip: {size} -> transformers", f"max |logit difference| {difference:.1e}",
-             difference < 1e-4)]
+    yield (f"export round trip: {size} -> transformers", f"max |logit difference| {difference:.1e}",
+           difference < 1e-4)
 
 
-CHECKS = [check_training_speed, check_loss_falls, check_memory_test, check_fsdp, check_decoding, check_export]
+# The quick checks first and the long training matrix (a compile per variant) last.
+CHECKS = [check_loss_falls, check_export, check_memory_test, check_fsdp, check_decoding, check_training_speed]

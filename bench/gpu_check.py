@@ -61,24 +61,31 @@ def describe(target):
 
 
 def run_checks(target, checks):
-    """Each check's rows; a check that raises is one failed row, and the others still run."""
+    """Each check's rows, each also printed to stderr as it comes (a run cut short keeps what it measured);
+    a check that raises adds one failed row, and the others still run."""
     rows = []
     for check in checks:
         name = check.__name__.removeprefix("check_").replace("_", " ")
         start = time.perf_counter()
         try:
-            new = check(target)
+            for row in check(target):
+                rows.append(row)
+                print(format_row(*row), file=sys.stderr, flush=True)
         except Exception as e:
-            new = [(name, f"{type(e).__name__}: {first_line(e)}"[:200], False)]
-        print(f"  {name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-        rows += new
+            rows.append((name, f"{type(e).__name__}: {first_line(e)}"[:200], False))
+            print(format_row(*rows[-1]), file=sys.stderr, flush=True)
+        print(f"  ({name}: {time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     return rows
+
+
+def format_row(check, result, passed, width=0):
+    return f"{'ok  ' if passed else 'FAIL'}  {check:{width}}  {result}"
 
 
 def print_table(rows):
     width = max(len(check) for check, _, _ in rows)
-    for check, result, passed in rows:
-        print(f"{'ok  ' if passed else 'FAIL'}  {check:{width}}  {result}")
+    for row in rows:
+        print(format_row(*row, width))
 
 
 def main(argv=None):

@@ -63,7 +63,7 @@ def no_tf32():
 
 @on_cuda
 def test_compiled_decoding_on_cuda_equals_eager_and_uses_cuda_graphs():
-    rows = gpu_checks.check_decoding(gpu_checks.Target(torch.device("cuda"), dry_run=True), new_tokens=12)
+    rows = list(gpu_checks.check_decoding(gpu_checks.Target(torch.device("cuda"), dry_run=True), new_tokens=12))
     assert all(passed for _, _, passed in rows), rows  # greedy tokens identical; no cudagraph skips
 
 
