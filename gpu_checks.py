@@ -175,8 +175,10 @@ def run_train(args, nproc=None, timeout=600):
 
 
 def last_line(result):
+    """What a failed script run says: its last error line (torchrun ends with a banner that names none)."""
     lines = (result.stdout + result.stderr).strip().splitlines()
-    return lines[-1] if lines else f"exit code {result.returncode}"
+    errors = [line for line in lines if re.search(r"(Error|Exception|error):", line) and "ChildFailed" not in line]
+    return (errors or lines or [f"exit code {result.returncode}"])[-1]
 
 
 def check_memory_test(target):

@@ -274,7 +274,10 @@ def prepare_model(model, config, rt):
     if config.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         dtype = fsdp_param_dtype(config, rt)
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) \
+        # Blocks get their inputs uncast: the residual stream is already in the compute dtype (the embedding
+        # is gathered in it), and the RoPE tables stay fp32. Cast by FSDP, they would also differ between
+        # the forward (cast) and a checkpointed block's recompute in backward (which FSDP2 does not cast).
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False) \
             if dtype != torch.float32 else MixedPrecisionPolicy()
         for block in model.layers:
             fully_shard(block, mp_policy=mp)

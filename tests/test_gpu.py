@@ -4,6 +4,7 @@ Tests marked `cuda` run the GPU checks' own functions (gpu_checks.py) and skip w
 on the CPU what the GPU runs depend on: bf16 autocast steps, FSDP2 with a bf16 policy on gloo, the
 figures' arithmetic, and gpu_check.py --dry_run.
 """
+import os
 import subprocess
 import sys
 import types
@@ -154,6 +155,37 @@ def test_a_bf16_sharded_model_samples_after_a_training_step_on_two_gloo_processe
     assert len(lines) == 2 and lines[0] == lines[1] and lines[0].endswith("cache torch.bfloat16")
 
 
+ROPE_UNDER_FSDP = """
+import sys; sys.path.insert(0, {root!r})
+import itertools, torch, gpu_checks, trainer
+rt = trainer.Runtime("cpu")
+model = gpu_checks.new_model("tiny")
+config = trainer.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0, fsdp=True, fsdp_param_dtype="bfloat16",
+                             gradient_checkpointing=True)
+wrapped = trainer.prepare_model(model, config, rt)
+seen = []
+model.layers[0].register_forward_pre_hook(lambda block, args: seen.append(args[1].dtype))  # after FSDP's own hook
+ids = torch.randint(0, 512, (2, 16))
+trainer.train_step(wrapped, trainer.build_optimizer(wrapped, config, rt), itertools.repeat({{"input_ids": ids,
+                   "labels": ids}}), rt, 1, 1.0, 1e-3)
+print("rope tables", *seen)
+rt.close()
+"""
+
+
+def test_fsdp2_bf16_blocks_get_fp32_rope_tables_in_the_forward_and_in_its_recompute(tmp_path):
+    """FSDP2 casts a block's floating inputs to the policy's dtype, but not when activation checkpointing
+    recomputes the block in backward (torch 2.11 on CUDA): bf16 tables saved, fp32 recomputed, and the
+    checkpoint refuses. Uncast, the tables are the same both times, and RoPE keeps its fp32 angles."""
+    script = tmp_path / "rope_under_fsdp.py"
+    script.write_text(ROPE_UNDER_FSDP.format(root=ROOT))
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29541", "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0"}
+    result = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["rope", "tables", "torch.float32", "torch.float32"]  # forward, recompute
+
+
 @pytest.mark.slow
 def test_fsdp2_with_the_bf16_policy_on_two_gloo_processes_trains_through_an_eval_sample(tokenizer_path):
     target = gpu_checks.Target(torch.device("cpu"), dry_run=True, tokenizer=tokenizer_path)
@@ -218,3 +250,13 @@ def test_gpu_check_dry_run_passes_every_check_on_the_cpu(tokenizer_path):
     rows = [line for line in result.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
     assert len(rows) == 14 and all(row.startswith("ok") for row in rows)
     assert "MFU" in result.stdout and "MBU" in result.stdout
+
+
+def test_a_failed_torchrun_row_names_the_error_not_the_closing_banner():
+    output = ("[rank0]: Traceback (most recent call last):\n"
+              "[rank0]: torch.utils.checkpoint.CheckpointError: Recomputed values differ\n"
+              "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n"
+              "  error_file: <N/A>\n"
+              "============================================================\n")
+    result = subprocess.CompletedProcess([], 1, "", output)
+    assert gpu_checks.last_line(result) == "[rank0]: torch.utils.checkpoint.CheckpointError: Recomputed values differ"
