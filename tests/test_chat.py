@@ -1,6 +1,7 @@
 """chat.py: history rendering and truncation, commands, checkpoint picking, and a real terminal session."""
 import io
 import os
+import signal
 import sys
 import time
 import warnings
@@ -157,9 +158,12 @@ def prompt_tokens(child):
 
 
 def test_a_terminal_session(checkpoint, tiny_chat_model, tokenizer, tokenizer_path):
+    # SIGINT at its default, as in a terminal: a suite started in the background (`cmd &` in a script)
+    # passes SIGINT on ignored, and Ctrl-C would then never reach chat.py.
     child = pexpect.spawn(sys.executable, ["chat.py", "--checkpoint", checkpoint, "--temperature", "0",
                                            "--max_tokens", "8", "--tokenizer", tokenizer_path], cwd=ROOT,
-                          encoding="utf-8", timeout=60)
+                          encoding="utf-8", timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         child.expect_exact(">>> ")
         child.sendline("/temp 0.5")
