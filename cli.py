@@ -106,9 +106,9 @@ def pick_device(name="auto"):
 
 @contextlib.contextmanager
 def replaced_atomically(path):
-    """Yield a hidden temp path beside `path`, renamed to `path` when the block ends without an error: a crash
-    never leaves half a file under the final name. An OSError (a full disk, a read-only or missing folder)
-    becomes one line naming `path`, and the file that was there is untouched."""
+    """Yield a hidden temp path beside `path` (for a file or a folder), renamed to `path` when the block ends
+    without an error: a crash never leaves half a file or folder under the final name. An OSError (a full
+    disk, a read-only or missing folder) becomes one line naming `path`, and what was there is untouched."""
     directory, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
     try:
@@ -117,7 +117,9 @@ def replaced_atomically(path):
     except OSError as e:
         raise PionError(f"cannot write {path}: {e.strerror or first_line(e)}")
     finally:
-        if os.path.exists(tmp):
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        elif os.path.exists(tmp):
             os.remove(tmp)
 
 
@@ -141,23 +143,15 @@ def check_new_folder(out):
 
 
 def write_folder_atomically(out, write):
-    """write(folder) into a hidden staging folder beside `out`, then rename it to `out` (which must be new or an
-    empty folder): a failed or interrupted write never leaves a half-written folder under the final name.
-    Returns what write returns."""
+    """write(folder) into a staging folder that replaced_atomically renames to `out` (which must be new or an
+    empty folder). Returns what write returns."""
     out = os.path.abspath(out)
-    staging = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tmp{os.getpid()}")
-    try:
+    with replaced_atomically(out) as staging:
         os.makedirs(staging)
         result = write(staging)
         if os.path.isdir(out) and not os.listdir(out):
-            os.rmdir(out)
-        os.replace(staging, out)  # refuses a folder that filled up meanwhile
-        return result
-    except OSError as e:  # a full disk, a read-only or missing folder, a file as parent
-        raise PionError(f"cannot write {out}: {e.strerror or first_line(e)}")
-    finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging)
+            os.rmdir(out)  # empty: the rename puts the new folder there (and refuses one that filled up meanwhile)
+    return result
 
 
 def use_one_line_warnings(category):
