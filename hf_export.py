@@ -142,7 +142,8 @@ def export(checkpoint, out, tokenizer_path=None, allow_mismatch=False, dtype="fl
     pion_model, _ = load_checkpoint(checkpoint)
     check_soft_cap(pion_model.config, allow_mismatch, checkpoint, "transformers' Qwen3")
     tokenizer = load_tokenizer(tokenizer_path, pion_model.config.vocab_size)
-    return write_folder_atomically(out, lambda folder: write_folder(pion_model, tokenizer, folder, DTYPES[dtype]) or out)
+    write_folder_atomically(out, lambda folder: write_folder(pion_model, tokenizer, folder, DTYPES[dtype]))
+    return out
 
 
 def check_soft_cap(config, allow_mismatch, what, target):
