@@ -1,6 +1,6 @@
 """What the hardware can do, and what the model asks of it: the figures behind MFU and MBU.
 
-MFU (model FLOPs utilization) = model FLOPs per token x tokens/s / the device's dense peak (trainer.peak_flops
+MFU (model FLOPs utilization) = model FLOPs per token x tokens/s / the device's dense peak (gpu_peak_flops
 for GPUs, a measured matmul peak for a CPU). MBU (memory bandwidth utilization) = bytes a decode step reads
 x steps/s / the device's memory bandwidth: batch-1 decoding is bound by reading the weights, not by FLOPs.
 """
@@ -9,16 +9,34 @@ import time
 
 import torch
 
-GPU_BANDWIDTH = (  # device-name substring -> memory bandwidth in bytes/s; the first match wins (PCIe before SXM)
+# Device-name substring -> figure; the first match wins (H100 PCIe before H100 SXM, A100 before A10).
+GPU_BF16_PEAK = (  # dense bf16 FLOP/s
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("A40", 150e12), ("L40", 181e12),
+    ("4090", 165e12), ("A10", 125e12), ("L4", 121e12), ("3090", 71e12),
+)
+GPU_BANDWIDTH = (  # memory bandwidth in bytes/s
     ("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100", 2.0e12), ("A40", 0.696e12),
     ("L40", 0.864e12), ("4090", 1.008e12), ("A10", 0.6e12), ("L4", 0.3e12), ("3090", 0.936e12),
 )
 
 
-def gpu_bandwidth(device):
-    """The memory bandwidth of a known CUDA GPU in bytes/s; None when its name is not in the table."""
+def gpu_figure(table, device):
+    """A known CUDA GPU's figure from one of the tables above; None for another device or an unknown GPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
     name = torch.cuda.get_device_name(device)
-    return next((bandwidth for key, bandwidth in GPU_BANDWIDTH if key in name), None)
+    return next((value for key, value in table if key in name), None)
+
+
+def gpu_peak_flops(device):
+    """The dense bf16 peak of a known CUDA GPU in FLOP/s, for MFU; None otherwise."""
+    return gpu_figure(GPU_BF16_PEAK, device)
+
+
+def gpu_bandwidth(device):
+    """The memory bandwidth of a known CUDA GPU in bytes/s; None otherwise."""
+    return gpu_figure(GPU_BANDWIDTH, device)
 
 
 @functools.cache
@@ -64,7 +82,7 @@ def matmul_peak_flops(device="cpu", dtype=torch.float32, n=2048, runs=5):
 def training_flops_per_token(model, seq_len):
     """Forward + backward FLOPs per trained token: 6 per weight (the tied lm_head's product included; the
     embedding lookup is no matmul but is counted once with it) plus 12 L d T for attention's scores and
-    values (PaLM's estimate, as trainer.train's mfu)."""
+    values (PaLM's estimate)."""
     c = model.config
     return 6 * model.count_parameters() + 12 * c.n_layers * c.d_model * seq_len
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from bpb import bits_per_byte
 from checkpoint import prune_checkpoints, save_checkpoint
 from cli import PionError, first_line, non_negative_float, non_negative_int, pick_device, positive_int
+from hardware import gpu_peak_flops, training_flops_per_token
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run gives up
 
@@ -392,18 +393,6 @@ def human_count(n):
     return str(n)
 
 
-def peak_flops(device):
-    """bf16 dense peak of common GPUs, for MFU; None when unknown."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in (("H200", 989), ("H100 PCIe", 756), ("H100", 989), ("A100", 312), ("A40", 150), ("L40", 181),
-                        ("4090", 165), ("A10", 125), ("L4", 121), ("3090", 71)):
-        if key in name:
-            return tflops * 1e12
-    return None
-
-
 @torch.no_grad()
 def evaluate(model, batches, rt, steps, token_bytes=None):
     """{"val_loss": mean loss per trained token, "val_bpb": bits per UTF-8 byte of those tokens} over up to
@@ -522,8 +511,8 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
     metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), rt.is_main)
     stop = StopSignal()
     batches = iter(train_batches(state.samples_seen))
-    flops_per_token = 6 * model.count_parameters() + 12 * model.config.n_layers * model.config.d_model * config.seq_len
-    peak = peak_flops(rt.device)
+    flops_per_token = training_flops_per_token(model, config.seq_len)
+    peak = gpu_peak_flops(rt.device)
     bar = tqdm(total=config.max_steps, initial=state.step, desc=prefix, unit="step", dynamic_ncols=True,
                disable=not rt.is_main)
     wrapped.train()

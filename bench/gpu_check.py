@@ -22,7 +22,6 @@ sys.path.insert(0, ROOT)
 
 import gpu_checks  # noqa: E402
 import hardware  # noqa: E402
-import trainer  # noqa: E402
 from cli import ArgumentParser, PionError, first_line, run_cli  # noqa: E402
 
 
@@ -44,7 +43,7 @@ def target_from_args(args):
         if not torch.cuda.is_available():
             raise PionError("no CUDA device: run it on the GPU machine, or pass --dry_run on a CPU")
         device = torch.device("cuda")
-        peak, bandwidth = trainer.peak_flops(device), hardware.memory_bandwidth(device)
+        peak, bandwidth = hardware.gpu_peak_flops(device), hardware.memory_bandwidth(device)
     if args.peak_tflops:
         peak = args.peak_tflops * 1e12
     if args.bandwidth_gbs:

@@ -225,6 +225,17 @@ def test_cpu_copy_bandwidth_is_measured_once_per_process():
     assert hardware.cpu_copy_bandwidth() is hardware.cpu_copy_bandwidth() and hardware.cpu_copy_bandwidth() > 1e8
 
 
+@pytest.mark.parametrize("name, peak_tflops, bandwidth_tbs", [
+    ("NVIDIA H100 80GB HBM3", 989, 3.35), ("NVIDIA H100 PCIe", 756, 2.0), ("NVIDIA A100-SXM4-80GB", 312, 2.0),
+    ("NVIDIA A10", 125, 0.6), ("NVIDIA L40S", 181, 0.864), ("NVIDIA L4", 121, 0.3), ("Some Future GPU", None, None)])
+def test_a_gpus_peak_and_bandwidth_come_from_its_name_the_first_match_winning(monkeypatch, name, peak_tflops,
+                                                                               bandwidth_tbs):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    peak, bandwidth = hardware.gpu_peak_flops("cuda"), hardware.gpu_bandwidth("cuda")
+    assert (peak and peak / 1e12, bandwidth and bandwidth / 1e12) == (peak_tflops, bandwidth_tbs)
+    assert hardware.gpu_peak_flops("cpu") is None
+
+
 def test_training_flops_per_token_is_6n_plus_attention():
     m = tiny_model()
     c = m.config
