@@ -401,6 +401,8 @@ def evaluate(model, batches, rt, steps, token_bytes=None):
     was_training = model.training
     model.eval()
     batches = iter(batches)
+    if token_bytes is not None:
+        token_bytes = token_bytes.to(rt.device)  # once, not per batch
     loss_sum, tokens, n_bytes = 0.0, 0, 0
     for _ in range(steps):
         batch = next(batches, None)
@@ -413,7 +415,7 @@ def evaluate(model, batches, rt, steps, token_bytes=None):
             loss_sum += model(batch["input_ids"].to(rt.device), labels=labels)["loss"].item() * count
         tokens += count
         if token_bytes is not None:
-            n_bytes += int(token_bytes.to(rt.device)[targets[targets != -100]].sum())
+            n_bytes += int(token_bytes[targets[targets != -100]].sum())
     model.train(was_training)
     loss_sum = rt.all_reduce(loss_sum)
     metrics = {"val_loss": loss_sum / max(rt.all_reduce(tokens), 1)}
