@@ -150,6 +150,12 @@ def prompt_rows(prompts):
 
 
 @torch.inference_mode()
+def cache_length(model, rows, max_new_tokens):
+    """The KV cache length generate_tokens decodes `rows` (lists of ids) in: the longest prompt as it is
+    kept (at most its last max_seq_len - max_new_tokens tokens), plus the new tokens."""
+    return min(max(map(len, rows)), model.config.max_seq_len - max_new_tokens) + max_new_tokens
+
+
 def generate_tokens(model, prompts, max_new_tokens, settings=GREEDY, generator=None, compile=False, cache_dtype=None):
     """Yield the next token of every row, a (B,) tensor, once per step, max_new_tokens times at most.
 
@@ -176,7 +182,7 @@ def generate_tokens(model, prompts, max_new_tokens, settings=GREEDY, generator=N
     model.eval()
     try:
         batch, device = len(rows), model.embed.weight.device
-        kv_cache = model.new_kv_cache(batch, max(map(len, rows)) + max_new_tokens, cache_dtype)
+        kv_cache = model.new_kv_cache(batch, cache_length(model, rows, max_new_tokens), cache_dtype)
         step = compiled_decode_step(device.type) if compile else decode_step
         seen = None
         if settings.repetition_penalty != 1.0:

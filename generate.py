@@ -11,7 +11,7 @@ from checkpoint import load_model, load_tokenizer
 from cli import (ArgumentParser, add_inference_args, dataclass_from_args, positive_int, run_cli, typed_lines,
                  use_one_line_warnings, valid_text)
 from decoding import (COMPILE_NOTICE, DecodeTimer, PromptTruncatedWarning, SamplingSettings, TextStream,
-                      add_sampling_args, generate_tokens, seeded_generator, stream_text)
+                      add_sampling_args, cache_length, generate_tokens, seeded_generator, stream_text)
 from hardware import decode_bytes_per_step
 
 
@@ -36,10 +36,10 @@ def complete(model, tokenizer, prompts, args, generator, echo_prompt):
     texts = [valid_text(prompt) for prompt in prompts for _ in range(args.num_samples)]
     rows = [tokenizer.encode(text).ids for text in texts]
     stream = len(rows) == 1 and not args.no_stream
-    cache_len = min(max(map(len, rows)), model.config.max_seq_len - args.max_tokens) + args.max_tokens  # as decoded
     columns = DecodeTimer(generate_tokens(model, rows, args.max_tokens, dataclass_from_args(SamplingSettings, args), generator,
                                           compile=args.compile), sum(map(len, rows)),
-                          decode_bytes_per_step(model, len(rows), cache_len), model.embed.weight.device)
+                          decode_bytes_per_step(model, len(rows), cache_length(model, rows, args.max_tokens)),
+                          model.embed.weight.device)
     streams = [TextStream(tokenizer, args.stop) for _ in rows]
     if stream and echo_prompt:
         sys.stdout.write(texts[0])
