@@ -158,7 +158,7 @@ class PionLM(TemplateLM):
         results = [None] * len(requests)
         order = sorted(range(len(prefixes)), key=lambda g: -len(prefixes[g]))
         bar = tqdm(total=len(requests), desc="scoring", disable=disable_tqdm or not self.progress or self.rank != 0)
-        with self._eval_mode():
+        with eval_mode(self.model):
             for batch in self._batches(order, prefixes, members):
                 scored = [(slot, rest, targets) for slot, g in enumerate(batch) for _, rest, targets in members[g]]
                 scores = self._score_batch([prefixes[g] for g in batch], scored)
@@ -255,7 +255,7 @@ class PionLM(TemplateLM):
             groups[json.dumps(req.args[1], sort_keys=True, default=str)].append(i)
         results = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="generating", disable=disable_tqdm or not self.progress or self.rank != 0)
-        with self._eval_mode():
+        with eval_mode(self.model):
             for members in groups.values():
                 kwargs = dict(requests[members[0]].args[1])
                 until = kwargs.get("until") or []
@@ -307,26 +307,18 @@ class PionLM(TemplateLM):
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
-    def _eval_mode(self):
-        return EvalMode(self.model)
 
-
-class EvalMode:
+@contextlib.contextmanager
+def eval_mode(model):
     """Inference mode and model.eval() for a block, restoring the model's mode after (the trainers call
     the harness mid-run)."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        self.was_training = self.model.training
-        self.model.eval()
-        self.no_grad = torch.inference_mode()
-        self.no_grad.__enter__()
-
-    def __exit__(self, *exc):
-        self.no_grad.__exit__(*exc)
-        self.model.train(self.was_training)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def sampling_settings(gen_kwargs):
