@@ -121,7 +121,7 @@ def main(argv=None):
 
     load_before = os.getloadavg()[0]
     pion, capped, hf = build_models()
-    prompt = torch.randint(3, 50000, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = bench_prompt()
     hf_compiled = compiled_qwen3_model(pion)
     reference = pion_decoder(pion, prompt)(NEW_TOKENS)
     same_tokens = reference == hf_decoder(hf, prompt)(NEW_TOKENS)
@@ -172,7 +172,7 @@ TARGET_INT8_VS_FP32, TARGET_INT8_VS_LLAMA_Q8 = 1.8, 1.0
 
 
 def bench_prompt():
-    """main's prompt (for --local_only)."""
+    """The prompt of every decoder: PROMPT_TOKENS seeded random ids."""
     return torch.randint(3, 50000, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
 
 
