@@ -244,6 +244,16 @@ def test_chat_template_renders_the_sft_conversation(tokenizer):
     assert lm.chat_template(True) == hf_export.CHAT_TEMPLATE and lm.tokenizer_name.startswith("pion")
 
 
+def test_scoring_runs_in_inference_mode_and_puts_a_training_model_back_in_train_mode(tokenizer):
+    """The trainers call the harness mid-run, on the model they train."""
+    model = tiny_pion().train()
+    seen = []
+    model.layers[0].register_forward_hook(lambda m, args, out: seen.append((m.training, torch.is_inference_mode_enabled())))
+    lm = evaluation.PionLM(model, tokenizer, progress=False)
+    lm._loglikelihood_tokens([(None, [5, 6, 7], [8, 9])])
+    assert model.training and seen and all(mode == (False, True) for mode in seen)
+
+
 def test_the_harness_builds_pion_from_its_registered_name(exported, tokenizer_path):
     from lm_eval.api.registry import get_model
     lm = get_model("pion").create_from_arg_string(f"checkpoint={exported[1]},tokenizer={tokenizer_path}",
