@@ -248,7 +248,8 @@ def test_scoring_runs_in_inference_mode_and_puts_a_training_model_back_in_train_
     """The trainers call the harness mid-run, on the model they train."""
     model = tiny_pion().train()
     seen = []
-    model.layers[0].register_forward_hook(lambda m, args, out: seen.append((m.training, torch.is_inference_mode_enabled())))
+    model.layers[0].register_forward_hook(
+        lambda block, args, out: seen.append((block.training, torch.is_inference_mode_enabled())))
     lm = evaluation.PionLM(model, tokenizer, progress=False)
     lm._loglikelihood_tokens([(None, [5, 6, 7], [8, 9])])
     assert model.training and seen and all(mode == (False, True) for mode in seen)
