@@ -77,26 +77,36 @@ def train_config(target, **fields):
 # Training
 
 
+def fixed_batch_trainer(target, model, config, ids, autocast=None):
+    """The model prepared as train.py prepares it (device, checkpointing, compile, fused AdamW), training on
+    the one batch `ids` -> (runtime, step): step(lr) is one trainer.train_step -> (loss, grad norm, tokens).
+    autocast: a context factory replacing the runtime's (e.g. bf16 autocast on the CPU)."""
+    rt = trainer.Runtime(str(target.device))
+    if autocast is not None:
+        rt.autocast = autocast
+    wrapped = trainer.prepare_model(model, config, rt)
+    optimizer = trainer.build_optimizer(wrapped, config, rt)
+    batches = itertools.repeat({"input_ids": ids, "labels": ids})
+    return rt, lambda lr: trainer.train_step(wrapped, optimizer, batches, rt, 1, config.grad_clip, lr)
+
+
 def train_speed(target, size, soft_cap, compile, checkpointing):
     """Timed trainer.train_step's (bf16 autocast on CUDA) of one size and variant: tokens/s, MFU and peak
     memory. The first steps are warm-up (compilation, allocator, optimizer state)."""
     torch._dynamo.reset()  # each variant compiles afresh, so none runs into another's recompile limit
     model = new_model(size, use_soft_cap=soft_cap)
     config = train_config(target, compile=compile, gradient_checkpointing=checkpointing)
-    rt = trainer.Runtime(str(target.device))
-    wrapped = trainer.prepare_model(model, config, rt)
-    optimizer = trainer.build_optimizer(wrapped, config, rt)
     ids = torch.randint(0, model.config.vocab_size, (config.batch_size, config.seq_len))
-    batches = itertools.repeat({"input_ids": ids, "labels": ids})
+    rt, step = fixed_batch_trainer(target, model, config, ids)
     if target.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(target.device)
     for _ in range(2):
-        trainer.train_step(wrapped, optimizer, batches, rt, 1, config.grad_clip, config.lr)
+        step(config.lr)
     synchronize(target.device)
     start = time.perf_counter()
     for _ in range(target.timed_steps):
-        loss, _, _ = trainer.train_step(wrapped, optimizer, batches, rt, 1, config.grad_clip, config.lr)
+        loss, _, _ = step(config.lr)
     synchronize(target.device)
     tokens_per_s = ids.numel() * target.timed_steps / (time.perf_counter() - start)
     flops = training_flops_per_token(model, config.seq_len) * tokens_per_s
@@ -133,18 +143,12 @@ def repeated_batch(vocab_size, batch_size, seq_len, period=64):
 
 
 def training_losses(target, size, steps=50, lr=3e-3, autocast=None):
-    """Losses of `steps` trainer.train_step's on one repeated batch. autocast: a context factory replacing
-    the runtime's (e.g. bf16 autocast on the CPU)."""
+    """Losses of `steps` trainer.train_step's on one repeated batch (autocast: as fixed_batch_trainer's)."""
     model = new_model(size)
     config = train_config(target, gradient_checkpointing=True)
-    rt = trainer.Runtime(str(target.device))
-    if autocast is not None:
-        rt.autocast = autocast
-    wrapped = trainer.prepare_model(model, config, rt)
-    optimizer = trainer.build_optimizer(wrapped, config, rt)
     ids = repeated_batch(model.config.vocab_size, config.batch_size, config.seq_len)
-    batches = itertools.repeat({"input_ids": ids, "labels": ids})
-    return [trainer.train_step(wrapped, optimizer, batches, rt, 1, config.grad_clip, lr)[0] for _ in range(steps)]
+    _, step = fixed_batch_trainer(target, model, config, ids, autocast)
+    return [step(lr)[0] for _ in range(steps)]
 
 
 def check_loss_falls(target, steps=50):
