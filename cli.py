@@ -79,12 +79,17 @@ def dataclass_from_args(cls, args, **values):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def add_inference_args(parser):
-    """The flags of every script that loads a model to run it: tokenizer, device, dtype, compile, quantize."""
+def add_model_args(parser):
+    """The flags of every script that loads a model: tokenizer, device, dtype."""
     parser.add_argument("--tokenizer", default=None, help="tokenizer JSON (default: the Pion tokenizer, fetched once)")
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="weights' dtype (default: bfloat16 on CUDA, float32 elsewhere)")
+
+
+def add_inference_args(parser):
+    """The flags of every script that decodes with a model: add_model_args's, compile and quantize."""
+    add_model_args(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile the per-token decode step")
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="int8: int8 weights with a scale per output channel (quantize.py); fastest with --compile")

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from cli import DTYPES, ArgumentParser, PionError, positive_int, run_cli
+from cli import ArgumentParser, PionError, add_model_args, positive_int, run_cli
 
 
 def parse_args(argv=None):
@@ -29,10 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--seq_len", type=positive_int, default=None,
                    help="--data_dir: tokens per sequence (default: the model's max_seq_len, at most the shards')")
     p.add_argument("--eval_steps", type=positive_int, default=None, help="--data_dir: batches (default: all)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer JSON (default: the Pion tokenizer, fetched once)")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None,
-                   help="weights' dtype (default: bfloat16 on CUDA, float32 elsewhere)")
+    add_model_args(p)
     args = p.parse_args(argv)
     if not args.tasks and not args.data_dir:
         p.error("nothing to evaluate: pass --tasks, --data_dir or both")
