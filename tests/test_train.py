@@ -95,6 +95,29 @@ def test_a_non_finite_step_changes_no_weight():
     assert all(torch.equal(before[n], p) for n, p in m.named_parameters())
 
 
+FAULTS_OF_A_REALLOCATED_BUFFER = """
+import resource, sys, torch, trainer
+def faults():
+    torch.ones(64 * 2**20 // 4).sum()  # 64 MB, freed at return
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(64 * 2**20 // 4).sum()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(faults())
+trainer.Runtime("cpu")
+faults()
+print(faults())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_a_cpu_runtime_reuses_freed_large_buffers_instead_of_faulting_them_in_again():
+    """A CPU step frees and reallocates its logits and vocab-sized gradients every step (see keep_freed_memory)."""
+    result = subprocess.run([sys.executable, "-c", FAULTS_OF_A_REALLOCATED_BUFFER], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    default, kept = map(int, result.stdout.split())
+    assert default > 10_000 and kept < 1_000  # 64 MB is 16,384 pages of 4 KiB
+
+
 # ---------------------------------------------------------------------------------------------------
 # Runs
 
