@@ -249,6 +249,16 @@ LOG2_E = math.log2(math.e)
 CPU_VOCAB_BLOCK = 512
 
 
+def block_products(h, w_blocks, logits_blocks, fp32):
+    """Writes h @ w_block.T into each logits block in turn, yielding the block once it is written."""
+    for w_block, logits_block in zip(w_blocks, logits_blocks):
+        if fp32:
+            torch.mm(h, w_block.T, out=logits_block)
+        else:
+            logits_block.copy_(h @ w_block.T)
+        yield logits_block
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Mean CE of (hidden @ weight.T) against labels, never holding more than one chunk of logits.
 
@@ -278,17 +288,23 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             h, y, m = hidden[s:s + chunk_size].to(compute_dtype), labels[s:s + chunk_size], valid[s:s + chunk_size]
             logits = logits_buffer[:len(y)]
             logits_blocks = logits.split(block, dim=1)
-            for w_block, logits_block in zip(w_blocks, logits_blocks):
-                if fp32:
-                    torch.mm(h, w_block.T, out=logits_block)
-                else:
-                    logits_block.copy_(h @ w_block.T)
             target = y.clamp(min=0)
-            target_logit = logits.gather(1, target[:, None]).squeeze(1)
-            row_max = logits.amax(dim=-1, keepdim=True)  # amax: max(dim) also finds indices, at 4x the time
-            # exp in place, block by block so each is read and written once while in cache; as 2^(x log2 e)
-            # because CPU exp2 is twice as fast as exp.
-            sum_exp = sum(b.sub_(row_max).mul_(LOG2_E).exp2_().sum(-1, keepdim=True) for b in logits_blocks)
+            w_target = w[target]
+            # exp in place, as 2^(x log2 e) because CPU exp2 is twice as fast as exp. On the CPU in fp32, each block
+            # right after its product, while it is still in cache, and unshifted: that is exact in fp32 unless a
+            # row's logits reach about +-44 (its sum leaves 2^+-64), and then the chunk is redone shifted by the row
+            # max. The target's logit is then its own dot product: the block holding it is already exponentiated.
+            sum_exp = None
+            if fp32 and hidden.device.type == "cpu":
+                sum_exp = sum(b.mul_(LOG2_E).exp2_().sum(-1, keepdim=True)
+                              for b in block_products(h, w_blocks, logits_blocks, fp32))
+                row_max, target_logit = torch.zeros_like(sum_exp), (h * w_target).sum(-1)
+            if sum_exp is None or not ((sum_exp >= 2.0 ** -64) & (sum_exp <= 2.0 ** 64)).all():
+                for _ in block_products(h, w_blocks, logits_blocks, fp32):
+                    pass
+                target_logit = logits.gather(1, target[:, None]).squeeze(1)
+                row_max = logits.amax(dim=-1, keepdim=True)  # amax: max(dim) also finds indices, at 4x the time
+                sum_exp = sum(b.sub_(row_max).mul_(LOG2_E).exp2_().sum(-1, keepdim=True) for b in logits_blocks)
             loss += ((row_max.squeeze(1) + sum_exp.squeeze(1).log() - target_logit) * m).sum()
             if want_grad:
                 # d(mean CE)/d(logits) = (exp / sum_exp - onehot) * row_weight, row_weight = counted / n. Both
@@ -297,7 +313,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 row_weight = (m / n_valid)[:, None]
                 scale = row_weight / sum_exp
                 exp = logits.to(compute_dtype)  # the logits buffer now holds exp(logit - row_max)
-                grad_hidden[s:s + chunk_size] = (exp @ w) * scale - w[target] * row_weight
+                grad_hidden[s:s + chunk_size] = (exp @ w) * scale - w_target * row_weight
                 h_scaled = (h * scale).to(compute_dtype)
                 if fp32:
                     grad_weight.addmm_(exp.T, h_scaled, beta=0.0 if s == 0 else 1.0)  # in place: no (vocab, d) temporary

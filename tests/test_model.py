@@ -249,6 +249,26 @@ def test_chunked_cross_entropy_matches_plain_cross_entropy_in_fp32():
     assert torch.allclose(gh, rh, rtol=1e-5, atol=1e-7) and torch.allclose(gw, rw, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("offset", [-300.0, 300.0])
+def test_chunked_cross_entropy_is_exact_for_logits_far_beyond_fp32_exp(offset):
+    """Logits around +-300 overflow or underflow an unshifted fp32 exp (the CPU's fast path): such a chunk must
+    come out as exact as the ordinary chunk after it."""
+    torch.manual_seed(0)
+    h = torch.randn(96, 32)
+    h[:64, -1] = offset  # the first chunk's rows only
+    h.requires_grad_()
+    w = torch.randn(1100, 32)
+    w[:, -1] = 1.0 + 0.01 * torch.randn(1100)  # every logit of an offset row moves by about the offset
+    w.requires_grad_()
+    y = torch.randint(0, 1100, (96,))
+    loss = M.chunked_cross_entropy(h, w, y, chunk_size=64)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    ref = F.cross_entropy(h @ w.T, y)
+    rh, rw = torch.autograd.grad(ref, (h, w))
+    assert torch.isfinite(loss) and torch.allclose(loss, ref, rtol=1e-5)
+    assert torch.allclose(gh, rh, rtol=1e-4, atol=1e-6) and torch.allclose(gw, rw, rtol=1e-4, atol=1e-6)
+
+
 def test_chunked_cross_entropy_computes_no_gradients_under_no_grad(monkeypatch):
     """Validation runs under no_grad: the (vocab x d) weight gradient must not be built there."""
     allocated = []
