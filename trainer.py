@@ -177,7 +177,8 @@ def learning_rate(config, step):
 
 
 class Runtime:
-    """Where and how this process trains: device, rank/world size under torchrun, autocast."""
+    """Where and how this process trains: device, rank/world size under torchrun, autocast, and the settings
+    that the device wants of the process (TF32 on CUDA; on the CPU, glibc keeping freed memory)."""
 
     def __init__(self, device="auto"):
         self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
