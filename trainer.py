@@ -234,7 +234,7 @@ def keep_freed_memory():
     """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
 
     Every CPU step frees and reallocates the same large buffers (the loss's logits block and the vocab-sized
-    gradients: ~250 MB for nano). glibc serves blocks over 32 MB with mmap and unmaps them when freed, so each
+    gradients: ~280 MB for nano). glibc serves blocks over 32 MB with mmap and unmaps them when freed, so each
     page of the next step's copy faults in again, zero-filled: ~25 ms per 100 MB, 3-4% of a nano step. Kept in
     the heap, they are reused as a GPU's caching allocator reuses its blocks. No-op outside glibc."""
     try:
