@@ -149,13 +149,13 @@ def prompt_rows(prompts):
     return [row or [EOS_ID] for row in rows]
 
 
-@torch.inference_mode()
 def cache_length(model, rows, max_new_tokens):
     """The KV cache length generate_tokens decodes `rows` (lists of ids) in: the longest prompt as it is
     kept (at most its last max_seq_len - max_new_tokens tokens), plus the new tokens."""
     return min(max(map(len, rows)), model.config.max_seq_len - max_new_tokens) + max_new_tokens
 
 
+@torch.inference_mode()
 def generate_tokens(model, prompts, max_new_tokens, settings=GREEDY, generator=None, compile=False, cache_dtype=None):
     """Yield the next token of every row, a (B,) tensor, once per step, max_new_tokens times at most.
 

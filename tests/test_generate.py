@@ -119,6 +119,16 @@ def test_a_model_in_train_mode_is_sampled_in_eval_mode_and_put_back():
     assert out == [naive_greedy(m.eval(), [5, 6, 7], 10)]  # dropout was off while generating
 
 
+def test_generation_records_no_autograd_history():
+    """Decoding runs in inference mode: with autograd on, every step would chain the in-place cache writes of
+    all earlier steps into one growing graph, and a compiled step would be traced for training."""
+    m = tiny_model()
+    modes = []
+    m.layers[0].register_forward_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
+    D.generate(m, [5, 6, 7], 4)
+    assert modes and all(modes)  # the prefill and every decode step
+
+
 def test_an_empty_prompt_starts_from_endoftext():
     m = tiny_model()
     assert D.generate(m, [], 5) == [naive_greedy(m, [C.EOS_ID], 5)]
