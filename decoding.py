@@ -127,8 +127,8 @@ def decode_step(model, kv_cache, tokens, input_pos):
     return model.logits(model.hidden_states(tokens, kv_cache, input_pos)[:, -1])
 
 
-COMPILE_NOTICE = ("--compile: the first answer waits while the decode step compiles (about 30 s on a 2-core CPU, "
-                  "once per process); the speeds reported leave that out")
+COMPILE_NOTICE = ("--compile: the first answer waits while the decode step compiles (about 45 s for small on a "
+                  "2-core CPU, once per process); the speeds reported leave that out")
 
 
 @functools.cache
@@ -183,7 +183,14 @@ def generate_tokens(model, prompts, max_new_tokens, settings=GREEDY, generator=N
     try:
         batch, device = len(rows), model.embed.weight.device
         kv_cache = model.new_kv_cache(batch, cache_length(model, rows, max_new_tokens), cache_dtype)
-        step = compiled_decode_step(device.type) if compile else decode_step
+        step = decode_step
+        if compile:
+            # Every call sizes its cache to its prompt, so a step compiled for one length would be compiled
+            # again, for any length, at the next call (chat's second answer: another ~40 s on a 2-core CPU for
+            # small). Compiled for any length at once, it is compiled once per process.
+            for tensor in kv_cache.k + kv_cache.v:
+                torch._dynamo.mark_dynamic(tensor, 2)
+            step = compiled_decode_step(device.type)
         seen = None
         if settings.repetition_penalty != 1.0:
             seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)

@@ -1,8 +1,10 @@
 """decoding.py and generate.py: the KV-cached engine against a naive loop, sampling, batching, streaming
 text, and the command line."""
 import io
+import os
 import random
 import re
+import subprocess
 import sys
 
 import pytest
@@ -12,7 +14,7 @@ import checkpoint as C
 import decoding as D
 import generate as G
 from cli import PionError
-from conftest import assert_one_line_error, run_in_process, run_script, tiny_model
+from conftest import ROOT, assert_one_line_error, run_in_process, run_script, tiny_model
 from decoding import SamplingSettings
 
 
@@ -354,6 +356,27 @@ def test_compiled_decoding_gives_the_same_tokens_as_eager(tiny_checkpoint):
     for prompts, n in (([[5, 6, 7], [8, 9]], 12), ([[10, 11, 12, 13]], 12)):
         eager = D.generate(m, prompts, n, stop_ids=())
         assert D.generate(m, prompts, n, stop_ids=(), compile=True) == eager
+
+
+COMPILES_OF_THREE_LENGTHS = """
+import torch, decoding
+from conftest import tiny_model
+from torch._dynamo.utils import counters
+m = tiny_model()
+for prompt, n in (([5, 6, 7], 8), ([5] * 20, 9), ([7] * 40, 5)):
+    assert decoding.generate(m, prompt, n, stop_ids=(), compile=True) == decoding.generate(m, prompt, n, stop_ids=())
+print(counters["stats"]["unique_graphs"])
+"""
+
+
+@pytest.mark.slow
+def test_compiled_decoding_compiles_once_for_calls_of_any_length():
+    """Each call's cache fits its prompt: chat's turns would each bring a new length (a fresh process, so that no
+    graph of the other tests counts)."""
+    result = subprocess.run([sys.executable, "-c", COMPILES_OF_THREE_LENGTHS], cwd=os.path.join(ROOT, "tests"),
+                            env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["1"]
 
 
 @pytest.mark.slow
