@@ -173,7 +173,7 @@ def main(steps=8, rounds=2):
                f">= {TARGET_SPEED}x"),
               (f"peak RSS, eager              {memory:.2f}x", memory <= TARGET_MEMORY, f"<= {TARGET_MEMORY}x"),
               (f"loader / step                {feed:.0f}x", feed >= TARGET_LOADER, f">= {TARGET_LOADER:.0f}x"),
-              (f"Pion compiled, of peak       {of_peak['pion', 'compiled']:.2f}",
+              (f"Pion compiled, of peak       {of_peak['pion', 'compiled']:.3f}",
                of_peak["pion", "compiled"] >= TARGET_OF_PEAK, f">= {TARGET_OF_PEAK}")]
     for text, ok, target in checks:
         print(f"  {text} (target {target}) {'PASS' if ok else 'FAIL'}")
