@@ -249,10 +249,10 @@ LOG2_E = math.log2(math.e)
 CPU_VOCAB_BLOCK = 512
 
 
-def block_products(h, w_blocks, logits_blocks, fp32):
-    """Writes h @ w_block.T into each logits block in turn, yielding the block once it is written."""
+def block_products(h, w_blocks, logits_blocks):
+    """Writes h @ w_block.T into each (fp32) logits block in turn, yielding the block once it is written."""
     for w_block, logits_block in zip(w_blocks, logits_blocks):
-        if fp32:
+        if h.dtype == logits_block.dtype:  # mm writes into out= only in its own dtype
             torch.mm(h, w_block.T, out=logits_block)
         else:
             logits_block.copy_(h @ w_block.T)
@@ -297,10 +297,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             sum_exp = None
             if fp32 and hidden.device.type == "cpu":
                 sum_exp = sum(b.mul_(LOG2_E).exp2_().sum(-1, keepdim=True)
-                              for b in block_products(h, w_blocks, logits_blocks, fp32))
+                              for b in block_products(h, w_blocks, logits_blocks))
                 row_max, target_logit = torch.zeros_like(sum_exp), (h * w_target).sum(-1)
             if sum_exp is None or not ((sum_exp >= 2.0 ** -64) & (sum_exp <= 2.0 ** 64)).all():
-                for _ in block_products(h, w_blocks, logits_blocks, fp32):
+                for _ in block_products(h, w_blocks, logits_blocks):
                     pass
                 target_logit = logits.gather(1, target[:, None]).squeeze(1)
                 row_max = logits.amax(dim=-1, keepdim=True)  # amax: max(dim) also finds indices, at 4x the time
