@@ -4,7 +4,6 @@ import io
 import os
 import random
 import re
-import subprocess
 import sys
 
 import pytest
@@ -373,8 +372,7 @@ print(counters["stats"]["unique_graphs"])
 def test_compiled_decoding_compiles_once_for_calls_of_any_length():
     """Each call's cache fits its prompt: chat's turns would each bring a new length (a fresh process, so that no
     graph of the other tests counts)."""
-    result = subprocess.run([sys.executable, "-c", COMPILES_OF_THREE_LENGTHS], cwd=os.path.join(ROOT, "tests"),
-                            env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=300)
+    result = run_script("-c", COMPILES_OF_THREE_LENGTHS, env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests")})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["1"]
 

@@ -15,7 +15,7 @@ import checkpoint as C
 import model as M
 import train
 import trainer as T
-from conftest import ROOT, assert_one_line_error as assert_error_line, run_in_process
+from conftest import ROOT, assert_one_line_error as assert_error_line, run_in_process, run_script
 
 TINY = ["--model_size", "nano", "--override", "vocab_size=512", "--override", "d_model=32", "--override", "n_layers=2",
         "--override", "n_heads=4", "--override", "n_kv_heads=2", "--override", "d_ff=64"]
@@ -96,7 +96,7 @@ def test_a_non_finite_step_changes_no_weight():
 
 
 FAULTS_OF_A_REALLOCATED_BUFFER = """
-import resource, sys, torch, trainer
+import resource, torch, trainer
 def faults():
     torch.ones(64 * 2**20 // 4).sum()  # 64 MB, freed at return
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -112,8 +112,7 @@ print(faults())
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_a_cpu_runtime_reuses_freed_large_buffers_instead_of_faulting_them_in_again():
     """A CPU step frees and reallocates its logits and vocab-sized gradients every step (see keep_freed_memory)."""
-    result = subprocess.run([sys.executable, "-c", FAULTS_OF_A_REALLOCATED_BUFFER], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = run_script("-c", FAULTS_OF_A_REALLOCATED_BUFFER, timeout=120)
     default, kept = map(int, result.stdout.split())
     assert default > 10_000 and kept < 1_000  # 64 MB is 16,384 pages of 4 KiB
 
