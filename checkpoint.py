@@ -227,7 +227,20 @@ def resume_checkpoint(directory, prefix, resume):
             os.path.dirname(os.path.abspath(resume)) != os.path.abspath(directory):
         raise PionError(f"{directory} holds the checkpoints of another run, which resuming {resume} would "
                         f"overwrite; resume into its own folder or an empty --save_dir")
+    if resume is not None and existing and os.path.abspath(resume) != os.path.abspath(existing):
+        raise PionError(f"{directory} holds checkpoints past {os.path.basename(resume)} (up to "
+                        f"{os.path.basename(existing)}), which resuming it there would overwrite; resume it into "
+                        f"an empty --save_dir")
     return resume
+
+
+def keep_final_as_step_checkpoint(path, directory, prefix, step):
+    """A run continued from its own <prefix>_final.pt would replace that file when it ends: the finished run's
+    model is kept under its step's name instead, as the step checkpoint it is."""
+    final = os.path.join(directory, f"{prefix}_final.pt")
+    as_step = os.path.join(directory, f"{prefix}_{step}.pt")
+    if os.path.abspath(path) == os.path.abspath(final) and not os.path.exists(as_step):
+        os.replace(final, as_step)
 
 
 def prune_checkpoints(directory, prefix, keep_last):

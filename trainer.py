@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from tqdm import tqdm
 
 from bpb import bits_per_byte
-from checkpoint import prune_checkpoints, save_checkpoint
+from checkpoint import keep_final_as_step_checkpoint, prune_checkpoints, save_checkpoint
 from cli import PionError, first_line, non_negative_float, non_negative_int, pick_device, positive_int
 from hardware import gpu_peak_flops, training_flops_per_token
 
@@ -337,13 +337,20 @@ def save_training_checkpoint(path, model, optimizer, rt, contents):
 
 
 def restore_optimizer_and_rng(path, checkpoint, model, optimizer, rt):
-    """Resume: the optimizer's moments (into the wrapped model's, possibly sharded, state) and each rank's RNG."""
+    """Resume: the optimizer's moments (into the wrapped model's, possibly sharded, state) and each rank's RNG.
+    The hyperparameters stay this run's: loading a state dict also loads the saved groups' weight decay."""
     if "optimizer" in checkpoint:
+        groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         try:
             set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
         except Exception as e:
             raise PionError(f"cannot restore the optimizer from {path} ({first_line(e)})")
+        for group, hyperparameters in zip(optimizer.param_groups, groups):
+            group.update(hyperparameters)
+    else:
+        rt.print(f"warning: {path} holds no optimizer state (a _final.pt keeps it only with --keep_final_optimizer):"
+                 f" AdamW's moments start again from zero")
     states = checkpoint.get("rng")
     if isinstance(states, dict):
         states = [states]  # checkpoints before per-rank states kept rank 0's alone
@@ -352,6 +359,21 @@ def restore_optimizer_and_rng(path, checkpoint, model, optimizer, rt):
             set_rng_state(states[rt.rank] if len(states) == rt.world_size else states[0], rt.device)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise PionError(f"{path} has a corrupt RNG state ({first_line(e)})")
+
+
+SCHEDULE_FIELDS = ("max_steps", "lr", "min_lr", "warmup_steps", "schedule", "decay_frac", "weight_decay", "grad_clip",
+                   "batch_size", "grad_accum")
+
+
+def warn_schedule_change(path, checkpoint, config, rt):
+    """Resuming with other schedule flags (a longer run, another lr) is how a run is extended, so it is allowed;
+    but it moves the learning rate from where the checkpoint's run had it, so it is said."""
+    saved = checkpoint.get("train_config") or {}
+    changed = [f"{key} {saved[key]} -> {getattr(config, key)}" for key in SCHEDULE_FIELDS
+               if key in saved and saved[key] != getattr(config, key)]
+    if changed:
+        rt.print(f"warning: resuming {path} with other training flags than its run's ({', '.join(changed)}); "
+                 f"the schedule from step {checkpoint.get('step', 0)} on follows the new ones")
 
 
 def check_same_data(path, checkpoint, data_identity, config):
@@ -521,6 +543,9 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
         except (TypeError, ValueError):
             raise PionError(f"{path} has a corrupt step or token count")
         rt.print(f"resuming from {path} at step {state.step}")
+        warn_schedule_change(path, checkpoint, config, rt)
+        if rt.is_main and state.step < config.max_steps:
+            keep_final_as_step_checkpoint(path, run_dir, prefix, state.step)
     else:
         torch.manual_seed(config.seed + 1_000_003 * rt.rank)  # each rank its own dropout masks
     wrapped = prepare_model(model, config, rt)

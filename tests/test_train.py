@@ -173,6 +173,32 @@ def test_resume_auto_continues_from_the_newest_checkpoint(data_dir, tmp_path, to
     assert C.load_checkpoint(tmp_path / "nano" / "pion_nano_final.pt")[1]["step"] == 6
 
 
+def test_resuming_a_final_checkpoint_warns_that_adams_moments_start_from_zero(data_dir, tmp_path, tokenizer_path):
+    assert run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--max_steps", "3"], tokenizer_path).returncode == 0
+    more = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--resume", "auto"], tokenizer_path)
+    assert more.returncode == 0, more.stderr
+    assert "holds no optimizer state" in more.stdout + more.stderr
+
+
+def test_resuming_with_other_schedule_flags_names_each_change(data_dir, tmp_path, tokenizer_path):
+    assert run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "a"], tokenizer_path).returncode == 0
+    more = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "b", "--max_steps", "9", "--lr", "1e-3",
+                      "--resume", tmp_path / "a" / "nano" / "pion_nano_3.pt"], tokenizer_path)
+    assert more.returncode == 0, more.stderr
+    assert re.search(r"warning: resuming .* \(max_steps 6 -> 9, lr 0\.003 -> 0\.001\)", more.stdout + more.stderr)
+
+
+def test_a_resumed_run_decays_weights_by_its_own_weight_decay_flag(data_dir, tmp_path, tokenizer_path):
+    """Loading the optimizer's state also loads the saved groups' hyperparameters: the flag must win."""
+    assert run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "a"], tokenizer_path).returncode == 0
+    resumed = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "b", "--weight_decay", "0",
+                         "--keep_final_optimizer", "--resume", tmp_path / "a" / "nano" / "pion_nano_3.pt"],
+                        tokenizer_path)
+    assert resumed.returncode == 0, resumed.stderr
+    final = torch.load(tmp_path / "b" / "nano" / "pion_nano_final.pt", weights_only=False)
+    assert [group["weight_decay"] for group in final["optimizer"]["param_groups"]] == [0.0, 0.0]
+
+
 def test_a_new_run_never_overwrites_an_earlier_runs_checkpoints(data_dir, tmp_path, tokenizer_path):
     assert run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--max_steps", "3"], tokenizer_path).returncode == 0
     before = (tmp_path / "nano" / "pion_nano_final.pt").read_bytes()
@@ -362,6 +388,24 @@ def test_resuming_into_a_folder_of_another_run_is_refused(data_dir, tmp_path, to
                         tmp_path / "a" / "nano" / "pion_nano_3.pt"], tokenizer_path)
     assert_one_line_error(result, "holds the checkpoints of another run")
     assert {p: os.path.getmtime(tmp_path / "b" / "nano" / p) for p in os.listdir(tmp_path / "b" / "nano")} == before
+
+
+def test_resuming_a_checkpoint_older_than_the_newest_in_its_folder_is_refused(data_dir, tmp_path, tokenizer_path):
+    assert run_train(["--data_dir", data_dir, "--save_dir", tmp_path], tokenizer_path).returncode == 0
+    before = {p: (tmp_path / "nano" / p).read_bytes() for p in os.listdir(tmp_path / "nano") if p.endswith(".pt")}
+    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--resume",
+                        tmp_path / "nano" / "pion_nano_3.pt"], tokenizer_path)
+    assert_one_line_error(result, "holds checkpoints past pion_nano_3.pt (up to pion_nano_final.pt)")
+    assert {p: (tmp_path / "nano" / p).read_bytes() for p in os.listdir(tmp_path / "nano") if p.endswith(".pt")} == before
+
+
+def test_continuing_a_finished_run_keeps_its_final_checkpoint_under_its_step(data_dir, tmp_path, tokenizer_path):
+    assert run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--max_steps", "3"], tokenizer_path).returncode == 0
+    finished = (tmp_path / "nano" / "pion_nano_final.pt").read_bytes()
+    more = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--resume", "auto"], tokenizer_path)
+    assert more.returncode == 0, more.stderr
+    assert (tmp_path / "nano" / "pion_nano_3.pt").read_bytes() == finished
+    assert C.load_checkpoint(tmp_path / "nano" / "pion_nano_final.pt")[1]["step"] == 6
 
 
 def test_resume_auto_picks_the_highest_step_not_the_newest_file(tmp_path):
