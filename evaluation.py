@@ -91,12 +91,21 @@ class PionLM(TemplateLM):
 
     def apply_chat_template(self, chat_history, add_generation_prompt=True):
         """The SFT template as text (sft_data.py renders the same turns as ids): `<|role|>\\n{content}\\n` per
-        turn, <|endoftext|> after an assistant turn, and `<|assistant|>\\n` for the model to answer after."""
+        turn, <|endoftext|> after an assistant turn, and `<|assistant|>\\n` for the model to answer after.
+
+        Without add_generation_prompt, a final assistant turn is a reply to continue (the harness puts a
+        task's gen_prefix there): the text ends right after its content, as the hf backend renders it
+        (continue_final_message), so the choices are not scored after an <|endoftext|>."""
         text = ""
-        for message in chat_history:
+        for i, message in enumerate(chat_history):
             if message["role"] not in TURN_PREFIXES:
                 raise PionError(f"Pion chats have system, user and assistant turns, not {message['role']!r}")
-            text += TURN_PREFIXES[message["role"]] + message["content"] + TURN_SUFFIX
+            # Stripped, as SFT training and the exported template (`| trim`) do: the harness's task
+            # description ends in "\n\n", which would otherwise put a blank line before the next turn.
+            content = message["content"].strip()
+            if message["role"] == "assistant" and not add_generation_prompt and i == len(chat_history) - 1:
+                return text + TURN_PREFIXES["assistant"] + content
+            text += TURN_PREFIXES[message["role"]] + content + TURN_SUFFIX
             if message["role"] == "assistant":
                 text += self.tokenizer.decode([EOS_ID], skip_special_tokens=False)
         if add_generation_prompt:

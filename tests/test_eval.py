@@ -126,10 +126,14 @@ def accuracy(results, task, metric="acc"):
 
 
 @pytest.fixture(scope="module")
-def hf_results(exported, manager):
+def hf_lm(exported):
     from lm_eval.models.huggingface import HFLM
-    hf = HFLM(pretrained=exported[2], device="cpu", batch_size=4, dtype="float32")
-    return evaluate(hf, manager)
+    return HFLM(pretrained=exported[2], device="cpu", batch_size=4, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def hf_results(hf_lm, manager):
+    return evaluate(hf_lm, manager)
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +246,25 @@ def test_chat_template_renders_the_sft_conversation(tokenizer):
     assert lm.apply_chat_template(chat) == \
         "<|user|>\nHi!\n<|assistant|>\nHello.\n<|endoftext|><|user|>\nCount to 3.\n<|assistant|>\n"
     assert lm.chat_template(True) == hf_export.CHAT_TEMPLATE and lm.tokenizer_name.startswith("pion")
+
+
+def test_chat_template_trims_each_turn_as_the_hf_backend_does(hf_lm, tokenizer):
+    """The harness's system prompt (a task's description) ends in "\\n\\n" and its turns in their delimiters;
+    SFT training and the exported template strip them, so no blank line comes before the next turn."""
+    lm = evaluation.PionLM(tiny_pion(), tokenizer)
+    chat = [{"role": "system", "content": "Answer with one word.\n\n"}, {"role": "user", "content": " Sky? "},
+            {"role": "assistant", "content": "Blue.\n\n"}, {"role": "user", "content": "Grass?\n"}]
+    assert lm.apply_chat_template(chat) == hf_lm.apply_chat_template(chat)
+
+
+def test_chat_template_ends_at_a_gen_prefix_as_the_hf_backend_does(hf_lm, tokenizer):
+    """With a task's gen_prefix the harness asks for no generation prompt and puts the prefix in a last
+    assistant turn; the hf backend continues that turn, so the choices follow the prefix, not an end of text."""
+    lm = evaluation.PionLM(tiny_pion(), tokenizer)
+    chat = [{"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "Answer: blue"},
+            {"role": "user", "content": "Grass?"}, {"role": "assistant", "content": "Answer:"}]
+    assert lm.apply_chat_template(chat, add_generation_prompt=False) == \
+        hf_lm.apply_chat_template(chat, add_generation_prompt=False)
 
 
 def test_scoring_runs_in_inference_mode_and_puts_a_training_model_back_in_train_mode(tokenizer):
