@@ -37,6 +37,7 @@ class Update:
     finish_reason: str = None  # None while running; "stop" (stop token or string), "length", or "error"
     completion_tokens: int = 0
     error: str = None
+    stop_reason: object = None  # what ended a "stop": the stop id or string (TextStream.stop_reason)
 
 
 @dataclass(eq=False)
@@ -212,7 +213,7 @@ class BatchingEngine:
         run = self.rows[slot]
         run.completion_tokens += 1
         if token in self.stop_ids:
-            text, reason = run.stream.finish(), "stop"
+            text, reason = run.stream.finish(token), "stop"
         else:
             text = run.stream.push(token)
             reason = "stop" if run.stream.stopped else "length" if run.completion_tokens == run.request.max_tokens \
@@ -226,7 +227,7 @@ class BatchingEngine:
             self.positions[slot, 0] = run.position
             run.position += 1
         if text or reason:
-            self._send(run.request, Update(text, reason, run.completion_tokens))
+            self._send(run.request, Update(text, reason, run.completion_tokens, stop_reason=run.stream.stop_reason))
 
     def _send(self, request, update):
         try:

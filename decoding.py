@@ -341,14 +341,18 @@ class TextStream:
         self.pending = ""  # decoded but not released: it might start a stop string
         self.stopped = False  # a stop string was seen
         self.finished = False
+        # What ended the row: the stop string it was cut before, the stop id given to finish(), or None (it ran
+        # out of tokens). A chat reply ends its turn with "\n" only where the template ends it (sft_data.ends_turn).
+        self.stop_reason = None
         self.text = ""
 
     def push(self, token_id):
         """Add one token; return the newly released text. Sets `stopped` once a stop string appears."""
         return self._release(self.detokenizer.push(token_id))
 
-    def finish(self):
-        """Release what was held back (no token follows)."""
+    def finish(self, stop_id=None):
+        """Release what was held back (no token follows). stop_id: the stop token that ended the row, if one did."""
+        self.stop_reason = stop_id if stop_id is not None else self.stop_reason
         piece = self._release(self.detokenizer.flush())
         rest, self.pending = self.pending, ""  # empty once stopped
         self.text += rest
@@ -360,10 +364,11 @@ class TextStream:
             return ""
         self.pending += new_text
         # A stop string can only start in `pending`: anything that could start one was held back.
-        hits = [i for i in (self.pending.find(s) for s in self.stop_strings) if i >= 0]
+        hits = [(i, s) for s in self.stop_strings if (i := self.pending.find(s)) >= 0]
         if hits:
             self.stopped = True
-            piece, self.pending = self.pending[:min(hits)], ""
+            cut, self.stop_reason = min(hits)
+            piece, self.pending = self.pending[:cut], ""
         else:
             keep = self._partial_match_length()
             piece, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
@@ -386,7 +391,7 @@ def stream_text(columns, streams, stop_ids=(EOS_ID,)):
             stream = streams[row]
             if stream.finished:
                 continue
-            piece = stream.finish() if token in stop_ids else stream.push(token)
+            piece = stream.finish(token) if token in stop_ids else stream.push(token)
             if stream.stopped and not stream.finished:
                 piece += stream.finish()
             if piece:

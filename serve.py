@@ -49,7 +49,7 @@ def main(argv=None):
     args = parse_args(argv)
     import uvicorn  # after the flags are checked: --help needs no web stack
     sock = listening_socket(args.host, args.port)
-    model, device = load_model(args.checkpoint, args.device, args.dtype)
+    model, device = load_model(args.checkpoint, args.device, args.dtype, args.quantize)
     tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
     name = args.model_name or os.path.splitext(os.path.basename(args.checkpoint))[0]
     engine = BatchingEngine(model, tokenizer, args.max_batch, compile=args.compile).start()

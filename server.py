@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from batching import GenerationRequest
 from decoding import SamplingSettings
-from sft_data import TURN_SUFFIX, USER_MARKER, render_conversation
+from sft_data import TURN_SUFFIX, USER_MARKER, ends_turn, render_conversation
 
 CHAT_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_page.html")
 ROLES = ("system", "user", "assistant")
@@ -194,9 +194,11 @@ class SuffixTrimmer:
         self.held = text[len(text) - keep:]
         return text[:len(text) - keep]
 
-    def finish(self):
+    def finish(self, turn_ended):
+        """The text held back. turn_ended: the reply ended where the template ends a turn (sft_data.ends_turn);
+        only then is a suffix at its end the template's, else the model wrote it as content."""
         rest, self.held = self.held, ""
-        return rest.removesuffix(self.suffix)
+        return rest.removesuffix(self.suffix) if turn_ended else rest
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -278,7 +280,8 @@ def create_app(engine, tokenizer, model_name="pion", api_key=None, limits=None):
                 raise APIError(500, f"generation failed: {update.error}", code="generation_failed")
             if trimmer is None:
                 return update.text
-            return trimmer.push(update.text) + (trimmer.finish() if update.finish_reason else "")
+            text = trimmer.push(update.text)
+            return text + trimmer.finish(ends_turn(update.stop_reason)) if update.finish_reason else text
 
         if not body.get("stream", False):
             text, last = [], None

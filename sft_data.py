@@ -61,6 +61,13 @@ def render_conversation(tokenizer, messages, add_generation_prompt=False):
     return input_ids, labels
 
 
+def ends_turn(stop_reason):
+    """Whether a generated reply ended where the template ends an assistant turn, after its TURN_SUFFIX:
+    at <|endoftext|> or at the user's next turn. stop_reason is decoding.TextStream's. A reply cut by its
+    token budget or a caller's stop string ends mid-turn: a "\n" at its end is one the model wrote."""
+    return stop_reason in (EOS_ID, USER_MARKER)
+
+
 def normalize_conversation(row):
     """A ShareGPT row (conversations: [{from, value}]) or an OpenAI-style one (messages: [{role, content}])
     -> (messages, None), or (None, why the row is malformed)."""

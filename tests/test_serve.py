@@ -24,8 +24,11 @@ except ImportError:
 import decoding as D
 import serve
 from batching import BatchingEngine, GenerationRequest, cache_rows
+from checkpoint import EOS_ID
 from conftest import ROOT, assert_one_line_error, run_in_process, tiny_pion
 from decoding import GREEDY, SamplingSettings
+from model import Linear
+from quantize import Int8Linear
 from server import Limits, create_app, serving_in_thread
 from sft_data import TURN_SUFFIX, USER_MARKER, render_conversation
 
@@ -124,6 +127,29 @@ def test_a_reply_ends_before_a_stop_string_with_finish_reason_stop(client, refer
     chunks = client.chat.completions.create(model="tiny", messages=MESSAGES, max_completion_tokens=24, temperature=0,
                                             stop=[stop, "never appears"], stream=True)
     assert streamed(chunks)[:2] == (expected, "stop")
+
+
+def test_a_chat_reply_cut_by_max_tokens_or_a_stop_string_keeps_its_final_newline(pion, tokenizer):
+    # The template ends a turn with "\n" then <|endoftext|> (or the user's next turn): only there is the
+    # "\n" the template's, and dropped. A reply cut mid-turn keeps the "\n" the model wrote.
+    line = tokenizer.encode("Hello there\n").ids
+    cases = [(line + [EOS_ID], {}, ("Hello there", "stop")),
+             (tokenizer.encode("Hello there\n<|user|>").ids, {}, ("Hello there", "stop")),
+             (line, {"max_tokens": len(line)}, ("Hello there\n", "length")),
+             (tokenizer.encode("Hello there\nEND").ids, {"stop": "END"}, ("Hello there\n", "stop"))]
+    written = []  # what the model writes for the request at hand
+
+    def sample_rows(logits, running):
+        return [written[run.completion_tokens] for run in running]
+
+    with serving(pion, tokenizer, sample_rows=sample_rows) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        for tokens, options, expected in cases:
+            written[:] = tokens
+            reply = client.chat.completions.create(model="tiny", messages=MESSAGES, **options)
+            assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == expected, options
+            chunks = client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True, **options)
+            assert streamed(chunks)[:2] == expected, options
 
 
 def test_a_text_completion_equals_generate_text(client, reference, tokenizer):
@@ -406,6 +432,19 @@ def test_serve_defaults_to_localhost_and_reads_the_key_from_the_environment(monk
     monkeypatch.setenv("PION_API_KEY", "from-env")
     args = serve.parse_args(["--checkpoint", "x.pt"])
     assert (args.host, args.port, args.max_batch, args.api_key) == ("127.0.0.1", 8000, 8, "from-env")
+
+
+def test_serve_with_quantize_int8_serves_an_int8_model(tiny_checkpoint, tokenizer_path, monkeypatch):
+    import uvicorn
+    engines = []  # what serve.main hands the app: the engine, with the model it decodes with
+    monkeypatch.setattr(serve, "create_app", lambda engine, *args: engines.append(engine) or create_app(engine, *args))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)  # main returns instead of serving
+    result = run_in_process(serve.main, ["--checkpoint", tiny_checkpoint[0], "--tokenizer", tokenizer_path,
+                                         "--port", 0, "--device", "cpu", "--quantize", "int8"])
+    assert result.returncode == 0, result.stderr
+    [engine] = engines
+    layers = {type(m) for m in engine.model.modules()}
+    assert Int8Linear in layers and Linear not in layers
 
 
 @pytest.mark.slow
