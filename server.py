@@ -156,10 +156,20 @@ def completion_prompt(body):
     return prompt
 
 
+# OpenAI parameters that change what is sampled or returned, which this server does not implement, with the
+# values that ask for nothing: any other value is refused rather than answered as if it had been applied.
+UNSUPPORTED = {"frequency_penalty": (0, None), "presence_penalty": (0, None), "logit_bias": ({}, None),
+               "logprobs": (False, None), "top_logprobs": (0, None), "best_of": (1, None), "echo": (False, None),
+               "suffix": ("", None)}
+
+
 def generation_request(body, prompt_ids, stop, max_seq_len, limits):
     """The sampling parameters of a request, checked against the limits and the context its prompt leaves."""
     if body.get("n", 1) != 1:
         raise APIError(400, "only n = 1 is supported", param="n", code="invalid_value")
+    for name, no_op in UNSUPPORTED.items():
+        if body.get(name) not in no_op:
+            raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
     if not isinstance(body.get("stream", False), bool):
         raise APIError(400, "stream must be true or false", param="stream", code="invalid_value")
     max_prompt = limits.max_prompt_tokens or max_seq_len - 1

@@ -343,6 +343,19 @@ def test_an_invalid_parameter_is_a_400_naming_it(server, field, value):
     assert error["type"] == "invalid_request_error" and error["param"] == field
 
 
+@pytest.mark.parametrize("field, value", [("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"5": 10}),
+                                          ("logprobs", True), ("top_logprobs", 3)])
+def test_a_parameter_the_server_does_not_implement_is_a_400_not_ignored(client, field, value):
+    with pytest.raises(openai.BadRequestError, match=f"{field} is not supported"):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, **{field: value})
+
+
+def test_a_parameter_the_server_does_not_implement_is_accepted_at_its_no_op_value(client):
+    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, presence_penalty=0,
+                                           frequency_penalty=0.0, logit_bias={}, logprobs=False)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
 @pytest.mark.parametrize("messages", [[], "hi", [{"role": "robot", "content": "hi"}], [{"role": "user"}],
                                       [{"role": "user", "content": 5}]])
 def test_invalid_messages_are_a_400(server, messages):
