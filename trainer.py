@@ -544,8 +544,11 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
             raise PionError(f"{path} has a corrupt step or token count")
         rt.print(f"resuming from {path} at step {state.step}")
         warn_schedule_change(path, checkpoint, config, rt)
-        if rt.is_main and state.step < config.max_steps:
-            keep_final_as_step_checkpoint(path, run_dir, prefix, state.step)
+        if state.step < config.max_steps:
+            if rt.distributed:
+                dist.barrier()  # every rank has opened the checkpoint before rank 0 renames it
+            if rt.is_main:
+                keep_final_as_step_checkpoint(path, run_dir, prefix, state.step)
     else:
         torch.manual_seed(config.seed + 1_000_003 * rt.rank)  # each rank its own dropout masks
     wrapped = prepare_model(model, config, rt)
