@@ -21,7 +21,7 @@ from cli import (ArgumentParser, PionError, add_inference_args, dataclass_from_a
 from decoding import (COMPILE_NOTICE, SETTING_TYPES, DecodeTimer, PromptTruncatedWarning, SamplingSettings,
                       TextStream, add_sampling_args, generate_tokens, max_tokens_type, seeded_generator,
                       stream_text)
-from sft_data import TURN_SUFFIX, USER_MARKER, ends_turn, render_conversation
+from sft_data import USER_MARKER, render_conversation, reply_content
 
 HELP = """\
 /temp N       sampling temperature, a number >= 0 (0 = greedy); /temp alone shows it (as every setting)
@@ -140,8 +140,8 @@ def reply(session, conversation):
         print()
     print(columns.report(), file=sys.stderr)
     # A reply is rendered as content + TURN_SUFFIX + <|endoftext|>: the suffix the model wrote to end its turn
-    # is not content. A reply cut at its token limit did not end its turn: a "\n" at its end is the model's own.
-    return stream.text.removesuffix(TURN_SUFFIX) if ends_turn(stream.stop_reason) else stream.text
+    # is not content.
+    return reply_content(stream.text, stream.stop_reason)
 
 
 def parse_args(argv=None):

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from batching import GenerationRequest
 from decoding import SamplingSettings
-from sft_data import TURN_SUFFIX, USER_MARKER, ends_turn, render_conversation
+from sft_data import TURN_SUFFIX, USER_MARKER, render_conversation, reply_content
 
 CHAT_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_page.html")
 ROLES = ("system", "user", "assistant")
@@ -195,8 +195,8 @@ class SuffixTrimmer:
     """Streams a chat reply without the template's TURN_SUFFIX at its end (as chat.py stores replies): a
     trailing piece that may be the suffix is held back until more text follows or the reply ends."""
 
-    def __init__(self, suffix=TURN_SUFFIX):
-        self.suffix, self.held = suffix, ""
+    def __init__(self):
+        self.suffix, self.held = TURN_SUFFIX, ""
 
     def push(self, text):
         text = self.held + text
@@ -204,11 +204,11 @@ class SuffixTrimmer:
         self.held = text[len(text) - keep:]
         return text[:len(text) - keep]
 
-    def finish(self, turn_ended):
-        """The text held back. turn_ended: the reply ended where the template ends a turn (sft_data.ends_turn);
-        only then is a suffix at its end the template's, else the model wrote it as content."""
+    def finish(self, stop_reason):
+        """The text held back, as content (sft_data.reply_content: what ended the reply decides whether a
+        suffix there is the template's)."""
         rest, self.held = self.held, ""
-        return rest.removesuffix(self.suffix) if turn_ended else rest
+        return reply_content(rest, stop_reason)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -291,7 +291,7 @@ def create_app(engine, tokenizer, model_name="pion", api_key=None, limits=None):
             if trimmer is None:
                 return update.text
             text = trimmer.push(update.text)
-            return text + trimmer.finish(ends_turn(update.stop_reason)) if update.finish_reason else text
+            return text + trimmer.finish(update.stop_reason) if update.finish_reason else text
 
         if not body.get("stream", False):
             text, last = [], None

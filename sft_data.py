@@ -61,11 +61,12 @@ def render_conversation(tokenizer, messages, add_generation_prompt=False):
     return input_ids, labels
 
 
-def ends_turn(stop_reason):
-    """Whether a generated reply ended where the template ends an assistant turn, after its TURN_SUFFIX:
-    at <|endoftext|> or at the user's next turn. stop_reason is decoding.TextStream's. A reply cut by its
-    token budget or a caller's stop string ends mid-turn: a "\n" at its end is one the model wrote."""
-    return stop_reason in (EOS_ID, USER_MARKER)
+def reply_content(text, stop_reason):
+    """A generated reply (or its tail) as content: without the TURN_SUFFIX the template ends an assistant turn
+    with, where the reply ended as a turn ends, at <|endoftext|> or the user's next turn (stop_reason is
+    decoding.TextStream's). A reply cut by its token budget or a caller's stop string ends mid-turn: a "\n" at
+    its end is one the model wrote."""
+    return text.removesuffix(TURN_SUFFIX) if stop_reason in (EOS_ID, USER_MARKER) else text
 
 
 def normalize_conversation(row):
