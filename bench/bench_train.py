@@ -172,8 +172,8 @@ def main(steps=8, rounds=2):
             print(f"  {names[side] + ' ' + mode:28s} {best[side, mode]:6.0f} tokens/s ({speeds})   "
                   f"{of_peak[side, mode]:.3f} of the matmul peak ({fractions})")
         # Both sides do the same FLOPs per token, so this is where the speed target sits on the peak scale.
-        print(f"  {'':28s} ({TARGET_SPEED}x transformers' {mode} step would be {TARGET_SPEED * of_peak['hf', mode]:.2f} "
-              f"of the peak)")
+        print(f"  {'':28s} ({TARGET_SPEED}x transformers' {mode} step would be "
+              f"{TARGET_SPEED * of_peak['hf', mode]:.2f} of the peak)")
     print(f"  peak RSS, eager: transformers {min(r['peak_mb'] for r in runs['hf']):.0f} MB, "
           f"Pion {min(r['peak_mb'] for r in runs['pion']):.0f} MB")
     print(f"  data loader:                 {loader['tokens_per_s']:8.0f} tokens/s")
