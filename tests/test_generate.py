@@ -250,6 +250,10 @@ def test_text_that_only_looks_like_a_stop_string_is_released(monkeypatch, tokeni
 # ---------------------------------------------------------------------------------------------------
 # Command line
 
+# The report line each answer ends with. Its token count is not asserted where the text is sampled: a random
+# model can sample <|endoftext|> (most likely right after an empty prompt's), which ends the answer early.
+ANSWER_REPORT = re.compile(r"^\d+ tokens x 1 row\(s\); prefill", re.M)
+
 
 def test_cli_prints_the_continuation_the_speed_and_the_bandwidth_utilization(checkpoint):
     result = run_main(["--checkpoint", checkpoint, "--prompt", "Once upon a time", "--max_tokens", "12",
@@ -293,7 +297,7 @@ def test_a_prompt_with_bytes_that_are_not_utf8_is_answered_not_a_crash(checkpoin
 def test_an_interactive_line_that_is_not_utf8_is_answered_and_the_session_goes_on(checkpoint, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 \xff\nHello\n"), encoding="utf-8"))
     result = run_main(["--checkpoint", checkpoint, "--max_tokens", "3"])
-    assert result.stderr.count("3 tokens x 1 row(s)") == 2
+    assert len(ANSWER_REPORT.findall(result.stderr)) == 2
 
 
 def test_more_new_tokens_than_the_context_is_one_line(checkpoint):
@@ -305,7 +309,7 @@ def test_cli_interactive_mode_answers_until_quit(checkpoint, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n\nquit\nnever read\n"))
     result = run_main(["--checkpoint", checkpoint, "--max_tokens", "5"])
     out, err = result.stdout, result.stderr
-    assert out.count(">>> ") == 3 and err.count("5 tokens x 1 row(s)") == 2
+    assert out.count(">>> ") == 3 and len(ANSWER_REPORT.findall(err)) == 2
 
 
 @pytest.mark.parametrize("flags,message", [
