@@ -137,15 +137,10 @@ def test_a_chat_reply_cut_by_max_tokens_or_a_stop_string_keeps_its_final_newline
              (tokenizer.encode("Hello there\n<|user|>").ids, {}, ("Hello there", "stop")),
              (line, {"max_tokens": len(line)}, ("Hello there\n", "length")),
              (tokenizer.encode("Hello there\nEND").ids, {"stop": "END"}, ("Hello there\n", "stop"))]
-    written = []  # what the model writes for the request at hand
-
-    def sample_rows(logits, running):
-        return [written[run.completion_tokens] for run in running]
-
-    with serving(pion, tokenizer, sample_rows=sample_rows) as (url, _):
+    with serving(pion, tokenizer) as (url, engine):
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
         for tokens, options, expected in cases:
-            written[:] = tokens
+            engine.sample_rows = scripted_reply(tokens)  # the engine is idle between the requests
             reply = client.chat.completions.create(model="tiny", messages=MESSAGES, **options)
             assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == expected, options
             chunks = client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True, **options)
