@@ -196,11 +196,11 @@ class SuffixTrimmer:
     trailing piece that may be the suffix is held back until more text follows or the reply ends."""
 
     def __init__(self):
-        self.suffix, self.held = TURN_SUFFIX, ""
+        self.held = ""
 
     def push(self, text):
         text = self.held + text
-        keep = next((n for n in range(min(len(text), len(self.suffix)), 0, -1) if self.suffix.startswith(text[-n:])), 0)
+        keep = next((n for n in range(min(len(text), len(TURN_SUFFIX)), 0, -1) if TURN_SUFFIX.startswith(text[-n:])), 0)
         self.held = text[len(text) - keep:]
         return text[:len(text) - keep]
 
