@@ -90,7 +90,9 @@ def training_flops_per_token(model, seq_len):
 def parameter_bytes(model):
     """The weights' bytes: parameters (a tied weight counts once) and buffers (int8 weights and their scales,
     see quantize.py). With --quantize int8 the fp32 embedding counts whole though a step looks up one row."""
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    # The fused projection weights (Pion.fuse_projections) are read instead of the parameters they copy.
+    buffers = [b for name, b in model.named_buffers() if not name.endswith("fused_weight")]
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *buffers])
 
 
 def kv_cache_bytes(config, batch_size, cache_len, dtype):

@@ -5,6 +5,7 @@ preallocated KV cache. Checkpoint I/O is in checkpoint.py, decoding in decoding.
 `python model.py` prints the size table.
 """
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -150,15 +151,45 @@ class Linear(nn.Linear):
         return y.transpose(0, 1).reshape(*x.shape[:-1], self.out_features)
 
 
+# Devices whose products are fused (linear_group): on a GPU a launch costs more than a small product. The CPU
+# keeps Linear's own few-row paths.
+FUSED_PROJECTION_DEVICES = ("cuda",)
+# Below this many rows a weight concatenated per call costs more to build than a shared launch saves.
+FUSED_PROJECTION_MIN_ROWS = 256
+
+
+def linear_group(x, layers, fused_weight=None):
+    """x through several bias-free Linear layers that all read it, as one product where that pays: with
+    fused_weight, their weights already concatenated (decoding, see Pion.fuse_projections); on CUDA for a
+    block of rows (training, prefill), with the weights concatenated here: one launch and larger tiles
+    instead of several, and under torch.compile the concatenation fuses with autocast's cast of the weights,
+    which happens anyway. The parameters stay separate, so checkpoints and exports keep their tensor names."""
+    if fused_weight is None and x.device.type in FUSED_PROJECTION_DEVICES \
+            and x.numel() // x.shape[-1] >= FUSED_PROJECTION_MIN_ROWS \
+            and all(type(m) is Linear for m in layers):
+        fused_weight = torch.cat([m.weight for m in layers])
+    if fused_weight is None:
+        return [m(x) for m in layers]
+    return F.linear(x, fused_weight).split([m.out_features for m in layers], dim=-1)
+
+
+def fused_weight_of(module, kv_cache):
+    """module's concatenated projection weight when this forward may use it: on the cache path of a
+    generation that refreshed them (KVCache.fused_projections), never in training."""
+    return module.fused_weight if kv_cache is not None and kv_cache.fused_projections else None
+
+
 class SwiGLU(nn.Module):
     def __init__(self, d_model, d_ff):
         super().__init__()
         self.w1 = Linear(d_model, d_ff)  # gate
         self.w2 = Linear(d_ff, d_model)  # down
         self.w3 = Linear(d_model, d_ff)  # up
+        self.register_buffer("fused_weight", None, persistent=False)  # [w1; w3] for decoding (fuse_projections)
 
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x, kv_cache=None):
+        gate, up = linear_group(x, (self.w1, self.w3), fused_weight_of(self, kv_cache))
+        return self.w2(F.silu(gate) * up)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -183,6 +214,7 @@ class KVCache:
             for tensor in self.k + self.v:
                 torch._dynamo.mark_static_address(tensor)
         self.batch_size, self.max_len = batch_size, max_len
+        self.fused_projections = False  # set by whoever refreshed the model's fused weights for this cache
 
     def update(self, layer, k, v, input_pos):
         """Write k, v (B, Hkv, T, D) at input_pos ((T,) shared by the rows, or (B, T) per row); return the
@@ -209,13 +241,13 @@ class Attention(nn.Module):
         self.o_proj = Linear(config.n_heads * hd, d)
         self.q_norm = RMSNorm(hd)
         self.k_norm = RMSNorm(hd)
+        self.register_buffer("fused_weight", None, persistent=False)  # [q; k; v] for decoding (fuse_projections)
 
     def forward(self, x, cos, sin, kv_cache=None, input_pos=None):
         B, T, _ = x.shape
         c, hd = self.config, self.config.head_dim
-        q = self.q_proj(x).view(B, T, c.n_heads, hd)
-        k = self.k_proj(x).view(B, T, c.n_kv_heads, hd)
-        v = self.v_proj(x).view(B, T, c.n_kv_heads, hd)
+        q, k, v = linear_group(x, (self.q_proj, self.k_proj, self.v_proj), fused_weight_of(self, kv_cache))
+        q, k, v = q.view(B, T, c.n_heads, hd), k.view(B, T, c.n_kv_heads, hd), v.view(B, T, c.n_kv_heads, hd)
         # QK-norm before RoPE: it bounds the logits; rotating first would normalize rotated vectors.
         q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)
         k = apply_rope(self.k_norm(k), cos, sin).transpose(1, 2)
@@ -238,7 +270,7 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache=None, input_pos=None):
         x = x + F.dropout(self.attn(self.norm1(x), cos, sin, kv_cache, input_pos), self.dropout, self.training)
-        return x + F.dropout(self.ffn(self.norm2(x)), self.dropout, self.training)
+        return x + F.dropout(self.ffn(self.norm2(x), kv_cache), self.dropout, self.training)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -327,25 +359,111 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        # Scale the precomputed gradients in place: a copy of grad_weight would cost another vocab x d.
-        # That consumes them, so a second backward (retain_graph=True) must fail loudly, not silently.
-        if getattr(ctx, "consumed", False):
-            raise RuntimeError("chunked cross-entropy supports a single backward pass")
-        ctx.consumed = True
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return (grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight.mul_(grad_loss).to(ctx.weight_dtype),
-                None, None, None, None)
+        return *scale_saved_gradients(ctx, grad_loss), None, None, None, None
 
 
-def chunked_cross_entropy(hidden, weight, labels, chunk_size=512):
-    """hidden (N, d), weight (V, d), labels (N,) with -100 ignored -> fp32 mean loss over counted tokens."""
+def scale_saved_gradients(ctx, grad_loss):
+    """The backward of the chunked losses: (grad_hidden, grad_weight) saved by forward, times grad_loss.
+    They are scaled in place (a copy of grad_weight would cost another vocab x d), which consumes them, so a
+    second backward (retain_graph=True) must fail loudly, not silently."""
+    if getattr(ctx, "consumed", False):
+        raise RuntimeError("chunked cross-entropy supports a single backward pass")
+    ctx.consumed = True
+    grad_hidden, grad_weight = ctx.saved_tensors
+    return grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
+
+
+# On CUDA each chunk is one compiled function: the three vocabulary products on cuBLAS and everything between
+# them fused by inductor into a reduction and a pointwise kernel. The vocabulary is padded for the products to
+# a multiple of 128 rows (padded logits masked to -inf): a logits row of 50,258 bf16 values is not 16-byte
+# aligned, and cuBLAS then falls back to pre-Hopper kernels. Checkpoints keep their 50,258 rows.
+FUSED_CHUNK_TOKENS = 4096
+FUSED_VOCAB_MULTIPLE = 128
+
+
+def _masked_logits(h, w, vocab):
+    """fp32 logits of h (n, d) against padded w (Vp, d), the Vp - vocab padding columns -inf."""
+    logits = (h @ w.T).float()
+    if w.shape[0] > vocab:
+        logits = logits.masked_fill(torch.arange(w.shape[0], device=h.device) >= vocab, float("-inf"))
+    return logits
+
+
+def fused_chunk_loss(h, w, target, row_weight, vocab):
+    """sum(row_weight * CE) of one chunk: h (n, d), w (Vp, d) in the compute dtype, target (n,), row_weight (n,)."""
+    logits = _masked_logits(h, w, vocab)
+    target_logit = logits.gather(1, target[:, None]).squeeze(1)
+    return ((torch.logsumexp(logits, dim=-1) - target_logit) * row_weight).sum()
+
+
+def fused_chunk_loss_and_grads(h, w, target, row_weight, vocab):
+    """fused_chunk_loss and its gradients, without the one-hot part (the caller subtracts it): d/dh as
+    softmax(logits) * row_weight @ w, and d/dw (Vp, d) as its transpose against h, in the compute dtype."""
+    logits = _masked_logits(h, w, vocab)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    target_logit = logits.gather(1, target[:, None])
+    loss = ((lse - target_logit).squeeze(1) * row_weight).sum()
+    probs = (torch.exp(logits - lse) * row_weight[:, None]).to(h.dtype)
+    return loss, probs @ w, probs.T @ h
+
+
+@functools.cache
+def compiled_chunk_functions():
+    # Compiled once per process for any number of rows (the last chunk is shorter; SFT counts vary).
+    return (torch.compile(fused_chunk_loss, dynamic=None), torch.compile(fused_chunk_loss_and_grads, dynamic=None))
+
+
+class FusedChunkCrossEntropy(torch.autograd.Function):
+    """The CUDA form of ChunkedCrossEntropy: the same gradients computed in forward, chunk by chunk, from one
+    (compiled) function per chunk. chunk_fns: (loss, loss_and_grads), compiled or plain (the tests' reference)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size, compute_dtype, want_grad, chunk_fns):
+        loss_fn, loss_and_grads_fn = chunk_fns
+        vocab, d = weight.shape
+        row_weight = (labels != -100).float() / (labels != -100).sum().clamp(min=1)
+        target = labels.clamp(min=0)
+        padded = -(-vocab // FUSED_VOCAB_MULTIPLE) * FUSED_VOCAB_MULTIPLE
+        w = torch.zeros(padded, d, device=weight.device, dtype=compute_dtype)
+        w[:vocab] = weight
+        loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if want_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
+        for s in range(0, hidden.shape[0], chunk_size):
+            h, y, rw = hidden[s:s + chunk_size].to(compute_dtype), target[s:s + chunk_size], row_weight[s:s + chunk_size]
+            if not want_grad:
+                loss += loss_fn(h, w, y, rw, vocab)
+                continue
+            chunk_loss, grad_h, grad_w = loss_and_grads_fn(h, w, y, rw, vocab)
+            loss += chunk_loss
+            # The one-hot part of d(CE)/d(logits), -row_weight at each target: a (chunk, d) gather and scatter.
+            grad_hidden[s:s + chunk_size] = grad_h - w[y] * rw[:, None]
+            grad_weight += grad_w[:vocab]
+            grad_weight.index_add_(0, y, (h * rw[:, None]).float(), alpha=-1)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        return *scale_saved_gradients(ctx, grad_loss), None, None, None, None, None
+
+
+def chunked_cross_entropy(hidden, weight, labels, chunk_size=None, fused=None):
+    """hidden (N, d), weight (V, d), labels (N,) with -100 ignored -> fp32 mean loss over counted tokens.
+    fused: compiled chunks (FusedChunkCrossEntropy), the default on CUDA; else the CPU-tuned blocks."""
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     # Gradients are computed in forward, so only when a backward can come: not under no_grad (validation),
     # where needs_input_grad would still be true for the (requires_grad) tied weight.
     want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    with torch.autocast(device_type, enabled=False):  # the function casts explicitly
-        return ChunkedCrossEntropy.apply(hidden, weight, labels, chunk_size, dtype, want_grad)
+    fused = device_type == "cuda" if fused is None else fused
+    with torch.autocast(device_type, enabled=False):  # the functions cast explicitly
+        if fused:
+            return FusedChunkCrossEntropy.apply(hidden, weight, labels, chunk_size or FUSED_CHUNK_TOKENS, dtype,
+                                                want_grad, compiled_chunk_functions())
+        return ChunkedCrossEntropy.apply(hidden, weight, labels, chunk_size or 512, dtype, want_grad)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -379,6 +497,27 @@ class Pion(nn.Module):
         p = self.embed.weight
         return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, p.device, dtype or p.dtype)
 
+    @torch.no_grad()
+    def fuse_projections(self):
+        """Make or refresh, from the current weights, each block's concatenated q/k/v and gate/up weights, so a
+        decode step runs 4 products per block instead of 7 (a one-row product costs its launch more than
+        its bytes). They are copies (non-persistent buffers: not in checkpoints), used only on the cache path
+        of a KVCache whose fused_projections is set, by the caller that refreshed them. Returns whether they
+        exist: only on FUSED_PROJECTION_DEVICES with plain weights (not int8, not sharded), where they pay."""
+        groups = [(layer.attn, (layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj)) for layer in self.layers]
+        groups += [(layer.ffn, (layer.ffn.w1, layer.ffn.w3)) for layer in self.layers]
+        if not all(type(m) is Linear and type(m.weight) is nn.Parameter and m.weight.device.type in FUSED_PROJECTION_DEVICES
+                   for _, layers in groups for m in layers):
+            return False
+        for owner, layers in groups:
+            weight = torch.cat([m.weight for m in layers])
+            if owner.fused_weight is None or owner.fused_weight.shape != weight.shape \
+                    or owner.fused_weight.dtype != weight.dtype or owner.fused_weight.device != weight.device:
+                owner.fused_weight = weight
+            else:
+                owner.fused_weight.copy_(weight)  # in place: a captured CUDA graph keeps reading its address
+        return True
+
     def hidden_states(self, input_ids, kv_cache=None, input_pos=None):
         """input_ids (B, T) -> the final-norm hidden states (B, T, d_model).
 
@@ -392,10 +531,15 @@ class Pion(nn.Module):
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         x = self.embed(input_ids)
         for layer in self.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled() and kv_cache is None:
+            if kv_cache is not None:
+                # A block compiled for training (Module.compile, train.py --compile) would recompile for every
+                # cached shape; the cache path calls it uncompiled (hooks included: FSDP's gather). A compiled
+                # decode step (decoding.py) compiles this path as a whole instead.
+                x = layer._call_impl(x, cos, sin, kv_cache, input_pos)
+            elif self.gradient_checkpointing and torch.is_grad_enabled():
                 x = activation_checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, kv_cache, input_pos)
+                x = layer(x, cos, sin)
         return self.norm(x)
 
     def logits(self, hidden):

@@ -320,6 +320,167 @@ def test_chunked_cross_entropy_of_only_ignored_tokens_is_zero():
     assert loss.item() == 0.0 and h.grad.abs().sum() == 0
 
 
+def fused_and_plain_losses(hidden, weight, labels, chunk_size, compile=False):
+    """(loss, grad hidden, grad weight) of the CUDA form (compiled chunks, run here on the CPU) and of the
+    CPU-tuned one, on the same inputs."""
+    results = []
+    for fused in (True, False):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        if fused:
+            fns = M.compiled_chunk_functions() if compile else (M.fused_chunk_loss, M.fused_chunk_loss_and_grads)
+            loss = M.FusedChunkCrossEntropy.apply(h, w, labels, chunk_size, torch.float32, True, fns)
+        else:
+            loss = M.chunked_cross_entropy(h, w, labels, chunk_size, fused=False)
+        loss.backward()
+        results.append((loss, h.grad, w.grad))
+    return results
+
+
+def test_the_fused_chunked_cross_entropy_equals_the_cpu_tuned_one():
+    """Vocab 1100 pads to 1152 for the products: the padding must not count. Chunks of 64 over 300 rows end
+    in a short one; ignored labels count nowhere."""
+    torch.manual_seed(0)
+    y = torch.randint(0, 1100, (300,))
+    y[::5], y[1] = -100, 1099
+    (loss, gh, gw), (ref, rh, rw) = fused_and_plain_losses(torch.randn(300, 32), torch.randn(1100, 32), y, 64)
+    assert torch.allclose(loss, ref, rtol=1e-5)
+    assert torch.allclose(gh, rh, rtol=1e-4, atol=1e-7) and torch.allclose(gw, rw, rtol=1e-4, atol=1e-7)
+
+
+def test_the_fused_chunked_cross_entropy_is_exact_for_large_logits():
+    """It always shifts by the row's maximum (logsumexp): logits around 300 are as exact as small ones."""
+    torch.manual_seed(0)
+    h, w = torch.randn(96, 32), torch.randn(1100, 32)
+    h[:, -1], w[:, -1] = 300.0, 1.0 + 0.01 * torch.randn(1100)
+    (loss, gh, gw), (ref, rh, rw) = fused_and_plain_losses(h, w, torch.randint(0, 1100, (96,)), 64)
+    assert torch.isfinite(loss) and torch.allclose(loss, ref, rtol=1e-5)
+    assert torch.allclose(gh, rh, rtol=1e-4, atol=1e-6) and torch.allclose(gw, rw, rtol=1e-4, atol=1e-6)
+
+
+def test_the_fused_chunked_cross_entropy_of_only_ignored_tokens_is_zero():
+    h = torch.randn(8, 16, requires_grad=True)
+    loss = M.chunked_cross_entropy(h, torch.randn(101, 16), torch.full((8,), -100), 4, fused=True)
+    loss.backward()
+    assert loss.item() == 0.0 and h.grad.abs().sum() == 0
+
+
+def test_the_fused_chunked_cross_entropy_computes_no_gradients_under_no_grad(monkeypatch):
+    monkeypatch.setattr(M, "compiled_chunk_functions", lambda: (M.fused_chunk_loss, None))
+    w = torch.randn(101, 16, requires_grad=True)
+    y = torch.randint(0, 101, (8,))
+    h = torch.randn(8, 16)
+    with torch.no_grad():
+        loss = M.chunked_cross_entropy(h, w, y, 4, fused=True)
+    assert torch.allclose(loss, F.cross_entropy(h @ w.T, y), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_compiled_chunks_equal_the_cpu_tuned_ones():
+    """The compiled functions themselves (inductor's CPU backend here, Triton on a GPU): the first chunks and
+    then the shorter last one, which must not need a graph of its own per size."""
+    torch.manual_seed(0)
+    y = torch.randint(0, 1100, (300,))
+    (loss, gh, gw), (ref, rh, rw) = fused_and_plain_losses(torch.randn(300, 32), torch.randn(1100, 32), y, 64,
+                                                           compile=True)
+    assert torch.allclose(loss, ref, rtol=1e-5)
+    assert torch.allclose(gh, rh, rtol=1e-4, atol=1e-7) and torch.allclose(gw, rw, rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused projections
+
+
+def test_linear_group_with_concatenated_weights_equals_the_separate_layers():
+    torch.manual_seed(0)
+    layers = [M.Linear(16, 24), M.Linear(16, 8), M.Linear(16, 8)]
+    x = torch.randn(2, 5, 16)
+    fused = M.linear_group(x, layers, torch.cat([m.weight for m in layers]))
+    for y, m in zip(fused, layers):
+        assert torch.allclose(y, m(x), atol=1e-6)
+
+
+def test_training_through_fused_projections_gives_the_unfused_loss_and_gradients(monkeypatch):
+    """On CUDA a block of rows goes through one q/k/v and one gate/up product: the same loss, and each
+    separate parameter gets its own gradient."""
+    ids = torch.randint(0, 101, (2, 160))  # 320 rows: over FUSED_PROJECTION_MIN_ROWS
+    results = []
+    for devices in ((), ("cpu",)):
+        monkeypatch.setattr(M, "FUSED_PROJECTION_DEVICES", devices)
+        m = tiny_model(max_seq_len=160)
+        loss = m(ids, labels=ids)["loss"]
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in m.named_parameters()}))
+    (fused_loss, fused_grads), (loss, grads) = results[1], results[0]
+    assert torch.allclose(fused_loss, loss, rtol=1e-6)
+    for name, grad in grads.items():
+        assert torch.allclose(fused_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_fused_projection_weights_are_made_only_where_they_pay_and_never_saved():
+    m = tiny_model()
+    assert m.fuse_projections() is False  # the CPU keeps its own few-row products
+    assert all(layer.attn.fused_weight is None for layer in m.layers)
+    assert not any("fused" in name for name in m.state_dict())
+
+
+def test_fused_projection_weights_are_refreshed_in_place_from_the_current_weights(monkeypatch):
+    """A captured CUDA graph keeps reading the fused weights' address: a refresh after training must
+    write the new values there."""
+    monkeypatch.setattr(M, "FUSED_PROJECTION_DEVICES", ("cpu",))
+    m = tiny_model()
+    assert m.fuse_projections() is True
+    attn = m.layers[0].attn
+    address = attn.fused_weight.data_ptr()
+    with torch.no_grad():
+        attn.k_proj.weight.add_(1.0)
+    m.fuse_projections()
+    assert attn.fused_weight.data_ptr() == address
+    assert torch.equal(attn.fused_weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+
+
+def test_decoding_with_fused_projections_gives_the_unfused_logits(monkeypatch):
+    m = tiny_model().eval()
+    prompt = torch.randint(0, 101, (1, 7))
+    logits = []
+    for fused in (False, True):
+        monkeypatch.setattr(M, "FUSED_PROJECTION_DEVICES", ("cpu",) if fused else ())
+        cache = m.new_kv_cache(1, 16)
+        cache.fused_projections = m.fuse_projections()
+        assert cache.fused_projections is fused
+        with torch.no_grad():
+            m(prompt, kv_cache=cache, input_pos=torch.arange(7))
+            logits.append(m(prompt[:, -1:], kv_cache=cache, input_pos=torch.tensor([7]))["logits"])
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)
+
+
+def test_fused_projection_weights_go_unused_on_a_cache_that_did_not_ask_for_them(monkeypatch):
+    """Stale copies (weights trained since the last refresh) are never read: only a cache whose owner just
+    refreshed them uses them."""
+    monkeypatch.setattr(M, "FUSED_PROJECTION_DEVICES", ("cpu",))
+    m = tiny_model().eval()
+    m.fuse_projections()
+    for layer in m.layers:
+        layer.attn.fused_weight.fill_(float("nan"))
+        layer.ffn.fused_weight.fill_(float("nan"))
+    with torch.no_grad():
+        logits = m(torch.randint(0, 101, (1, 5)), kv_cache=m.new_kv_cache(1, 8), input_pos=torch.arange(5))["logits"]
+    assert torch.isfinite(logits).all()
+
+
+def test_the_cache_path_never_runs_a_block_compiled_for_training():
+    """train.py --compile compiles each block for training shapes; its eval sample decodes through the cache
+    path, which must not recompile those blocks for every decode shape."""
+    m = tiny_model().eval()
+    for layer in m.layers:
+        def refuse(*args, **kwargs):
+            raise AssertionError("the compiled block was called on the cache path")
+        layer._compiled_call_impl = refuse
+    with torch.no_grad():
+        m(torch.randint(0, 101, (1, 5)), kv_cache=m.new_kv_cache(1, 8), input_pos=torch.arange(5))
+        with pytest.raises(AssertionError, match="compiled block"):
+            m(torch.randint(0, 101, (1, 5)))
+
+
 # ---------------------------------------------------------------------------------------------------
 # KV cache
 
