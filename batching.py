@@ -87,6 +87,7 @@ class BatchingEngine:
         self.device = model.embed.weight.device
         self.max_seq_len = model.config.max_seq_len
         self.kv_cache = model.new_kv_cache(max_batch, self.max_seq_len)
+        self.kv_cache.fused_projections = model.fuse_projections()  # the served weights never change
         # A compiled step keeps one shape (every row, busy or free); eager steps run over the rows in use.
         self.compiled = compile
         self.step = compiled_decode_step(self.device.type) if compile else decode_step

@@ -113,7 +113,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="timed rounds (the best of each measure counts)")
     parser.add_argument("--local_only", action="store_true", help="only the int8/bf16/llama.cpp table")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: Pion-small bf16 on the GPU (cuda_main); --dry_run runs that code on the CPU")
+    parser.add_argument("--dry_run", action="store_true", help="with --device cuda: a tiny fp32 model on the CPU")
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        return cuda_main(args)
     if args.local_only:
         torch.manual_seed(0)
         return local_inference(model.get_model("small", use_soft_cap=False).eval(), bench_prompt(), args.runs)
@@ -235,6 +240,99 @@ def local_inference(pion, prompt, runs):
     print(f"Pion int8 / llama.cpp q8_0 {int8_vs_q8:.2f}x (target >= {TARGET_INT8_VS_LLAMA_Q8:.2f}x) "
           f"{verdict(int8_vs_q8, TARGET_INT8_VS_LLAMA_Q8)}")
     return {"int8_vs_fp32": int8_vs_fp32, "int8_vs_llama_q8_0": int8_vs_q8, "local_tokens_per_second": rates}
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# On a CUDA GPU: Pion-small in bf16, batch 1
+
+TARGET_CUDA_MS_PER_TOKEN, TARGET_CUDA_VS_HF = 0.40, 2.0
+
+
+def cuda_main(args):
+    """generate(compile=True) ms/token, the bare compiled step's ms/token (with and without the fused
+    projections), and transformers' static-cache compiled generate() of the same weights, in one run."""
+    import decoding
+    from transformers import Qwen3ForCausalLM
+    if not args.dry_run and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run this on a GPU, or pass --dry_run on a CPU")
+    device, dtype = ("cpu", torch.float32) if args.dry_run else ("cuda", torch.bfloat16)
+    sizes = dict(vocab_size=1000, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128) if args.dry_run else {}
+    n = 32 if args.dry_run else NEW_TOKENS
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def best_seconds(fn, runs=3):
+        sync()
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    torch.manual_seed(0)
+    pion = model.get_model("small", use_soft_cap=False, **sizes).to(device, dtype).eval()
+    prompt = torch.randint(3, pion.config.vocab_size, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def pion_generate(k, compile=True):
+        return decoding.generate(pion, prompt, k, stop_ids=(), compile=compile)[0]
+    eager = pion_generate(n, compile=False)
+    compiled = pion_generate(n)
+    per_token = (best_seconds(lambda: pion_generate(n)) - best_seconds(lambda: pion_generate(1))) / (n - 1)
+
+    def bare_step_seconds(fused):
+        """The compiled step alone in a loop, no host sync: what a token costs without the loop around it."""
+        step = decoding.compiled_decode_step(torch.device(device).type)
+        with torch.inference_mode():
+            cache = pion.new_kv_cache(1, PROMPT_TOKENS + n)
+            cache.fused_projections = fused and pion.fuse_projections()
+            for t in cache.k + cache.v:
+                torch._dynamo.mark_dynamic(t, 2)
+            token = decoding.prefill(pion, cache, [prompt]).argmax(-1)[:, None]
+            position = torch.tensor([PROMPT_TOKENS], device=device)
+            for _ in range(5):
+                step(pion, cache, token, position)
+            steps = n - 8
+            sync()
+            start = time.perf_counter()
+            for _ in range(steps):
+                token = step(pion, cache, token, position).argmax(-1)[:, None]
+                position += 1
+            sync()
+            return cache.fused_projections, (time.perf_counter() - start) / steps
+
+    fused, bare = bare_step_seconds(True)
+    _, bare_unfused = bare_step_seconds(False)
+
+    hf = Qwen3ForCausalLM(qwen3_config(pion.config)).to(device, dtype).eval()
+    hf.load_state_dict(qwen3_state_dict(pion.state_dict()))
+    hf.generation_config.cache_implementation = "static"
+    hf.forward = torch.compile(hf.forward, mode="reduce-overhead" if device == "cuda" else None)
+    ids = torch.tensor([prompt], device=device)
+
+    def hf_generate(k):
+        return hf.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=1)[0, PROMPT_TOKENS:].tolist()
+    hf_tokens = hf_generate(n)
+    hf_generate(n), hf_generate(1)
+    hf_per_token = (best_seconds(lambda: hf_generate(n)) - best_seconds(lambda: hf_generate(1))) / (n - 1)
+
+    def agree(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    print(f"greedy decode, Pion-small {dtype}, batch 1, {PROMPT_TOKENS}-token prompt, {n} new tokens, "
+          f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU (dry run)'}, torch {torch.__version__}")
+    print(f"  Pion generate(compile=True)           {per_token * 1e3:7.3f} ms/token")
+    print(f"  Pion bare compiled step, fused q/k/v and gate/up ({'on' if fused else 'not available'})"
+          f" {bare * 1e3:7.3f} ms/token; separate {bare_unfused * 1e3:.3f}")
+    print(f"  transformers generate(), static cache, compiled {hf_per_token * 1e3:7.3f} ms/token")
+    print(f"  greedy tokens: compiled = eager for the first {agree(compiled, eager)} of {n}; "
+          f"Pion = transformers for the first {agree(compiled, hf_tokens)}")
+    print(f"Pion {per_token * 1e3:.3f} ms/token (target <= {TARGET_CUDA_MS_PER_TOKEN}); "
+          f"{hf_per_token / per_token:.2f}x transformers' compiled decode (target >= {TARGET_CUDA_VS_HF})")
+    return {"ms_per_token": per_token * 1e3, "bare_ms": bare * 1e3, "hf_ms_per_token": hf_per_token * 1e3}
 
 
 if __name__ == "__main__":
