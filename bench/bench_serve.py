@@ -145,7 +145,12 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's). On a CPU shared with other jobs, 1 thread keeps a "
                              "multi-threaded product from stalling on a busy core")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: Pion-small bf16 on the GPU with 1 to 64 concurrent clients (cuda_main)")
+    parser.add_argument("--dry_run", action="store_true", help="with --device cuda: the same code, nano fp32, CPU")
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        return cuda_main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer()
@@ -167,6 +172,85 @@ def main(argv=None):
         result["lost"] += runs[1]["lost"] + runs[8]["lost"]
         result["join_ratio"] = max(result["join_ratio"], ratio)
     return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# On a CUDA GPU: many concurrent users
+
+CUDA_CLIENTS, CUDA_NEW_TOKENS, CUDA_MAX_BATCH, TARGET_CUDA_TOKENS_PER_S = (1, 8, 32, 64), 128, 64, 10_000
+
+
+def concurrent_completions(url, texts, max_tokens):
+    """One streamed greedy completion per text, all at once, each from its own client -> (results, seconds)."""
+    results = [None] * len(texts)
+
+    def one(i):
+        try:
+            results[i] = stream_completion(openai_client(url), texts[i], max_tokens)
+        except Exception as e:  # a lost request: counted, not fatal
+            results[i] = (float("nan"), 0, f"error {type(e).__name__}")
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(texts))]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, time.perf_counter() - start
+
+
+def greedy_texts(url, texts, max_tokens):
+    client = openai_client(url)
+    return [client.completions.create(model="bench", prompt=t, max_tokens=max_tokens, temperature=0).choices[0].text
+            for t in texts]
+
+
+def cuda_side(url, clients, new_tokens):
+    """The clients' process: warm-up, each concurrency in turn, then the replies of 4 of the 64 concurrent
+    requests (run together with 60 others) against the same requests sent alone."""
+    stream_completion(openai_client(url), prompt(-1), 4)
+    rows = {n: concurrent_completions(url, [prompt(i) for i in range(n)], new_tokens) for n in clients}
+    probes = [prompt(i) for i in range(4)]
+    together = {}
+
+    def batch_of_many():
+        texts = greedy_texts(url, probes, new_tokens)
+        together.update(enumerate(texts))
+    background = threading.Thread(target=concurrent_completions,
+                                  args=(url, [prompt(100 + i) for i in range(clients[-1] - 4)], new_tokens))
+    background.start()
+    batch_of_many()
+    background.join()
+    alone = greedy_texts(url, probes, new_tokens)
+    return rows, sum(together[i] == alone[i] for i in range(len(probes)))
+
+
+def cuda_main(args):
+    if not args.dry_run and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run this on a GPU, or pass --dry_run on a CPU")
+    device, dtype = ("cpu", torch.float32) if args.dry_run else ("cuda", torch.bfloat16)
+    size, clients, new_tokens = ("nano", (1, 4), 16) if args.dry_run else ("small", CUDA_CLIENTS, CUDA_NEW_TOKENS)
+    tokenizer = load_tokenizer()
+    torch.manual_seed(0)
+    pion = model.get_model(size, use_soft_cap=False).to(device, dtype).eval()
+    engine = BatchingEngine(pion, tokenizer, clients[-1], compile=not args.dry_run, stop_ids=()).start()
+    try:
+        with serving_in_thread(create_app(engine, tokenizer, "bench")) as url, \
+                multiprocessing.get_context("spawn").Pool(1) as pool:
+            rows, same = pool.apply(cuda_side, (url, clients, new_tokens))
+    finally:
+        engine.close()
+    print(f"Pion-{size} {dtype}, {device}, max_batch {clients[-1]}, streamed greedy completions of {new_tokens} tokens")
+    for n, (results, seconds) in rows.items():
+        done = [r for r in results if r[1] == new_tokens and r[2] == "length"]
+        ttfts = [r[0] for r in done]
+        print(f"  {n:3} concurrent clients: {sum(r[1] for r in results) / seconds:9,.0f} tokens/s aggregate, first token "
+              f"p50 {percentile(ttfts, 50) * 1e3 if ttfts else float('nan'):.0f} ms p99 "
+              f"{percentile(ttfts, 99) * 1e3 if ttfts else float('nan'):.0f} ms, {len(results) - len(done)} lost or cut")
+    results, seconds = rows[clients[-1]]
+    rate = sum(r[1] for r in results) / seconds
+    print(f"  greedy replies among {clients[-1]} concurrent = the same requests alone: {same} of 4")
+    print(f"{clients[-1]} clients: {rate:,.0f} tokens/s (target >= {TARGET_CUDA_TOKENS_PER_S:,})")
+    return {"tokens_per_s": rate, "same": same}
 
 
 if __name__ == "__main__":
