@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from checkpoint import EOS_ID, PAD_ID
+from tokenizer import EOS_ID, PAD_ID
 from decoding import GREEDY, SamplingSettings, TextStream, compiled_decode_step, decode_step, prefill, \
     sample_next_token, seeded_generator
 

@@ -15,7 +15,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from checkpoint import load_model, load_tokenizer
+from checkpoint import load_model
+from tokenizer import load_tokenizer
 from cli import (ArgumentParser, PionError, add_inference_args, dataclass_from_args, run_cli, typed_lines,
                  use_one_line_warnings, valid_text)
 from decoding import (COMPILE_NOTICE, SETTING_TYPES, DecodeTimer, PromptTruncatedWarning, SamplingSettings,

@@ -1,18 +1,14 @@
-"""Checkpoint and tokenizer I/O: atomic saves, safe loading of any Pion checkpoint (ours, the published ones,
-`hf:` hub references, legacy pickled configs), the step checkpoints of a training run, and the pinned
-tokenizer download."""
+"""Checkpoint I/O: atomic saves, safe loading of any Pion checkpoint (ours, the published ones, `hf:` hub
+references, legacy pickled configs), and the step checkpoints of a training run."""
 import contextlib
 import dataclasses
 import fcntl
 import glob
-import hashlib
 import os
 import re
 import shutil
 import socket
-import sys
 import urllib.parse
-import urllib.request
 
 import torch
 
@@ -247,48 +243,3 @@ def prune_checkpoints(directory, prefix, keep_last):
     if keep_last:
         for path in step_checkpoints(directory, prefix)[:-keep_last]:
             os.remove(path)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tokenizer
-
-TOKENIZER_PATH = os.path.join(ROOT, "pile_tokenizer.json")
-TOKENIZER_URL = ("https://raw.githubusercontent.com/Supergoatscriptguy/Pion/"
-                 "d84c8d501ae7aed36d11b477808ce6b8faf03b92/pile_tokenizer.json")
-TOKENIZER_SHA256 = "1e1d10c83bbac16a87b5796eeec281b4a0cd245e03f842f9dd76af629c7f88d8"
-EOS_ID, PAD_ID, UNK_ID = 0, 1, 2  # <|endoftext|>, <|pad|>, <|unk|>
-
-
-def download_tokenizer(path=TOKENIZER_PATH, url=TOKENIZER_URL):
-    """Fetch the pinned tokenizer once, check its sha256, and save it atomically."""
-    print(f"downloading the Pion tokenizer to {path}", file=sys.stderr)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            data = response.read()
-    except OSError as e:
-        raise PionError(f"cannot download the tokenizer ({getattr(e, 'reason', e)}); fetch {url} by hand "
-                        f"and save it as {path}, or pass --tokenizer PATH")
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != TOKENIZER_SHA256:
-        raise PionError(f"downloaded tokenizer has sha256 {digest}, expected {TOKENIZER_SHA256}; not saved")
-    atomic_write(path, lambda f: f.write(data))
-
-
-def load_tokenizer(path=None, vocab_size=None):
-    """The Pion tokenizer (tokenizers.Tokenizer): `path`, or pile_tokenizer.json at the repo root,
-    downloaded on first use. vocab_size: the model's, which must have an embedding for every id."""
-    from tokenizers import Tokenizer
-    if path is None:
-        path = TOKENIZER_PATH
-        if not os.path.exists(path):
-            download_tokenizer(path)
-    if not os.path.isfile(path):
-        raise PionError(f"tokenizer not found: {path}")
-    try:
-        tokenizer = Tokenizer.from_file(path)
-    except Exception as e:
-        raise PionError(f"{path} is not a tokenizers JSON file ({first_line(e)})")
-    if vocab_size is not None and tokenizer.get_vocab_size() > vocab_size:
-        raise PionError(f"the tokenizer {path} has {tokenizer.get_vocab_size()} ids but the model only "
-                        f"{vocab_size} embeddings: pass the tokenizer it was trained with (--tokenizer)")
-    return tokenizer

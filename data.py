@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from checkpoint import EOS_ID, PAD_ID, TOKENIZER_PATH, load_tokenizer
+from tokenizer import EOS_ID, PAD_ID, TOKENIZER_PATH, load_tokenizer
 from cli import (ArgumentParser, PionError, atomic_write, check_new_folder, first_line, positive_int, run_cli,
                  write_folder_atomically)
 

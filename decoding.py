@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import EOS_ID, PAD_ID
+from tokenizer import EOS_ID, PAD_ID
 from cli import PionError, checked
 
 

@@ -63,7 +63,8 @@ def main(argv=None):
         except ImportError as e:
             raise PionError(f"--tasks needs lm-evaluation-harness ({e}): pip install lm-eval")
         manager = evaluation.task_manager(tasks, args.include_path)  # unknown names fail before the model loads
-    from checkpoint import load_model, load_tokenizer
+    from checkpoint import load_model
+    from tokenizer import load_tokenizer
     model, device = load_model(args.checkpoint, args.device, args.dtype)
     tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
     print(f"{args.checkpoint}: {model.count_parameters():,} parameters, "

@@ -26,7 +26,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from checkpoint import EOS_ID, PAD_ID, load_model, load_tokenizer
+from checkpoint import load_model
+from tokenizer import EOS_ID, PAD_ID, load_tokenizer
 from cli import PionError, first_line
 from decoding import GREEDY, SamplingSettings, TextStream, generate_tokens, seeded_generator
 from hf_export import CHAT_TEMPLATE

@@ -16,7 +16,8 @@ import sys
 import torch.distributed as dist
 
 from bpb import token_byte_lengths
-from checkpoint import load_checkpoint, load_tokenizer, open_run_dir
+from checkpoint import load_checkpoint, open_run_dir
+from tokenizer import load_tokenizer
 from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, positive_int, run_cli
 from decoding import generate_text
 from sft_data import USER_MARKER, collate, load_sft_splits, render_conversation, sft_batches

@@ -7,7 +7,8 @@ Decoding is decoding.py's: one prefill of the batch, then one token per step ove
 """
 import sys
 
-from checkpoint import load_model, load_tokenizer
+from checkpoint import load_model
+from tokenizer import load_tokenizer
 from cli import (ArgumentParser, add_inference_args, dataclass_from_args, positive_int, run_cli, typed_lines,
                  use_one_line_warnings, valid_text)
 from decoding import (COMPILE_NOTICE, DecodeTimer, PromptTruncatedWarning, SamplingSettings, TextStream,

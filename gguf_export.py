@@ -12,7 +12,8 @@ so they need none of the permutation llama.cpp's `llama` architecture wants.
 import json
 import os
 
-from checkpoint import EOS_ID, PAD_ID, UNK_ID, load_checkpoint, load_tokenizer
+from checkpoint import load_checkpoint
+from tokenizer import EOS_ID, PAD_ID, UNK_ID, load_tokenizer
 from cli import PionError, replaced_atomically
 from hf_export import CHAT_TEMPLATE, check_soft_cap, qwen3_state_dict
 

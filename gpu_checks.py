@@ -304,7 +304,7 @@ def export_logit_difference(model, tokenizer, folder):
 
 
 def check_export(target):
-    from checkpoint import load_tokenizer
+    from tokenizer import load_tokenizer
     size = target.sizes[0]
     model = new_model(size, use_soft_cap=False).eval()
     with tempfile.TemporaryDirectory() as folder:

@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-from checkpoint import EOS_ID, PAD_ID, clean_state_dict, load_checkpoint, load_tokenizer
+from checkpoint import clean_state_dict, load_checkpoint
+from tokenizer import EOS_ID, PAD_ID, load_tokenizer
 from cli import DTYPES, PionError, check_new_folder, first_line, write_folder_atomically
 
 # The SFT template (sft_data.py): "<|role|>\n{content, stripped}\n" per turn, <|endoftext|> after each assistant turn,

@@ -11,7 +11,8 @@ import socket
 import sys
 
 from batching import BatchingEngine
-from checkpoint import load_model, load_tokenizer
+from checkpoint import load_model
+from tokenizer import load_tokenizer
 from cli import ArgumentParser, PionError, add_inference_args, checked, positive_int, run_cli
 from server import Limits, create_app
 

@@ -13,7 +13,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from checkpoint import EOS_ID, PAD_ID, load_tokenizer
+from tokenizer import EOS_ID, PAD_ID, load_tokenizer
 from cli import ArgumentParser, PionError, first_line, positive_int, run_cli
 
 # The template of the published Pion SFT checkpoint. Each piece (prefix, content, suffix) is tokenized on

@@ -15,7 +15,8 @@ import numpy as np
 import data
 import model as pion
 from bpb import token_byte_lengths
-from checkpoint import PAD_ID, load_checkpoint, load_tokenizer, open_run_dir
+from checkpoint import load_checkpoint, open_run_dir
+from tokenizer import PAD_ID, load_tokenizer
 from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, run_cli
 from decoding import generate_text
 from trainer import (Runtime, TrainConfig, add_benchmark_args, add_train_config_args, benchmark_scorer, memory_test,

@@ -186,7 +186,7 @@ def llama_cpp_decoder(pion, gguf_type, prompt, folder):
     count, token by token with the argmax of its logits, as tests/test_gguf.py drives it."""
     import llama_cpp
     import numpy as np
-    from checkpoint import load_tokenizer
+    from tokenizer import load_tokenizer
     from gguf_export import write_gguf
     path = write_gguf(pion, load_tokenizer(), os.path.join(folder, f"pion-{gguf_type}.gguf"), gguf_type)
     threads = torch.get_num_threads()

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from checkpoint import load_model, load_tokenizer  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 from cli import run_cli  # noqa: E402
 from decoding import generate  # noqa: E402
 

@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 
 import model  # noqa: E402
 from batching import BatchingEngine  # noqa: E402
-from checkpoint import load_tokenizer  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 from server import create_app, serving_in_thread  # noqa: E402
 
 CLIENTS, REQUESTS_PER_CLIENT, NEW_TOKENS = 8, 4, 64

@@ -20,6 +20,7 @@ SHARED_TOKENIZER = os.path.join(ROOT, "..", "shared", "pile_tokenizer.json")
 TOKENIZER = os.path.join(ROOT, "pile_tokenizer.json")
 
 import checkpoint  # noqa: E402  (after the path insert)
+from tokenizer import load_tokenizer  # noqa: E402
 import cli  # noqa: E402
 import model  # noqa: E402
 
@@ -121,18 +122,18 @@ def real_tokenizer_path():
     path = published_tokenizer()
     if path is None:
         pytest.skip("needs the published pile_tokenizer.json: put a copy at the repo root (python -c "
-                    "'import checkpoint; checkpoint.load_tokenizer()' fetches it) or in ../shared/")
+                    "'import tokenizer; tokenizer.load_tokenizer()' fetches it) or in ../shared/")
     return path
 
 
 @pytest.fixture(scope="session")
 def real_tokenizer(real_tokenizer_path):
-    return checkpoint.load_tokenizer(real_tokenizer_path)
+    return load_tokenizer(real_tokenizer_path)
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_path):
-    return checkpoint.load_tokenizer(tokenizer_path)
+    return load_tokenizer(tokenizer_path)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import bpb
 import trainer as T
-from checkpoint import EOS_ID, PAD_ID
+from tokenizer import EOS_ID, PAD_ID
 from conftest import run_in_process, save_tiny_checkpoint, tiny_pion
 
 TEXTS = ["Hello world", " leading space and  double  spaces\n\nnew lines\t", "naïve café 東京 🙂 — ½",

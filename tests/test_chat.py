@@ -14,6 +14,7 @@ import chat
 import decoding
 import model as M
 import checkpoint as C
+from tokenizer import EOS_ID
 from conftest import ROOT, run_in_process
 from decoding import SamplingSettings, generate_text
 from sft_data import USER_MARKER, render_conversation
@@ -90,7 +91,7 @@ def test_a_reply_cut_by_the_token_limit_keeps_its_final_newline(tiny_chat_model,
     # "\n" the template's, and left out of the reply. A reply cut mid-turn keeps the "\n" the model wrote.
     line = tokenizer.encode("Hello there\n").ids
     conversation = chat.Conversation(turns=[user("Hi")])
-    for written, max_tokens, expected in [(line + [C.EOS_ID], 100, "Hello there"),
+    for written, max_tokens, expected in [(line + [EOS_ID], 100, "Hello there"),
                                           (tokenizer.encode("Hello there\n<|user|>").ids, 100, "Hello there"),
                                           (line, len(line), "Hello there\n")]:
         tokens = iter(written)

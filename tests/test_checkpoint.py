@@ -1,5 +1,4 @@
-"""model.py checkpoint and tokenizer I/O: atomic saves, safe loads of every checkpoint form."""
-import hashlib
+"""checkpoint.py: atomic saves, safe loads of every checkpoint form."""
 import os
 import pathlib
 
@@ -8,7 +7,6 @@ import torch
 
 import model as M
 import checkpoint as C
-from conftest import SHARED_TOKENIZER
 from conftest import tiny_config, tiny_model
 
 
@@ -153,46 +151,6 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
     with pytest.raises(M.PionError, match="refusing to load"):
         C.load_checkpoint(path)
     assert not mark.exists()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-def test_tokenizer_has_the_pion_special_tokens(tokenizer):
-    assert tokenizer.token_to_id("<|endoftext|>") == C.EOS_ID
-    assert tokenizer.token_to_id("<|pad|>") == C.PAD_ID
-    assert tokenizer.token_to_id("<|unk|>") == C.UNK_ID
-    assert tokenizer.get_vocab_size() <= M.PionConfig().vocab_size
-
-
-def test_missing_tokenizer_path_is_a_clear_error(tmp_path):
-    with pytest.raises(M.PionError, match="tokenizer not found"):
-        C.load_tokenizer(str(tmp_path / "tok.json"))
-
-
-def test_tokenizer_download_checks_sha256_and_saves_atomically(tmp_path):
-    if not os.path.exists(SHARED_TOKENIZER):
-        pytest.skip("no offline copy of the tokenizer")
-    target = tmp_path / "pile_tokenizer.json"
-    C.download_tokenizer(str(target), url=pathlib.Path(SHARED_TOKENIZER).resolve().as_uri())
-    assert hashlib.sha256(target.read_bytes()).hexdigest() == C.TOKENIZER_SHA256
-    assert os.listdir(tmp_path) == ["pile_tokenizer.json"]
-
-
-def test_tokenizer_download_with_a_wrong_hash_saves_nothing(tmp_path):
-    source = tmp_path / "other.json"
-    source.write_text("{}")
-    target = tmp_path / "pile_tokenizer.json"
-    with pytest.raises(M.PionError, match="sha256"):
-        C.download_tokenizer(str(target), url=source.as_uri())
-    assert not target.exists()
-
-
-def test_offline_tokenizer_download_says_how_to_get_it(tmp_path):
-    with pytest.raises(M.PionError, match="--tokenizer PATH") as e:
-        C.download_tokenizer(str(tmp_path / "t.json"), url=(tmp_path / "unreachable.json").as_uri())
-    assert "\n" not in str(e.value)
 
 
 def test_random_bytes_are_called_unreadable_not_a_pickle_of_code(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import data
-from checkpoint import PAD_ID
+from tokenizer import PAD_ID
 from cli import PionError
 from conftest import run_in_process
 

@@ -22,7 +22,7 @@ lm_eval = pytest.importorskip("lm_eval")
 
 import evaluation  # noqa: E402
 import hf_export  # noqa: E402
-from checkpoint import EOS_ID  # noqa: E402
+from tokenizer import EOS_ID  # noqa: E402
 from conftest import ROOT, assert_one_line_error, run_in_process, save_tiny_checkpoint, tiny_pion  # noqa: E402
 
 MC_TASK, GEN_TASK = "pion_test_mc", "pion_test_gen"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hf_export
-import checkpoint as C
+from tokenizer import EOS_ID, PAD_ID
 import model
 import export_hf
 from conftest import ROOT, run_in_process, save_tiny_checkpoint
@@ -88,7 +88,7 @@ def test_greedy_generation_matches_ours_token_for_token(exported, hf_model, toke
         output = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                    do_sample=False, max_new_tokens=20)
         theirs = output[0, len(prompt):].tolist()
-        if theirs[-1:] == [C.EOS_ID]:
+        if theirs[-1:] == [EOS_ID]:
             theirs = theirs[:-1]  # transformers returns the EOS it stopped at; generate() does not
         assert ours == theirs
         assert len(set(ours)) > 5  # a real continuation, not one token repeated
@@ -130,7 +130,7 @@ def test_auto_tokenizer_encodes_and_decodes_like_ours(hf_tokenizer, tokenizer):
 
 def test_generation_config_stops_at_endoftext_and_pads_with_pad(exported):
     generation = transformers.GenerationConfig.from_pretrained(exported[1])
-    assert (generation.eos_token_id, generation.pad_token_id) == (C.EOS_ID, C.PAD_ID)
+    assert (generation.eos_token_id, generation.pad_token_id) == (EOS_ID, PAD_ID)
 
 
 CHAT = [{"role": "system", "content": "You are Pion."}, {"role": "user", "content": "Hi!"},

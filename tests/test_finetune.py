@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import checkpoint as C
+from tokenizer import PAD_ID
 import finetune as finetune_script
 import model as M
 from conftest import assert_one_line_error, run_in_process
@@ -98,7 +99,7 @@ def test_assistant_tokens_are_learned_and_the_masked_tokens_are_not(files, train
     train_rows, _ = load_sft_splits(tokenizer, 64, files.sharegpt, seed=42)  # exactly what the run trained on
     batch = collate(list(train_rows))
     ids, labels = batch["input_ids"], batch["labels"]
-    masked = torch.where((labels == -100) & (ids != C.PAD_ID), ids, -100)  # user turns and template prefixes
+    masked = torch.where((labels == -100) & (ids != PAD_ID), ids, -100)  # user turns and template prefixes
 
     def loss_on(path, targets):
         model, _ = C.load_checkpoint(path)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import checkpoint as C
+from tokenizer import EOS_ID, PAD_ID
 import decoding as D
 import generate as G
 from cli import PionError
@@ -23,7 +24,7 @@ def naive_greedy(m, prompt, max_new_tokens):
     with torch.no_grad():
         for _ in range(max_new_tokens):
             token = m(torch.tensor([ids]))["logits"][0, -1].argmax().item()
-            if token == C.EOS_ID:
+            if token == EOS_ID:
                 break
             ids.append(token)
             new.append(token)
@@ -76,7 +77,7 @@ def test_a_tensor_prompt_and_a_list_prompt_give_the_same_tokens():
 
 
 def test_generation_stops_at_endoftext_and_finished_rows_wait_for_the_others(monkeypatch):
-    calls = scripted_sampling(monkeypatch, [[5, C.EOS_ID, 9, 9, 9], [6, 7, 8, C.EOS_ID, 9]])
+    calls = scripted_sampling(monkeypatch, [[5, EOS_ID, 9, 9, 9], [6, 7, 8, EOS_ID, 9]])
     assert D.generate(tiny_model(), [[3, 4], [3, 4]], 10) == [[5], [6, 7, 8]]
     assert len(calls) == 4  # stopped as soon as the last row finished, not at max_new_tokens
 
@@ -132,7 +133,7 @@ def test_generation_records_no_autograd_history():
 
 def test_an_empty_prompt_starts_from_endoftext():
     m = tiny_model()
-    assert D.generate(m, [], 5) == [naive_greedy(m, [C.EOS_ID], 5)]
+    assert D.generate(m, [], 5) == [naive_greedy(m, [EOS_ID], 5)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ def test_streaming_of_invalid_bytes_still_adds_up_to_decode_in_bounded_work(toke
     text_ids = tokenizer.encode("héllo 👋🏽 日本語 ✓").ids
     byte_ids = [tokenizer.token_to_id(c) for c in "ĳĭŀðŁæĹ"]  # continuation and lead bytes on their own
     for _ in range(200):
-        ids = [random.choice(text_ids + byte_ids + [C.PAD_ID]) for _ in range(random.randrange(1, 60))]
+        ids = [random.choice(text_ids + byte_ids + [PAD_ID]) for _ in range(random.randrange(1, 60))]
         detokenizer = D.StreamingDetokenizer(tokenizer)
         pieces = []
         for i in ids:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint as C
+from tokenizer import EOS_ID, PAD_ID, UNK_ID
 from cli import PionError
 from conftest import save_tiny_checkpoint, tiny_pion
 from gguf_export import export_gguf, write_gguf
@@ -206,7 +206,7 @@ def test_tokenizer_metadata_is_pion_byte_level_bpe_padded_to_the_embedding_rows(
     assert types[:4] == [gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL]
     assert fields["tokenizer.ggml.merges"][0] == "Ġ Ġ" and len(fields["tokenizer.ggml.merges"]) == 49741
     ids = [fields[f"tokenizer.ggml.{k}_token_id"] for k in ("eos", "padding", "unknown", "bos")]
-    assert ids == [C.EOS_ID, C.PAD_ID, C.UNK_ID, C.EOS_ID]
+    assert ids == [EOS_ID, PAD_ID, UNK_ID, EOS_ID]
     assert fields["tokenizer.ggml.add_bos_token"] is False  # Pion was trained without a BOS
 
 

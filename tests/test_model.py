@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import attention as A
 import model as M
-import checkpoint as C
+from tokenizer import PAD_ID
 from conftest import ROOT, tiny_config, tiny_model
 
 
@@ -518,7 +518,7 @@ def test_rows_at_different_positions_decode_like_each_row_alone(soft_cap):
     """Per-row input_pos: a short and a long prompt share one cache, each row at its own position."""
     m = tiny_model(use_soft_cap=soft_cap).eval()
     short, long = torch.randint(3, 101, (1, 4)), torch.randint(3, 101, (1, 7))
-    batch = torch.cat([torch.cat([short, torch.full((1, 3), C.PAD_ID)], 1), long])  # right-padded
+    batch = torch.cat([torch.cat([short, torch.full((1, 3), PAD_ID)], 1), long])  # right-padded
     with torch.no_grad():
         cache = m.new_kv_cache(2, 16)
         m(batch, kv_cache=cache, input_pos=torch.arange(7))

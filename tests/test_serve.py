@@ -24,7 +24,7 @@ except ImportError:
 import decoding as D
 import serve
 from batching import BatchingEngine, GenerationRequest, cache_rows
-from checkpoint import EOS_ID
+from tokenizer import EOS_ID
 from conftest import ROOT, assert_one_line_error, run_in_process, tiny_pion
 from decoding import GREEDY, SamplingSettings
 from model import Linear

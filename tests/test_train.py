@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import checkpoint as C
+from tokenizer import PAD_ID
 import model as M
 import train
 import trainer as T
@@ -28,7 +29,7 @@ def data_dir(tmp_path):
     path.mkdir()
     for i in range(3):
         shard = rng.integers(3, 512, size=(48, 64)).astype(np.uint16)
-        shard[:, -4:] = C.PAD_ID
+        shard[:, -4:] = PAD_ID
         np.save(path / f"shard_{i:05d}.npy", shard)
     return path
 
@@ -453,7 +454,7 @@ def test_out_of_range_ids_in_either_split_are_refused_before_step_1(data_dir, tm
 def test_data_of_padding_alone_is_refused(tmp_path, tokenizer_path):
     path = tmp_path / "data"
     path.mkdir()
-    np.save(path / "shard_00000.npy", np.full((48, 64), C.PAD_ID, dtype=np.uint16))
+    np.save(path / "shard_00000.npy", np.full((48, 64), PAD_ID, dtype=np.uint16))
     assert_one_line_error(run_train(["--data_dir", path, "--save_dir", tmp_path], tokenizer_path), "all padding")
 
 
@@ -497,7 +498,7 @@ def test_the_eval_sample_starts_from_the_validation_data_unless_given_a_prompt(d
         np.save(os.path.join(data_dir, f"shard_{i:05d}.npy"), np.load(os.path.join(data_dir, f"shard_{i:05d}.npy")) % 300)
     result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "a", "--tokenizer", small], tokenizer_path)
     from tokenizers import Tokenizer
-    start = Tokenizer.from_file(small).decode([int(t) for t in first[:16] if t != C.PAD_ID])
+    start = Tokenizer.from_file(small).decode([int(t) for t in first[:16] if t != PAD_ID])
     assert result.returncode == 0 and f"sample: {start!r}"[:-1] in result.stdout + result.stderr
     given = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "b", "--tokenizer", small, "--sample_prompt",
                        "def main"], tokenizer_path)
