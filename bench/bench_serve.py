@@ -72,13 +72,17 @@ def run_clients(url):
             with lock:
                 results.append(result)
 
-    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(CLIENTS)]
+    return results, run_threads([threading.Thread(target=client_loop, args=(c,)) for c in range(CLIENTS)])
+
+
+def run_threads(threads):
+    """Start the threads together and wait for all; returns the seconds that took."""
     start = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return results, time.perf_counter() - start
+    return time.perf_counter() - start
 
 
 def percentile(values, p):
@@ -189,13 +193,7 @@ def concurrent_completions(url, texts, max_tokens):
             results[i] = stream_completion(openai_client(url), texts[i], max_tokens)
         except Exception as e:  # a lost request: counted, not fatal
             results[i] = (float("nan"), 0, f"error {type(e).__name__}")
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(texts))]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results, time.perf_counter() - start
+    return results, run_threads([threading.Thread(target=one, args=(i,)) for i in range(len(texts))])
 
 
 def greedy_texts(url, texts, max_tokens):
