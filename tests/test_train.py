@@ -125,7 +125,8 @@ def test_training_writes_metrics_and_checkpoints(data_dir, tmp_path, tokenizer_p
     result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "ck"], tokenizer_path)
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "ck" / "nano"
-    assert sorted(os.listdir(run_dir)) == [".lock", "metrics.jsonl", "pion_nano_3.pt", "pion_nano_final.pt"]
+    assert sorted(os.listdir(run_dir)) == [".lock", "metrics.jsonl", "metrics.png", "pion_nano_3.pt",
+                                           "pion_nano_final.pt"]
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert {"step", "loss", "lr", "tokens_seen"} <= set(records[0])
     assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
