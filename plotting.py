@@ -13,7 +13,7 @@ from matplotlib.ticker import EngFormatter
 from cli import PionError, atomic_write
 from trackers import read_records
 
-SMOOTHING = 0.9  # the progress bar's moving average of the loss
+SMOOTHING = 0.9  # the progress bar's moving average of the loss, for runs of 100 logged steps or more
 # (panel title, the record key it shows); eval/... panels follow, one per metric the runs hold
 PANELS = [("training loss", "loss"), ("validation loss", "val_loss"), ("validation bits per byte", "val_bpb"),
           ("learning rate", "lr"), ("tokens/s", "tokens_per_s")]
@@ -46,7 +46,14 @@ def series(records, key):
     return [x for x, _ in points], [y for _, y in points]
 
 
-def smoothed(values, weight=SMOOTHING):
+def smoothing_weight(count):
+    """The moving average's weight for a curve of `count` points: the progress bar's on a long run, less on a
+    short one, where it would lag the raw curve by most of its length (none below 10 points)."""
+    return min(SMOOTHING, max(0.0, 1 - 10 / max(count, 1)))
+
+
+def smoothed(values, weight=None):
+    weight = smoothing_weight(len(values)) if weight is None else weight
     average, out = None, []
     for value in values:
         average = value if average is None else weight * average + (1 - weight) * value
@@ -60,6 +67,8 @@ def draw(runs):
     eval_keys = sorted({key for _, records in runs for r in records for key in r if key.startswith("eval/")})
     panels = [(title, key) for title, key in PANELS + [(key, key) for key in eval_keys]
               if any(series(records, key)[0] for _, records in runs)]
+    if not panels:
+        raise PionError(f"{', '.join(name for name, _ in runs)}: no metric with tokens_seen to plot")
     columns = 2 if len(panels) > 1 else 1
     rows = math.ceil(len(panels) / columns)
     figure = Figure(figsize=(5.5 * columns, 3.2 * rows), layout="constrained")

@@ -41,8 +41,14 @@ def test_each_metric_of_each_run_is_drawn_against_tokens_seen_with_the_runs_name
         assert panels[title] == {a: 8, b: 8}
 
 
-def test_the_smoothed_loss_is_the_progress_bars_moving_average():
-    assert plotting.smoothed([1.0, 2.0, 3.0]) == pytest.approx([1.0, 1.1, 1.29])
+def test_the_smoothed_loss_of_a_long_run_is_the_progress_bars_moving_average():
+    losses = [1.0, 2.0, 3.0] + [3.0] * 997
+    assert plotting.smoothed(losses)[:3] == pytest.approx([1.0, 1.1, 1.29])
+
+
+def test_a_short_run_is_smoothed_less_so_that_its_average_does_not_lag_by_most_of_the_run():
+    assert plotting.smoothed([3.0, 2.0, 1.0]) == [3.0, 2.0, 1.0]
+    assert plotting.smoothing_weight(20) == pytest.approx(0.5)
 
 
 def test_a_panel_is_left_out_when_no_run_has_its_metric(tmp_path):
@@ -89,7 +95,8 @@ def test_plot_py_never_overwrites_an_existing_file_unless_asked(tmp_path):
 
 
 @pytest.mark.parametrize("contents, message", [(None, "no metrics.jsonl"), ("", "no metrics yet"),
-                                               ('not json\n{"step": 1}\n', "line 1 is not a metrics record")])
+                                               ('not json\n{"step": 1}\n', "line 1 is not a metrics record"),
+                                               ('{"step": 1, "loss": 2.0}\n', "no metric with tokens_seen")])
 def test_a_folder_without_usable_metrics_is_one_line(tmp_path, contents, message):
     run = tmp_path / "run"
     run.mkdir()
