@@ -16,7 +16,7 @@ from cli import PionError, atomic_write, first_line
 # --logger NAME -> (module to import, what to pip install)
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
             "trackio": ("trackio", "trackio")}
-PROJECT = "pion"  # the wandb and trackio project (WANDB_PROJECT / --logger's env vars still apply to wandb)
+PROJECT = "pion"  # the trackio project, and wandb's unless WANDB_PROJECT names another
 
 
 def tracker_name(text):
@@ -77,7 +77,7 @@ class RunLog:
         self.enabled, self.say = enabled, say
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.plot_path = os.path.join(run_dir, "metrics.png") if plot else None
-        self.trackers, self.sent = [], (None, set())
+        self.trackers, self.sent, self.undrawn = [], (None, set()), False
         if not enabled:
             return
         logged = self._keep_records_through(resume_step)
@@ -135,11 +135,15 @@ class RunLog:
             tracker.log(new)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json_line(record))
-        if self.plot_path and "val_loss" in record:
+        self.undrawn = True
+        if "val_loss" in record:
             self.draw()
 
     def draw(self):
         """metrics.png of this run. Plotting is a convenience: when it fails, training goes on, said once."""
+        if not self.plot_path:
+            return
+        self.undrawn = False
         try:
             import plotting
             plotting.save_plot([os.path.dirname(self.path)], self.plot_path)
@@ -150,6 +154,9 @@ class RunLog:
             self.plot_path = None
 
     def close(self):
+        """The end of the run (finished, stopped or failed): the picture catches up with the last lines."""
+        if self.undrawn:
+            self.draw()
         for tracker in self.trackers:
             tracker.close()
         self.trackers = []

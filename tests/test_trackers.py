@@ -66,7 +66,7 @@ def test_a_non_finite_value_is_written_as_null_so_every_line_is_strict_json(tmp_
 
 def write_steps(log, steps):
     for step in steps:
-        log.write(step=step, loss=1.0 / step)
+        log.write(step=step, loss=1.0 / step, tokens_seen=step * 128)
 
 
 def test_resuming_drops_the_lines_past_the_resumed_step(tmp_path):
@@ -291,6 +291,15 @@ def test_a_training_run_draws_metrics_png_at_its_evals(data_dir, tmp_path, token
     run_train(tmp_path, data_dir, tokenizer_path)
     with open(tmp_path / "nano" / "metrics.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_end_of_a_run_redraws_metrics_png_with_the_lines_since_its_last_eval(tmp_path):
+    pytest.importorskip("matplotlib")
+    log = trackers.RunLog(str(tmp_path), plot=True)
+    write_steps(log, [1, 2])
+    assert not os.path.exists(tmp_path / "metrics.png")  # drawn at evals, not at every line
+    log.close()
+    assert (tmp_path / "metrics.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_a_plot_that_fails_warns_once_and_training_goes_on(data_dir, tmp_path, tokenizer_path, monkeypatch):
