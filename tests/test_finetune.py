@@ -112,7 +112,8 @@ def test_assistant_tokens_are_learned_and_the_masked_tokens_are_not(files, train
 
 
 def test_the_finetuned_checkpoint_is_saved_under_save_dir_sft_and_loads(files, trained):
-    assert sorted(os.listdir(trained.sft)) == [".lock", "metrics.jsonl", f"pion_sft_{MID_STEP}.pt", "pion_sft_final.pt"]
+    assert sorted(os.listdir(trained.sft)) == [".lock", "metrics.jsonl", "metrics.png", f"pion_sft_{MID_STEP}.pt",
+                                           "pion_sft_final.pt"]
     model, checkpoint = C.load_checkpoint(trained.sft / "pion_sft_final.pt")
     base, _ = C.load_checkpoint(files.base)
     assert checkpoint["config"] == base.config and checkpoint["step"] == MAX_STEPS
