@@ -21,6 +21,7 @@ from tokenizer import load_tokenizer
 from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, positive_int, run_cli
 from decoding import generate_text
 from sft_data import USER_MARKER, collate, load_sft_splits, render_conversation, sft_batches
+from trackers import add_logger_args
 from trainer import (Runtime, TrainConfig, add_benchmark_args, add_train_config_args, benchmark_scorer, seed_everything,
                      signal_exit_code, train)
 
@@ -42,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--sample_tokens", type=non_negative_int, default=48, help="tokens of that answer; 0 = none")
     add_train_config_args(p, DEFAULTS)
     add_benchmark_args(p)
+    add_logger_args(p)
     p.add_argument("--no_soft_cap", action="store_true", help="refuse soft-capped checkpoints (plain SDPA only)")
     p.add_argument("--save_dir", default="checkpoints", help="checkpoints go to SAVE_DIR/sft/")
     p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest in the save dir")
@@ -141,7 +143,8 @@ def finetune(args, config, rt):
                            "train_rows": len(train_rows), "pack": args.pack},
             token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size),
             benchmark_fn=benchmark_scorer(args.eval_tasks, tokenizer, model.config.vocab_size, args.eval_limit,
-                                          args.eval_include_path, config.batch_size))
+                                          args.eval_include_path, config.batch_size),
+            loggers=args.logger, plot=True)
         if state.finished:
             rt.print(f"done: {state.step} steps, {state.tokens_seen:,} tokens; "
                      f"chat with it: python chat.py --checkpoint {os.path.join(run_dir, PREFIX + '_final.pt')}")

@@ -19,6 +19,7 @@ from checkpoint import load_checkpoint, open_run_dir
 from tokenizer import PAD_ID, load_tokenizer
 from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, run_cli
 from decoding import generate_text
+from trackers import add_logger_args
 from trainer import (Runtime, TrainConfig, add_benchmark_args, add_train_config_args, benchmark_scorer, memory_test,
                      seed_everything, signal_exit_code, train, wsd_decay_start)
 
@@ -34,6 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--data_dir", default=None, help="folder of shard_*.npy (see data.py)")
     add_train_config_args(p, DEFAULTS)
     add_benchmark_args(p)
+    add_logger_args(p)
     p.add_argument("--decay_frac", type=float, default=DEFAULTS.decay_frac,
                    help="WSD: fraction of max_steps spent decaying")
     p.add_argument("--no_soft_cap", action="store_true", help="plain SDPA attention without logit soft-capping")
@@ -159,7 +161,8 @@ def pretrain(args, config, rt):
             saved_with={"trainer": "pretrain"}, data_identity=train_data.identity(),
             token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size),
             benchmark_fn=benchmark_scorer(args.eval_tasks, tokenizer, model.config.vocab_size, args.eval_limit,
-                                          args.eval_include_path, config.batch_size))
+                                          args.eval_include_path, config.batch_size),
+            loggers=args.logger, plot=True)
         if state.finished:
             rt.print(f"done: {state.tokens_seen:,} tokens in {state.step} steps")
         return state

@@ -5,7 +5,6 @@ and metrics. Configured by a TrainConfig; train() returns the run's final TrainS
 import contextlib
 import ctypes
 import dataclasses
-import json
 import math
 import os
 import random
@@ -25,6 +24,7 @@ from bpb import bits_per_byte
 from checkpoint import keep_final_as_step_checkpoint, prune_checkpoints, save_checkpoint
 from cli import PionError, first_line, non_negative_float, non_negative_int, pick_device, positive_int
 from hardware import gpu_peak_flops, training_flops_per_token
+from trackers import RunLog
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run gives up
 
@@ -415,18 +415,6 @@ class StopSignal:
             signal.signal(s, handler)
 
 
-class MetricsLog:
-    """JSON lines, one object per logged step or eval, appended (a resumed run continues the file)."""
-
-    def __init__(self, path, enabled):
-        self.path = path if enabled else None
-
-    def write(self, **record):
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
 def human_count(n):
     """12,345 -> '12.3k', 4,500,000 -> '4.5M': readable at every scale of a run."""
     for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
@@ -518,7 +506,7 @@ def train_step(model, optimizer, batches, rt, grad_accum, grad_clip, lr):
 
 
 def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume=None, sample_fn=None,
-          saved_with=None, data_identity=None, token_bytes=None, benchmark_fn=None):
+          saved_with=None, data_identity=None, token_bytes=None, benchmark_fn=None, loggers=(), plot=False):
     """Train `model` (unwrapped, on any device) by `config`; returns the final TrainState.
 
     train_batches(samples_seen): the training batch iterator positioned after the samples already seen;
@@ -532,7 +520,9 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
     data_identity: what the data is (shards, sample count); saved, and compared when resuming.
     token_bytes: each id's UTF-8 length (bpb.token_byte_lengths), for val_bpb next to val_loss.
     benchmark_fn(model) -> {"eval/<task>/<metric>": value}: benchmark scores at each eval (on the unwrapped
-    model, on every rank: each scores its share of the requests)."""
+    model, on every rank: each scores its share of the requests).
+    loggers: the trackers (trackers.TRACKERS) that get every metrics line besides metrics.jsonl; plot: redraw
+    run_dir/metrics.png at each eval."""
     config = fit_schedule(config, rt)
     state = TrainState()
     if resume is not None:
@@ -558,7 +548,9 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
         checkpoint.pop("optimizer", None)  # restored: free the copy
 
     samples_per_step = config.batch_size * config.grad_accum * rt.world_size
-    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), rt.is_main)
+    metrics = RunLog(run_dir, rt.is_main, loggers, resume_step=state.step, plot=plot, say=rt.print,
+                     config={"model": asdict(model.config), "train": asdict(config), "data": data_identity,
+                             "world_size": rt.world_size, **(saved_with or {})})
     stop = StopSignal()
     batches = iter(train_batches(state.samples_seen))
     flops_per_token = training_flops_per_token(model, config.seq_len)
@@ -644,6 +636,7 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
     finally:
         bar.close()
         stop.restore()
+        metrics.close()
 
 
 def memory_test(model, config, rt):

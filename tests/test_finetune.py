@@ -113,11 +113,24 @@ def test_assistant_tokens_are_learned_and_the_masked_tokens_are_not(files, train
 
 
 def test_the_finetuned_checkpoint_is_saved_under_save_dir_sft_and_loads(files, trained):
-    assert sorted(os.listdir(trained.sft)) == [".lock", "metrics.jsonl", f"pion_sft_{MID_STEP}.pt", "pion_sft_final.pt"]
+    assert sorted(os.listdir(trained.sft)) == [".lock", "metrics.jsonl", "metrics.png", f"pion_sft_{MID_STEP}.pt",
+                                           "pion_sft_final.pt"]
     model, checkpoint = C.load_checkpoint(trained.sft / "pion_sft_final.pt")
     base, _ = C.load_checkpoint(files.base)
     assert checkpoint["config"] == base.config and checkpoint["step"] == MAX_STEPS
     assert not torch.equal(model.layers[0].ffn.w1.weight, base.layers[0].ffn.w1.weight)
+
+
+def test_logger_sends_each_finetuning_step_to_the_tracker(files, tokenizer_path, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    result = finetune(files, tokenizer_path, tmp_path, *TRAINING_FLAGS, "--max_steps", "4", "--eval_interval", "2",
+                      "--save_interval", "2", "--sample_tokens", "0", "--logger", "tensorboard")
+    assert result.returncode == 0, result.stderr
+    events = EventAccumulator(str(tmp_path / "sft" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("val_loss")] == [2, 4]
 
 
 def test_each_eval_prints_the_val_loss_and_the_greedy_answer_to_the_fixed_question(trained, real_tokenizer_path):

@@ -2,7 +2,9 @@
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,10 +24,8 @@ TINY = ["--model_size", "nano", "--override", "vocab_size=512", "--override", "d
         "--override", "n_heads=4", "--override", "n_kv_heads=2", "--override", "d_ff=64"]
 
 
-@pytest.fixture
-def data_dir(tmp_path):
+def write_shards(path):
     rng = np.random.default_rng(0)
-    path = tmp_path / "data"
     path.mkdir()
     for i in range(3):
         shard = rng.integers(3, 512, size=(48, 64)).astype(np.uint16)
@@ -34,13 +34,22 @@ def data_dir(tmp_path):
     return path
 
 
-def run_train(args, tokenizer_path, launcher=None):
-    """train.py with small defaults. In-process by default (the CLI's own run_cli(main) path, without paying
-    for a fresh interpreter); a launcher such as torchrun runs it as real processes."""
+@pytest.fixture
+def data_dir(tmp_path):
+    return write_shards(tmp_path / "data")
+
+
+def train_argv(args, tokenizer_path):
     flags = ["--seq_len", "32", "--batch_size", "4", "--max_steps", "6", "--log_interval", "1",
              "--eval_interval", "3", "--eval_steps", "2", "--save_interval", "3", "--num_workers", "0",
              "--warmup_steps", "2", "--lr", "3e-3", "--tokenizer", tokenizer_path]
-    argv = [*TINY, *map(str, flags), *map(str, args)]
+    return [*TINY, *map(str, flags), *map(str, args)]
+
+
+def run_train(args, tokenizer_path, launcher=None):
+    """train.py with small defaults. In-process by default (the CLI's own run_cli(main) path, without paying
+    for a fresh interpreter); a launcher such as torchrun runs it as real processes."""
+    argv = train_argv(args, tokenizer_path)
     if launcher:
         return subprocess.run([*launcher, "train.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
     return run_in_process(train.main, argv)
@@ -126,7 +135,8 @@ def test_training_writes_metrics_and_checkpoints(data_dir, tmp_path, tokenizer_p
     result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "ck"], tokenizer_path)
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "ck" / "nano"
-    assert sorted(os.listdir(run_dir)) == [".lock", "metrics.jsonl", "pion_nano_3.pt", "pion_nano_final.pt"]
+    assert sorted(os.listdir(run_dir)) == [".lock", "metrics.jsonl", "metrics.png", "pion_nano_3.pt",
+                                           "pion_nano_final.pt"]
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert {"step", "loss", "lr", "tokens_seen"} <= set(records[0])
     assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
@@ -276,6 +286,90 @@ def test_two_processes_with_dropout_resume_exactly_with_each_ranks_rng(data_dir,
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     for step in (4, 5, 6):
         assert a[step] == pytest.approx(b[step], abs=1e-6), step
+
+
+# ---------------------------------------------------------------------------------------------------
+# Several machines: torchrun --nnodes 2, two "nodes" of one process each on this machine
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_on_two_nodes(args, save_dirs, tokenizer_path, logs):
+    """train.py on two torchrun "nodes" of one process each, meeting through a c10d rendezvous on 127.0.0.1 as
+    they would on HOST:PORT across machines; save_dirs: each node's own disk. Returns the exit codes."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = []
+    for node_rank, save_dir in enumerate(save_dirs):
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                    "--node_rank", str(node_rank), "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
+                    "--rdzv_id", "pion-test"]
+        with open(logs / f"node{node_rank}.log", "w") as log:
+            nodes.append(subprocess.Popen([*torchrun, "train.py", *train_argv([*args, "--save_dir", save_dir],
+                                                                            tokenizer_path)],
+                                          cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+    return [node.wait(timeout=300) for node in nodes]
+
+
+@pytest.fixture(scope="module")
+def two_node_run(tmp_path_factory, tokenizer_path):
+    """The same 6 steps as one 2-process torchrun and as two 1-process nodes: (folder, the nodes' run folders)."""
+    tmp = tmp_path_factory.mktemp("nodes")
+    data = write_shards(tmp / "data")
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    one = run_train(["--data_dir", data, "--save_dir", tmp / "one", "--batch_size", 2], tokenizer_path,
+                    launcher=torchrun)
+    assert one.returncode == 0, one.stderr
+    codes = train_on_two_nodes(["--data_dir", data, "--batch_size", 2], [tmp / "node0", tmp / "node1"],
+                               tokenizer_path, tmp)
+    assert codes == [0, 0], (tmp / "node0.log").read_text() + (tmp / "node1.log").read_text()
+    return tmp, [tmp / "node0" / "nano", tmp / "node1" / "nano"]
+
+
+def written(run_dir):
+    # Every rank opens the folder's lock file; only global rank 0 takes the lock and writes.
+    return sorted(name for name in os.listdir(run_dir) if name != ".lock")
+
+
+@pytest.mark.slow
+def test_two_nodes_train_as_one_two_process_run(two_node_run):
+    tmp, nodes = two_node_run
+    rank0 = next(node for node in nodes if written(node))
+    one, two = losses(tmp / "one"), losses(rank0.parent)
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4, 5, 6]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-6), step
+
+
+@pytest.mark.slow
+def test_on_two_nodes_only_global_rank_0_writes(two_node_run):
+    _, nodes = two_node_run
+    assert sorted(bool(written(node)) for node in nodes) == [False, True]  # node_rank 1's local rank 0 does not
+    rank0 = next(node for node in nodes if written(node))
+    assert written(rank0) == ["metrics.jsonl", "metrics.png", "pion_nano_3.pt", "pion_nano_final.pt"]
+
+
+@pytest.mark.slow
+def test_two_nodes_resume_auto_from_the_checkpoint_rank_0_wrote(two_node_run, tokenizer_path):
+    """A run preempted after step 3's checkpoint: each node's disk gets a copy of the checkpoint folder, and the
+    same command with --resume auto continues it."""
+    tmp, nodes = two_node_run
+    rank0 = next(node for node in nodes if written(node))
+    resumed = [tmp / "resumed0" / "nano", tmp / "resumed1" / "nano"]
+    for node in resumed:
+        shutil.copytree(rank0, node)
+        os.remove(node / "pion_nano_final.pt")
+    codes = train_on_two_nodes(["--data_dir", tmp / "data", "--batch_size", 2, "--resume", "auto"],
+                               [node.parent for node in resumed], tokenizer_path, tmp)
+    assert codes == [0, 0], (tmp / "node0.log").read_text() + (tmp / "node1.log").read_text()
+    writer = next(node for node in resumed if os.path.exists(node / "pion_nano_final.pt"))
+    one, again = losses(tmp / "one"), losses(writer.parent)
+    assert sorted(again) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert again[step] == pytest.approx(one[step], abs=1e-6), step
 
 
 def test_memory_test_reports_peak_memory_and_exits_0(tokenizer_path):
