@@ -1,6 +1,6 @@
 """Ready for a GPU: bf16 training, fused AdamW, FSDP2's bf16 policy, MFU and MBU, and bench/gpu_check.py.
 
-Tests marked `cuda` run the GPU checks' own functions (gpu_checks.py) and skip without CUDA; the rest show
+Tests marked `cuda` run the GPU checks' own functions (bench/gpu_checks.py) and skip without CUDA; the rest show
 on the CPU what the GPU runs depend on: bf16 autocast steps, FSDP2 with a bf16 policy on gloo, the
 figures' arithmetic, and gpu_check.py --dry_run.
 """
@@ -12,12 +12,14 @@ import types
 import pytest
 import torch
 
-import gpu_checks
 import hardware
 import trainer
 from attention import SoftCappedAttention, flex_softcap_attention
 from conftest import ROOT, assert_one_line_error, run_in_process, tiny_model
 from decoding import DecodeTimer
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import gpu_checks  # noqa: E402  (bench/: support of bench/gpu_check.py)
 
 
 
@@ -122,7 +124,7 @@ def test_fsdp_compute_dtype_is_bf16_on_cuda_and_fp32_elsewhere_unless_set():
 
 
 SHARDED_SAMPLE = """
-import sys; sys.path.insert(0, {root!r})
+import os, sys; sys.path[:0] = [{root!r}, os.path.join({root!r}, 'bench')]
 import itertools, torch, gpu_checks, trainer
 from decoding import generate
 rt = trainer.Runtime("cpu")
@@ -156,7 +158,7 @@ def test_a_bf16_sharded_model_samples_after_a_training_step_on_two_gloo_processe
 
 
 ROPE_UNDER_FSDP = """
-import sys; sys.path.insert(0, {root!r})
+import os, sys; sys.path[:0] = [{root!r}, os.path.join({root!r}, 'bench')]
 import itertools, torch, gpu_checks, trainer
 rt = trainer.Runtime("cpu")
 model = gpu_checks.new_model("tiny")

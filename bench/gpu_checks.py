@@ -23,7 +23,7 @@ import trainer
 from decoding import generate
 from hardware import decode_bytes_per_step, training_flops_per_token
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The dry run's model: every code path of the real ones at a size a CPU trains in milliseconds.
 TINY = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=128)
 
