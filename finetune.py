@@ -44,7 +44,8 @@ def parse_args(argv=None):
     add_train_config_args(p, DEFAULTS)
     add_benchmark_args(p)
     add_logger_args(p)
-    p.add_argument("--no_soft_cap", action="store_true", help="refuse soft-capped checkpoints (plain SDPA only)")
+    p.add_argument("--refuse_soft_cap", action="store_true",
+                   help="refuse a soft-capped checkpoint (to keep a model that exports to transformers exactly)")
     p.add_argument("--save_dir", default="checkpoints", help="checkpoints go to SAVE_DIR/sft/")
     p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest in the save dir")
     p.add_argument("--num_workers", type=non_negative_int, default=None,
@@ -110,9 +111,9 @@ def finetune(args, config, rt):
         # --checkpoint only names where the run started.
         source = resume or args.checkpoint
         model, checkpoint = load_checkpoint(source)
-        if model.config.use_soft_cap and args.no_soft_cap:
+        if model.config.use_soft_cap and args.refuse_soft_cap:
             raise PionError(f"{source} was trained with soft-capped attention (use_soft_cap=True); plain SDPA would "
-                            f"change what it computes: drop --no_soft_cap")
+                            f"change what it computes: drop --refuse_soft_cap")
         if config.seq_len > model.config.max_seq_len:
             raise PionError(f"--seq_len {config.seq_len} is larger than the model's max_seq_len "
                             f"{model.config.max_seq_len}")

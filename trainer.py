@@ -29,32 +29,44 @@ from trackers import RunLog
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run gives up
 
 
+def setting(help, default=dataclasses.MISSING, flag_type=None, flag=None, **flag_options):
+    """A TrainConfig field documented once: `help` is also its command-line flag's help (add_train_config_args).
+    flag_type checks the flag's value; flag names it when it is not --<field> (False: no flag)."""
+    return dataclasses.field(default=default, metadata=dict(help=help, type=flag_type, flag=flag, options=flag_options))
+
+
 @dataclass
 class TrainConfig:
     """How to train: the schedule, batch layout, intervals and performance switches of one run."""
-    max_steps: int
-    lr: float
-    min_lr: float
-    warmup_steps: int
-    batch_size: int = 8           # sequences per device per micro-step
-    grad_accum: int = 1           # micro-steps per optimizer step
-    seq_len: int = 2048
-    schedule: str = "wsd"         # "wsd" (warmup, constant, linear decay) or "cosine"
-    decay_frac: float = 0.2       # wsd: the fraction of max_steps spent decaying
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0        # max gradient norm, 0 = off
-    log_interval: int = 10
-    eval_interval: int = 500
-    eval_steps: int = 20
-    save_interval: int = 1000
-    keep_last: Optional[int] = None  # keep only the newest N step checkpoints
-    compile: bool = False
-    gradient_checkpointing: bool = True
-    fsdp: bool = False
-    fsdp_param_dtype: str = "auto"  # FSDP2's compute dtype: "auto" = bfloat16 on CUDA, float32 elsewhere
-    seed: int = 42
-    allow_data_change: bool = False  # resume on data other than the checkpoint's (the sample order changes)
-    keep_final_optimizer: bool = False  # the optimizer state (2x the weights) in the _final checkpoint too
+    max_steps: int = setting("optimizer steps of the whole run", flag_type=positive_int)
+    lr: float = setting("peak learning rate", flag_type=non_negative_float)
+    min_lr: float = setting("learning rate at the end of the schedule", flag_type=non_negative_float)
+    warmup_steps: int = setting("steps of linear warmup", flag_type=non_negative_int)
+    batch_size: int = setting("sequences per device per micro-step", 8, positive_int)
+    grad_accum: int = setting("micro-steps per optimizer step", 1, positive_int)
+    seq_len: int = setting("tokens per training sequence", 2048, positive_int)
+    schedule: str = setting('"wsd" (warmup, constant, linear decay) or "cosine": each trainer sets its own', "wsd",
+                            flag=False)
+    decay_frac: float = setting("WSD: the fraction of max_steps spent decaying", 0.2, flag=False)  # train.py's own
+    weight_decay: float = setting("AdamW decay (not on norm weights)", 0.1, non_negative_float)
+    grad_clip: float = setting("max gradient norm, 0 = off", 1.0, non_negative_float)
+    log_interval: int = setting("steps between metrics lines", 10, positive_int)
+    eval_interval: int = setting("steps between validations", 500, positive_int)
+    eval_steps: int = setting("validation batches per evaluation", 20, positive_int)
+    save_interval: int = setting("steps between checkpoints", 1000, positive_int)
+    keep_last: Optional[int] = setting("keep only the newest N step checkpoints", None, positive_int)
+    compile: bool = setting("torch.compile each block", False)
+    gradient_checkpointing: bool = setting("keep activations instead of recomputing them in backward (faster, more "
+                                           "memory)", True, flag="--no_gradient_checkpointing")
+    fsdp: bool = setting("shard parameters with FSDP2 instead of DDP (torchrun)", False)
+    fsdp_param_dtype: str = setting("FSDP2 compute dtype (auto: bfloat16 on CUDA, float32 elsewhere)", "auto",
+                                    choices=["auto", "bfloat16", "float32"])
+    seed: int = setting("seeds the weights, the data order and dropout", 42, non_negative_int)
+    allow_data_change: bool = setting("resume although the data differs from the checkpoint's (its sample order "
+                                      "then changes)", False)
+    keep_final_optimizer: bool = setting("keep the optimizer state in the _final checkpoint too (only to train "
+                                         "further from it; it triples the file); step checkpoints always keep it, "
+                                         "to resume", False)
 
 
 @dataclass
@@ -71,35 +83,19 @@ class TrainState:
 
 
 def add_train_config_args(parser, defaults):
-    """A flag per TrainConfig field that both trainers expose, defaulting to `defaults` (a TrainConfig)."""
-    d = defaults
-    flag = parser.add_argument
-    flag("--max_steps", type=positive_int, default=d.max_steps, help="optimizer steps of the whole run")
-    flag("--batch_size", type=positive_int, default=d.batch_size, help="sequences per device per micro-step")
-    flag("--grad_accum", type=positive_int, default=d.grad_accum, help="micro-steps per optimizer step")
-    flag("--seq_len", type=positive_int, default=d.seq_len, help="tokens per training sequence")
-    flag("--lr", type=non_negative_float, default=d.lr, help="peak learning rate")
-    flag("--min_lr", type=non_negative_float, default=d.min_lr, help="learning rate at the end of the schedule")
-    flag("--warmup_steps", type=non_negative_int, default=d.warmup_steps, help="steps of linear warmup")
-    flag("--weight_decay", type=non_negative_float, default=d.weight_decay, help="AdamW decay (not on norms)")
-    flag("--grad_clip", type=non_negative_float, default=d.grad_clip, help="max gradient norm, 0 = off")
-    flag("--log_interval", type=positive_int, default=d.log_interval, help="steps between metrics lines")
-    flag("--eval_interval", type=positive_int, default=d.eval_interval, help="steps between validations")
-    flag("--eval_steps", type=positive_int, default=d.eval_steps, help="validation batches per evaluation")
-    flag("--save_interval", type=positive_int, default=d.save_interval, help="steps between checkpoints")
-    flag("--keep_last", type=positive_int, default=d.keep_last, help="keep only the newest N step checkpoints")
-    flag("--compile", action="store_true", help="torch.compile each block")
-    flag("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false",
-         help="keep activations instead of recomputing them in backward (faster, more memory)")
-    flag("--fsdp", action="store_true", help="shard parameters with FSDP2 instead of DDP (torchrun)")
-    flag("--fsdp_param_dtype", choices=["auto", "bfloat16", "float32"], default=d.fsdp_param_dtype,
-         help="FSDP2 compute dtype (auto: bfloat16 on CUDA, float32 elsewhere)")
-    flag("--seed", type=non_negative_int, default=d.seed, help="seeds the weights, the data order and dropout")
-    flag("--keep_final_optimizer", action="store_true",
-         help="keep the optimizer state in the _final checkpoint too (only to train further from it; it triples "
-              "the file); step checkpoints always keep it, to resume")
-    flag("--allow_data_change", action="store_true",
-         help="resume although the data differs from the checkpoint's (its sample order then changes)")
+    """A flag per TrainConfig field, defaulting to `defaults` (a TrainConfig) and helped by the field's own text.
+    A switch that is on by default is turned off by its named flag (--no_...)."""
+    for field in dataclasses.fields(TrainConfig):
+        meta = field.metadata
+        if meta["flag"] is False:
+            continue
+        default = getattr(defaults, field.name)
+        if field.type == "bool" or field.type is bool:
+            action = "store_false" if default else "store_true"
+            parser.add_argument(meta["flag"] or f"--{field.name}", dest=field.name, action=action, help=meta["help"])
+        else:
+            parser.add_argument(meta["flag"] or f"--{field.name}", dest=field.name, type=meta["type"], default=default,
+                                help=meta["help"], **meta["options"])
 
 
 def add_benchmark_args(parser):

@@ -198,9 +198,9 @@ def test_each_rank_trains_on_its_own_rows_of_every_global_batch():
 # Refusals: one line, exit code 2
 
 
-def test_no_soft_cap_on_a_soft_capped_checkpoint_is_refused(files, tokenizer_path, tmp_path):
-    line = one_error_line(finetune(files, tokenizer_path, tmp_path, *TRAINING_FLAGS, "--no_soft_cap"))
-    assert line.startswith(f"error: {files.base} was trained with soft-capped attention") and "--no_soft_cap" in line
+def test_refuse_soft_cap_on_a_soft_capped_checkpoint_is_refused(files, tokenizer_path, tmp_path):
+    line = one_error_line(finetune(files, tokenizer_path, tmp_path, *TRAINING_FLAGS, "--refuse_soft_cap"))
+    assert line.startswith(f"error: {files.base} was trained with soft-capped attention") and "--refuse_soft_cap" in line
 
 
 def test_a_missing_data_file_is_one_line(files, tokenizer_path, tmp_path):
