@@ -41,8 +41,8 @@ def parse_args(argv=None):
 def validation_metrics(args, model, tokenizer, device):
     """Val loss and bpb over the val split of a pretraining data dir, as the trainer computes them."""
     import data
-    from bpb import token_byte_lengths
-    from trainer import Runtime, evaluate
+    from runtime import Runtime
+    from validation import evaluate, token_byte_lengths
     seq_len = args.seq_len or min(model.config.max_seq_len, data.PretrainData(args.data_dir, 1, "val").width)
     if seq_len > model.config.max_seq_len:
         raise PionError(f"--seq_len {seq_len} is larger than the model's max_seq_len {model.config.max_seq_len}")

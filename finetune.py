@@ -15,15 +15,16 @@ import sys
 
 import torch.distributed as dist
 
-from bpb import token_byte_lengths
 from checkpoint import load_checkpoint, open_run_dir
-from tokenizer import load_tokenizer
 from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, positive_int, run_cli
 from decoding import generate_text
+from runtime import Runtime, seed_everything
 from sft_data import USER_MARKER, collate, load_sft_splits, render_conversation, sft_batches
+from tokenizer import load_tokenizer
 from trackers import add_logger_args
-from trainer import (Runtime, TrainConfig, add_benchmark_args, add_train_config_args, benchmark_scorer, seed_everything,
+from trainer import (TrainConfig, add_benchmark_args, add_train_config_args, benchmark_scorer,
                      signal_exit_code, train)
+from validation import token_byte_lengths
 
 PREFIX = "pion_sft"
 DEFAULTS = TrainConfig(max_steps=3000, lr=2e-5, min_lr=2e-6, warmup_steps=100, batch_size=8, grad_accum=4,

@@ -14,14 +14,15 @@ import numpy as np
 
 import data
 import model as pion
-from bpb import token_byte_lengths
 from checkpoint import load_checkpoint, open_run_dir
-from tokenizer import PAD_ID, load_tokenizer
 from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, run_cli
 from decoding import generate_text
+from runtime import Runtime, seed_everything
+from tokenizer import PAD_ID, load_tokenizer
 from trackers import add_logger_args
-from trainer import (Runtime, TrainConfig, add_benchmark_args, add_train_config_args, benchmark_scorer, memory_test,
-                     seed_everything, signal_exit_code, train, wsd_decay_start)
+from trainer import (TrainConfig, add_benchmark_args, add_train_config_args, benchmark_scorer, memory_test,
+                     signal_exit_code, train, wsd_decay_start)
+from validation import token_byte_lengths
 
 DEFAULTS = TrainConfig(max_steps=100_000, lr=3e-4, min_lr=3e-5, warmup_steps=1000, batch_size=64, grad_accum=2,
                        save_interval=1000)

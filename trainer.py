@@ -1,14 +1,12 @@
-"""The training loop that pretraining (train.py) and SFT (finetune.py) share: runtime setup (device, torchrun
-ranks, bf16 autocast), the optimizer, one optimizer step, evaluation, checkpoints with exact resume, signals
-and metrics. Configured by a TrainConfig; train() returns the run's final TrainState.
+"""The training loop that pretraining (train.py) and SFT (finetune.py) share: the model's wrapping, the
+optimizer, one optimizer step, checkpoints with exact resume, signals and metrics. Configured by a
+TrainConfig; train() returns the run's final TrainState. The process (device, ranks, autocast, RNG) is
+runtime.py's; validation is validation.py's.
 """
 import contextlib
-import ctypes
 import dataclasses
 import math
 import os
-import random
-import resource
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -20,11 +18,12 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from tqdm import tqdm
 
-from bpb import bits_per_byte
 from checkpoint import keep_final_as_step_checkpoint, prune_checkpoints, save_checkpoint
-from cli import PionError, first_line, non_negative_float, non_negative_int, pick_device, positive_int
+from cli import PionError, first_line, non_negative_float, non_negative_int, positive_int
 from hardware import gpu_peak_flops, training_flops_per_token
+from runtime import gather_rng_states, set_rng_state
 from trackers import RunLog
+from validation import evaluate
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run gives up
 
@@ -170,105 +169,6 @@ def learning_rate(config, step):
 
 # ----------------------------------------------------------------------------------------------------
 # Runtime: device, processes, precision
-
-
-class Runtime:
-    """Where and how this process trains: device, rank/world size under torchrun, autocast, and the settings
-    that the device wants of the process (TF32 on CUDA; on the CPU, glibc keeping freed memory)."""
-
-    def __init__(self, device="auto"):
-        self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-        self.rank = int(os.environ.get("RANK", 0))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        self.device = pick_device(device)
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", self.local_rank)  # one GPU per process under torchrun
-            torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        if self.device.type == "cpu":
-            keep_freed_memory()
-        if self.distributed and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.is_main = self.rank == 0
-
-    def autocast(self):
-        """bf16 autocast on CUDA (fp32 master weights and optimizer state); fp32 elsewhere."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def all_reduce(self, value, op=None):
-        """Sum (or op) a float over ranks; identity in a single process."""
-        if not self.distributed:
-            return value
-        t = torch.tensor(float(value), device=self.device)
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-        return t.item()
-
-    def print(self, *args):
-        if self.is_main:
-            tqdm.write(" ".join(str(a) for a in args))
-
-    def memory_used(self):
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-    def memory_total(self):
-        if self.device.type == "cuda":
-            return torch.cuda.get_device_properties(self.device).total_memory
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-    def close(self):
-        if self.distributed and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def keep_freed_memory():
-    """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
-
-    Every CPU step frees and reallocates the same large buffers (the loss's logits block and the vocab-sized
-    gradients: ~280 MB for nano). glibc serves blocks over 32 MB with mmap and unmaps them when freed, so each
-    page of the next step's copy faults in again, zero-filled: ~25 ms per 100 MB, 3-4% of a nano step. Kept in
-    the heap, they are reused as a GPU's caching allocator reuses its blocks. No-op outside glibc."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError, TypeError):
-        return
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    mallopt(M_MMAP_MAX, 0)  # large blocks come from the heap too (glibc still falls back to mmap if it must)
-    mallopt(M_TRIM_THRESHOLD, -1)  # read as SIZE_MAX: never shrink the heap
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state(device):
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)  # this rank's GPU only
-    return state
-
-
-def set_rng_state(state, device):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def gather_rng_states(rt):
-    """Every rank's RNG state, on rank 0 (each rank draws its own dropout masks)."""
-    state = rng_state(rt.device)
-    if not rt.distributed:
-        return [state]
-    states = [None] * rt.world_size
-    dist.all_gather_object(states, state)
-    return states
 
 
 def fsdp_param_dtype(config, rt):
@@ -417,37 +317,6 @@ def human_count(n):
         if n >= scale:
             return f"{n / scale:.1f}{suffix}"
     return str(n)
-
-
-@torch.no_grad()
-def evaluate(model, batches, rt, steps, token_bytes=None):
-    """{"val_loss": mean loss per trained token, "val_bpb": bits per UTF-8 byte of those tokens} over up to
-    `steps` validation batches on every rank; val_bpb needs token_bytes (bpb.token_byte_lengths). Ranks stop
-    together when any runs out (an FSDP forward is a collective: a rank running one batch more would hang)."""
-    was_training = model.training
-    model.eval()
-    batches = iter(batches)
-    if token_bytes is not None:
-        token_bytes = token_bytes.to(rt.device)  # once, not per batch
-    loss_sum, tokens, n_bytes = 0.0, 0, 0
-    for _ in range(steps):
-        batch = next(batches, None)
-        if not rt.all_reduce(float(batch is not None), dist.ReduceOp.MIN):
-            break
-        labels = batch["labels"].to(rt.device)
-        targets = labels[:, 1:]
-        count = int((targets != -100).sum())
-        with rt.autocast():
-            loss_sum += model(batch["input_ids"].to(rt.device), labels=labels)["loss"].item() * count
-        tokens += count
-        if token_bytes is not None:
-            n_bytes += int(token_bytes[targets[targets != -100]].sum())
-    model.train(was_training)
-    loss_sum = rt.all_reduce(loss_sum)
-    metrics = {"val_loss": loss_sum / max(rt.all_reduce(tokens), 1)}
-    if token_bytes is not None:
-        metrics["val_bpb"] = bits_per_byte(loss_sum, rt.all_reduce(n_bytes))
-    return metrics
 
 
 def sample_text(sample_fn, model, wrapped, config, rt):

@@ -31,6 +31,7 @@ sys.path.insert(0, ROOT)
 
 import hardware  # noqa: E402
 import model as pion  # noqa: E402
+import runtime  # noqa: E402
 import trainer  # noqa: E402
 from hf_export import qwen3_config  # noqa: E402
 
@@ -74,7 +75,7 @@ def train_config(bench, checkpointing=False):
 
 def pion_step(bench, config, checkpointing=False):
     """One trainer.train_step of Pion with train.py --compile's setup; returns the loss."""
-    rt = trainer.Runtime(str(bench.device))
+    rt = runtime.Runtime(str(bench.device))
     settings = train_config(bench, checkpointing)
     model = trainer.prepare_model(pion.Pion(config), settings, rt)
     optimizer = trainer.build_optimizer(model, settings, rt)
@@ -89,7 +90,7 @@ def transformers_step(bench, config):
     qwen = qwen3_config(config)
     qwen._attn_implementation = "sdpa"
     model = Qwen3ForCausalLM(qwen).to(bench.device)
-    rt = trainer.Runtime(str(bench.device))
+    rt = runtime.Runtime(str(bench.device))
     optimizer = trainer.build_optimizer(model, train_config(bench), rt)
     model.compile()
     ids = torch.randint(0, config.vocab_size, (bench.batch, bench.seq), device=bench.device)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import model as pion
+import runtime
 import trainer
 from decoding import generate
 from hardware import decode_bytes_per_step, training_flops_per_token
@@ -81,7 +82,7 @@ def fixed_batch_trainer(target, model, config, ids, autocast=None):
     """The model prepared as train.py prepares it (device, checkpointing, compile, fused AdamW), training on
     the one batch `ids` -> (runtime, step): step(lr) is one trainer.train_step -> (loss, grad norm, tokens).
     autocast: a context factory replacing the runtime's (e.g. bf16 autocast on the CPU)."""
-    rt = trainer.Runtime(str(target.device))
+    rt = runtime.Runtime(str(target.device))
     if autocast is not None:
         rt.autocast = autocast
     wrapped = trainer.prepare_model(model, config, rt)

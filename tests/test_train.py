@@ -17,6 +17,7 @@ import checkpoint as C
 from tokenizer import PAD_ID
 import model as M
 import train
+import runtime
 import trainer as T
 from conftest import ROOT, assert_one_line_error as assert_error_line, run_in_process, run_script
 
@@ -86,7 +87,7 @@ def test_wsd_schedule_warms_up_holds_then_decays_over_the_last_fifth():
 def test_norm_weights_get_no_weight_decay():
     m = M.Pion(M.PionConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32))
     opt = T.build_optimizer(m, T.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0, weight_decay=0.1),
-                            T.Runtime("cpu"))
+                            runtime.Runtime("cpu"))
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     norms = [p for n, p in m.named_parameters() if "norm" in n]
     assert norms and not any(id(p) in decayed for p in norms)
@@ -95,25 +96,25 @@ def test_norm_weights_get_no_weight_decay():
 
 def test_a_non_finite_step_changes_no_weight():
     m = M.Pion(M.PionConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32))
-    opt = T.build_optimizer(m, T.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0), T.Runtime("cpu"))
+    opt = T.build_optimizer(m, T.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0), runtime.Runtime("cpu"))
     with torch.no_grad():
         m.layers[0].ffn.w1.weight[0, 0] = float("inf")
     before = {n: p.clone() for n, p in m.named_parameters()}
     ids = torch.randint(0, 64, (2, 8))
-    loss, _, _ = T.train_step(m, opt, iter([{"input_ids": ids, "labels": ids}]), T.Runtime("cpu"), 1, 1.0, 1e-3)
+    loss, _, _ = T.train_step(m, opt, iter([{"input_ids": ids, "labels": ids}]), runtime.Runtime("cpu"), 1, 1.0, 1e-3)
     assert not np.isfinite(loss)
     assert all(torch.equal(before[n], p) for n, p in m.named_parameters())
 
 
 FAULTS_OF_A_REALLOCATED_BUFFER = """
-import resource, torch, trainer
+import resource, torch, runtime
 def faults():
     torch.ones(64 * 2**20 // 4).sum()  # 64 MB, freed at return
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(64 * 2**20 // 4).sum()
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 print(faults())
-trainer.Runtime("cpu")
+runtime.Runtime("cpu")
 faults()
 print(faults())
 """

@@ -1,4 +1,4 @@
-"""Bits per byte: the tokenizer's byte lengths, the trainer's val_bpb, and eval.py --data_dir."""
+"""validation.py: bits per byte (the tokenizer's byte lengths), the trainer's val_bpb, and eval.py --data_dir."""
 import json
 import math
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import bpb
-import trainer as T
+import runtime
+import validation
 from tokenizer import EOS_ID, PAD_ID
 from conftest import run_in_process, save_tiny_checkpoint, tiny_pion
 
@@ -17,14 +17,14 @@ TEXTS = ["Hello world", " leading space and  double  spaces\n\nnew lines\t", "na
 
 
 def test_token_byte_lengths_add_up_to_the_utf8_length_of_any_text(tokenizer):
-    lengths = bpb.token_byte_lengths(tokenizer)
+    lengths = validation.token_byte_lengths(tokenizer)
     for text in TEXTS:
         ids = tokenizer.encode(text).ids
         assert int(lengths[ids].sum()) == len(text.encode("utf-8")), text
 
 
 def test_special_tokens_count_zero_bytes(tokenizer):
-    lengths = bpb.token_byte_lengths(tokenizer)
+    lengths = validation.token_byte_lengths(tokenizer)
     ids = tokenizer.encode("one<|endoftext|>two").ids
     assert EOS_ID in ids
     assert int(lengths[ids].sum()) == len("onetwo")
@@ -32,8 +32,8 @@ def test_special_tokens_count_zero_bytes(tokenizer):
 
 
 def test_ids_beyond_the_tokenizer_count_zero_bytes_and_the_table_fits_the_model(tokenizer):
-    assert bpb.token_byte_lengths(tokenizer, 50258)[50000:].eq(0).all()
-    assert len(bpb.token_byte_lengths(tokenizer, 512)) == 512
+    assert validation.token_byte_lengths(tokenizer, 50258)[50000:].eq(0).all()
+    assert len(validation.token_byte_lengths(tokenizer, 512)) == 512
 
 
 def test_val_bpb_is_the_summed_loss_in_bits_over_the_target_bytes(tokenizer):
@@ -43,9 +43,9 @@ def test_val_bpb_is_the_summed_loss_in_bits_over_the_target_bytes(tokenizer):
     input_ids = torch.tensor(rows)
     labels = input_ids.masked_fill(input_ids == PAD_ID, -100)
     labels[0, 1:4] = -100  # a masked prompt, as in SFT
-    lengths = bpb.token_byte_lengths(tokenizer, 50258)
-    metrics = T.evaluate(pion, [{"input_ids": input_ids[:2], "labels": labels[:2]},
-                                {"input_ids": input_ids[2:], "labels": labels[2:]}], T.Runtime("cpu"), 10, lengths)
+    lengths = validation.token_byte_lengths(tokenizer, 50258)
+    metrics = validation.evaluate(pion, [{"input_ids": input_ids[:2], "labels": labels[:2]},
+                                {"input_ids": input_ids[2:], "labels": labels[2:]}], runtime.Runtime("cpu"), 10, lengths)
     with torch.no_grad():
         logits = pion(input_ids)["logits"][:, :-1]
     targets = labels[:, 1:]
@@ -71,6 +71,6 @@ def test_eval_data_dir_reports_val_loss_and_bpb(tmp_path, tokenizer, tokenizer_p
     assert "val loss" in result.stdout and "bpb" in result.stdout
     saved = json.load(open(tmp_path / "out" / "results.json"))["validation"]
     batches = data.create_dataloader(str(tmp_path / "data"), "val", 3, 32, 50258)
-    expected = T.evaluate(pion, batches, T.Runtime("cpu"), 100, bpb.token_byte_lengths(tokenizer, 50258))
+    expected = validation.evaluate(pion, batches, runtime.Runtime("cpu"), 100, validation.token_byte_lengths(tokenizer, 50258))
     assert saved["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
     assert saved["val_bpb"] == pytest.approx(expected["val_bpb"], rel=1e-5)

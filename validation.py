@@ -1,4 +1,5 @@
-"""Bits per byte: validation loss in units that do not depend on the tokenizer.
+"""Validation: the mean loss per trained token over validation batches, and bits per byte, its unit that does
+not depend on the tokenizer:
 
     bpb = (summed loss in nats) / ln 2 / (UTF-8 bytes of the predicted tokens)
 
@@ -8,6 +9,7 @@ Pion and a GPT-2) compare directly. Special tokens (<|endoftext|>, ...) stand fo
 import math
 
 import torch
+import torch.distributed as dist
 
 
 def byte_level_alphabet():
@@ -38,3 +40,34 @@ def token_byte_lengths(tokenizer, vocab_size=None):
 
 def bits_per_byte(loss_nats_sum, n_bytes):
     return loss_nats_sum / math.log(2) / max(n_bytes, 1)
+
+
+@torch.no_grad()
+def evaluate(model, batches, rt, steps, token_bytes=None):
+    """{"val_loss": mean loss per trained token, "val_bpb": bits per UTF-8 byte of those tokens} over up to
+    `steps` validation batches on every rank; val_bpb needs token_bytes (bpb.token_byte_lengths). Ranks stop
+    together when any runs out (an FSDP forward is a collective: a rank running one batch more would hang)."""
+    was_training = model.training
+    model.eval()
+    batches = iter(batches)
+    if token_bytes is not None:
+        token_bytes = token_bytes.to(rt.device)  # once, not per batch
+    loss_sum, tokens, n_bytes = 0.0, 0, 0
+    for _ in range(steps):
+        batch = next(batches, None)
+        if not rt.all_reduce(float(batch is not None), dist.ReduceOp.MIN):
+            break
+        labels = batch["labels"].to(rt.device)
+        targets = labels[:, 1:]
+        count = int((targets != -100).sum())
+        with rt.autocast():
+            loss_sum += model(batch["input_ids"].to(rt.device), labels=labels)["loss"].item() * count
+        tokens += count
+        if token_bytes is not None:
+            n_bytes += int(token_bytes[targets[targets != -100]].sum())
+    model.train(was_training)
+    loss_sum = rt.all_reduce(loss_sum)
+    metrics = {"val_loss": loss_sum / max(rt.all_reduce(tokens), 1)}
+    if token_bytes is not None:
+        metrics["val_bpb"] = bits_per_byte(loss_sum, rt.all_reduce(n_bytes))
+    return metrics
