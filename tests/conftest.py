@@ -8,6 +8,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,7 +21,7 @@ SHARED_TOKENIZER = os.path.join(ROOT, "..", "shared", "pile_tokenizer.json")
 TOKENIZER = os.path.join(ROOT, "pile_tokenizer.json")
 
 import checkpoint  # noqa: E402  (after the path insert)
-from tokenizer import load_tokenizer  # noqa: E402
+from tokenizer import PAD_ID, load_tokenizer  # noqa: E402
 import cli  # noqa: E402
 import model  # noqa: E402
 
@@ -171,3 +172,42 @@ def assert_one_line_error(result, text="", after_progress=False):
         lines = [line for line in lines if line.startswith("error")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], result.stderr
     return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared by several test files: a tiny train.py run, its data, a chat
+
+
+TINY_MODEL_FLAGS = ["--model_size", "nano", "--override", "vocab_size=512", "--override", "d_model=32", "--override", "n_layers=2",
+        "--override", "n_heads=4", "--override", "n_kv_heads=2", "--override", "d_ff=64"]
+
+
+def write_shards(path):
+    rng = np.random.default_rng(0)
+    path.mkdir()
+    for i in range(3):
+        shard = rng.integers(3, 512, size=(48, 64)).astype(np.uint16)
+        shard[:, -4:] = PAD_ID
+        np.save(path / f"shard_{i:05d}.npy", shard)
+    return path
+
+
+def train_argv(args, tokenizer_path):
+    flags = ["--seq_len", "32", "--batch_size", "4", "--max_steps", "6", "--log_interval", "1",
+             "--eval_interval", "3", "--eval_steps", "2", "--save_interval", "3", "--num_workers", "0",
+             "--warmup_steps", "2", "--lr", "3e-3", "--tokenizer", tokenizer_path]
+    return [*TINY_MODEL_FLAGS, *map(str, flags), *map(str, args)]
+
+
+def run_train(args, tokenizer_path, launcher=None):
+    """train.py with small defaults. In-process by default (the CLI's own run_cli(main) path, without paying
+    for a fresh interpreter); a launcher such as torchrun runs it as real processes."""
+    import train
+    argv = train_argv(args, tokenizer_path)
+    if launcher:
+        return subprocess.run([*launcher, "train.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return run_in_process(train.main, argv)
+
+
+CHAT = [{"role": "system", "content": "You are Pion."}, {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello. How can I help?"}, {"role": "user", "content": "Count to 3."}]

@@ -354,7 +354,7 @@ def train_records(save_dir):
 
 @pytest.mark.slow
 def test_training_logs_benchmark_scores_at_each_eval(shards, tasks, tmp_path, tokenizer_path):
-    from test_train import run_train
+    from conftest import run_train
     result = run_train([*REAL_VOCAB_TINY, "--data_dir", shards, "--save_dir", tmp_path, "--eval_tasks", MC_TASK,
                         "--eval_limit", 8, "--eval_include_path", tasks], tokenizer_path)
     assert result.returncode == 0, result.stderr
@@ -369,7 +369,7 @@ def test_training_logs_benchmark_scores_at_each_eval(shards, tasks, tmp_path, to
 @pytest.mark.slow
 def test_benchmarks_leave_the_training_run_unchanged(shards, tasks, tmp_path, tokenizer_path):
     """The harness seeds the global RNGs; with dropout on, a changed RNG stream would change the losses."""
-    from test_train import run_train
+    from conftest import run_train
     common = [*REAL_VOCAB_TINY, "--override", "dropout=0.1", "--data_dir", shards]
     plain = run_train([*common, "--save_dir", tmp_path / "a"], tokenizer_path)
     scored = run_train([*common, "--save_dir", tmp_path / "b", "--eval_tasks", MC_TASK, "--eval_limit", 4,
@@ -381,7 +381,7 @@ def test_benchmarks_leave_the_training_run_unchanged(shards, tasks, tmp_path, to
 
 @pytest.mark.slow
 def test_training_without_eval_tasks_never_imports_lm_eval(shards, tmp_path, tokenizer_path):
-    code = ("import sys, train, cli; from test_train import TINY; "
+    code = ("import sys, train, cli; from conftest import TINY_MODEL_FLAGS as TINY; "
             f"cli.run_cli(lambda: train.main(TINY + ['--override', 'vocab_size=50258', '--data_dir', {str(shards)!r}, '--save_dir', {str(tmp_path)!r}, "
             f"'--max_steps', '2', '--eval_interval', '1', '--sample_tokens', '0', '--seq_len', '32', '--batch_size', '2', '--num_workers', "
             f"'0', '--tokenizer', {tokenizer_path!r}])); "
@@ -397,7 +397,7 @@ def test_training_without_eval_tasks_never_imports_lm_eval(shards, tmp_path, tok
 def test_two_processes_split_the_requests_and_report_the_same_scores(shards, tasks, tmp_path, tokenizer_path,
                                                                       sharding):
     """An eval at step 2, then one more step: the scores and the training after them match one process."""
-    from test_train import run_train
+    from conftest import run_train
     flags = [*REAL_VOCAB_TINY, "--data_dir", shards, "--eval_tasks", f"{MC_TASK},{GEN_TASK}", "--eval_limit", 9,
              "--eval_include_path", tasks, "--max_steps", 3, "--eval_interval", 2]
     single = run_train([*flags, "--save_dir", tmp_path / "one", "--batch_size", 4], tokenizer_path)

@@ -11,7 +11,7 @@ import hf_export
 from tokenizer import EOS_ID, PAD_ID
 import model
 import export_hf
-from conftest import ROOT, run_in_process, save_tiny_checkpoint
+from conftest import CHAT, ROOT, run_in_process, save_tiny_checkpoint
 
 transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402  (installed with transformers)
@@ -131,10 +131,6 @@ def test_auto_tokenizer_encodes_and_decodes_like_ours(hf_tokenizer, tokenizer):
 def test_generation_config_stops_at_endoftext_and_pads_with_pad(exported):
     generation = transformers.GenerationConfig.from_pretrained(exported[1])
     assert (generation.eos_token_id, generation.pad_token_id) == (EOS_ID, PAD_ID)
-
-
-CHAT = [{"role": "system", "content": "You are Pion."}, {"role": "user", "content": "Hi!"},
-        {"role": "assistant", "content": "Hello. How can I help?"}, {"role": "user", "content": "Count to 3."}]
 
 
 def test_chat_template_renders_the_sft_strings(hf_tokenizer):

@@ -13,7 +13,7 @@ from cli import PionError
 from conftest import save_tiny_checkpoint, tiny_pion
 from gguf_export import export_gguf, write_gguf
 from hf_export import CHAT_TEMPLATE
-from test_export_hf import CHAT
+from conftest import CHAT
 
 gguf = pytest.importorskip("gguf")
 

@@ -3,7 +3,6 @@ reader after a short CPU run and its resume after a crash; metrics.png at each e
 import glob
 import importlib.util
 import json
-import math
 import os
 import struct
 
@@ -13,7 +12,7 @@ import checkpoint as C
 import train
 import trackers
 from conftest import assert_one_line_error as assert_error_line, run_in_process, run_script
-from test_train import TINY, write_shards
+from conftest import TINY_MODEL_FLAGS, write_shards
 
 STEPS = [1, 2, 3, 4, 5, 6]
 
@@ -28,7 +27,7 @@ def run_train(save_dir, data_dir, tokenizer_path, *args):
     flags = ["--data_dir", data_dir, "--save_dir", save_dir, "--seq_len", 32, "--batch_size", 4, "--max_steps", 6,
              "--log_interval", 1, "--eval_interval", 3, "--eval_steps", 2, "--save_interval", 3, "--num_workers", 0,
              "--warmup_steps", 2, "--lr", 3e-3, "--tokenizer", tokenizer_path, "--sample_tokens", 0]
-    result = run_in_process(train.main, [*TINY, *flags, *args])
+    result = run_in_process(train.main, [*TINY_MODEL_FLAGS, *flags, *args])
     assert result.returncode == 0, result.stderr
     return result
 
@@ -120,14 +119,14 @@ def test_a_crashed_and_resumed_run_has_each_step_once_in_metrics_jsonl(data_dir,
 
 
 def test_an_unknown_tracker_is_one_line(data_dir, tmp_path, tokenizer_path):
-    result = run_in_process(train.main, [*TINY, "--data_dir", data_dir, "--logger", "mlflow"])
+    result = run_in_process(train.main, [*TINY_MODEL_FLAGS, "--data_dir", data_dir, "--logger", "mlflow"])
     assert_error_line(result, "must be one of tensorboard, wandb, trackio")
 
 
 def test_a_tracker_that_is_not_installed_is_one_line_naming_the_pip_command(data_dir, tmp_path, monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
-    result = run_in_process(train.main, [*TINY, "--data_dir", data_dir, "--save_dir", tmp_path, "--logger", "wandb"])
+    result = run_in_process(train.main, [*TINY_MODEL_FLAGS, "--data_dir", data_dir, "--save_dir", tmp_path, "--logger", "wandb"])
     assert_error_line(result, "pip install wandb")
     assert not os.path.exists(tmp_path / "nano")
 
@@ -262,7 +261,7 @@ def run_train_process(save_dir, data_dir, tokenizer_path, *args):
     flags = ["--data_dir", data_dir, "--save_dir", save_dir, "--seq_len", 32, "--batch_size", 4, "--max_steps", 6,
              "--log_interval", 1, "--eval_interval", 3, "--eval_steps", 2, "--save_interval", 3, "--num_workers", 0,
              "--warmup_steps", 2, "--lr", 3e-3, "--tokenizer", tokenizer_path, "--sample_tokens", 0]
-    result = run_script("train.py", *TINY, *flags, *args, env=dict(os.environ))
+    result = run_script("train.py", *TINY_MODEL_FLAGS, *flags, *args, env=dict(os.environ))
     assert result.returncode == 0, result.stderr
 
 

@@ -16,44 +16,14 @@ import torch
 import checkpoint as C
 from tokenizer import PAD_ID
 import model as M
-import train
 import runtime
 import trainer as T
-from conftest import ROOT, assert_one_line_error as assert_error_line, run_in_process, run_script
-
-TINY = ["--model_size", "nano", "--override", "vocab_size=512", "--override", "d_model=32", "--override", "n_layers=2",
-        "--override", "n_heads=4", "--override", "n_kv_heads=2", "--override", "d_ff=64"]
-
-
-def write_shards(path):
-    rng = np.random.default_rng(0)
-    path.mkdir()
-    for i in range(3):
-        shard = rng.integers(3, 512, size=(48, 64)).astype(np.uint16)
-        shard[:, -4:] = PAD_ID
-        np.save(path / f"shard_{i:05d}.npy", shard)
-    return path
-
+from conftest import (ROOT, TINY_MODEL_FLAGS, assert_one_line_error as assert_error_line, run_script, run_train, train_argv,
+                      write_shards)
 
 @pytest.fixture
 def data_dir(tmp_path):
     return write_shards(tmp_path / "data")
-
-
-def train_argv(args, tokenizer_path):
-    flags = ["--seq_len", "32", "--batch_size", "4", "--max_steps", "6", "--log_interval", "1",
-             "--eval_interval", "3", "--eval_steps", "2", "--save_interval", "3", "--num_workers", "0",
-             "--warmup_steps", "2", "--lr", "3e-3", "--tokenizer", tokenizer_path]
-    return [*TINY, *map(str, flags), *map(str, args)]
-
-
-def run_train(args, tokenizer_path, launcher=None):
-    """train.py with small defaults. In-process by default (the CLI's own run_cli(main) path, without paying
-    for a fresh interpreter); a launcher such as torchrun runs it as real processes."""
-    argv = train_argv(args, tokenizer_path)
-    if launcher:
-        return subprocess.run([*launcher, "train.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    return run_in_process(train.main, argv)
 
 
 def assert_one_line_error(result, text):
@@ -231,7 +201,7 @@ def test_sigterm_saves_a_checkpoint_before_exiting(data_dir, tmp_path, tokenizer
     flags = ["--data_dir", data_dir, "--save_dir", tmp_path, "--max_steps", "100000", "--save_interval", "100000",
              "--eval_interval", "100000", "--seq_len", "32", "--batch_size", "4", "--num_workers", "0",
              "--log_interval", "1", "--tokenizer", tokenizer_path]
-    proc = subprocess.Popen([sys.executable, "train.py", *TINY, *map(str, flags)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY_MODEL_FLAGS, *map(str, flags)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "nano" / "metrics.jsonl"
     deadline = time.time() + 120
