@@ -20,9 +20,23 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def run_main(argv):
+TOKENIZER_FLAGS = []  # set by offline_tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def offline_tokenizer(tokenizer_path):
+    """Every generate.py run gets the tests' tokenizer first: a fresh clone has no pile_tokenizer.json and the
+    tests no network to fetch it (a test's own --tokenizer, later in its argv, still wins)."""
+    TOKENIZER_FLAGS[:] = ["--tokenizer", tokenizer_path]
+
+
+def run_generate(argv):
     """Run generate.py's CLI in this process (no torch import per call): -> (stdout, stderr)."""
-    result = run_in_process(G.main, argv)
+    return run_in_process(G.main, [*TOKENIZER_FLAGS, *map(str, argv)])
+
+
+def run_main(argv):
+    result = run_generate(argv)
     assert result.returncode == 0, result.stderr
     return result
 
@@ -80,7 +94,7 @@ def test_an_interactive_line_that_is_not_utf8_is_answered_and_the_session_goes_o
 
 
 def test_more_new_tokens_than_the_context_is_one_line(checkpoint):
-    result = run_in_process(G.main, ["--checkpoint", checkpoint, "--prompt", "Hi", "--max_tokens", "256"])
+    result = run_generate(["--checkpoint", checkpoint, "--prompt", "Hi", "--max_tokens", "256"])
     assert_one_line_error(result, "leave no room for a prompt")
 
 
@@ -116,13 +130,13 @@ def test_bad_flag_values_are_rejected_with_one_line(flags, message):
     (["--checkpoint", "x.pt", "--seed", "1e23"], "argument --seed"),
 ])
 def test_cli_errors_are_one_line_and_exit_code_2(args, message):
-    assert_one_line_error(run_in_process(G.main, args), message)
+    assert_one_line_error(run_generate(args), message)
 
 
 @pytest.mark.slow
 def test_cli_runs_end_to_end_in_a_subprocess(checkpoint):
-    result = run_script("generate.py", "--checkpoint", checkpoint, "--prompt", "héllo 👋", "--max_tokens", "10",
-                        "--device", "cpu", "--seed", "1")
+    result = run_script("generate.py", *TOKENIZER_FLAGS, "--checkpoint", checkpoint, "--prompt", "héllo 👋",
+                        "--max_tokens", "10", "--device", "cpu", "--seed", "1")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("héllo 👋") and "10 tokens x 1 row(s); prefill" in result.stderr
 
