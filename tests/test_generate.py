@@ -48,12 +48,13 @@ def run_main(argv):
 ANSWER_REPORT = re.compile(r"^\d+ tokens x 1 row\(s\); prefill", re.M)
 
 
-def test_cli_prints_the_continuation_the_speed_and_the_bandwidth_utilization(checkpoint):
+def test_cli_prints_the_continuation_the_speed_and_the_bandwidth_utilization(checkpoint, tokenizer):
     result = run_main(["--checkpoint", checkpoint, "--prompt", "Once upon a time", "--max_tokens", "12",
                          "--temperature", "0"])
     out, err = result.stdout, result.stderr
+    prompt_tokens = len(tokenizer.encode("Once upon a time").ids)
     assert out.startswith("Once upon a time")
-    assert re.search(r"^12 tokens x 1 row\(s\); prefill of 4 tokens [\d.]+ tokens/s, decode [\d.]+ tokens/s, "
+    assert re.search(rf"^12 tokens x 1 row\(s\); prefill of {prompt_tokens} tokens [\d.]+ tokens/s, decode [\d.]+ tokens/s, "
                      r"MBU \d+% \([\d,]+ MB a step of [\d,]+ GB/s\)$", err, re.M)
 
 
