@@ -12,9 +12,11 @@ from conftest import assert_one_line_error, run_in_process, run_script, tiny_mod
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny random model with the real vocabulary, so any text prompt works."""
-    m = tiny_model(vocab_size=50258, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=256)
+def checkpoint(tmp_path_factory, tokenizer):
+    """A tiny random model with the tokenizer's vocabulary, so any text prompt works and every id it samples
+    is text."""
+    m = tiny_model(vocab_size=tokenizer.get_vocab_size(), d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64,
+                   max_seq_len=256)
     path = str(tmp_path_factory.mktemp("generate") / "tiny.pt")
     C.save_checkpoint(path, {"model": m.state_dict(), "config": m.config})
     return path

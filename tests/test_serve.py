@@ -59,14 +59,16 @@ def scripted_reply(tokens, seconds_per_step=0.0):
 
 
 @pytest.fixture(scope="module")
-def pion():
-    return tiny_pion(seed=3)
+def pion(tokenizer):
+    # No more ids than the tokenizer has: an id past a small test tokenizer's (a fresh clone's) decodes to
+    # nothing, and replies would be empty.
+    return tiny_pion(seed=3, vocab_size=tokenizer.get_vocab_size())
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(tokenizer):
     """The same weights as `pion` in a second model: references are computed apart from the served one."""
-    return tiny_pion(seed=3)
+    return tiny_pion(seed=3, vocab_size=tokenizer.get_vocab_size())
 
 
 @pytest.fixture(scope="module")
