@@ -255,9 +255,14 @@ def test_a_row_view_writes_into_the_shared_cache(pion):
     assert cache.k[0][1, :, :3].abs().sum() > 0 and cache.k[0][[0, 2]].abs().sum() == 0
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_row(pion, tokenizer):
+def long_context_pion(tokenizer):
+    """Room for the chat prompt (longer in a small test tokenizer's tokens) and 100 new tokens."""
+    return tiny_pion(seed=3, vocab_size=tokenizer.get_vocab_size(), max_seq_len=512)
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row(tokenizer):
     slow = scripted_reply(tokenizer.encode(" and so on").ids, seconds_per_step=0.02)
-    with serving(pion, tokenizer, sample_rows=slow) as (url, engine):
+    with serving(long_context_pion(tokenizer), tokenizer, sample_rows=slow) as (url, engine):
         body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 100, "stream": True}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as response:
             next(response.iter_lines())
@@ -268,9 +273,9 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(pion, tokenizer):
         assert engine.active == 0
 
 
-def test_a_client_that_gives_up_on_a_whole_reply_frees_its_row(pion, tokenizer):
+def test_a_client_that_gives_up_on_a_whole_reply_frees_its_row(tokenizer):
     slow = scripted_reply(tokenizer.encode(" and so on").ids, seconds_per_step=0.02)
-    with serving(pion, tokenizer, sample_rows=slow) as (url, engine):
+    with serving(long_context_pion(tokenizer), tokenizer, sample_rows=slow) as (url, engine):
         body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 100}
         with pytest.raises(httpx.TimeoutException):
             httpx.post(url + "/v1/chat/completions", json=body, timeout=0.5)
