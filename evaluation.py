@@ -58,6 +58,10 @@ class PionLM(TemplateLM):
         if tokenizer is None or isinstance(tokenizer, str):
             tokenizer = load_tokenizer(tokenizer, model.config.vocab_size)
         self.model, self.tokenizer = model, tokenizer
+        # Requests are tokenized as the harness's hf backend tokenizes them, special-token text matched (its
+        # chat template writes <|endoftext|> as text): a copy, since Pion's own tokenizer encodes text as text.
+        self.request_tokenizer = type(tokenizer).from_str(tokenizer.to_str())
+        self.request_tokenizer.encode_special_tokens = False
         # "auto" (the harness's default) has no meaning here: the batches are small and sorted, so any size works.
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
         self.max_gen_toks = int(max_gen_toks)
@@ -113,7 +117,7 @@ class PionLM(TemplateLM):
         return text
 
     def tok_encode(self, string, add_special_tokens=None, **kwargs):
-        return self.tokenizer.encode(string).ids  # no BOS or other added tokens
+        return self.request_tokenizer.encode(string).ids  # no BOS or other added tokens
 
     def tok_decode(self, ids, skip_special_tokens=True):
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
