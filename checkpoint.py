@@ -6,7 +6,6 @@ import fcntl
 import glob
 import os
 import re
-import shutil
 import socket
 import urllib.parse
 
@@ -188,8 +187,8 @@ def open_run_dir(directory, prefix, resume, lock=True):
     checkpoint to resume, or None. An OS lock on the folder (dropped by the kernel when the process dies,
     even by kill -9) keeps a second run from writing into it. A new run never writes into a folder that
     holds checkpoints, and a resumed one only into its own folder or an empty one: nothing is overwritten.
-    A run that fails before writing anything leaves no empty folder behind."""
-    created = not os.path.isdir(directory)
+    A run that fails before writing anything leaves no empty folder behind, nor the parents it created."""
+    created = outermost_missing_folder(directory)
     try:
         os.makedirs(directory, exist_ok=True)
         lock_file = open(os.path.join(directory, ".lock"), "a")
@@ -208,8 +207,28 @@ def open_run_dir(directory, prefix, resume, lock=True):
             yield resume_checkpoint(directory, prefix, resume)
     except BaseException:
         if created and os.listdir(directory) == [".lock"]:
-            shutil.rmtree(directory)
+            os.remove(os.path.join(directory, ".lock"))
+            path = os.path.abspath(directory)
+            while True:  # the run's folder, then each parent this run created, while they are empty
+                if os.listdir(path):
+                    break
+                os.rmdir(path)
+                if path == created:
+                    break
+                path = os.path.dirname(path)
         raise
+
+
+def outermost_missing_folder(directory):
+    """The first folder on the way down to `directory` that does not exist yet, or None if it does."""
+    missing = None
+    path = os.path.abspath(directory)
+    while not os.path.isdir(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
 
 
 def resume_checkpoint(directory, prefix, resume):
@@ -232,14 +251,19 @@ def resume_checkpoint(directory, prefix, resume):
 
 def keep_final_as_step_checkpoint(path, directory, prefix, step):
     """A run continued from its own <prefix>_final.pt would replace that file when it ends: the finished run's
-    model is kept under its step's name instead, as the step checkpoint it is."""
+    model is kept under its step's name instead, as the step checkpoint it is. Returns where it now is."""
     final = os.path.join(directory, f"{prefix}_final.pt")
     as_step = os.path.join(directory, f"{prefix}_{step}.pt")
     if os.path.abspath(path) == os.path.abspath(final) and not os.path.exists(as_step):
         os.replace(final, as_step)
+        return as_step
+    return path
 
 
-def prune_checkpoints(directory, prefix, keep_last):
+def prune_checkpoints(directory, prefix, keep_last, keep=None):
+    """Remove all but the newest keep_last step checkpoints, and never `keep` (a path)."""
     if keep_last:
         for path in step_checkpoints(directory, prefix)[:-keep_last]:
-            os.remove(path)
+            if keep is None or os.path.abspath(path) != os.path.abspath(keep):
+                os.remove(path)
+

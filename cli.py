@@ -121,11 +121,34 @@ def replaced_atomically(path):
         os.replace(tmp, path)
     except OSError as e:
         raise PionError(f"cannot write {path}: {e.strerror or first_line(e)}")
+    except Exception as e:
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        raise PionError(f"cannot write {path}: {reason}")
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
         elif os.path.exists(tmp):
             os.remove(tmp)
+
+
+# How the OS's write errors read once torch (RuntimeError) or safetensors (SafetensorError) have wrapped them
+# in exceptions of their own, without the OSError.
+WRITE_ERRORS = ("No space left on device", "File too large", "Disk quota exceeded", "Read-only file system",
+                "Input/output error", "file write failed", "(os error")
+
+
+def write_failure(error):
+    """Why a write failed, when `error` is a failed write that a library wrapped (an OSError in its chain, or
+    the OS's message in its text); None for any other error."""
+    cause = error
+    while cause is not None:
+        if isinstance(cause, OSError):
+            return cause.strerror or first_line(cause)
+        cause = cause.__cause__ or cause.__context__
+    text = first_line(error)
+    return text if any(marker in text for marker in WRITE_ERRORS) else None
 
 
 def atomic_write(path, write, durable=False):
@@ -163,6 +186,15 @@ def use_one_line_warnings(category):
     """Warnings as `warning: ...` lines; those of `category` every time (not once per call site)."""
     warnings.simplefilter("always", category)
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+
+
+def is_unicode(text):
+    """False for a str holding a lone surrogate (JSON can spell one, "\\ud800"), which no encoder takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def valid_text(text):

@@ -10,10 +10,12 @@ Shards are memory-mapped, so memory stays flat however many there are.
 """
 import functools
 import glob
+import hashlib
 import itertools
 import json
 import os
 import re
+import signal
 
 import numpy as np
 import torch
@@ -21,8 +23,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from tokenizer import EOS_ID, PAD_ID, TOKENIZER_PATH, load_tokenizer
-from cli import (ArgumentParser, PionError, atomic_write, check_new_folder, first_line, positive_int, run_cli,
-                 write_folder_atomically)
+from cli import (ArgumentParser, PionError, atomic_write, check_new_folder, first_line, is_unicode, positive_int,
+                 run_cli, write_folder_atomically)
 
 VAL_FRACTION = 0.02  # the last ~2% of the rows of every shard are validation
 DEFAULT_REPO = "SuperGoatScriptGuy/PreprocessedMIXED"
@@ -129,9 +131,16 @@ class PretrainData:
             raise PionError(f"the {self.split} split of {self.data_dir} is all padding: there is nothing to learn")
 
     def identity(self):
-        """What a checkpoint records of its data, so that resuming on other data is noticed."""
+        """What a checkpoint records of its data, so that resuming on other data is noticed: the shards,
+        and a cheap check of each one's contents (its size and a hash of its first and last rows), which
+        notices a shard rewritten with other data under the same name and shape."""
+        content = {}
+        for path, shard in zip(self.shard_paths, self.shards):
+            digest = hashlib.sha256(np.ascontiguousarray(shard[0]).tobytes())
+            digest.update(np.ascontiguousarray(shard[-1]).tobytes())
+            content[os.path.basename(path)] = f"{os.path.getsize(path)} bytes, sha256 {digest.hexdigest()[:16]}"
         return {"shards": [os.path.basename(p) for p in self.shard_paths], "samples": self.n_samples,
-                "seq_len": self.seq_len}
+                "seq_len": self.seq_len, "content": content}
 
     # Workers started by spawn or forkserver get a pickled copy: send the paths, not the shards' contents.
     def __getstate__(self):
@@ -205,6 +214,14 @@ def check_token_ids(batches, vocab_size, data_dir):
         yield batch
 
 
+def ignore_stop_signals(worker_id):
+    """DataLoader workers ignore SIGINT and SIGTERM: Ctrl-C, systemd's stop, Slurm's scancel and cloud
+    preemption signal the whole process group, and a worker killed by one would crash the trainer before
+    it saves. The trainer stops its workers itself once its checkpoint is written."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def create_dataloader(data_dir, split, batch_size, seq_len, vocab_size, seed=42, start_sample=0,
                       rank=0, world_size=1, num_workers=0, pin_memory=False):
     """Iterator of {"input_ids": LongTensor (B, T), "labels": LongTensor (B, T)} for this rank.
@@ -231,7 +248,8 @@ def create_dataloader(data_dir, split, batch_size, seq_len, vocab_size, seed=42,
     # The loader draws its workers' seeds from a generator of its own: from the global RNG, that draw would
     # shift the dropout masks of a resumed run away from those of the uninterrupted one.
     loader = DataLoader(BatchStream(data, global_batches, rank, batch_size), batch_size=None,
-                        num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
+                        num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed),
+                        worker_init_fn=ignore_stop_signals)
     return check_token_ids(loader, vocab_size, data_dir)
 
 
@@ -297,6 +315,9 @@ def file_documents(files, text_field):
                         raise PionError(f"{path}:{line_number} is not valid JSON")
                     if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                         raise PionError(f"{path}:{line_number} has no text field {text_field!r} (see --text_field)")
+                    if not is_unicode(record[text_field]):
+                        raise PionError(f"{path}:{line_number}: its text holds a lone surrogate (an escape such as "
+                                        f"\\ud800 that is no Unicode character)")
                     yield record[text_field]
         except UnicodeDecodeError:
             raise PionError(f"{path} is not UTF-8 text")

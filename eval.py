@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from cli import ArgumentParser, PionError, add_model_args, positive_int, run_cli
+from cli import ArgumentParser, PionError, add_model_args, atomic_write, positive_int, run_cli
 
 
 def parse_args(argv=None):
@@ -57,6 +57,8 @@ def validation_metrics(args, model, tokenizer, device):
 def main(argv=None):
     args = parse_args(argv)
     tasks = [name.strip() for name in (args.tasks or "").split(",") if name.strip()]
+    if args.output_path:
+        check_new_results(args.output_path)  # before the slow part: a finished evaluation must have a place to go
     if tasks:
         try:
             import evaluation
@@ -86,11 +88,22 @@ def main(argv=None):
             print(make_table(results, "groups"))
         report.update(results)
     if args.output_path:
-        os.makedirs(args.output_path, exist_ok=True)
-        path = os.path.join(args.output_path, "results.json")
-        with open(path, "w") as f:
-            json.dump(report, f, indent=2, default=handle_non_serializable if tasks else str)
+        path = check_new_results(args.output_path)
+        text = json.dumps(report, indent=2, default=handle_non_serializable if tasks else str)
+        try:
+            os.makedirs(args.output_path, exist_ok=True)
+        except OSError as e:
+            raise PionError(f"cannot create --output_path {args.output_path}: {e.strerror or e}")
+        atomic_write(path, lambda f: f.write(text.encode()))
         print(f"wrote {path}", file=sys.stderr)
+
+
+def check_new_results(output_path):
+    """DIR/results.json, refused when it exists: an earlier evaluation's results are never overwritten."""
+    path = os.path.join(output_path, "results.json")
+    if os.path.exists(path):
+        raise PionError(f"{path} already exists; choose another --output_path (results are never overwritten)")
+    return path
 
 
 if __name__ == "__main__":

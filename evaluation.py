@@ -59,6 +59,10 @@ class PionLM(TemplateLM):
         if tokenizer is None or isinstance(tokenizer, str):
             tokenizer = load_tokenizer(tokenizer, model.config.vocab_size)
         self.model, self.tokenizer = model, tokenizer
+        # Requests are tokenized as the harness's hf backend tokenizes them, special-token text matched (its
+        # chat template writes <|endoftext|> as text): a copy, since Pion's own tokenizer encodes text as text.
+        self.request_tokenizer = type(tokenizer).from_str(tokenizer.to_str())
+        self.request_tokenizer.encode_special_tokens = False
         # "auto" (the harness's default) has no meaning here: the batches are small and sorted, so any size works.
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
         self.max_gen_toks = int(max_gen_toks)
@@ -114,7 +118,7 @@ class PionLM(TemplateLM):
         return text
 
     def tok_encode(self, string, add_special_tokens=None, **kwargs):
-        return self.tokenizer.encode(string).ids  # no BOS or other added tokens
+        return self.request_tokenizer.encode(string).ids  # no BOS or other added tokens
 
     def tok_decode(self, ids, skip_special_tokens=True):
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -359,15 +363,51 @@ def task_manager(tasks, include_path=None):
     if manager is None or not all(name in manager.all_tasks for name in tasks):
         manager = TaskManager(include_path=include_path)
     unknown = [name for name in tasks if name not in manager.all_tasks]
+    own_tasks = task_files(include_path) if include_path is not None else {}
     if unknown:
+        # The harness skips a YAML file it cannot parse: the task in it is then merely "unknown".
+        broken = next(((path, error) for path, error in own_tasks.items() if isinstance(error, Exception)), None)
+        if broken:
+            raise PionError(f"{broken[0]} is not valid YAML ({first_line(broken[1])}), so its task is unknown")
         raise PionError(f"unknown task(s) {', '.join(unknown)}: see `lm_eval ls tasks` for the harness's "
                         f"names, or add YAML files with --include_path")
+    for path, config in own_tasks.items():
+        if isinstance(config, dict) and config.get("task") in tasks and "include" not in config:
+            required = ["doc_to_text"] + (["doc_to_choice"] if config.get("output_type") == "multiple_choice" else [])
+            missing = [field for field in required if field not in config]
+            if missing:  # the harness fails on the first example with a bare TypeError
+                raise PionError(f"{path}: task {config['task']} has no {' or '.join(missing)}")
     try:
         manager.load(list(tasks))
     except (ConnectionError, FileNotFoundError) as e:
         raise PionError(f"cannot load the data of {', '.join(tasks)} ({first_line(e)}); check your network "
                         f"and HF_DATASETS_OFFLINE / HF_HUB_OFFLINE, or run it where the data is cached")
+    except Exception as e:  # a task's own configuration: a bad Jinja template, a field of the wrong type, ...
+        raise PionError(f"cannot build task(s) {', '.join(tasks)} from their configuration "
+                        f"({type(e).__name__}: {first_line(e)})")
     return manager
+
+
+def task_files(include_path):
+    """{path: the parsed config, or the exception that parsing raised} of the task YAML files under
+    include_path. The harness's `!function` tags are read as plain strings: only the fields matter here."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, tag, node: None)
+    found = {}
+    for root, _, names in os.walk(include_path):
+        for name in sorted(names):
+            if name.endswith((".yaml", ".yml")):
+                path = os.path.join(root, name)
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        found[path] = yaml.load(f, Loader=Loader)
+                except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+                    found[path] = e
+    return found
 
 
 def run_tasks(lm, tasks, manager=None, limit=None, num_fewshot=None, apply_chat_template=False,

@@ -37,8 +37,11 @@ def complete(model, tokenizer, prompts, args, generator, echo_prompt):
     texts = [valid_text(prompt) for prompt in prompts for _ in range(args.num_samples)]
     rows = [tokenizer.encode(text).ids for text in texts]
     stream = len(rows) == 1 and not args.no_stream
+    # A prompt longer than the context left keeps only its last tokens (PromptTruncatedWarning says so): the
+    # tokens it drops are not prefilled, so the prefill speed counts only those kept.
+    kept = sum(min(len(row), model.config.max_seq_len - args.max_tokens) for row in rows)
     columns = DecodeTimer(generate_tokens(model, rows, args.max_tokens, dataclass_from_args(SamplingSettings, args), generator,
-                                          compile=args.compile), sum(map(len, rows)),
+                                          compile=args.compile), kept,
                           decode_bytes_per_step(model, len(rows), cache_length(model, rows, args.max_tokens)),
                           model.embed.weight.device)
     streams = [TextStream(tokenizer, args.stop) for _ in rows]

@@ -10,6 +10,7 @@ cancels its request, which frees its row before the next decode step. Errors use
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from batching import GenerationRequest
+from cli import is_unicode
 from decoding import SamplingSettings
 from sft_data import TURN_SUFFIX, USER_MARKER, render_conversation, reply_content
 
@@ -83,6 +85,8 @@ async def read_json(request, max_bytes):
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the body is not valid JSON ({e})", code="invalid_json")
+    except RecursionError:
+        raise APIError(400, "the body is nested too deeply", code="invalid_json")
     if not isinstance(data, dict):
         raise APIError(400, "the body must be a JSON object", code="invalid_json")
     return data
@@ -116,7 +120,16 @@ def stop_strings(body):
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP_STRINGS:
         raise APIError(400, f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them",
                        param="stop", code="invalid_value")
-    return stop
+    return [unicode_text(s, "stop") for s in stop]
+
+
+def unicode_text(text, param):
+    """text, refused when it holds a lone surrogate (JSON can spell "\\ud800"): it is no Unicode text, and
+    nothing can encode it."""
+    if not is_unicode(text):
+        raise APIError(400, f"{param} is not valid Unicode text (it holds a lone surrogate)", param=param,
+                       code="invalid_value")
+    return text
 
 
 def message_text(message, i):
@@ -128,7 +141,7 @@ def message_text(message, i):
     if not isinstance(content, str):
         raise APIError(400, f"messages[{i}].content must be a string or a list of text parts",
                        param=f"messages[{i}].content", code="invalid_value")
-    return content
+    return unicode_text(content, f"messages[{i}].content")
 
 
 def chat_messages(body, limits):
@@ -153,14 +166,15 @@ def completion_prompt(body):
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise APIError(400, "prompt must be a string (one prompt per request)", param="prompt", code="invalid_value")
-    return prompt
+    return unicode_text(prompt, "prompt")
 
 
 # OpenAI parameters that change what is sampled or returned, which this server does not implement, with the
 # values that ask for nothing: any other value is refused rather than answered as if it had been applied.
 UNSUPPORTED = {"frequency_penalty": (0, None), "presence_penalty": (0, None), "logit_bias": ({}, None),
                "logprobs": (False, None), "top_logprobs": (0, None), "best_of": (1, None), "echo": (False, None),
-               "suffix": ("", None)}
+               "suffix": ("", None), "tools": ([], None), "tool_choice": ("none", "auto", None),
+               "response_format": ({"type": "text"}, None)}
 
 
 def generation_request(body, prompt_ids, stop, max_seq_len, limits):
@@ -215,11 +229,54 @@ class SuffixTrimmer:
 # The app
 
 
-def create_app(engine, tokenizer, model_name="pion", api_key=None, limits=None):
-    """The FastAPI app over a started engine. api_key: required as `Authorization: Bearer KEY` on /v1/*."""
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
+
+def is_loopback(host):
+    """True for an address only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(header):
+    """A Host header's name without its port: "[::1]:8000" -> "[::1]", "LocalHost:80" -> "localhost"."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[:header.find("]") + 1] if "]" in header else header
+    return header.split(":")[0]
+
+
+class LoopbackHostsOnly:
+    """ASGI middleware answering 400 to a request whose Host header is not a loopback name. A keyless server
+    on 127.0.0.1 is safe from other machines, but a web page can point a name it controls at 127.0.0.1 (DNS
+    rebinding) and then read this server's answers as its own site's: the browser still sends that name."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if host_name(host) not in LOOPBACK_HOSTS:
+                error = APIError(400, "this server answers only requests to localhost, 127.0.0.1 or [::1]",
+                                 param="Host", code="invalid_host")
+                return await error.response()(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def create_app(engine, tokenizer, model_name="pion", api_key=None, limits=None, host="127.0.0.1"):
+    """The FastAPI app over a started engine. api_key: required as `Authorization: Bearer KEY` on /v1/*.
+    host: the address it is served on; on a loopback one without an api_key, only loopback Host headers
+    are answered."""
     limits = limits or Limits()
     max_seq_len = engine.max_seq_len
     app = FastAPI(title="Pion", docs_url=None, redoc_url=None, openapi_url=None)
+    if api_key is None and is_loopback(host):
+        app.add_middleware(LoopbackHostsOnly)
     created = int(time.time())
 
     @app.exception_handler(APIError)
@@ -241,8 +298,9 @@ def create_app(engine, tokenizer, model_name="pion", api_key=None, limits=None):
     def check_key(request):
         if api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # The scheme's name is case-insensitive (RFC 9110); the key is compared in constant time.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
             raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
 
     async def updates(request, generation, poll_disconnect):
@@ -396,14 +454,63 @@ def create_app(engine, tokenizer, model_name="pion", api_key=None, limits=None):
     return app
 
 
+# What one connection may hold, whoever sends it: uvicorn itself never times out a connection whose request
+# headers do not arrive, so thousands of such connections would use up the process's file descriptors.
+HEADER_TIMEOUT = 10.0     # seconds from a connection's start (or its previous response) to a request's headers
+KEEP_ALIVE_TIMEOUT = 5.0  # an idle keep-alive connection is closed after this
+MAX_CONNECTIONS = 1000    # connections and requests beyond this get 503 at once (uvicorn's limit_concurrency)
+MAX_HEADER_BYTES = 16384  # request line and headers (h11's limit; more is a 400)
+
+
+def uvicorn_config(app, header_timeout=HEADER_TIMEOUT, **kwargs):
+    """uvicorn's Config for the app: h11 with a deadline for request headers, a keep-alive timeout and a
+    connection cap."""
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        """h11 that closes a connection whose next request's headers have not all arrived header_timeout
+        seconds after it opened or after its previous response."""
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self):
+            self._disarm()
+            # uvicorn starts a new cycle when a request's headers are complete: the same cycle at the
+            # deadline means none came.
+            waiting_for = self.cycle
+            self._deadline = self.loop.call_later(
+                header_timeout, lambda: self.cycle is waiting_for and not self.transport.is_closing()
+                and self.transport.close())
+
+        def _disarm(self):
+            if getattr(self, "_deadline", None) is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+    return uvicorn.Config(app, http=HeaderDeadline, timeout_keep_alive=KEEP_ALIVE_TIMEOUT,
+                          limit_concurrency=MAX_CONNECTIONS, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+                          log_level="warning", **kwargs)
+
+
 @contextlib.contextmanager
-def serving_in_thread(app, host="127.0.0.1"):
+def serving_in_thread(app, host="127.0.0.1", header_timeout=HEADER_TIMEOUT):
     """uvicorn serving app on a free port of host from a background thread (tests, benchmarks): yields the
     base URL, and stops the server on exit."""
     import uvicorn
     sock = socket.socket()
     sock.bind((host, 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, header_timeout))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from tokenizer import EOS_ID, PAD_ID, load_tokenizer
-from cli import ArgumentParser, PionError, first_line, positive_int, run_cli
+from cli import ArgumentParser, PionError, first_line, is_unicode, positive_int, run_cli
 
 # The template of the published Pion SFT checkpoint. Each piece (prefix, content, suffix) is tokenized on
 # its own and the ids concatenated, exactly as that checkpoint was trained: the mask boundaries then fall
@@ -29,7 +29,6 @@ IGNORE_INDEX = -100
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}  # OpenHermes 2.5 uses these
 OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
-SPECIAL_TOKEN_TEXTS = ("<|endoftext|>", "<|pad|>", "<|unk|>")  # the tokenizer turns these texts into control ids
 NO_TRAINED_TOKEN = "no trained token within seq_len"
 
 
@@ -91,8 +90,6 @@ def normalize_conversation(row):
             if roles[role] == "system":
                 continue  # an empty system prompt says nothing: leave it out rather than lose the row
             return None, "empty text"
-        if any(special in text for special in SPECIAL_TOKEN_TEXTS):
-            return None, "special token in text"  # would be encoded as a control id, e.g. a stray end token
         messages.append({"role": roles[role], "content": text})
     if not any(m["role"] == "assistant" for m in messages):
         return None, "no assistant turn"
@@ -143,26 +140,32 @@ def load_conversations(data_file=None, dataset="teknium/OpenHermes-2.5"):
         if kind is None:
             raise PionError(f"{data_file}: expected a .json, .jsonl or .parquet file")
         source, kwargs = data_file, dict(path=kind, data_files=data_file)
+        if data_file.lower().endswith(".jsonl"):
+            check_jsonl_rows(data_file)
     else:
         source, kwargs = dataset, dict(path=dataset)
     try:
         return datasets.load_dataset(**kwargs, split="train")
     except Exception as e:  # offline, unknown name, unparsable file...: one line, not a traceback
-        bad_line = first_invalid_json_line(data_file) if data_file and data_file.endswith(".jsonl") else None
-        raise PionError(f"{data_file}:{bad_line} is not valid JSON" if bad_line else
-                        f"cannot load {source}: {first_line(e)}")
+        raise PionError(f"cannot load {source}: {first_line(e)}")
 
 
-def first_invalid_json_line(path):
-    """The number of the first line of a JSONL file that is not a JSON value, or None (datasets' own error
-    does not say where)."""
+def check_jsonl_rows(path):
+    """Refuse, naming the line, a JSONL line that is not a JSON object, or that holds a lone surrogate (an
+    escape such as \\ud800, which no tokenizer takes): datasets' own errors do not say where."""
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
             try:
-                line.strip() and json.loads(line)
-            except ValueError:
-                return number
-    return None
+                row = json.loads(line)
+            except (ValueError, RecursionError):
+                raise PionError(f"{path}:{number} is not valid JSON")
+            if not isinstance(row, dict):
+                raise PionError(f"{path}:{number} is not a JSON object (a line holds one conversation)")
+            if not is_unicode(json.dumps(row, ensure_ascii=False)):
+                raise PionError(f"{path}:{number} holds a lone surrogate (an escape such as \\ud800 that is no "
+                                f"Unicode character)")
 
 
 def load_sft_splits(tokenizer, seq_len, data_file=None, dataset="teknium/OpenHermes-2.5", pack=False,

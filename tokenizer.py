@@ -47,6 +47,9 @@ def load_tokenizer(path=None, vocab_size=None):
         tokenizer = Tokenizer.from_file(path)
     except Exception as e:
         raise PionError(f"{path} is not a tokenizers JSON file ({first_line(e)})")
+    # Text is text: "<|endoftext|>" typed in a document, a chat message or a prompt is encoded as those
+    # characters, never as the control id (which only the data and chat formats themselves insert, by id).
+    tokenizer.encode_special_tokens = True
     if vocab_size is not None and tokenizer.get_vocab_size() > vocab_size:
         raise PionError(f"the tokenizer {path} has {tokenizer.get_vocab_size()} ids but the model only "
                         f"{vocab_size} embeddings: pass the tokenizer it was trained with (--tokenizer)")

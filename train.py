@@ -106,18 +106,20 @@ def sample_fn(args, tokenizer, vocab_size, rt, val_data):
 
 def run_memory_test(args, config, rt):
     model = pion.Pion(model_config(args, max_seq_len=max(config.seq_len, 2048)))
-    rt.print(f"memory test: one training step of Pion-{args.model_size}, batch {config.batch_size} x seq "
+    rt.print(f"memory test: one training step and a checkpoint save of Pion-{args.model_size}, batch {config.batch_size} x seq "
              f"{config.seq_len}, on {rt.device.type}...")
     measured = memory_test(model, config, rt)
     if measured is None:
         rt.print(f"memory test: out of memory at batch {config.batch_size} x seq {config.seq_len}")
         return False
-    used, total = measured
+    (used, total), (host_used, host_total) = measured
+    host = f"; host memory peak {host_used / 1e9:.2f} GB of {host_total / 1e9:.1f} GB ({host_used / host_total:.0%})"
     rt.print(f"memory test: Pion-{args.model_size}, batch {config.batch_size} x seq {config.seq_len}, "
              f"checkpointing {'on' if config.gradient_checkpointing else 'off'}, soft-cap "
              f"{'off' if args.no_soft_cap else 'on'}: peak {used / 1e9:.2f} GB of {total / 1e9:.1f} GB "
-             f"({used / total:.0%}) on {rt.device.type}")
-    return used < total
+             f"({used / total:.0%}) on {rt.device.type}, a checkpoint save included"
+             f"{host if rt.device.type != 'cpu' else ''}")
+    return used < total and host_used < host_total
 
 
 def pretrain(args, config, rt):

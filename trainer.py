@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import resource
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -18,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from tqdm import tqdm
 
-from checkpoint import keep_final_as_step_checkpoint, prune_checkpoints, save_checkpoint
+from checkpoint import clean_state_dict, keep_final_as_step_checkpoint, prune_checkpoints, save_checkpoint
 from cli import PionError, first_line, non_negative_float, non_negative_int, positive_int
 from hardware import gpu_peak_flops, training_flops_per_token
 from runtime import gather_rng_states, set_rng_state
@@ -217,16 +218,22 @@ def build_optimizer(model, config, rt):
 # Checkpoints of a run
 
 
-def save_training_checkpoint(path, model, optimizer, rt, contents):
-    """Every rank takes part (FSDP gathers shards); rank 0 writes the file atomically. optimizer None leaves
-    the optimizer state out."""
+def training_checkpoint(model, optimizer, rt, contents):
+    """A run's checkpoint dict, in host memory on rank 0 (None on the others): every rank takes part (FSDP
+    gathers shards). optimizer None leaves the optimizer state out."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
     if optimizer is not None:
         contents = {**contents, "optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
     rng_states = gather_rng_states(rt)
+    return {"model": model_state, "rng": rng_states, **contents} if rt.is_main else None
+
+
+def save_training_checkpoint(path, model, optimizer, rt, contents):
+    """training_checkpoint, written atomically by rank 0."""
+    checkpoint = training_checkpoint(model, optimizer, rt, contents)
     if rt.is_main:
-        save_checkpoint(path, {"model": model_state, "rng": rng_states, **contents})
+        save_checkpoint(path, checkpoint)
         rt.print(f"saved {path}")
     if rt.distributed:
         dist.barrier()
@@ -236,6 +243,7 @@ def restore_optimizer_and_rng(path, checkpoint, model, optimizer, rt):
     """Resume: the optimizer's moments (into the wrapped model's, possibly sharded, state) and each rank's RNG.
     The hyperparameters stay this run's: loading a state dict also loads the saved groups' weight decay."""
     if "optimizer" in checkpoint:
+        check_optimizer_state(path, checkpoint["optimizer"], model)
         groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         try:
             set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"],
@@ -257,6 +265,42 @@ def restore_optimizer_and_rng(path, checkpoint, model, optimizer, rt):
             raise PionError(f"{path} has a corrupt RNG state ({first_line(e)})")
 
 
+ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}
+
+
+def check_optimizer_state(path, saved, model):
+    """Refuse optimizer state that does not fit the model before anything loads it: fused AdamW trusts every
+    moment to have its parameter's shape and writes past a smaller buffer (a crash, or worse, from a
+    downloaded file). Every parameter is listed once, and each has all of AdamW's tensors or none (a run
+    that has not stepped yet)."""
+    params = clean_state_dict(dict(model.named_parameters()))
+
+    def refuse(problem):
+        raise PionError(f"{path} has optimizer state that does not fit the model: {problem}")
+
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) or \
+            not isinstance(saved.get("param_groups"), list) or not all(isinstance(g, dict) for g in saved["param_groups"]):
+        refuse("expected 'state' and 'param_groups'")
+    listed = [name for group in saved["param_groups"] for name in group.get("params", [])]
+    if sorted(map(str, listed)) != sorted(params):
+        refuse(f"its groups list {len(listed)} parameters, the model has {len(params)}")
+    if saved["state"] and set(saved["state"]) != set(params):
+        refuse(f"it has moments for {len(saved['state'])} of the model's {len(params)} parameters")
+    for name, entry in saved["state"].items():
+        param = params[name]
+        if not isinstance(entry, dict) or set(entry) != ADAMW_STATE or \
+                not all(isinstance(t, torch.Tensor) for t in entry.values()):
+            refuse(f"{name} has {sorted(entry) if isinstance(entry, dict) else type(entry).__name__}, expected "
+                   f"AdamW's tensors {sorted(ADAMW_STATE)}")
+        if entry["step"].numel() != 1:
+            refuse(f"the step of {name} is not one number")
+        for key in ("exp_avg", "exp_avg_sq"):
+            tensor = entry[key]
+            if tensor.shape != param.shape or tensor.dtype != param.dtype:
+                refuse(f"{key} of {name} is {tuple(tensor.shape)} {tensor.dtype}, the parameter is "
+                       f"{tuple(param.shape)} {param.dtype}")
+
+
 SCHEDULE_FIELDS = ("max_steps", "lr", "min_lr", "warmup_steps", "schedule", "decay_frac", "weight_decay", "grad_clip",
                    "batch_size", "grad_accum")
 
@@ -276,10 +320,19 @@ def check_same_data(path, checkpoint, data_identity, config):
     """Resuming on other data (shards added or removed, another seq_len) silently changes which samples
     come next: refuse it unless the user asks for it."""
     saved = checkpoint.get("data")
-    if saved is None or data_identity is None or saved == data_identity or config.allow_data_change:
+    if saved is None or data_identity is None or config.allow_data_change:
         return
-    changed = ", ".join(f"{key} {saved.get(key)!r:.60} -> {data_identity.get(key)!r:.60}"
-                        for key in sorted(set(saved) | set(data_identity)) if saved.get(key) != data_identity.get(key))
+    # What both record: a checkpoint from before a field was added is compared on the fields it has.
+    changed = []
+    for key in sorted(set(saved) & set(data_identity)):
+        before, now = saved[key], data_identity[key]
+        if isinstance(before, dict) and isinstance(now, dict):  # per shard: name the ones that changed
+            changed += [f"{key} of {name}" for name in sorted(set(before) | set(now)) if before.get(name) != now.get(name)]
+        elif before != now:
+            changed.append(f"{key} {before!r:.60} -> {now!r:.60}")
+    if not changed:
+        return
+    changed = ", ".join(changed)
     raise PionError(f"the training data differs from what {path} was trained on ({changed}); pass "
                     f"--allow_data_change to resume on it anyway")
 
@@ -390,8 +443,10 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
     run_dir/metrics.png at each eval."""
     config = fit_schedule(config, rt)
     state = TrainState()
+    last_path = None  # the newest checkpoint of this run
     if resume is not None:
         path, checkpoint = resume
+        last_path = path
         check_same_data(path, checkpoint, data_identity, config)
         try:
             state = TrainState(**{k: int(checkpoint.get(k, 0)) for k in ("step", "tokens_seen", "samples_seen")})
@@ -403,7 +458,7 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
             if rt.distributed:
                 dist.barrier()  # every rank has opened the checkpoint before rank 0 renames it
             if rt.is_main:
-                keep_final_as_step_checkpoint(path, run_dir, prefix, state.step)
+                last_path = keep_final_as_step_checkpoint(path, run_dir, prefix, state.step)
     else:
         torch.manual_seed(config.seed + 1_000_003 * rt.rank)  # each rank its own dropout masks
     wrapped = prepare_model(model, config, rt)
@@ -424,27 +479,35 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
                disable=not rt.is_main)
     wrapped.train()
     bad_steps, last_saved = 0, None
+    # The newest checkpoint saved before the latest streak of non-finite steps began: finite weights can
+    # already be untrainable when such a streak starts, so pruning keeps this one and the stop message names it.
+    last_good = last_path
     smooth_loss, t0, tokens_since_log = None, time.perf_counter(), 0
 
     def save(name):
-        nonlocal last_saved
+        nonlocal last_saved, last_path
         contents = {"config": model.config, "train_config": asdict(config), "data": data_identity, **(saved_with or {}),
                     "step": state.step, "tokens_seen": state.tokens_seen, "samples_seen": state.samples_seen}
         keep_optimizer = name != "final" or config.keep_final_optimizer
-        save_training_checkpoint(os.path.join(run_dir, f"{prefix}_{name}.pt"), wrapped,
-                                 optimizer if keep_optimizer else None, rt, contents)
+        last_path = os.path.join(run_dir, f"{prefix}_{name}.pt")
+        save_training_checkpoint(last_path, wrapped, optimizer if keep_optimizer else None, rt, contents)
         last_saved = state.step
+
+    def good_checkpoint():
+        return f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved before it"
 
     try:
         while state.step < config.max_steps:
             lr = learning_rate(config, state.step)
             loss, grad_norm, tokens = train_step(wrapped, optimizer, batches, rt, config.grad_accum, config.grad_clip, lr)
             if not math.isfinite(loss):
+                if bad_steps == 0:
+                    last_good = last_path
                 bad_steps += 1
                 rt.print(f"warning: non-finite loss at step {state.step + 1}, step skipped ({bad_steps} in a row)")
                 if bad_steps >= MAX_BAD_STEPS:
                     raise PionError(f"{bad_steps} non-finite losses in a row at step {state.step + 1}; "
-                                    f"stopping (try a lower --lr); the last good checkpoint is kept")
+                                    f"stopping (try a lower --lr); {good_checkpoint()}")
             else:
                 bad_steps = 0
             # The step counts even when skipped: its batches were consumed, and resuming must not replay them.
@@ -484,18 +547,29 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
                 if sample_fn is not None:
                     rt.print(f"sample: {sample_text(sample_fn, model, wrapped, config, rt)!r}")
 
+            # No checkpoint while non-finite steps are happening: it could replace the good one.
             if step % config.save_interval == 0 and step < config.max_steps:
-                save(str(step))
-                if rt.is_main:
-                    prune_checkpoints(run_dir, prefix, config.keep_last)
+                if bad_steps:
+                    rt.print(f"warning: not saving step {step}: its loss was not finite; {good_checkpoint()}")
+                else:
+                    save(str(step))
+                    if rt.is_main:
+                        prune_checkpoints(run_dir, prefix, config.keep_last, keep=last_good)
 
             if rt.all_reduce(float(stop.received is not None), dist.ReduceOp.MAX):
                 state.stopped_by = stop.received or "signal"
+                if bad_steps:
+                    rt.print(f"{state.stopped_by} received at step {step}, whose loss was not finite: exiting "
+                             f"without saving; {good_checkpoint()}")
+                    return state
                 rt.print(f"{state.stopped_by} received: saving step {step} and exiting; continue the run with "
                          f"the same command and --resume auto")
                 if last_saved != step:
                     save(str(step))
                 return state
+        if bad_steps:
+            raise PionError(f"the last {bad_steps} steps had non-finite losses: the final model is not saved; "
+                            f"{good_checkpoint()}")
         save("final")
         return state
     finally:
@@ -506,7 +580,9 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
 
 def memory_test(model, config, rt):
     """One real training step (forward, backward, clipping, AdamW step, zero_grad) on random tokens at the
-    configured batch and precision; returns (peak bytes, total bytes), or None when it ran out of memory."""
+    configured batch and precision, then a checkpoint save as a run makes it (serialized, written nowhere):
+    a run whose steps fit can still be killed at its first save. Returns (peak bytes, total bytes) of the
+    device and (peak, total) of host memory (the same figures on the CPU), or None when it ran out of memory."""
     wrapped = prepare_model(model, config, rt)
     optimizer = build_optimizer(wrapped, config, rt)
     ids = torch.randint(0, model.config.vocab_size, (config.batch_size, config.seq_len))
@@ -514,4 +590,11 @@ def memory_test(model, config, rt):
         train_step(wrapped, optimizer, iter([{"input_ids": ids, "labels": ids}]), rt, 1, config.grad_clip, config.lr)
     except torch.OutOfMemoryError:
         return None
-    return rt.memory_used(), rt.memory_total()
+    checkpoint = training_checkpoint(wrapped, optimizer, rt, {"step": 1})
+    if checkpoint is not None:
+        with open(os.devnull, "wb") as nowhere:
+            torch.save(checkpoint, nowhere)
+    del checkpoint
+    host_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    host_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return (rt.memory_used(), rt.memory_total()), (host_peak, host_total)

@@ -1,12 +1,15 @@
 """checkpoint.py: atomic saves, safe loads of every checkpoint form."""
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import model as M
 import checkpoint as C
+from conftest import ROOT
 from conftest import tiny_config, tiny_model
 
 
@@ -182,3 +185,19 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_file(tmp_p
     with pytest.raises(M.PionError, match="cannot write .*ck.pt: No space left on device"):
         C.save_checkpoint(tmp_path / "ck.pt", our_checkpoint(m))
     assert (tmp_path / "ck.pt").read_bytes() == before and os.listdir(tmp_path) == ["ck.pt"]
+
+
+def test_a_write_error_that_torch_wraps_in_its_own_exception_is_one_line(tmp_path):
+    """torch.save reports a failed write as a RuntimeError; a file-size limit (ulimit -f) fails it the way
+    a full disk does."""
+    C.save_checkpoint(tmp_path / "tiny.pt", our_checkpoint(tiny_model()))
+    code = ("import resource, signal, sys, torch, checkpoint, cli\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+            "model, _ = checkpoint.load_checkpoint(sys.argv[1])\n"
+            "cli.run_cli(lambda: checkpoint.save_checkpoint(sys.argv[2], {'model': model.state_dict()}))\n")
+    result = subprocess.run([sys.executable, "-c", code, tmp_path / "tiny.pt", tmp_path / "again.pt"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"error: cannot write {tmp_path / 'again.pt'}: File too large\n"
+    assert sorted(os.listdir(tmp_path)) == ["tiny.pt"]

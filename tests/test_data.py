@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import data
-from tokenizer import PAD_ID
+from tokenizer import EOS_ID, PAD_ID
 from cli import PionError
-from conftest import run_in_process
+from conftest import assert_one_line_error, run_in_process
 
 VOCAB_SIZE = 10_000
 
@@ -318,3 +318,58 @@ def test_download_offline_exits_2_with_one_line(tmp_path):
     result = run_data_cli("download", "--num_shards", "2", "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     assert result.stderr.startswith("error: cannot download") and result.stderr.count("\n") == 1
+
+
+def test_special_token_text_in_a_document_is_prepared_as_plain_text(tmp_path, tokenizer, tokenizer_path):
+    documents = ["A quickstart corpus can quote <|endoftext|> and <|pad|> as text.", "A second document."]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+    data.main(["prepare", "--input", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "out"), "--seq_len", "8",
+               "--tokenizer", tokenizer_path])
+    tokens = np.concatenate([np.load(p) for p in sorted(glob.glob(str(tmp_path / "out" / "shard_*.npy")))]).ravel()
+    n_tokens = json.load(open(tmp_path / "out" / "metadata.json"))["total_tokens"]
+    real = tokens[:n_tokens].tolist()
+    assert PAD_ID not in real and real.count(EOS_ID) == 2  # only the separators after each document
+    assert tokenizer.decode(real, skip_special_tokens=False) == "".join(d + "<|endoftext|>" for d in documents)
+
+
+def test_prepare_names_a_jsonl_line_whose_text_holds_a_lone_surrogate(tmp_path, tokenizer_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"text": "broken \\ud800 text"}\n')
+    result = run_data_cli("prepare", "--input", tmp_path / "a.jsonl", "--out", tmp_path / "out",
+                          "--tokenizer", tokenizer_path)
+    assert_one_line_error(result, f"{tmp_path / 'a.jsonl'}:2: its text holds a lone surrogate", after_progress=True)
+
+
+def test_the_data_identity_notices_a_shard_rewritten_under_the_same_name_and_shape(tmp_path):
+    numbered_shards(tmp_path / "d", 2, rows=10, width=4)
+    before = data.PretrainData(str(tmp_path / "d"), 4).identity()
+    shard = np.load(tmp_path / "d" / "shard_00001.npy")
+    np.save(tmp_path / "d" / "shard_00001.npy", shard[::-1].copy())  # same rows, another order
+    after = data.PretrainData(str(tmp_path / "d"), 4).identity()
+    assert before["shards"] == after["shards"] and before["samples"] == after["samples"]
+    assert before["content"]["shard_00000.npy"] == after["content"]["shard_00000.npy"]
+    assert before["content"]["shard_00001.npy"] != after["content"]["shard_00001.npy"]
+
+
+def test_loader_workers_ignore_the_stop_signals_the_trainer_handles(tmp_path):
+    """SIGTERM and SIGINT sent to a process group reach the workers too: they leave stopping to the trainer,
+    which saves first and then ends them."""
+    import signal
+    numbered_shards(tmp_path / "d", 1, rows=40, width=4)
+    before = child_pids()
+    batches = loader(str(tmp_path / "d"), num_workers=2, seed=0)
+    next(batches)
+    workers = child_pids() - before
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)
+    first_tokens(batches, 3)  # a dead worker would fail this
+    assert child_pids() >= workers
+
+
+def child_pids():
+    pids = set()
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/children") as f:
+            pids |= {int(pid) for pid in f.read().split()}
+    return pids

@@ -325,6 +325,56 @@ def test_missing_checkpoint_is_one_line(tasks, tmp_path, tokenizer_path):
     assert_one_line_error(result, "nope.pt")
 
 
+def test_an_existing_results_file_is_never_overwritten(tasks, tmp_path, tokenizer_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.json").write_text('{"earlier": "results"}')
+    result = run_eval("--checkpoint", tmp_path / "nope.pt", "--tasks", MC_TASK, "--include_path", tasks,
+                      "--tokenizer", tokenizer_path, "--output_path", tmp_path / "out")
+    assert_one_line_error(result, f"{tmp_path / 'out' / 'results.json'} already exists")
+    assert (tmp_path / "out" / "results.json").read_text() == '{"earlier": "results"}'
+
+
+def own_task(folder, yaml_text):
+    """A folder holding one task YAML file of the user's own, over one multiple-choice row."""
+    folder.mkdir()
+    (folder / "rows.jsonl").write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0}) + "\n")
+    (folder / "task.yaml").write_text(yaml_text.replace("ROWS", str(folder / "rows.jsonl")))
+    return folder
+
+
+OWN_TASK = """task: own_task
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: ROWS
+test_split: test
+output_type: multiple_choice
+doc_to_target: answer
+"""
+
+
+def test_a_task_yaml_that_does_not_parse_is_named_with_its_error(tmp_path, tokenizer_path):
+    folder = own_task(tmp_path / "tasks", OWN_TASK + "doc_to_text: [unclosed\n")
+    result = run_eval("--checkpoint", tmp_path / "nope.pt", "--tasks", "own_task", "--include_path", folder,
+                      "--tokenizer", tokenizer_path)
+    assert_one_line_error(result, f"{folder / 'task.yaml'} is not valid YAML (")
+
+
+def test_a_task_without_doc_to_text_or_doc_to_choice_is_one_line(tmp_path, tokenizer_path):
+    folder = own_task(tmp_path / "tasks", OWN_TASK + 'doc_to_text: "{{question}}"\n')
+    result = run_eval("--checkpoint", tmp_path / "nope.pt", "--tasks", "own_task", "--include_path", folder,
+                      "--tokenizer", tokenizer_path)
+    assert_one_line_error(result, f"{folder / 'task.yaml'}: task own_task has no doc_to_choice")
+
+
+def test_a_task_with_a_bad_jinja_template_is_one_line(tmp_path, tokenizer_path):
+    folder = own_task(tmp_path / "tasks", OWN_TASK + 'doc_to_text: "Q: {{question"\ndoc_to_choice: "{{choices}}"\n')
+    result = run_eval("--checkpoint", tmp_path / "nope.pt", "--tasks", "own_task", "--include_path", folder,
+                      "--tokenizer", tokenizer_path)
+    assert_one_line_error(result, "cannot build task(s) own_task from their configuration (TemplateSyntaxError",
+                          after_progress=True)  # after datasets' progress bar
+
+
 @pytest.mark.slow
 def test_a_task_whose_data_is_on_the_unreachable_hub_is_one_line(exported, tokenizer_path):
     result = run_eval("--checkpoint", exported[1], "--tasks", "hellaswag", "--tokenizer", tokenizer_path)

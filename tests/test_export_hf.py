@@ -120,8 +120,12 @@ def test_bfloat16_export_stores_bfloat16_weights(tmp_path, tokenizer_path):
 def test_auto_tokenizer_encodes_and_decodes_like_ours(hf_tokenizer, tokenizer):
     texts = ["Hello world", " leading space and  double  spaces\n\nnew lines\t", "naïve café 東京 🙂",
              "code: def f(x):\n    return x**2", "<|endoftext|> between <|pad|> specials"]
+    # transformers matches special-token text in what it encodes (the exported chat template writes
+    # <|endoftext|> as text), where Pion's own paths encode text as text: compare with a matching copy.
+    matching = type(tokenizer).from_str(tokenizer.to_str())
+    matching.encode_special_tokens = False
     for text in texts:
-        assert hf_tokenizer(text).input_ids == tokenizer.encode(text).ids
+        assert hf_tokenizer(text).input_ids == matching.encode(text).ids
         ids = tokenizer.encode(text).ids
         assert hf_tokenizer.decode(ids) == tokenizer.decode(ids, skip_special_tokens=False)
     assert (hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id, hf_tokenizer.unk_token_id) == (0, 1, 2)
@@ -195,3 +199,25 @@ def test_pushing_while_offline_is_one_line(exported, tmp_path):
 def test_qwen3_state_dict_refuses_a_tensor_it_does_not_know():
     with pytest.raises(model.PionError, match="no Qwen3 counterpart"):
         hf_export.qwen3_state_dict({"layers.0.attn.bias": torch.zeros(1)})
+
+
+def test_a_full_disk_during_the_export_is_one_line_and_leaves_nothing(exported, tmp_path, tokenizer_path):
+    """safetensors wraps the OS's error in its own exception type; a file-size limit (ulimit -f) fails the
+    write the way a full disk does."""
+    checkpoint = str(tmp_path / "tiny.pt")
+    save_tiny_checkpoint(checkpoint, use_soft_cap=False)
+    result = subprocess.run([sys.executable, "export_hf.py", "--checkpoint", checkpoint, "--out", tmp_path / "hf",
+                             "--tokenizer", tokenizer_path], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            preexec_fn=limit_file_size(1_000_000))
+    assert one_error_line(result).startswith(f"error: cannot write {tmp_path / 'hf'}: ")
+    assert sorted(os.listdir(tmp_path)) == ["tiny.pt"]
+
+
+def limit_file_size(max_bytes):
+    """A preexec_fn: files of the process stop at max_bytes, and a write past that fails with EFBIG."""
+    def limit():
+        import resource
+        import signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel ends the process instead of failing the write
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+    return limit

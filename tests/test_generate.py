@@ -60,6 +60,13 @@ def test_cli_prints_the_continuation_the_speed_and_the_bandwidth_utilization(che
                      r"MBU \d+% \([\d,]+ MB a step of [\d,]+ GB/s\)$", err, re.M)
 
 
+def test_cli_reports_only_the_kept_tokens_of_a_truncated_prompt_as_prefilled(checkpoint):
+    # max_seq_len 256 and 6 new tokens keep the last 250 tokens of this far longer prompt.
+    result = run_main(["--checkpoint", checkpoint, "--prompt", "a b c " * 400, "--max_tokens", "6",
+                       "--temperature", "0"])
+    assert re.search(r"^\d+ tokens x 1 row\(s\); prefill of 250 tokens ", result.stderr, re.M), result.stderr
+
+
 def test_cli_same_seed_same_text_and_streaming_equals_no_stream(checkpoint):
     argv = ["--checkpoint", checkpoint, "--prompt", "Hello", "--max_tokens", "20", "--top_k", "0", "--seed"]
     first, second = run_main(argv + ["7"]).stdout, run_main(argv + ["7"]).stdout

@@ -423,6 +423,110 @@ def test_with_an_api_key_a_missing_or_wrong_key_is_a_401(pion, tokenizer):
         assert httpx.get(url + "/health").status_code == 200  # the page and health need no key
 
 
+@pytest.mark.parametrize("messages", [[{"role": "user", "content": "hi \ud800"}],
+                                      [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]])
+def test_a_lone_surrogate_in_a_message_is_a_400_and_the_connection_is_kept(server, messages):
+    with httpx.Client(timeout=30) as keep_alive:
+        body = json.dumps({"messages": messages, "max_tokens": 2})  # json.dumps writes the surrogate as \ud800
+        headers = {"Content-Type": "application/json"}
+        assert error_of(keep_alive.post(server[0] + "/v1/chat/completions", content=body, headers=headers),
+                        400)["param"] == "messages[0].content"
+        assert keep_alive.post(server[0] + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+        assert keep_alive.post(server[0] + "/v1/completions", json={"prompt": "x"}).num_bytes_downloaded > 0
+
+
+def test_a_lone_surrogate_in_a_prompt_or_a_stop_string_is_a_400(server):
+    headers = {"Content-Type": "application/json"}
+    for body, param in (({"prompt": "a \ud800 b"}, "prompt"), ({"prompt": "a", "stop": ["\ud800"]}, "stop")):
+        response = httpx.post(server[0] + "/v1/completions", content=json.dumps(body), headers=headers, timeout=30)
+        assert error_of(response, 400)["param"] == param
+
+
+def test_json_nested_too_deeply_is_a_400(server):
+    body = "[" * 9_000 + "]" * 9_000  # within this server's 20 kB body limit, deeper than Python's JSON parser goes
+    response = httpx.post(server[0] + "/v1/completions", content=body, headers={"Content-Type": "application/json"},
+                          timeout=30)
+    assert error_of(response, 400)["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize("field, value", [("tools", [{"type": "function", "function": {"name": "f"}}]),
+                                          ("tool_choice", "required"), ("response_format", {"type": "json_object"})])
+def test_tools_and_response_formats_are_a_400_not_ignored(server, field, value):
+    error = error_of(post(server, {"messages": MESSAGES, field: value}), 400)
+    assert error["param"] == field and error["code"] == "unsupported_parameter"
+
+
+def test_tools_and_response_formats_that_ask_for_nothing_are_accepted(client):
+    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, tools=[], tool_choice="none",
+                                           response_format={"type": "text"})
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_special_token_text_in_a_prompt_is_text_not_a_control_id(client, tokenizer):
+    reply = client.completions.create(model="tiny", prompt="<|endoftext|>", max_tokens=1)
+    assert reply.usage.prompt_tokens == len(tokenizer.encode("<|endoftext|>").ids) > 1
+
+
+def test_the_bearer_scheme_is_matched_in_any_case(pion, tokenizer):
+    with serving(pion, tokenizer, api_key="s3cret") as (url, _):
+        for scheme in ("Bearer", "bearer", "BEARER"):
+            response = httpx.get(url + "/v1/models", headers={"Authorization": f"{scheme} s3cret"})
+            assert response.status_code == 200, scheme
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Basic s3cret"}).status_code == 401
+
+
+@pytest.mark.parametrize("host", ["localhost", "LOCALHOST:8000", "127.0.0.1", "127.0.0.1:80", "[::1]", "[::1]:8000"])
+def test_a_keyless_loopback_server_answers_loopback_host_names(server, host):
+    assert httpx.get(server[0] + "/health", headers={"Host": host}).status_code == 200
+
+
+@pytest.mark.parametrize("host", ["attacker.example", "attacker.example:8000", "127.0.0.1.attacker.example",
+                                  "192.168.1.5", "localhost.example", ""])
+def test_a_keyless_loopback_server_refuses_other_host_names_against_dns_rebinding(server, host):
+    response = httpx.get(server[0] + "/v1/models", headers={"Host": host})
+    assert error_of(response, 400)["code"] == "invalid_host"
+    assert httpx.get(server[0] + "/health", headers={"Host": host}).status_code == 400
+
+
+def test_a_server_with_a_key_answers_any_host_name(pion, tokenizer):
+    with serving(pion, tokenizer, api_key="s3cret") as (url, _):
+        response = httpx.get(url + "/v1/models", headers={"Host": "pion.example", "Authorization": "Bearer s3cret"})
+        assert response.status_code == 200
+
+
+def test_a_connection_that_never_finishes_its_headers_is_closed(pion, tokenizer):
+    engine = BatchingEngine(pion, tokenizer, 1).start()
+    try:
+        with serving_in_thread(create_app(engine, tokenizer, "tiny"), header_timeout=0.5) as url:
+            port = int(url.rsplit(":", 1)[1])
+            started = time.monotonic()
+            with socket.create_connection(("127.0.0.1", port)) as slow:
+                slow.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # and never the rest
+                slow.settimeout(10)
+                assert slow.recv(1024) == b""  # closed by the server
+            assert time.monotonic() - started < 5
+            with socket.create_connection(("127.0.0.1", port)) as idle:
+                idle.settimeout(10)
+                assert idle.recv(1024) == b""  # a connection that sends nothing at all is closed too
+            # A keep-alive connection gets the same deadline for its next request's headers.
+            with socket.create_connection(("127.0.0.1", port)) as kept:
+                kept.settimeout(10)
+                kept.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert kept.recv(4096).startswith(b"HTTP/1.1 200")
+                kept.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                assert kept.recv(1024) == b""
+            assert httpx.get(url + "/health").status_code == 200
+    finally:
+        engine.close()
+
+
+def test_the_server_caps_connections_and_times_out_idle_ones():
+    import server as S
+    config = S.uvicorn_config(None)
+    assert config.limit_concurrency == S.MAX_CONNECTIONS and config.timeout_keep_alive == S.KEEP_ALIVE_TIMEOUT
+    assert config.h11_max_incomplete_event_size == S.MAX_HEADER_BYTES
+
+
 # ---------------------------------------------------------------------------------------------------
 # serve.py
 
@@ -444,6 +548,20 @@ def test_serve_reports_a_busy_port_in_one_line_before_loading_the_model(tmp_path
     assert_one_line_error(result, f"cannot listen on 127.0.0.1:{port}")
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.5"])
+def test_serving_beyond_loopback_without_a_key_is_refused(host, monkeypatch):
+    monkeypatch.delenv("PION_API_KEY", raising=False)
+    result = run_in_process(serve.main, ["--checkpoint", "x.pt", "--host", host])
+    assert_one_line_error(result, f"--host {host} opens the server to other machines")
+
+
+def test_serving_beyond_loopback_takes_a_key_or_allow_unauthenticated(monkeypatch):
+    monkeypatch.delenv("PION_API_KEY", raising=False)
+    assert serve.parse_args(["--checkpoint", "x.pt", "--host", "0.0.0.0", "--api_key", "k"]).api_key == "k"
+    assert serve.parse_args(["--checkpoint", "x.pt", "--host", "0.0.0.0", "--allow_unauthenticated"]).host == "0.0.0.0"
+    assert serve.parse_args(["--checkpoint", "x.pt", "--host", "localhost"]).host == "localhost"
+
+
 def test_serve_defaults_to_localhost_and_reads_the_key_from_the_environment(monkeypatch):
     monkeypatch.setenv("PION_API_KEY", "from-env")
     args = serve.parse_args(["--checkpoint", "x.pt"])
@@ -453,7 +571,8 @@ def test_serve_defaults_to_localhost_and_reads_the_key_from_the_environment(monk
 def test_serve_with_quantize_int8_serves_an_int8_model(tiny_checkpoint, tokenizer_path, monkeypatch):
     import uvicorn
     engines = []  # what serve.main hands the app: the engine, with the model it decodes with
-    monkeypatch.setattr(serve, "create_app", lambda engine, *args: engines.append(engine) or create_app(engine, *args))
+    monkeypatch.setattr(serve, "create_app",
+                        lambda engine, *args, **kwargs: engines.append(engine) or create_app(engine, *args, **kwargs))
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)  # main returns instead of serving
     result = run_in_process(serve.main, ["--checkpoint", tiny_checkpoint[0], "--tokenizer", tokenizer_path,
                                          "--port", 0, "--device", "cpu", "--quantize", "int8"])

@@ -176,16 +176,24 @@ def test_malformed_rows_are_skipped_and_counted(tokenizer, tmp_path, capsys):
         # ("4", "true") to a non-string: such rows are skipped too, so the replies above are not numbers.
         {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": 42}]},
         {"messages": [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "hi"}]},
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "bye" + EOS}]},
     ]
     data_file = write_jsonl(tmp_path / "mixed.jsonl", [sharegpt(c) for c in CONVERSATIONS] + malformed)
     train, val = sft_data.load_sft_splits(tokenizer, 256, data_file=data_file)
     assert all_spans(tokenizer, train, val) == sorted(replies(CONVERSATIONS))
     out = capsys.readouterr().out
-    assert "5 conversations kept, 8 skipped as malformed" in out
-    for why in ("2 no turns", "1 unknown role", "1 empty text", "2 text is not a string", "1 no assistant turn",
-                "1 special token in text"):
+    assert "5 conversations kept, 7 skipped as malformed" in out
+    for why in ("2 no turns", "1 unknown role", "1 empty text", "2 text is not a string", "1 no assistant turn"):
         assert why in out
+
+
+def test_special_token_text_in_a_message_is_trained_as_plain_text(tokenizer):
+    conversation = [("user", "What ends a document? <|pad|>"), ("assistant", "The text <|endoftext|>, as id 0.")]
+    messages, problem = sft_data.normalize_conversation(openai(conversation))
+    assert problem is None
+    input_ids, labels = sft_data.render_conversation(tokenizer, messages)
+    assert input_ids.count(sft_data.EOS_ID) == 1 and input_ids[-1] == sft_data.EOS_ID  # the template's own
+    assert sft_data.PAD_ID not in input_ids
+    assert trained_spans(tokenizer, input_ids, labels) == ["The text <|endoftext|>, as id 0.\n" + EOS]
 
 
 def test_an_empty_system_prompt_is_left_out(tokenizer):
@@ -325,6 +333,24 @@ def test_a_malformed_jsonl_line_is_named_by_its_number(tmp_path, tokenizer_path)
     result = run_cli(tmp_path, "--data_file", str(tmp_path / "bad.jsonl"), "--tokenizer", tokenizer_path)
     last_line = result.stderr.strip().splitlines()[-1]  # after datasets' progress bar
     assert result.returncode == 2 and last_line == f"error: {tmp_path / 'bad.jsonl'}:4 is not valid JSON"
+
+
+@pytest.mark.parametrize("line", ['["a", "list"]', '"a string"', "42", "null"])
+def test_a_jsonl_line_that_is_not_an_object_is_named_by_its_number(tmp_path, tokenizer_path, line):
+    rows = [json.dumps(sharegpt(c)) for c in CONVERSATIONS[:2]] + [line]
+    (tmp_path / "bad.jsonl").write_text("\n".join(rows) + "\n")
+    result = run_cli(tmp_path, "--data_file", str(tmp_path / "bad.jsonl"), "--tokenizer", tokenizer_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: {tmp_path / 'bad.jsonl'}:3 is not a JSON object (a line holds one conversation)"
+
+
+def test_a_jsonl_row_with_a_lone_surrogate_is_named_by_its_number(tmp_path, tokenizer_path):
+    rows = [json.dumps(sharegpt(c)) for c in CONVERSATIONS[:2]]
+    rows.insert(1, '{"messages": [{"role": "user", "content": "hi \\ud800"}, {"role": "assistant", "content": "ok"}]}')
+    (tmp_path / "bad.jsonl").write_text("\n".join(rows) + "\n")
+    result = run_cli(tmp_path, "--data_file", str(tmp_path / "bad.jsonl"), "--tokenizer", tokenizer_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith(f"error: {tmp_path / 'bad.jsonl'}:2 holds a lone surrogate")
 
 
 @pytest.mark.parametrize("flags", [["--max_samples", "0"], ["--seq_len", "-1"]])

@@ -216,6 +216,69 @@ def test_sigterm_saves_a_checkpoint_before_exiting(data_dir, tmp_path, tokenizer
     assert saved[0] == f"pion_nano_{step}.pt" and step >= 3
 
 
+def test_sigterm_to_the_whole_process_group_with_loader_workers_saves_and_exits_143(data_dir, tmp_path,
+                                                                                     tokenizer_path):
+    """systemd's stop, Slurm's scancel and cloud preemption signal every process of the group, the DataLoader
+    workers too."""
+    flags = ["--data_dir", data_dir, "--save_dir", tmp_path, "--max_steps", "100000", "--save_interval", "100000",
+             "--eval_interval", "100000", "--seq_len", "32", "--batch_size", "4", "--num_workers", "2",
+             "--log_interval", "1", "--sample_tokens", "0", "--tokenizer", tokenizer_path]
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY_MODEL_FLAGS, *map(str, flags)], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "nano" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    [saved] = [p for p in os.listdir(tmp_path / "nano") if p.endswith(".pt")]
+    assert C.load_checkpoint(tmp_path / "nano" / saved)[1]["step"] >= 3
+
+
+def non_finite_at(monkeypatch, steps):
+    """Make the given steps (1-based) report a non-finite loss, as an overflowing step does: it changes nothing."""
+    real_step, calls = T.train_step, []
+
+    def train_step(*args):
+        calls.append(1)
+        loss, grad_norm, tokens = real_step(*args)
+        return (float("nan"), float("nan"), tokens) if len(calls) in steps else (loss, grad_norm, tokens)
+
+    monkeypatch.setattr(T, "train_step", train_step)
+
+
+def test_no_checkpoint_is_saved_while_steps_are_non_finite(data_dir, tmp_path, tokenizer_path, monkeypatch):
+    non_finite_at(monkeypatch, {3, 4})
+    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--save_interval", "1"], tokenizer_path)
+    assert result.returncode == 0, result.stderr
+    assert "not saving step 3" in result.stdout and "not saving step 4" in result.stdout
+    assert sorted(p for p in os.listdir(tmp_path / "nano") if p.endswith(".pt")) == \
+        ["pion_nano_1.pt", "pion_nano_2.pt", "pion_nano_5.pt", "pion_nano_final.pt"]
+
+
+def test_pruning_keeps_the_newest_checkpoint_from_before_the_non_finite_steps(data_dir, tmp_path, tokenizer_path,
+                                                                              monkeypatch):
+    non_finite_at(monkeypatch, {3, 4})
+    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--save_interval", "1", "--keep_last", "1"],
+                       tokenizer_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p for p in os.listdir(tmp_path / "nano") if p.endswith(".pt")) == \
+        ["pion_nano_2.pt", "pion_nano_5.pt", "pion_nano_final.pt"]
+
+
+def test_a_run_stopped_by_non_finite_steps_names_the_last_good_checkpoint(data_dir, tmp_path, tokenizer_path,
+                                                                          monkeypatch):
+    non_finite_at(monkeypatch, set(range(3, 100)))
+    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--max_steps", "20", "--save_interval", "1",
+                        "--keep_last", "1"], tokenizer_path)
+    good = tmp_path / "nano" / "pion_nano_2.pt"
+    assert_one_line_error(result, f"5 non-finite losses in a row at step 7; stopping (try a lower --lr); the last "
+                                  f"good checkpoint is {good}")
+    assert sorted(p for p in os.listdir(tmp_path / "nano") if p.endswith(".pt")) == ["pion_nano_2.pt"]
+
+
 def test_repeated_non_finite_losses_stop_the_run_without_saving(data_dir, tmp_path, tokenizer_path):
     result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--lr", "1e30", "--warmup_steps", "0",
                         "--max_steps", "20", "--save_interval", "1", "--grad_clip", "0"], tokenizer_path)
@@ -356,7 +419,7 @@ def test_the_memory_test_peak_is_a_real_training_steps_peak(data_dir, tmp_path, 
     shape = ["--model_size", "nano", "--override", "n_layers=2", "--batch_size", "2", "--seq_len", "64"]
     test = subprocess.run([sys.executable, "train.py", *shape, "--memory_test"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
-    assert test.returncode == 0 and "memory test: one training step" in test.stdout, test.stderr
+    assert test.returncode == 0 and "memory test: one training step and a checkpoint save" in test.stdout, test.stderr
     reported = float(re.search(r"peak ([\d.]+) GB", test.stdout).group(1))
     for i in range(2):  # data with the full vocabulary's ids
         np.save(os.path.join(data_dir, f"shard_{i:05d}.npy"),
@@ -489,6 +552,51 @@ def test_resuming_as_another_size_is_refused_naming_the_fields(data_dir, tmp_pat
     result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "b", "--override", "d_ff=128",
                         "--resume", tmp_path / "nano" / "pion_nano_3.pt"], tokenizer_path)
     assert_one_line_error(result, "d_ff 64 (flags: 128)")
+
+
+def test_resuming_on_a_shard_rewritten_with_other_tokens_is_refused(data_dir, tmp_path, tokenizer_path):
+    assert run_train(["--data_dir", data_dir, "--save_dir", tmp_path], tokenizer_path).returncode == 0
+    shard = np.load(os.path.join(data_dir, "shard_00001.npy"))
+    np.save(os.path.join(data_dir, "shard_00001.npy"), (shard + 1) % 512)  # same name, shape and sample count
+    resume = ["--data_dir", data_dir, "--save_dir", tmp_path / "b", "--resume", tmp_path / "nano" / "pion_nano_3.pt"]
+    assert_one_line_error(run_train(resume, tokenizer_path), "content of shard_00001.npy")
+
+
+def test_a_checkpoint_whose_adam_moments_do_not_fit_their_parameters_is_refused(data_dir, tmp_path, tokenizer_path):
+    """Fused AdamW trusts the moments' shapes and writes past a smaller buffer: a downloaded checkpoint must
+    not be able to do that."""
+    assert run_train(["--data_dir", data_dir, "--save_dir", tmp_path], tokenizer_path).returncode == 0
+    checkpoint = C.read_checkpoint(tmp_path / "nano" / "pion_nano_3.pt")
+    moments = checkpoint["optimizer"]["state"]["layers.0.ffn.w1.weight"]
+    moments["exp_avg"] = moments["exp_avg"][:3].clone()
+    torch.save(checkpoint, tmp_path / "bad.pt")
+    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "b", "--resume", tmp_path / "bad.pt"],
+                       tokenizer_path, launcher=[sys.executable])  # a process of its own: unchecked, it crashes
+    assert_one_line_error(result, "exp_avg of layers.0.ffn.w1.weight is (3, 32) torch.float32, the parameter is "
+                                  "(64, 32) torch.float32")
+
+
+@pytest.mark.parametrize("change", ["a missing parameter", "a missing moment", "an int moment"])
+def test_optimizer_state_of_the_wrong_count_or_dtype_is_refused(data_dir, tmp_path, tokenizer_path, change):
+    assert run_train(["--data_dir", data_dir, "--save_dir", tmp_path], tokenizer_path).returncode == 0
+    checkpoint = C.read_checkpoint(tmp_path / "nano" / "pion_nano_3.pt")
+    state = checkpoint["optimizer"]["state"]
+    if change == "a missing parameter":
+        del state["layers.1.ffn.w2.weight"]
+    elif change == "a missing moment":
+        del state["norm.weight"]["exp_avg_sq"]
+    else:
+        state["norm.weight"]["exp_avg_sq"] = state["norm.weight"]["exp_avg_sq"].int()
+    torch.save(checkpoint, tmp_path / "bad.pt")
+    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "b", "--resume", tmp_path / "bad.pt"],
+                       tokenizer_path)
+    assert_one_line_error(result, "has optimizer state that does not fit the model")
+
+
+def test_a_run_that_fails_before_step_1_leaves_no_save_dir_it_created(tmp_path, tokenizer_path):
+    result = run_train(["--data_dir", tmp_path / "no_data", "--save_dir", tmp_path / "new" / "runs"], tokenizer_path)
+    assert_one_line_error(result, "data dir not found")
+    assert os.listdir(tmp_path) == []
 
 
 def test_resuming_on_changed_data_is_refused_unless_allowed(data_dir, tmp_path, tokenizer_path):
