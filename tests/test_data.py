@@ -357,7 +357,7 @@ def test_loader_workers_ignore_the_stop_signals_the_trainer_handles(tmp_path):
     numbered_shards(tmp_path / "d", 1, rows=40, width=4)
     before = child_pids()
     batches = loader(str(tmp_path / "d"), num_workers=2, seed=0)
-    next(batches)
+    first_tokens(batches, 2)  # a batch from each worker: both have started
     workers = child_pids() - before
     assert len(workers) == 2
     for pid in workers:
