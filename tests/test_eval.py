@@ -353,6 +353,7 @@ doc_to_target: answer
 """
 
 
+@pytest.mark.slow
 def test_a_task_yaml_that_does_not_parse_is_named_with_its_error(tmp_path, tokenizer_path):
     folder = own_task(tmp_path / "tasks", OWN_TASK + "doc_to_text: [unclosed\n")
     result = run_eval("--checkpoint", tmp_path / "nope.pt", "--tasks", "own_task", "--include_path", folder,

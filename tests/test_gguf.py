@@ -220,9 +220,15 @@ def test_chat_template_is_export_hf_template(read_exported):
 
 
 def test_llama_cpp_tokenizes_like_the_tokenizers_library(load_llama, tokenizer):
+    """Typed special-token text is plain text in Pion (llama.cpp's special=False); the chat template writes
+    <|endoftext|> as text for llama.cpp to match (special=True), as a tokenizer matching specials does."""
+    from tokenizers import Tokenizer
+    matching = Tokenizer.from_str(tokenizer.to_str())
+    matching.encode_special_tokens = False
     llm = load_llama("f32")
     for text in TEXTS:
-        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text).ids, text
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text).ids, text
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == matching.encode(text).ids, text
 
 
 def test_llama_cpp_decodes_ids_back_to_the_text(load_llama, tokenizer):

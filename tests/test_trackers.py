@@ -265,6 +265,7 @@ def run_train_process(save_dir, data_dir, tokenizer_path, *args):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_trackio_continues_the_same_run_without_repeating_a_step(data_dir, tmp_path, tokenizer_path, trackio_store):
     run_train_process(tmp_path / "ck", data_dir, tokenizer_path, "--logger", "trackio")
     os.remove(tmp_path / "ck" / "nano" / "pion_nano_final.pt")  # the crash before the final save

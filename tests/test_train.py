@@ -290,6 +290,7 @@ def test_repeated_non_finite_losses_stop_the_run_without_saving(data_dir, tmp_pa
             assert all(torch.isfinite(p).all() for p in m.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
 def test_two_processes_match_one_process_with_the_same_global_batch(data_dir, tmp_path, tokenizer_path, sharding):
     single = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "one", "--batch_size", 4], tokenizer_path)
