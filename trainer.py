@@ -484,13 +484,23 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
     last_good = last_path
     smooth_loss, t0, tokens_since_log = None, time.perf_counter(), 0
 
+    @contextlib.contextmanager
+    def shown_on_the_bar(what):
+        """A pause of the steps (an eval, a save: seconds to minutes) says what it is on the progress line."""
+        bar.set_description_str(f"{prefix} ({what})")
+        try:
+            yield
+        finally:
+            bar.set_description_str(prefix)
+
     def save(name):
         nonlocal last_saved, last_path
         contents = {"config": model.config, "train_config": asdict(config), "data": data_identity, **(saved_with or {}),
                     "step": state.step, "tokens_seen": state.tokens_seen, "samples_seen": state.samples_seen}
         keep_optimizer = name != "final" or config.keep_final_optimizer
         last_path = os.path.join(run_dir, f"{prefix}_{name}.pt")
-        save_training_checkpoint(last_path, wrapped, optimizer if keep_optimizer else None, rt, contents)
+        with shown_on_the_bar("saving"):
+            save_training_checkpoint(last_path, wrapped, optimizer if keep_optimizer else None, rt, contents)
         last_saved = state.step
 
     def good_checkpoint():
@@ -537,15 +547,18 @@ def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume
                 metrics.write(**record)
 
             if step % config.eval_interval == 0 or step == config.max_steps:
-                val = evaluate(wrapped, val_batches(), rt, config.eval_steps, token_bytes)
-                if benchmark_fn is not None:
-                    val.update(benchmark_fn(model))
+                with shown_on_the_bar("evaluating"):
+                    val = evaluate(wrapped, val_batches(), rt, config.eval_steps, token_bytes)
+                    if benchmark_fn is not None:
+                        val.update(benchmark_fn(model))
                 rt.print(f"step {step}: val loss {val['val_loss']:.4f}, ppl {math.exp(min(val['val_loss'], 20)):.2f}"
                          + "".join(f", {name.replace('val_', '')} {value:.4f}" for name, value in val.items()
                                    if name != "val_loss"))
                 metrics.write(step=step, **val, tokens_seen=state.tokens_seen)
                 if sample_fn is not None:
-                    rt.print(f"sample: {sample_text(sample_fn, model, wrapped, config, rt)!r}")
+                    with shown_on_the_bar("sampling"):
+                        sample = sample_text(sample_fn, model, wrapped, config, rt)
+                    rt.print(f"sample: {sample!r}")
 
             # No checkpoint while non-finite steps are happening: it could replace the good one.
             if step % config.save_interval == 0 and step < config.max_steps:

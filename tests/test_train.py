@@ -102,6 +102,14 @@ def test_a_cpu_runtime_reuses_freed_large_buffers_instead_of_faulting_them_in_ag
 # Runs
 
 
+def test_the_progress_line_says_when_the_run_evaluates_and_saves(data_dir, tmp_path, tokenizer_path):
+    """An eval or a save pauses the steps for seconds to minutes: the bar must not look stalled."""
+    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "ck"], tokenizer_path)
+    assert result.returncode == 0, result.stderr
+    for what in ("evaluating", "saving"):
+        assert f"pion_nano ({what})" in result.stderr, what
+
+
 def test_training_writes_metrics_and_checkpoints(data_dir, tmp_path, tokenizer_path):
     result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "ck"], tokenizer_path)
     assert result.returncode == 0, result.stderr
