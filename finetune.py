@@ -15,15 +15,16 @@ import sys
 
 import torch.distributed as dist
 
-from checkpoint import load_checkpoint, open_run_dir
+from checkpoint import load_checkpoint
 from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, positive_int, run_cli
 from decoding import generate_text
-from runtime import Runtime, seed_everything
+from runs import is_sft_checkpoint, open_run_dir
+from runtime import Runtime, seed_everything, signal_exit_code
 from sft_data import USER_MARKER, collate, load_sft_splits, render_conversation, sft_batches
 from tokenizer import load_tokenizer
 from trackers import add_logger_args
-from trainer import (TrainConfig, add_benchmark_args, add_train_config_args, benchmark_scorer,
-                     signal_exit_code, train)
+from train_config import TrainConfig, add_benchmark_args, add_train_config_args, benchmark_scorer
+from trainer import train
 from validation import token_byte_lengths
 
 PREFIX = "pion_sft"
@@ -151,11 +152,6 @@ def finetune(args, config, rt):
             rt.print(f"done: {state.step} steps, {state.tokens_seen:,} tokens; "
                      f"chat with it: python chat.py --checkpoint {os.path.join(run_dir, PREFIX + '_final.pt')}")
         return state
-
-
-def is_sft_checkpoint(checkpoint):
-    # Checkpoints before "trainer" was saved stored finetune.py's flags, which include --checkpoint.
-    return checkpoint.get("trainer") == "sft" or "checkpoint" in checkpoint.get("args", {})
 
 
 def main(argv=None):

@@ -1,10 +1,12 @@
 """Where and how this process trains: the device, its rank under torchrun, bf16 autocast, the settings the
-device wants of the process, and the random number generators (seeding, and their state for exact resume)."""
+device wants of the process, the random number generators (seeding, and their state for exact resume), and
+the stop signals (SIGINT, SIGTERM) it answers by saving."""
 import contextlib
 import ctypes
 import os
 import random
 import resource
+import signal
 
 import torch
 import torch.distributed as dist
@@ -110,3 +112,26 @@ def gather_rng_states(rt):
     states = [None] * rt.world_size
     dist.all_gather_object(states, state)
     return states
+
+
+def signal_exit_code(name):
+    """The shell's exit code for a process ended by this signal (130 for SIGINT, 143 for SIGTERM)."""
+    return 128 + signal.Signals[name].value if name in signal.Signals.__members__ else 1
+
+
+class StopSignal:
+    """SIGINT/SIGTERM (Ctrl-C, a preempted cloud GPU) ask the loop to save and exit after this step.
+    A second signal interrupts immediately."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)

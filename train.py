@@ -5,7 +5,6 @@
 
 The loop, precision, checkpoints and resume are trainer.py's; this script picks the model and the data.
 """
-import dataclasses
 import json
 import os
 import sys
@@ -14,14 +13,15 @@ import numpy as np
 
 import data
 import model as pion
-from checkpoint import load_checkpoint, open_run_dir
+from checkpoint import load_checkpoint
 from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, run_cli
 from decoding import generate_text
-from runtime import Runtime, seed_everything
+from runs import check_same_model, open_run_dir
+from runtime import Runtime, seed_everything, signal_exit_code
 from tokenizer import PAD_ID, load_tokenizer
 from trackers import add_logger_args
-from trainer import (TrainConfig, add_benchmark_args, add_train_config_args, benchmark_scorer, memory_test,
-                     signal_exit_code, train, wsd_decay_start)
+from train_config import TrainConfig, add_benchmark_args, add_train_config_args, benchmark_scorer, wsd_decay_start
+from trainer import memory_test, train
 from validation import token_byte_lengths
 
 DEFAULTS = TrainConfig(max_steps=100_000, lr=3e-4, min_lr=3e-5, warmup_steps=1000, batch_size=64, grad_accum=2,
@@ -75,15 +75,6 @@ def model_config(args, **config):
     """The PionConfig the flags ask for: --model_size, --no_soft_cap and --override."""
     return pion.get_config(args.model_size, **{"use_soft_cap": not args.no_soft_cap, **config,
                                                **config_overrides(args.override)})
-
-
-def check_same_model(path, checkpoint_config, asked):
-    """Resuming with other model flags would train one model under another's name: refuse it."""
-    differ = [f"{f.name} {getattr(checkpoint_config, f.name)!r} (flags: {getattr(asked, f.name)!r})"
-              for f in dataclasses.fields(asked) if getattr(checkpoint_config, f.name) != getattr(asked, f.name)]
-    if differ:
-        raise PionError(f"{path} is a different model than --model_size/--override/--no_soft_cap ask for: "
-                        f"{', '.join(differ)}; resume it with the flags it was trained with")
 
 
 def sample_fn(args, tokenizer, vocab_size, rt, val_data):

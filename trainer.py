@@ -1,72 +1,30 @@
 """The training loop that pretraining (train.py) and SFT (finetune.py) share: the model's wrapping, the
-optimizer, one optimizer step, checkpoints with exact resume, signals and metrics. Configured by a
-TrainConfig; train() returns the run's final TrainState. The process (device, ranks, autocast, RNG) is
-runtime.py's; validation is validation.py's.
+optimizer, one optimizer step, and the loop. Configured by a TrainConfig (train_config.py); train()
+returns the run's final TrainState. The process (device, ranks, autocast, RNG) is runtime.py's, the run's
+checkpoints and resume rules runs.py's, validation validation.py's.
 """
 import contextlib
-import dataclasses
 import math
 import os
 import resource
-import signal
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 from tqdm import tqdm
 
-from checkpoint import clean_state_dict, keep_final_as_step_checkpoint, prune_checkpoints, save_checkpoint
-from cli import PionError, first_line, non_negative_float, non_negative_int, positive_int
+from cli import PionError
 from hardware import gpu_peak_flops, training_flops_per_token
-from runtime import gather_rng_states, set_rng_state
+from runtime import StopSignal
+from runs import (check_same_data, keep_final_as_step_checkpoint, prune_checkpoints, restore_optimizer_and_rng,
+                  save_training_checkpoint, training_checkpoint, warn_schedule_change)
+from train_config import fit_schedule, learning_rate
 from trackers import RunLog
 from validation import evaluate
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run gives up
-
-
-def setting(help, default=dataclasses.MISSING, flag_type=None, flag=None, **flag_options):
-    """A TrainConfig field documented once: `help` is also its command-line flag's help (add_train_config_args).
-    flag_type checks the flag's value; flag names it when it is not --<field> (False: no flag)."""
-    return dataclasses.field(default=default, metadata=dict(help=help, type=flag_type, flag=flag, options=flag_options))
-
-
-@dataclass
-class TrainConfig:
-    """How to train: the schedule, batch layout, intervals and performance switches of one run."""
-    max_steps: int = setting("optimizer steps of the whole run", flag_type=positive_int)
-    lr: float = setting("peak learning rate", flag_type=non_negative_float)
-    min_lr: float = setting("learning rate at the end of the schedule", flag_type=non_negative_float)
-    warmup_steps: int = setting("steps of linear warmup", flag_type=non_negative_int)
-    batch_size: int = setting("sequences per device per micro-step", 8, positive_int)
-    grad_accum: int = setting("micro-steps per optimizer step", 1, positive_int)
-    seq_len: int = setting("tokens per training sequence", 2048, positive_int)
-    schedule: str = setting('"wsd" (warmup, constant, linear decay) or "cosine": each trainer sets its own', "wsd",
-                            flag=False)
-    decay_frac: float = setting("WSD: the fraction of max_steps spent decaying", 0.2, flag=False)  # train.py's own
-    weight_decay: float = setting("AdamW decay (not on norm weights)", 0.1, non_negative_float)
-    grad_clip: float = setting("max gradient norm, 0 = off", 1.0, non_negative_float)
-    log_interval: int = setting("steps between metrics lines", 10, positive_int)
-    eval_interval: int = setting("steps between validations", 500, positive_int)
-    eval_steps: int = setting("validation batches per evaluation", 20, positive_int)
-    save_interval: int = setting("steps between checkpoints", 1000, positive_int)
-    keep_last: Optional[int] = setting("keep only the newest N step checkpoints", None, positive_int)
-    compile: bool = setting("torch.compile each block", False)
-    gradient_checkpointing: bool = setting("keep activations instead of recomputing them in backward (faster, more "
-                                           "memory)", True, flag="--no_gradient_checkpointing")
-    fsdp: bool = setting("shard parameters with FSDP2 instead of DDP (torchrun)", False)
-    fsdp_param_dtype: str = setting("FSDP2 compute dtype (auto: bfloat16 on CUDA, float32 elsewhere)", "auto",
-                                    choices=["auto", "bfloat16", "float32"])
-    seed: int = setting("seeds the weights, the data order and dropout", 42, non_negative_int)
-    allow_data_change: bool = setting("resume although the data differs from the checkpoint's (its sample order "
-                                      "then changes)", False)
-    keep_final_optimizer: bool = setting("keep the optimizer state in the _final checkpoint too (only to train "
-                                         "further from it; it triples the file); step checkpoints always keep it, "
-                                         "to resume", False)
 
 
 @dataclass
@@ -82,94 +40,8 @@ class TrainState:
         return self.stopped_by is None
 
 
-def add_train_config_args(parser, defaults):
-    """A flag per TrainConfig field, defaulting to `defaults` (a TrainConfig) and helped by the field's own text.
-    A switch that is on by default is turned off by its named flag (--no_...)."""
-    for field in dataclasses.fields(TrainConfig):
-        meta = field.metadata
-        if meta["flag"] is False:
-            continue
-        default = getattr(defaults, field.name)
-        if field.type == "bool" or field.type is bool:
-            action = "store_false" if default else "store_true"
-            parser.add_argument(meta["flag"] or f"--{field.name}", dest=field.name, action=action, help=meta["help"])
-        else:
-            parser.add_argument(meta["flag"] or f"--{field.name}", dest=field.name, type=meta["type"], default=default,
-                                help=meta["help"], **meta["options"])
-
-
-def add_benchmark_args(parser):
-    """--eval_tasks and its companions: harness benchmarks scored at each eval, in both trainers."""
-    parser.add_argument("--eval_tasks", default=None, help="lm-evaluation-harness tasks scored at each eval, e.g. "
-                        "hellaswag,arc_easy (pip install lm-eval; default: none)")
-    parser.add_argument("--eval_limit", type=positive_int, default=None,
-                        help="examples per task at each eval (default: all)")
-    parser.add_argument("--eval_include_path", default=None,
-                        help="folder of task YAML files of your own for --eval_tasks (default: none)")
-
-
-def benchmark_scorer(tasks, tokenizer, vocab_size, limit, include_path, batch_size):
-    """model -> {"eval/<task>/<metric>": value} for --eval_tasks, or None without them. lm_eval is imported
-    only then: training needs none of it."""
-    if not tasks:
-        return None
-    try:
-        import evaluation
-    except ImportError as e:
-        raise PionError(f"--eval_tasks needs lm-evaluation-harness ({e}): pip install lm-eval")
-    return evaluation.training_benchmarks(tasks, tokenizer, vocab_size, limit, include_path, batch_size)
-
-
-def wsd_decay_start(max_steps, decay_frac):
-    return max_steps - round(decay_frac * max_steps)
-
-
-def wsd_lr(step, lr, min_lr, warmup_steps, max_steps, decay_frac):
-    """Warmup-stable-decay: linear warmup, constant lr, then linear decay to min_lr over the last decay_frac."""
-    decay_start = wsd_decay_start(max_steps, decay_frac)
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if step < decay_start:
-        return lr
-    return lr + (min_lr - lr) * (step - decay_start + 1) / (max_steps - decay_start)
-
-
-def cosine_lr(step, lr, min_lr, warmup_steps, max_steps):
-    """Linear warmup to lr, then half a cosine down to min_lr at max_steps."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def fit_schedule(config, rt):
-    """The config with a warmup that fits the run: a default warmup longer than a short run would keep the lr
-    near 0 for all of it, so it shrinks to a tenth of the run (said out loud). Warmup running into WSD's
-    decay is refused: the schedule would jump down mid-warmup."""
-    c = config
-    if c.warmup_steps >= c.max_steps:
-        warmup = c.max_steps // 10
-        rt.print(f"warning: warmup of {c.warmup_steps} steps does not fit in max_steps {c.max_steps}; "
-                 f"using {warmup} warmup steps instead")
-        c = dataclasses.replace(c, warmup_steps=warmup)
-    if c.schedule == "wsd" and c.warmup_steps > wsd_decay_start(c.max_steps, c.decay_frac):
-        raise PionError(f"warmup ({c.warmup_steps} steps) runs into the decay, which starts at step "
-                        f"{wsd_decay_start(c.max_steps, c.decay_frac)} of {c.max_steps}: lower --warmup_steps or "
-                        f"--decay_frac")
-    if c.schedule == "wsd" and c.decay_frac > 0 and round(c.decay_frac * c.max_steps) == 0:
-        rt.print(f"warning: decay_frac {c.decay_frac} of {c.max_steps} steps is no step: the lr never decays")
-    return c
-
-
-def learning_rate(config, step):
-    c = config
-    if c.schedule == "cosine":
-        return cosine_lr(step, c.lr, c.min_lr, c.warmup_steps, c.max_steps)
-    return wsd_lr(step, c.lr, c.min_lr, c.warmup_steps, c.max_steps, c.decay_frac)
-
-
 # ----------------------------------------------------------------------------------------------------
-# Runtime: device, processes, precision
+# The model on the device, and its optimizer
 
 
 def fsdp_param_dtype(config, rt):
@@ -215,153 +87,7 @@ def build_optimizer(model, config, rt):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints of a run
-
-
-def training_checkpoint(model, optimizer, rt, contents):
-    """A run's checkpoint dict, in host memory on rank 0 (None on the others): every rank takes part (FSDP
-    gathers shards). optimizer None leaves the optimizer state out."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    if optimizer is not None:
-        contents = {**contents, "optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
-    rng_states = gather_rng_states(rt)
-    return {"model": model_state, "rng": rng_states, **contents} if rt.is_main else None
-
-
-def save_training_checkpoint(path, model, optimizer, rt, contents):
-    """training_checkpoint, written atomically by rank 0."""
-    checkpoint = training_checkpoint(model, optimizer, rt, contents)
-    if rt.is_main:
-        save_checkpoint(path, checkpoint)
-        rt.print(f"saved {path}")
-    if rt.distributed:
-        dist.barrier()
-
-
-def restore_optimizer_and_rng(path, checkpoint, model, optimizer, rt):
-    """Resume: the optimizer's moments (into the wrapped model's, possibly sharded, state) and each rank's RNG.
-    The hyperparameters stay this run's: loading a state dict also loads the saved groups' weight decay."""
-    if "optimizer" in checkpoint:
-        check_optimizer_state(path, checkpoint["optimizer"], model)
-        groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-        try:
-            set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        except Exception as e:
-            raise PionError(f"cannot restore the optimizer from {path} ({first_line(e)})")
-        for group, hyperparameters in zip(optimizer.param_groups, groups):
-            group.update(hyperparameters)
-    else:
-        rt.print(f"warning: {path} holds no optimizer state (a _final.pt keeps it only with --keep_final_optimizer):"
-                 f" AdamW's moments start again from zero")
-    states = checkpoint.get("rng")
-    if isinstance(states, dict):
-        states = [states]  # checkpoints before per-rank states kept rank 0's alone
-    if states:
-        try:
-            set_rng_state(states[rt.rank] if len(states) == rt.world_size else states[0], rt.device)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise PionError(f"{path} has a corrupt RNG state ({first_line(e)})")
-
-
-ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}
-
-
-def check_optimizer_state(path, saved, model):
-    """Refuse optimizer state that does not fit the model before anything loads it: fused AdamW trusts every
-    moment to have its parameter's shape and writes past a smaller buffer (a crash, or worse, from a
-    downloaded file). Every parameter is listed once, and each has all of AdamW's tensors or none (a run
-    that has not stepped yet)."""
-    params = clean_state_dict(dict(model.named_parameters()))
-
-    def refuse(problem):
-        raise PionError(f"{path} has optimizer state that does not fit the model: {problem}")
-
-    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) or \
-            not isinstance(saved.get("param_groups"), list) or not all(isinstance(g, dict) for g in saved["param_groups"]):
-        refuse("expected 'state' and 'param_groups'")
-    listed = [name for group in saved["param_groups"] for name in group.get("params", [])]
-    if sorted(map(str, listed)) != sorted(params):
-        refuse(f"its groups list {len(listed)} parameters, the model has {len(params)}")
-    if saved["state"] and set(saved["state"]) != set(params):
-        refuse(f"it has moments for {len(saved['state'])} of the model's {len(params)} parameters")
-    for name, entry in saved["state"].items():
-        param = params[name]
-        if not isinstance(entry, dict) or set(entry) != ADAMW_STATE or \
-                not all(isinstance(t, torch.Tensor) for t in entry.values()):
-            refuse(f"{name} has {sorted(entry) if isinstance(entry, dict) else type(entry).__name__}, expected "
-                   f"AdamW's tensors {sorted(ADAMW_STATE)}")
-        if entry["step"].numel() != 1:
-            refuse(f"the step of {name} is not one number")
-        for key in ("exp_avg", "exp_avg_sq"):
-            tensor = entry[key]
-            if tensor.shape != param.shape or tensor.dtype != param.dtype:
-                refuse(f"{key} of {name} is {tuple(tensor.shape)} {tensor.dtype}, the parameter is "
-                       f"{tuple(param.shape)} {param.dtype}")
-
-
-SCHEDULE_FIELDS = ("max_steps", "lr", "min_lr", "warmup_steps", "schedule", "decay_frac", "weight_decay", "grad_clip",
-                   "batch_size", "grad_accum")
-
-
-def warn_schedule_change(path, checkpoint, config, rt):
-    """Resuming with other schedule flags (a longer run, another lr) is how a run is extended, so it is allowed;
-    but it moves the learning rate from where the checkpoint's run had it, so it is said."""
-    saved = checkpoint.get("train_config") or {}
-    changed = [f"{key} {saved[key]} -> {getattr(config, key)}" for key in SCHEDULE_FIELDS
-               if key in saved and saved[key] != getattr(config, key)]
-    if changed:
-        rt.print(f"warning: resuming {path} with other training flags than its run's ({', '.join(changed)}); "
-                 f"the schedule from step {checkpoint.get('step', 0)} on follows the new ones")
-
-
-def check_same_data(path, checkpoint, data_identity, config):
-    """Resuming on other data (shards added or removed, another seq_len) silently changes which samples
-    come next: refuse it unless the user asks for it."""
-    saved = checkpoint.get("data")
-    if saved is None or data_identity is None or config.allow_data_change:
-        return
-    # What both record: a checkpoint from before a field was added is compared on the fields it has.
-    changed = []
-    for key in sorted(set(saved) & set(data_identity)):
-        before, now = saved[key], data_identity[key]
-        if isinstance(before, dict) and isinstance(now, dict):  # per shard: name the ones that changed
-            changed += [f"{key} of {name}" for name in sorted(set(before) | set(now)) if before.get(name) != now.get(name)]
-        elif before != now:
-            changed.append(f"{key} {before!r:.60} -> {now!r:.60}")
-    if not changed:
-        return
-    changed = ", ".join(changed)
-    raise PionError(f"the training data differs from what {path} was trained on ({changed}); pass "
-                    f"--allow_data_change to resume on it anyway")
-
-
-# ----------------------------------------------------------------------------------------------------
 # The loop
-
-
-def signal_exit_code(name):
-    """The shell's exit code for a process ended by this signal (130 for SIGINT, 143 for SIGTERM)."""
-    return 128 + signal.Signals[name].value if name in signal.Signals.__members__ else 1
-
-
-class StopSignal:
-    """SIGINT/SIGTERM (Ctrl-C, a preempted cloud GPU) ask the loop to save and exit after this step.
-    A second signal interrupts immediately."""
-
-    def __init__(self):
-        self.received = None
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def _handle(self, signum, frame):
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
 
 
 def human_count(n):

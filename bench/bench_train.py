@@ -39,9 +39,9 @@ TARGET_SPEED, TARGET_MEMORY, TARGET_LOADER, TARGET_OF_PEAK = 1.2, 0.7, 20.0, 0.8
 MODES = ("eager", "compiled")
 
 
-def train_config(steps, compile=False):
-    import trainer
-    return trainer.TrainConfig(max_steps=steps, lr=3e-4, min_lr=3e-5, warmup_steps=0, weight_decay=0.1,
+def step_settings(steps, compile=False):
+    from train_config import TrainConfig
+    return TrainConfig(max_steps=steps, lr=3e-4, min_lr=3e-5, warmup_steps=0, weight_decay=0.1,
                                compile=compile, gradient_checkpointing=False)
 
 
@@ -83,7 +83,7 @@ def pion_variant(steps):
 
     def build():
         torch.manual_seed(0)
-        config = train_config(steps)
+        config = step_settings(steps)
         m = trainer.prepare_model(model.get_model("nano", use_soft_cap=False), config, rt)
         optimizer = trainer.build_optimizer(m, config, rt)
         ids = torch.randint(0, m.config.vocab_size, (BATCH, SEQ_LEN))
@@ -91,7 +91,7 @@ def pion_variant(steps):
         return m, lambda: trainer.train_step(m, optimizer, batches, rt, 1, 1.0, 3e-4)
 
     rt = runtime.Runtime("cpu")
-    measure(build, lambda m: trainer.prepare_model(m, train_config(steps, compile=True), rt), steps)
+    measure(build, lambda m: trainer.prepare_model(m, step_settings(steps, compile=True), rt), steps)
 
 
 def hf_variant(steps):
@@ -107,7 +107,7 @@ def hf_variant(steps):
         config = qwen3_config(model.get_config("nano", use_soft_cap=False))
         config._attn_implementation = "sdpa"
         m = Qwen3ForCausalLM(config)
-        optimizer = trainer.build_optimizer(m, train_config(steps), rt)  # Pion's, groups and all
+        optimizer = trainer.build_optimizer(m, step_settings(steps), rt)  # Pion's, groups and all
         ids = torch.randint(0, config.vocab_size, (BATCH, SEQ_LEN))
 
         def step():

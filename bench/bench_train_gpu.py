@@ -32,6 +32,7 @@ sys.path.insert(0, ROOT)
 import hardware  # noqa: E402
 import model as pion  # noqa: E402
 import runtime  # noqa: E402
+import train_config  # noqa: E402
 import trainer  # noqa: E402
 from hf_export import qwen3_config  # noqa: E402
 
@@ -68,15 +69,15 @@ class Bench:
         return torch.cuda.max_memory_allocated() / 1e9 if self.device.type == "cuda" else float("nan")
 
 
-def train_config(bench, checkpointing=False):
-    return trainer.TrainConfig(max_steps=1, lr=3e-4, min_lr=0.0, warmup_steps=0, batch_size=bench.batch,
+def step_settings(bench, checkpointing=False):
+    return train_config.TrainConfig(max_steps=1, lr=3e-4, min_lr=0.0, warmup_steps=0, batch_size=bench.batch,
                                seq_len=bench.seq, compile=True, gradient_checkpointing=checkpointing)
 
 
 def pion_step(bench, config, checkpointing=False):
     """One trainer.train_step of Pion with train.py --compile's setup; returns the loss."""
     rt = runtime.Runtime(str(bench.device))
-    settings = train_config(bench, checkpointing)
+    settings = step_settings(bench, checkpointing)
     model = trainer.prepare_model(pion.Pion(config), settings, rt)
     optimizer = trainer.build_optimizer(model, settings, rt)
     ids = torch.randint(0, config.vocab_size, (bench.batch, bench.seq))
@@ -91,7 +92,7 @@ def transformers_step(bench, config):
     qwen._attn_implementation = "sdpa"
     model = Qwen3ForCausalLM(qwen).to(bench.device)
     rt = runtime.Runtime(str(bench.device))
-    optimizer = trainer.build_optimizer(model, train_config(bench), rt)
+    optimizer = trainer.build_optimizer(model, step_settings(bench), rt)
     model.compile()
     ids = torch.randint(0, config.vocab_size, (bench.batch, bench.seq), device=bench.device)
 

@@ -20,6 +20,7 @@ import torch
 
 import model as pion
 import runtime
+import train_config
 import trainer
 from decoding import generate
 from hardware import decode_bytes_per_step, training_flops_per_token
@@ -69,8 +70,8 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def train_config(target, **fields):
-    return trainer.TrainConfig(max_steps=1, lr=1e-3, min_lr=0.0, warmup_steps=0, batch_size=target.batch_size,
+def check_settings(target, **fields):
+    return train_config.TrainConfig(max_steps=1, lr=1e-3, min_lr=0.0, warmup_steps=0, batch_size=target.batch_size,
                                seq_len=target.seq_len, **fields)
 
 
@@ -96,7 +97,7 @@ def train_speed(target, size, soft_cap, compile, checkpointing):
     memory. The first steps are warm-up (compilation, allocator, optimizer state)."""
     torch._dynamo.reset()  # each variant compiles afresh, so none runs into another's recompile limit
     model = new_model(size, use_soft_cap=soft_cap)
-    config = train_config(target, compile=compile, gradient_checkpointing=checkpointing)
+    config = check_settings(target, compile=compile, gradient_checkpointing=checkpointing)
     ids = torch.randint(0, model.config.vocab_size, (config.batch_size, config.seq_len))
     rt, step = fixed_batch_trainer(target, model, config, ids)
     if target.device.type == "cuda":
@@ -146,7 +147,7 @@ def repeated_batch(vocab_size, batch_size, seq_len, period=64):
 def training_losses(target, size, steps=50, lr=3e-3, autocast=None):
     """Losses of `steps` trainer.train_step's on one repeated batch (autocast: as fixed_batch_trainer's)."""
     model = new_model(size)
-    config = train_config(target, gradient_checkpointing=True)
+    config = check_settings(target, gradient_checkpointing=True)
     ids = repeated_batch(model.config.vocab_size, config.batch_size, config.seq_len)
     _, step = fixed_batch_trainer(target, model, config, ids, autocast)
     return [step(lr)[0] for _ in range(steps)]

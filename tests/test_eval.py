@@ -101,10 +101,11 @@ def manager(tasks):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tokenizer_path):
-    """(capless tiny Pion, its checkpoint, its transformers folder)."""
+def exported(tmp_path_factory, tokenizer_path, tokenizer):
+    """(capless tiny Pion, its checkpoint, its transformers folder). Its vocabulary is the tokenizer's: an id past
+    a small test tokenizer's (a fresh clone's) decodes to nothing, and generations would be empty."""
     tmp = tmp_path_factory.mktemp("export")
-    pion = save_tiny_checkpoint(tmp / "tiny.pt", use_soft_cap=False)
+    pion = save_tiny_checkpoint(tmp / "tiny.pt", use_soft_cap=False, vocab_size=tokenizer.get_vocab_size())
     return pion, str(tmp / "tiny.pt"), hf_export.export(str(tmp / "tiny.pt"), str(tmp / "hf"), tokenizer_path)
 
 

@@ -142,7 +142,7 @@ def test_each_eval_prints_the_val_loss_and_the_greedy_answer_to_the_fixed_questi
 
 
 def test_the_lr_warms_up_linearly_then_follows_a_cosine_to_min_lr(trained):
-    from trainer import cosine_lr
+    from train_config import cosine_lr
     lrs = losses(metrics(trained.save_dir), "lr")
     assert lrs[1] == pytest.approx(2e-2 / 3) and lrs[3] == pytest.approx(2e-2)
     mid = 1e-3 + 0.5 * (2e-2 - 1e-3) * (1 + math.cos(math.pi * (MID_STEP - 1 - 3) / (MAX_STEPS - 3)))

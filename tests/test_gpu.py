@@ -14,6 +14,7 @@ import torch
 
 import hardware
 import runtime
+import train_config
 import trainer
 from attention import SoftCappedAttention, flex_softcap_attention
 from conftest import ROOT, assert_one_line_error, run_in_process, tiny_model
@@ -97,7 +98,7 @@ def test_bf16_autocast_training_steps_on_the_cpu_give_finite_falling_losses():
 
 def test_the_optimizer_is_fused_adamw_and_steps_like_the_per_parameter_loop():
     models = [tiny_model(), tiny_model()]
-    config = trainer.TrainConfig(max_steps=1, lr=1e-2, min_lr=0, warmup_steps=0, weight_decay=0.1)
+    config = train_config.TrainConfig(max_steps=1, lr=1e-2, min_lr=0, warmup_steps=0, weight_decay=0.1)
     fused = trainer.build_optimizer(models[0], config, runtime.Runtime("cpu"))
     loop = torch.optim.AdamW([{"params": [p for p in models[1].parameters() if p.dim() >= 2], "weight_decay": 0.1},
                               {"params": [p for p in models[1].parameters() if p.dim() < 2], "weight_decay": 0.0}],
@@ -116,7 +117,7 @@ def test_the_optimizer_is_fused_adamw_and_steps_like_the_per_parameter_loop():
 
 
 def test_fsdp_compute_dtype_is_bf16_on_cuda_and_fp32_elsewhere_unless_set():
-    config = trainer.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0)
+    config = train_config.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0)
     on = {kind: types.SimpleNamespace(device=torch.device(kind)) for kind in ("cuda", "cpu")}
     assert trainer.fsdp_param_dtype(config, on["cuda"]) == torch.bfloat16
     assert trainer.fsdp_param_dtype(config, on["cpu"]) == torch.float32
@@ -126,11 +127,11 @@ def test_fsdp_compute_dtype_is_bf16_on_cuda_and_fp32_elsewhere_unless_set():
 
 SHARDED_SAMPLE = """
 import os, sys; sys.path[:0] = [{root!r}, os.path.join({root!r}, 'bench')]
-import itertools, torch, gpu_checks, runtime, trainer
+import itertools, torch, gpu_checks, runtime, train_config, trainer
 from decoding import generate
 rt = runtime.Runtime("cpu")
 model = gpu_checks.new_model("tiny")
-config = trainer.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0, fsdp=True, fsdp_param_dtype="bfloat16")
+config = train_config.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0, fsdp=True, fsdp_param_dtype="bfloat16")
 wrapped = trainer.prepare_model(model, config, rt)
 optimizer = trainer.build_optimizer(wrapped, config, rt)
 ids = torch.randint(0, 512, (2, 16))
@@ -160,10 +161,10 @@ def test_a_bf16_sharded_model_samples_after_a_training_step_on_two_gloo_processe
 
 ROPE_UNDER_FSDP = """
 import os, sys; sys.path[:0] = [{root!r}, os.path.join({root!r}, 'bench')]
-import itertools, torch, gpu_checks, runtime, trainer
+import itertools, torch, gpu_checks, runtime, train_config, trainer
 rt = runtime.Runtime("cpu")
 model = gpu_checks.new_model("tiny")
-config = trainer.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0, fsdp=True, fsdp_param_dtype="bfloat16",
+config = train_config.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0, fsdp=True, fsdp_param_dtype="bfloat16",
                              gradient_checkpointing=True)
 wrapped = trainer.prepare_model(model, config, rt)
 seen = []

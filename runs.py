@@ -1,0 +1,269 @@
+"""A training run's folder and checkpoints, and the rules that keep them safe: one run per folder (a lock),
+nothing overwritten, which checkpoint a resume takes, what it must match (the model, the data, the
+optimizer state's shapes), what is pruned, and saving and restoring the optimizer and every rank's RNG."""
+import contextlib
+import dataclasses
+import fcntl
+import glob
+import os
+import re
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+
+from checkpoint import clean_state_dict, save_checkpoint
+from cli import PionError, first_line
+from runtime import gather_rng_states, set_rng_state
+
+# ----------------------------------------------------------------------------------------------------
+# The step checkpoints of a training run: <prefix>_<step>.pt and <prefix>_final.pt in one folder
+
+
+def run_checkpoints(directory, prefix):
+    """The checkpoints of a run, `<prefix>_<step>.pt` by step and `<prefix>_final.pt` last: resume order by
+    what the files are, not by their times (a copied folder gets new times in any order)."""
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(directory), f"{prefix}_*.pt")):
+        match = re.fullmatch(re.escape(prefix) + r"_(\d+|final)\.pt", os.path.basename(path))
+        if match:
+            found.append((float("inf") if match.group(1) == "final" else int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def step_checkpoints(directory, prefix):
+    """Step checkpoints `<prefix>_<step>.pt` in the directory, oldest step first."""
+    return [path for path in run_checkpoints(directory, prefix) if not path.endswith("_final.pt")]
+
+
+def find_resume_checkpoint(directory, prefix):
+    """The newest complete checkpoint (saves are atomic, so any file under a final name is complete)."""
+    paths = run_checkpoints(directory, prefix)
+    return paths[-1] if paths else None
+
+
+@contextlib.contextmanager
+def open_run_dir(directory, prefix, resume, lock=True):
+    """with open_run_dir(...) as resume_path: the folder a run writes its checkpoints to, for the run's life.
+
+    resume: None (a new run), "auto" (the newest checkpoint in the folder, if any) or a path; yields the
+    checkpoint to resume, or None. An OS lock on the folder (dropped by the kernel when the process dies,
+    even by kill -9) keeps a second run from writing into it. A new run never writes into a folder that
+    holds checkpoints, and a resumed one only into its own folder or an empty one: nothing is overwritten.
+    A run that fails before writing anything leaves no empty folder behind, nor the parents it created."""
+    created = outermost_missing_folder(directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        lock_file = open(os.path.join(directory, ".lock"), "a")
+    except OSError as e:
+        raise PionError(f"cannot write to save dir {directory}: {e.strerror}")
+    try:
+        with lock_file:
+            if lock:
+                try:
+                    fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise PionError(f"another run is writing to {directory} (it holds {directory}/.lock); wait "
+                                    f"for it to end or choose another --save_dir")
+                for stale in glob.glob(os.path.join(glob.escape(directory), f".{prefix}_*.pt.tmp*")):
+                    os.remove(stale)  # a save cut short by a crash: with the lock held, no one is writing it
+            yield resume_checkpoint(directory, prefix, resume)
+    except BaseException:
+        if created and os.listdir(directory) == [".lock"]:
+            os.remove(os.path.join(directory, ".lock"))
+            path = os.path.abspath(directory)
+            while True:  # the run's folder, then each parent this run created, while they are empty
+                if os.listdir(path):
+                    break
+                os.rmdir(path)
+                if path == created:
+                    break
+                path = os.path.dirname(path)
+        raise
+
+
+def outermost_missing_folder(directory):
+    """The first folder on the way down to `directory` that does not exist yet, or None if it does."""
+    missing = None
+    path = os.path.abspath(directory)
+    while not os.path.isdir(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def resume_checkpoint(directory, prefix, resume):
+    existing = find_resume_checkpoint(directory, prefix)
+    if resume == "auto":
+        return existing
+    if resume is None and existing:
+        raise PionError(f"{directory} already holds {prefix} checkpoints from an earlier run; pass --resume auto "
+                        f"to continue it, or choose another --save_dir")
+    if resume is not None and existing and \
+            os.path.dirname(os.path.abspath(resume)) != os.path.abspath(directory):
+        raise PionError(f"{directory} holds the checkpoints of another run, which resuming {resume} would "
+                        f"overwrite; resume into its own folder or an empty --save_dir")
+    if resume is not None and existing and os.path.abspath(resume) != os.path.abspath(existing):
+        raise PionError(f"{directory} holds checkpoints past {os.path.basename(resume)} (up to "
+                        f"{os.path.basename(existing)}), which resuming it there would overwrite; resume it into "
+                        f"an empty --save_dir")
+    return resume
+
+
+def keep_final_as_step_checkpoint(path, directory, prefix, step):
+    """A run continued from its own <prefix>_final.pt would replace that file when it ends: the finished run's
+    model is kept under its step's name instead, as the step checkpoint it is. Returns where it now is."""
+    final = os.path.join(directory, f"{prefix}_final.pt")
+    as_step = os.path.join(directory, f"{prefix}_{step}.pt")
+    if os.path.abspath(path) == os.path.abspath(final) and not os.path.exists(as_step):
+        os.replace(final, as_step)
+        return as_step
+    return path
+
+
+def prune_checkpoints(directory, prefix, keep_last, keep=None):
+    """Remove all but the newest keep_last step checkpoints, and never `keep` (a path)."""
+    if keep_last:
+        for path in step_checkpoints(directory, prefix)[:-keep_last]:
+            if keep is None or os.path.abspath(path) != os.path.abspath(keep):
+                os.remove(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints of a run
+
+
+def training_checkpoint(model, optimizer, rt, contents):
+    """A run's checkpoint dict, in host memory on rank 0 (None on the others): every rank takes part (FSDP
+    gathers shards). optimizer None leaves the optimizer state out."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    if optimizer is not None:
+        contents = {**contents, "optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
+    rng_states = gather_rng_states(rt)
+    return {"model": model_state, "rng": rng_states, **contents} if rt.is_main else None
+
+
+def save_training_checkpoint(path, model, optimizer, rt, contents):
+    """training_checkpoint, written atomically by rank 0."""
+    checkpoint = training_checkpoint(model, optimizer, rt, contents)
+    if rt.is_main:
+        save_checkpoint(path, checkpoint)
+        rt.print(f"saved {path}")
+    if rt.distributed:
+        dist.barrier()
+
+
+def restore_optimizer_and_rng(path, checkpoint, model, optimizer, rt):
+    """Resume: the optimizer's moments (into the wrapped model's, possibly sharded, state) and each rank's RNG.
+    The hyperparameters stay this run's: loading a state dict also loads the saved groups' weight decay."""
+    if "optimizer" in checkpoint:
+        check_optimizer_state(path, checkpoint["optimizer"], model)
+        groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        try:
+            set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        except Exception as e:
+            raise PionError(f"cannot restore the optimizer from {path} ({first_line(e)})")
+        for group, hyperparameters in zip(optimizer.param_groups, groups):
+            group.update(hyperparameters)
+    else:
+        rt.print(f"warning: {path} holds no optimizer state (a _final.pt keeps it only with --keep_final_optimizer):"
+                 f" AdamW's moments start again from zero")
+    states = checkpoint.get("rng")
+    if isinstance(states, dict):
+        states = [states]  # checkpoints before per-rank states kept rank 0's alone
+    if states:
+        try:
+            set_rng_state(states[rt.rank] if len(states) == rt.world_size else states[0], rt.device)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise PionError(f"{path} has a corrupt RNG state ({first_line(e)})")
+
+
+ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}
+
+
+def check_optimizer_state(path, saved, model):
+    """Refuse optimizer state that does not fit the model before anything loads it: fused AdamW trusts every
+    moment to have its parameter's shape and writes past a smaller buffer (a crash, or worse, from a
+    downloaded file). Every parameter is listed once, and each has all of AdamW's tensors or none (a run
+    that has not stepped yet)."""
+    params = clean_state_dict(dict(model.named_parameters()))
+
+    def refuse(problem):
+        raise PionError(f"{path} has optimizer state that does not fit the model: {problem}")
+
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) or \
+            not isinstance(saved.get("param_groups"), list) or not all(isinstance(g, dict) for g in saved["param_groups"]):
+        refuse("expected 'state' and 'param_groups'")
+    listed = [name for group in saved["param_groups"] for name in group.get("params", [])]
+    if sorted(map(str, listed)) != sorted(params):
+        refuse(f"its groups list {len(listed)} parameters, the model has {len(params)}")
+    if saved["state"] and set(saved["state"]) != set(params):
+        refuse(f"it has moments for {len(saved['state'])} of the model's {len(params)} parameters")
+    for name, entry in saved["state"].items():
+        param = params[name]
+        if not isinstance(entry, dict) or set(entry) != ADAMW_STATE or \
+                not all(isinstance(t, torch.Tensor) for t in entry.values()):
+            refuse(f"{name} has {sorted(entry) if isinstance(entry, dict) else type(entry).__name__}, expected "
+                   f"AdamW's tensors {sorted(ADAMW_STATE)}")
+        if entry["step"].numel() != 1:
+            refuse(f"the step of {name} is not one number")
+        for key in ("exp_avg", "exp_avg_sq"):
+            tensor = entry[key]
+            if tensor.shape != param.shape or tensor.dtype != param.dtype:
+                refuse(f"{key} of {name} is {tuple(tensor.shape)} {tensor.dtype}, the parameter is "
+                       f"{tuple(param.shape)} {param.dtype}")
+
+
+SCHEDULE_FIELDS = ("max_steps", "lr", "min_lr", "warmup_steps", "schedule", "decay_frac", "weight_decay", "grad_clip",
+                   "batch_size", "grad_accum")
+
+
+def warn_schedule_change(path, checkpoint, config, rt):
+    """Resuming with other schedule flags (a longer run, another lr) is how a run is extended, so it is allowed;
+    but it moves the learning rate from where the checkpoint's run had it, so it is said."""
+    saved = checkpoint.get("train_config") or {}
+    changed = [f"{key} {saved[key]} -> {getattr(config, key)}" for key in SCHEDULE_FIELDS
+               if key in saved and saved[key] != getattr(config, key)]
+    if changed:
+        rt.print(f"warning: resuming {path} with other training flags than its run's ({', '.join(changed)}); "
+                 f"the schedule from step {checkpoint.get('step', 0)} on follows the new ones")
+
+
+def check_same_data(path, checkpoint, data_identity, config):
+    """Resuming on other data (shards added or removed, another seq_len) silently changes which samples
+    come next: refuse it unless the user asks for it."""
+    saved = checkpoint.get("data")
+    if saved is None or data_identity is None or config.allow_data_change:
+        return
+    # What both record: a checkpoint from before a field was added is compared on the fields it has.
+    changed = []
+    for key in sorted(set(saved) & set(data_identity)):
+        before, now = saved[key], data_identity[key]
+        if isinstance(before, dict) and isinstance(now, dict):  # per shard: name the ones that changed
+            changed += [f"{key} of {name}" for name in sorted(set(before) | set(now)) if before.get(name) != now.get(name)]
+        elif before != now:
+            changed.append(f"{key} {before!r:.60} -> {now!r:.60}")
+    if not changed:
+        return
+    changed = ", ".join(changed)
+    raise PionError(f"the training data differs from what {path} was trained on ({changed}); pass "
+                    f"--allow_data_change to resume on it anyway")
+
+
+def check_same_model(path, checkpoint_config, asked):
+    """Resuming with other model flags would train one model under another's name: refuse it."""
+    differ = [f"{f.name} {getattr(checkpoint_config, f.name)!r} (flags: {getattr(asked, f.name)!r})"
+              for f in dataclasses.fields(asked) if getattr(checkpoint_config, f.name) != getattr(asked, f.name)]
+    if differ:
+        raise PionError(f"{path} is a different model than --model_size/--override/--no_soft_cap ask for: "
+                        f"{', '.join(differ)}; resume it with the flags it was trained with")
+
+
+def is_sft_checkpoint(checkpoint):
+    # Checkpoints before "trainer" was saved stored finetune.py's flags, which include --checkpoint.
+    return checkpoint.get("trainer") == "sft" or "checkpoint" in checkpoint.get("args", {})

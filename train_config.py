@@ -1,0 +1,135 @@
+"""How to train: TrainConfig (the schedule, batch layout, intervals and performance switches of a run, each
+field documented once and its flag derived from it), the learning-rate schedules it describes, and the
+benchmark flags both trainers share."""
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from cli import PionError, non_negative_float, non_negative_int, positive_int
+
+
+def setting(help, default=dataclasses.MISSING, flag_type=None, flag=None, **flag_options):
+    """A TrainConfig field documented once: `help` is also its command-line flag's help (add_train_config_args).
+    flag_type checks the flag's value; flag names it when it is not --<field> (False: no flag)."""
+    return dataclasses.field(default=default, metadata=dict(help=help, type=flag_type, flag=flag, options=flag_options))
+
+
+@dataclass
+class TrainConfig:
+    """How to train: the schedule, batch layout, intervals and performance switches of one run."""
+    max_steps: int = setting("optimizer steps of the whole run", flag_type=positive_int)
+    lr: float = setting("peak learning rate", flag_type=non_negative_float)
+    min_lr: float = setting("learning rate at the end of the schedule", flag_type=non_negative_float)
+    warmup_steps: int = setting("steps of linear warmup", flag_type=non_negative_int)
+    batch_size: int = setting("sequences per device per micro-step", 8, positive_int)
+    grad_accum: int = setting("micro-steps per optimizer step", 1, positive_int)
+    seq_len: int = setting("tokens per training sequence", 2048, positive_int)
+    schedule: str = setting('"wsd" (warmup, constant, linear decay) or "cosine": each trainer sets its own', "wsd",
+                            flag=False)
+    decay_frac: float = setting("WSD: the fraction of max_steps spent decaying", 0.2, flag=False)  # train.py's own
+    weight_decay: float = setting("AdamW decay (not on norm weights)", 0.1, non_negative_float)
+    grad_clip: float = setting("max gradient norm, 0 = off", 1.0, non_negative_float)
+    log_interval: int = setting("steps between metrics lines", 10, positive_int)
+    eval_interval: int = setting("steps between validations", 500, positive_int)
+    eval_steps: int = setting("validation batches per evaluation", 20, positive_int)
+    save_interval: int = setting("steps between checkpoints", 1000, positive_int)
+    keep_last: Optional[int] = setting("keep only the newest N step checkpoints", None, positive_int)
+    compile: bool = setting("torch.compile each block", False)
+    gradient_checkpointing: bool = setting("keep activations instead of recomputing them in backward (faster, more "
+                                           "memory)", True, flag="--no_gradient_checkpointing")
+    fsdp: bool = setting("shard parameters with FSDP2 instead of DDP (torchrun)", False)
+    fsdp_param_dtype: str = setting("FSDP2 compute dtype (auto: bfloat16 on CUDA, float32 elsewhere)", "auto",
+                                    choices=["auto", "bfloat16", "float32"])
+    seed: int = setting("seeds the weights, the data order and dropout", 42, non_negative_int)
+    allow_data_change: bool = setting("resume although the data differs from the checkpoint's (its sample order "
+                                      "then changes)", False)
+    keep_final_optimizer: bool = setting("keep the optimizer state in the _final checkpoint too (only to train "
+                                         "further from it; it triples the file); step checkpoints always keep it, "
+                                         "to resume", False)
+
+
+def add_train_config_args(parser, defaults):
+    """A flag per TrainConfig field, defaulting to `defaults` (a TrainConfig) and helped by the field's own text.
+    A switch that is on by default is turned off by its named flag (--no_...)."""
+    for field in dataclasses.fields(TrainConfig):
+        meta = field.metadata
+        if meta["flag"] is False:
+            continue
+        default = getattr(defaults, field.name)
+        if field.type == "bool" or field.type is bool:
+            action = "store_false" if default else "store_true"
+            parser.add_argument(meta["flag"] or f"--{field.name}", dest=field.name, action=action, help=meta["help"])
+        else:
+            parser.add_argument(meta["flag"] or f"--{field.name}", dest=field.name, type=meta["type"], default=default,
+                                help=meta["help"], **meta["options"])
+
+
+def add_benchmark_args(parser):
+    """--eval_tasks and its companions: harness benchmarks scored at each eval, in both trainers."""
+    parser.add_argument("--eval_tasks", default=None, help="lm-evaluation-harness tasks scored at each eval, e.g. "
+                        "hellaswag,arc_easy (pip install lm-eval; default: none)")
+    parser.add_argument("--eval_limit", type=positive_int, default=None,
+                        help="examples per task at each eval (default: all)")
+    parser.add_argument("--eval_include_path", default=None,
+                        help="folder of task YAML files of your own for --eval_tasks (default: none)")
+
+
+def benchmark_scorer(tasks, tokenizer, vocab_size, limit, include_path, batch_size):
+    """model -> {"eval/<task>/<metric>": value} for --eval_tasks, or None without them. lm_eval is imported
+    only then: training needs none of it."""
+    if not tasks:
+        return None
+    try:
+        import evaluation
+    except ImportError as e:
+        raise PionError(f"--eval_tasks needs lm-evaluation-harness ({e}): pip install lm-eval")
+    return evaluation.training_benchmarks(tasks, tokenizer, vocab_size, limit, include_path, batch_size)
+
+
+def wsd_decay_start(max_steps, decay_frac):
+    return max_steps - round(decay_frac * max_steps)
+
+
+def wsd_lr(step, lr, min_lr, warmup_steps, max_steps, decay_frac):
+    """Warmup-stable-decay: linear warmup, constant lr, then linear decay to min_lr over the last decay_frac."""
+    decay_start = wsd_decay_start(max_steps, decay_frac)
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step < decay_start:
+        return lr
+    return lr + (min_lr - lr) * (step - decay_start + 1) / (max_steps - decay_start)
+
+
+def cosine_lr(step, lr, min_lr, warmup_steps, max_steps):
+    """Linear warmup to lr, then half a cosine down to min_lr at max_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def fit_schedule(config, rt):
+    """The config with a warmup that fits the run: a default warmup longer than a short run would keep the lr
+    near 0 for all of it, so it shrinks to a tenth of the run (said out loud). Warmup running into WSD's
+    decay is refused: the schedule would jump down mid-warmup."""
+    c = config
+    if c.warmup_steps >= c.max_steps:
+        warmup = c.max_steps // 10
+        rt.print(f"warning: warmup of {c.warmup_steps} steps does not fit in max_steps {c.max_steps}; "
+                 f"using {warmup} warmup steps instead")
+        c = dataclasses.replace(c, warmup_steps=warmup)
+    if c.schedule == "wsd" and c.warmup_steps > wsd_decay_start(c.max_steps, c.decay_frac):
+        raise PionError(f"warmup ({c.warmup_steps} steps) runs into the decay, which starts at step "
+                        f"{wsd_decay_start(c.max_steps, c.decay_frac)} of {c.max_steps}: lower --warmup_steps or "
+                        f"--decay_frac")
+    if c.schedule == "wsd" and c.decay_frac > 0 and round(c.decay_frac * c.max_steps) == 0:
+        rt.print(f"warning: decay_frac {c.decay_frac} of {c.max_steps} steps is no step: the lr never decays")
+    return c
+
+
+def learning_rate(config, step):
+    c = config
+    if c.schedule == "cosine":
+        return cosine_lr(step, c.lr, c.min_lr, c.warmup_steps, c.max_steps)
+    return wsd_lr(step, c.lr, c.min_lr, c.warmup_steps, c.max_steps, c.decay_frac)
