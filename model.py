@@ -421,7 +421,8 @@ class FusedChunkCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, chunk_size, compute_dtype, want_grad, chunk_fns):
         loss_fn, loss_and_grads_fn = chunk_fns
         vocab, d = weight.shape
-        row_weight = (labels != -100).float() / (labels != -100).sum().clamp(min=1)
+        valid = (labels != -100).float()
+        row_weight = valid / valid.sum().clamp(min=1)
         target = labels.clamp(min=0)
         padded = -(-vocab // FUSED_VOCAB_MULTIPLE) * FUSED_VOCAB_MULTIPLE
         w = torch.zeros(padded, d, device=weight.device, dtype=compute_dtype)
