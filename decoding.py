@@ -226,13 +226,13 @@ def tokens_per_sync(device):
     return CUDA_TOKENS_PER_SYNC if device.type == "cuda" else 1
 
 
-def host_columns(columns, per_sync=None):
-    """generate_tokens' (B,) device columns as lists of ints, in order, read from the device per_sync at a
-    time (one sync for all; default: tokens_per_sync of their device)."""
+def host_columns(columns):
+    """generate_tokens' (B,) device columns as lists of ints, in order, read from the device
+    tokens_per_sync(device) at a time (one sync for all)."""
     pending = []
     for column in columns:
         pending.append(column)
-        if len(pending) == (per_sync or tokens_per_sync(column.device)):
+        if len(pending) == tokens_per_sync(column.device):
             yield from torch.stack(pending).tolist()
             pending = []
     if pending:

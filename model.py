@@ -511,12 +511,13 @@ class Pion(nn.Module):
                    for _, layers in groups for m in layers):
             return False
         for owner, layers in groups:
-            weight = torch.cat([m.weight for m in layers])
-            if owner.fused_weight is None or owner.fused_weight.shape != weight.shape \
-                    or owner.fused_weight.dtype != weight.dtype or owner.fused_weight.device != weight.device:
-                owner.fused_weight = weight
+            weights = [m.weight for m in layers]
+            fused = owner.fused_weight
+            if fused is not None and fused.shape[0] == sum(w.shape[0] for w in weights) \
+                    and (fused.dtype, fused.device) == (weights[0].dtype, weights[0].device):
+                torch.cat(weights, out=fused)  # in place: a captured CUDA graph keeps reading its address
             else:
-                owner.fused_weight.copy_(weight)  # in place: a captured CUDA graph keeps reading its address
+                owner.fused_weight = torch.cat(weights)
         return True
 
     def hidden_states(self, input_ids, kv_cache=None, input_pos=None):

@@ -265,9 +265,10 @@ def test_compiled_decoding_compiles_once_for_calls_of_any_length():
 
 
 
-def test_host_columns_reads_blocks_of_columns_in_order():
+def test_host_columns_reads_blocks_of_columns_in_order(monkeypatch):
+    monkeypatch.setattr(D, "tokens_per_sync", lambda device: 3)
     columns = [torch.tensor([i, 10 + i]) for i in range(7)]
-    assert list(D.host_columns(iter(columns), per_sync=3)) == [[i, 10 + i] for i in range(7)]
+    assert list(D.host_columns(iter(columns))) == [[i, 10 + i] for i in range(7)]
 
 
 def test_host_columns_reads_each_cpu_column_as_it_comes():
