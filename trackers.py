@@ -186,7 +186,19 @@ class TensorBoard:
         self.writer.close()
 
 
-class WandB:
+class AppendOnlyTracker:
+    """A tracker that cannot take a step back (wandb, trackio): the steps an earlier session of the run already
+    sent (up to logged_through) are not sent again when a resumed run replays them."""
+
+    def log(self, record):
+        if record["step"] > self.logged_through:
+            self.run.log(scalars(record), step=record["step"])
+
+    def close(self):
+        self.run.finish()
+
+
+class WandB(AppendOnlyTracker):
     """A wandb run under <run_dir>/wandb/ (WANDB_MODE=offline keeps it there until `wandb sync`)."""
 
     def __init__(self, run_dir, run_id, name, resume_step, logged_through, config):
@@ -195,25 +207,11 @@ class WandB:
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), id=run_id, name=name,
                               resume="allow", dir=run_dir, config=config)
 
-    def log(self, record):
-        if record["step"] > self.logged_through:
-            self.run.log(scalars(record), step=record["step"])
 
-    def close(self):
-        self.run.finish()
-
-
-class Trackio:
+class Trackio(AppendOnlyTracker):
     """A trackio run in its local store (TRACKIO_DIR, by default ~/.cache/huggingface/trackio)."""
 
     def __init__(self, run_dir, run_id, name, resume_step, logged_through, config):
         import trackio
-        self.trackio, self.logged_through = trackio, logged_through
+        self.logged_through = logged_through
         self.run = trackio.init(project=PROJECT, name=name, resume="allow", config=config)
-
-    def log(self, record):
-        if record["step"] > self.logged_through:
-            self.run.log(scalars(record), step=record["step"])
-
-    def close(self):
-        self.run.finish()
