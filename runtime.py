@@ -57,16 +57,25 @@ class Runtime:
     def memory_used(self):
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        return host_memory_peak()
 
     def memory_total(self):
         if self.device.type == "cuda":
             return torch.cuda.get_device_properties(self.device).total_memory
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return host_memory_total()
 
     def close(self):
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def host_memory_peak():
+    """This process's peak resident memory in bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def host_memory_total():
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def keep_freed_memory():

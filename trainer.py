@@ -6,7 +6,6 @@ checkpoints and resume rules runs.py's, validation validation.py's.
 import contextlib
 import math
 import os
-import resource
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -17,7 +16,7 @@ from tqdm import tqdm
 
 from cli import PionError
 from hardware import gpu_peak_flops, training_flops_per_token
-from runtime import StopSignal
+from runtime import StopSignal, host_memory_peak, host_memory_total
 from runs import (check_same_data, keep_final_as_step_checkpoint, prune_checkpoints, restore_optimizer_and_rng,
                   save_training_checkpoint, training_checkpoint, warn_schedule_change)
 from train_config import fit_schedule, learning_rate
@@ -334,6 +333,4 @@ def memory_test(model, config, rt):
         with open(os.devnull, "wb") as nowhere:
             torch.save(checkpoint, nowhere)
     del checkpoint
-    host_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    host_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return (rt.memory_used(), rt.memory_total()), (host_peak, host_total)
+    return (rt.memory_used(), rt.memory_total()), (host_memory_peak(), host_memory_total())
