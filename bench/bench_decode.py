@@ -266,13 +266,7 @@ def cuda_main(args):
 
     def best_seconds(fn, runs=3):
         sync()
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - start)
-        return min(times)
+        return min(seconds(lambda: (fn(), sync())) for _ in range(runs))
 
     torch.manual_seed(0)
     pion = model.get_model("small", use_soft_cap=False, **sizes).to(device, dtype).eval()
