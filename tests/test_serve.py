@@ -627,7 +627,7 @@ def test_the_page_is_one_file_that_loads_nothing_from_elsewhere_and_runs_only_it
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="no chromium (install it with .ci/install_browser)")
-def test_the_chat_page_streams_a_reply_as_text_and_stops_it(pion, tokenizer):
+def test_the_chat_page_streams_a_reply_as_text_and_stops_it(tokenizer):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     injected = '<script>document.title = "pwned"</script><img src=x onerror="document.title = \'pwned\'">'
     reply = tokenizer.encode(f"Hello {injected} and then" + " more" * 200).ids
@@ -637,7 +637,8 @@ def test_the_chat_page_streams_a_reply_as_text_and_stops_it(pion, tokenizer):
         asked.extend(run.request for run in running if run.request not in asked)
         return scripted(logits, running)
 
-    with serving(pion, tokenizer, sample_rows=sample_rows) as (url, engine), sync_api.sync_playwright() as playwright:
+    with serving(long_context_pion(tokenizer), tokenizer, sample_rows=sample_rows) as (url, engine), \
+            sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
             page = browser.new_page()
