@@ -3,7 +3,8 @@ plus the streaming detokenizer that turns tokens into printable text. generate.p
 samples all decode through generate_tokens.
 
     columns = generate_tokens(model, prompts, max_new_tokens, SamplingSettings(temperature=0.8))
-    for row, piece in stream_text(columns, tokenizer, len(prompts)): ...
+    streams = [TextStream(tokenizer) for _ in prompts]
+    for row, piece in stream_text(columns, streams): ...
 
 Rows are right-padded into one batch and every row keeps its own positions in the KV cache, so a batch of
 prompts of different lengths decodes exactly as each prompt alone.
@@ -187,8 +188,8 @@ def generate_tokens(model, prompts, max_new_tokens, settings=GREEDY, generator=N
         step = decode_step
         if compile:
             # Every call sizes its cache to its prompt, so a step compiled for one length would be compiled
-            # again, for any length, at the next call (chat's second answer: another ~40 s on a 2-core CPU for
-            # small). Compiled for any length at once, it is compiled once per process.
+            # again, for any length, at the next call (chat's second answer would wait for a whole new
+            # compilation). Compiled for any length at once, it is compiled once per process.
             for tensor in kv_cache.k + kv_cache.v:
                 torch._dynamo.mark_dynamic(tensor, 2)
             step = compiled_decode_step(device.type)

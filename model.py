@@ -204,8 +204,8 @@ class KVCache:
     def __init__(self, config, batch_size, max_len, device, dtype):
         shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
         # A tensor per layer, not slices of one: a compiled step updates each in place, whereas a slice of
-        # a shared tensor gets its whole layer copied every step (Pion-small, CPU, 2048 slots: 26 ms a
-        # token instead of 10).
+        # a shared tensor gets its whole layer copied every step (on the CPU that copy costs more than the
+        # step itself).
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         if torch.device(device).type == "cuda":
