@@ -33,7 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--model_size", choices=list(pion.SIZES), default="small", help="see `python model.py`")
     p.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
                    help="change a PionConfig field of the size, e.g. --override n_layers=8 (repeatable)")
-    p.add_argument("--data_dir", default=None, help="folder of shard_*.npy (see data.py)")
+    p.add_argument("--data_dir", default=None, help="folder of shard_*.npy (see data_prep.py)")
     add_train_config_args(p, DEFAULTS)
     add_benchmark_args(p)
     add_logger_args(p)
@@ -53,7 +53,7 @@ def parse_args(argv=None):
     if not 0 <= args.decay_frac <= 1:
         p.error("--decay_frac must be between 0 and 1")
     if not args.memory_test and args.data_dir is None:
-        p.error("--data_dir is required (see `python data.py --help` to get data)")
+        p.error("--data_dir is required (see `python data_prep.py --help` to get data)")
     return args
 
 

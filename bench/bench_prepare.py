@@ -1,4 +1,4 @@
-"""Peak memory of `data.py prepare` on one huge document (what `cat *.txt > corpus.txt` makes) against the
+"""Peak memory of `data_prep.py prepare` on one huge document (what `cat *.txt > corpus.txt` makes) against the
 same text split into ordinary JSONL documents, and tokens/s of both.
 
 A whole-document encoding costs ~150 bytes per byte of text; prepare tokenizes a long document in pieces
@@ -33,10 +33,10 @@ def write_corpus(folder, megabytes):
 
 
 def variant(path):
-    import data
+    import data_prep
     out = os.path.join(os.path.dirname(path), "out-" + os.path.basename(path))
     start = time.perf_counter()
-    data.main(["prepare", "--input", path, "--out", out, "--seq_len", "2048"])
+    data_prep.main(["prepare", "--input", path, "--out", out, "--seq_len", "2048"])
     seconds = time.perf_counter() - start
     with open(os.path.join(out, "metadata.json")) as f:
         tokens = json.load(f)["total_tokens"]

@@ -29,7 +29,7 @@ ROWS = [  # (name, run, [(result key, what, target text, is the target met)])
       ("memory_ratio", "peak RSS vs transformers", "<= 0.70", lambda x: x <= 0.7),
       ("loader_ratio", "data loader vs step tokens/s", ">= 20", lambda x: x >= 20),
       ("of_peak", "compiled step, of the measured fp32 matmul peak", ">= 0.85", lambda x: x >= 0.85)]),
-    ("data.py prepare of one 200 MB document vs the same text as JSONL documents", bench_prepare.main,
+    ("data_prep.py prepare of one 200 MB document vs the same text as JSONL documents", bench_prepare.main,
      [("memory_ratio", "peak RSS vs JSONL documents", "<= 1.50", lambda x: x <= 1.5),
       ("peak_mb", "peak RSS in MB", "< 1024", lambda x: x < 1024)]),
     ("greedy decode vs transformers Qwen3 (small, CPU)", lambda: bench_decode.main([]),

@@ -5,7 +5,7 @@ import pytest
 
 import chat
 import cli
-import data
+import data_prep
 import export_hf
 import finetune
 import generate
@@ -14,9 +14,9 @@ import train
 from conftest import assert_one_line_error, run_in_process
 
 SCRIPTS = {"train.py": train.main, "finetune.py": finetune.main, "generate.py": generate.main, "chat.py": chat.main,
-           "export_hf.py": export_hf.main, "data.py prepare": data.main, "data.py download": data.main,
-           "sft_data.py": sft_data.main}
-SUBCOMMAND = {"data.py prepare": ["prepare"], "data.py download": ["download"]}
+           "export_hf.py": export_hf.main, "data_prep.py prepare": data_prep.main,
+           "data_prep.py download": data_prep.main, "sft_data.py": sft_data.main}
+SUBCOMMAND = {"data_prep.py prepare": ["prepare"], "data_prep.py download": ["download"]}
 
 
 def parser_of(script, monkeypatch):
@@ -31,7 +31,7 @@ def parser_of(script, monkeypatch):
     with pytest.raises(SystemExit):
         SCRIPTS[script]([])
     parser = caught[0]
-    for action in parser._actions:  # data.py: the subcommand's own parser
+    for action in parser._actions:  # data_prep.py: the subcommand's own parser
         if isinstance(action, argparse._SubParsersAction):
             parser = action.choices[SUBCOMMAND[script][0]]
     return parser
@@ -54,7 +54,7 @@ def test_help_shows_every_default(script, monkeypatch):
 
 REQUIRED = {"train.py": ["--data_dir", "d"], "finetune.py": ["--checkpoint", "c.pt"],
             "generate.py": ["--checkpoint", "c.pt"], "export_hf.py": ["--checkpoint", "c.pt"],
-            "data.py prepare": ["prepare", "--input", "x.txt", "--out", "o"], "chat.py": [], "sft_data.py": []}
+            "data_prep.py prepare": ["prepare", "--input", "x.txt", "--out", "o"], "chat.py": [], "sft_data.py": []}
 
 
 @pytest.mark.parametrize("script", REQUIRED)

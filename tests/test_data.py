@@ -1,5 +1,3 @@
-import glob
-import json
 import os
 import pickle
 
@@ -8,9 +6,8 @@ import pytest
 import torch
 
 import data
-from tokenizer import EOS_ID, PAD_ID
+from tokenizer import PAD_ID
 from cli import PionError
-from conftest import assert_one_line_error, run_in_process
 
 VOCAB_SIZE = 10_000
 
@@ -203,140 +200,6 @@ def test_token_id_beyond_vocab_raises_pion_error_in_the_main_process(tmp_path):
     with pytest.raises(PionError, match=f"token id {VOCAB_SIZE + 5} >= vocab_size {VOCAB_SIZE} in ") as error:
         next(batches)
     assert "\n" not in str(error.value)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The CLI
-
-
-def run_data_cli(*args):
-    return run_in_process(data.main, args)
-
-
-def test_prepare_packs_documents_separated_by_eos_into_uint16_shards(tmp_path, tokenizer, tokenizer_path):
-    documents = ["The first document.\nIt has two lines.", "Third, from JSON lines.", "And a fourth one.",
-                 "Second document, in a subdirectory."]
-    (tmp_path / "text" / "sub").mkdir(parents=True)
-    (tmp_path / "text" / "a.txt").write_text(documents[0])
-    (tmp_path / "text" / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents[1:3]))
-    (tmp_path / "text" / "sub" / "c.txt").write_text(documents[3])
-    out = str(tmp_path / "out")
-    data.main(["prepare", "--input", str(tmp_path / "text"), "--out", out, "--seq_len", "8", "--shard_rows", "2",
-               "--tokenizer", tokenizer_path])
-
-    shards = [np.load(path) for path in sorted(glob.glob(os.path.join(out, "shard_*.npy")))]
-    metadata = json.load(open(os.path.join(out, "metadata.json")))
-    assert len(shards) >= 2 and all(s.dtype == np.uint16 and s.shape[1] == 8 for s in shards)
-    tokens = np.concatenate(shards).ravel()
-    assert metadata["n_rows"] * 8 == len(tokens) and metadata["seq_len"] == 8
-    assert (tokens[metadata["total_tokens"]:] == PAD_ID).all()  # only the last row is padded
-    text = tokenizer.decode(tokens[:metadata["total_tokens"]].tolist(), skip_special_tokens=False)
-    assert text == "".join(d + "<|endoftext|>" for d in documents)
-    assert data.PretrainData(out, 8).n_samples > 0
-
-
-def test_prepare_refuses_an_out_dir_that_holds_shards(tmp_path, tokenizer_path):
-    (tmp_path / "a.txt").write_text("some text " * 50)
-    out = write_shards(tmp_path / "out", np.zeros((2, 4), np.uint16))
-    before = (tmp_path / "out" / "shard_00000.npy").read_bytes()
-    with pytest.raises(PionError, match="already exists and is not an empty folder"):
-        data.main(["prepare", "--input", str(tmp_path / "a.txt"), "--out", out, "--tokenizer", tokenizer_path])
-    assert (tmp_path / "out" / "shard_00000.npy").read_bytes() == before
-
-
-def test_a_prepare_that_fails_midway_leaves_no_data_set(tmp_path, tokenizer_path):
-    lines = [json.dumps({"text": f"document number {i} " * 20}) for i in range(3000)] + ["{not json"]
-    (tmp_path / "docs.jsonl").write_text("\n".join(lines))
-    result = run_data_cli("prepare", "--input", tmp_path / "docs.jsonl", "--out", tmp_path / "out", "--seq_len", 64,
-                          "--shard_rows", 16, "--tokenizer", tokenizer_path)
-    assert result.returncode == 2 and f"docs.jsonl:{len(lines)} is not valid JSON" in result.stderr
-    assert sorted(os.listdir(tmp_path)) == ["docs.jsonl"]  # no out folder, no staging folder left behind
-
-
-@pytest.mark.parametrize("out", ["/proc/pion-data", "a.txt/out"])  # a kernel folder; under a file
-def test_prepare_into_an_unwritable_place_is_one_line(tmp_path, tokenizer_path, out):
-    (tmp_path / "a.txt").write_text("some text " * 500)
-    out = os.path.join(tmp_path, out)
-    result = run_data_cli("prepare", "--input", tmp_path / "a.txt", "--out", out, "--seq_len", 16,
-                          "--tokenizer", tokenizer_path)
-    assert result.returncode == 2 and result.stderr.startswith(f"error: cannot write {out}")
-    assert result.stderr.count("\n") == 1
-
-
-def test_a_full_disk_while_writing_a_shard_is_one_line_and_leaves_nothing(tmp_path, tokenizer_path, monkeypatch):
-    import errno
-    (tmp_path / "a.txt").write_text("some text " * 500)
-
-    def no_space(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(np, "save", no_space)
-    result = run_data_cli("prepare", "--input", tmp_path / "a.txt", "--out", tmp_path / "out", "--seq_len", 16,
-                          "--tokenizer", tokenizer_path)
-    assert result.returncode == 2 and "No space left on device" in result.stderr
-    assert sorted(os.listdir(tmp_path)) == ["a.txt"]
-
-
-def test_a_long_document_is_tokenized_in_pieces_that_give_the_whole_texts_ids(tokenizer):
-    text = "".join(f"Line {i}:  héllo\twörld 👋🏽 {'x' * (i % 7)}   \n\n  " for i in range(400))
-    chunks = [text[i:i + 50] for i in range(0, len(text), 50)]  # as a .txt file is read
-    pieces = list(data.document_pieces(chunks, piece_chars=97))
-    assert len(pieces) > 50 and [last for _, last in pieces] == [False] * (len(pieces) - 1) + [True]
-    assert "".join(piece for piece, _ in pieces) == text
-    ids = [i for piece, _ in pieces for i in tokenizer.encode(piece, add_special_tokens=False).ids]
-    assert ids == tokenizer.encode(text, add_special_tokens=False).ids
-
-
-def test_prepare_refuses_text_too_short_for_two_rows(tmp_path, tokenizer_path):
-    (tmp_path / "a.txt").write_text("Too short.")
-    out = tmp_path / "out"
-    with pytest.raises(PionError, match="not enough text for two rows of 64 tokens"):
-        data.main(["prepare", "--input", str(tmp_path / "a.txt"), "--out", str(out), "--seq_len", "64",
-                   "--tokenizer", tokenizer_path])
-    assert not out.exists()
-
-
-def test_prepare_names_a_jsonl_line_without_text(tmp_path, tokenizer_path):
-    (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
-    with pytest.raises(PionError, match=r"a.jsonl:2 has no text field 'text'"):
-        data.main(["prepare", "--input", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "out"),
-                   "--tokenizer", tokenizer_path])
-
-
-def test_prepare_reads_a_hugging_face_dataset(tmp_path, tokenizer_path, monkeypatch):
-    import datasets
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
-    (tmp_path / "dataset").mkdir()
-    (tmp_path / "dataset" / "train.jsonl").write_text('{"text": "one document"}\n{"text": "and another"}\n')
-    result = run_data_cli("prepare", "--hf_dataset", str(tmp_path / "dataset"), "--out", str(tmp_path / "out"),
-                          "--seq_len", "2", "--tokenizer", tokenizer_path)
-    assert result.returncode == 0, result.stderr
-    assert json.load(open(tmp_path / "out" / "metadata.json"))["n_documents"] == 2
-
-
-def test_download_offline_exits_2_with_one_line(tmp_path):
-    result = run_data_cli("download", "--num_shards", "2", "--out", str(tmp_path / "out"))
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: cannot download") and result.stderr.count("\n") == 1
-
-
-def test_special_token_text_in_a_document_is_prepared_as_plain_text(tmp_path, tokenizer, tokenizer_path):
-    documents = ["A quickstart corpus can quote <|endoftext|> and <|pad|> as text.", "A second document."]
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
-    data.main(["prepare", "--input", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "out"), "--seq_len", "8",
-               "--tokenizer", tokenizer_path])
-    tokens = np.concatenate([np.load(p) for p in sorted(glob.glob(str(tmp_path / "out" / "shard_*.npy")))]).ravel()
-    n_tokens = json.load(open(tmp_path / "out" / "metadata.json"))["total_tokens"]
-    real = tokens[:n_tokens].tolist()
-    assert PAD_ID not in real and real.count(EOS_ID) == 2  # only the separators after each document
-    assert tokenizer.decode(real, skip_special_tokens=False) == "".join(d + "<|endoftext|>" for d in documents)
-
-
-def test_prepare_names_a_jsonl_line_whose_text_holds_a_lone_surrogate(tmp_path, tokenizer_path):
-    (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"text": "broken \\ud800 text"}\n')
-    result = run_data_cli("prepare", "--input", tmp_path / "a.jsonl", "--out", tmp_path / "out",
-                          "--tokenizer", tokenizer_path)
-    assert_one_line_error(result, f"{tmp_path / 'a.jsonl'}:2: its text holds a lone surrogate", after_progress=True)
 
 
 def test_the_data_identity_notices_a_shard_rewritten_under_the_same_name_and_shape(tmp_path):
