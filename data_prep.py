@@ -20,11 +20,32 @@ from cli import (ArgumentParser, PionError, atomic_write, check_new_folder, firs
 DEFAULT_REPO = "SuperGoatScriptGuy/PreprocessedMIXED"
 
 
+DOWNLOAD_RECORD = "download.json"  # {"repo": ...}: which repo a download folder holds shards of
+
+
+def check_download_folder(out, repo):
+    """Refuse an --out that holds anything but a download of the same repo, finished (DOWNLOAD_RECORD) or not
+    (huggingface_hub's .cache folder): its shard_00000.npy would be overwritten by another data set's. A
+    download can thus be rerun to finish or to add shards, and never mixes two data sets."""
+    record = os.path.join(out, DOWNLOAD_RECORD)
+    if os.path.isfile(record):
+        try:
+            earlier = json.load(open(record)).get("repo")
+        except (OSError, ValueError, AttributeError):
+            earlier = None
+        if earlier != repo:
+            raise PionError(f"--out {out} holds a download of {earlier or 'an unknown repo'}, not {repo}; choose a "
+                            f"new --out")
+    elif not os.path.isdir(os.path.join(out, ".cache", "huggingface")):
+        check_new_folder(out)
+
+
 def download(repo, num_shards, out):
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
     if num_shards < 1:
         raise PionError(f"--num_shards must be at least 1, got {num_shards}")
+    check_download_folder(out, repo)
     names = [f"shard_{i:05d}.npy" for i in range(num_shards)]
     try:
         snapshot_download(repo_id=repo, repo_type="dataset", allow_patterns=names + ["metadata.json"], local_dir=out)
@@ -34,6 +55,7 @@ def download(repo, num_shards, out):
     if missing:
         raise PionError(f"{repo} has no {missing[0]} ({len(missing)} of the {num_shards} shards asked for are "
                         f"missing); ask for fewer with --num_shards")
+    atomic_write(os.path.join(out, DOWNLOAD_RECORD), lambda f: f.write(json.dumps({"repo": repo}).encode()))
     rows = sum(len(open_shard(os.path.join(out, name))) for name in names)
     print(f"downloaded {num_shards} shard(s), {rows:,} rows, of {repo} to {out}")
     metadata = read_metadata(out)
@@ -222,7 +244,7 @@ def main(argv=None):
 
     get = commands.add_parser("download", help="download the first N published shards from the Hugging Face hub")
     get.add_argument("--num_shards", type=positive_int, required=True, help="how many shards, from the first")
-    get.add_argument("--out", required=True, help="data dir to download into")
+    get.add_argument("--out", required=True, help="new data dir, or an earlier download of the same --repo to add to")
     get.add_argument("--repo", default=DEFAULT_REPO, help="Hugging Face dataset repo")
 
     make = commands.add_parser("prepare", help="tokenize text into shards; the validation split is the last "
@@ -234,7 +256,8 @@ def main(argv=None):
     make.add_argument("--hf_split", default="train", help="the split of --hf_dataset")
     make.add_argument("--text_field", default="text", help="field holding the text in .jsonl lines and dataset rows")
     make.add_argument("--out", required=True, help="new data dir (an existing one with shards is refused)")
-    make.add_argument("--seq_len", type=positive_int, default=2048, help="tokens per row")
+    make.add_argument("--seq_len", type=positive_int, default=2048,
+                      help="tokens per row: the longest --seq_len train.py can use on this data")
     make.add_argument("--shard_rows", type=positive_int, default=16384, help="rows per shard file")
     make.add_argument("--tokenizer", default=None, help="tokenizer JSON (default: the Pion tokenizer)")
 

@@ -126,6 +126,43 @@ def test_download_offline_exits_2_with_one_line(tmp_path):
     assert result.stderr.startswith("error: cannot download") and result.stderr.count("\n") == 1
 
 
+def fake_snapshot_download(repo_id, repo_type, allow_patterns, local_dir):
+    """huggingface_hub's download, offline: every shard asked for, 8 rows of 4 tokens."""
+    os.makedirs(os.path.join(local_dir, ".cache", "huggingface"), exist_ok=True)
+    for name in allow_patterns:
+        if name.startswith("shard_"):
+            np.save(os.path.join(local_dir, name), np.full((8, 4), 5, dtype=np.uint16))
+
+
+def test_download_refuses_a_folder_of_prepared_shards_and_leaves_it_as_it_was(tmp_path, monkeypatch):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    (tmp_path / "mine").mkdir()
+    np.save(tmp_path / "mine" / "shard_00000.npy", np.arange(16, dtype=np.uint16).reshape(4, 4))
+    with pytest.raises(PionError, match=r"--out .*mine already exists and is not an empty folder"):
+        data_prep.main(["download", "--num_shards", "1", "--out", str(tmp_path / "mine")])
+    assert np.load(tmp_path / "mine" / "shard_00000.npy").ravel().tolist() == list(range(16))
+    assert sorted(os.listdir(tmp_path / "mine")) == ["shard_00000.npy"]
+
+
+def test_download_can_be_rerun_to_add_shards_of_the_same_repo(tmp_path, monkeypatch):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    data_prep.main(["download", "--num_shards", "1", "--out", str(tmp_path / "mixed")])
+    data_prep.main(["download", "--num_shards", "2", "--out", str(tmp_path / "mixed")])
+    assert sorted(glob.glob(str(tmp_path / "mixed" / "shard_*.npy"))) == \
+        [str(tmp_path / "mixed" / f"shard_0000{i}.npy") for i in range(2)]
+
+
+def test_download_refuses_a_download_of_another_repo(tmp_path, monkeypatch):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    data_prep.main(["download", "--num_shards", "1", "--out", str(tmp_path / "data"), "--repo", "someone/other"])
+    with pytest.raises(PionError, match=r"holds a download of someone/other, not SuperGoatScriptGuy/PreprocessedMIXED"):
+        data_prep.main(["download", "--num_shards", "2", "--out", str(tmp_path / "data")])
+    assert not (tmp_path / "data" / "shard_00001.npy").exists()
+
+
 def test_special_token_text_in_a_document_is_prepared_as_plain_text(tmp_path, tokenizer, tokenizer_path):
     documents = ["A quickstart corpus can quote <|endoftext|> and <|pad|> as text.", "A second document."]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
