@@ -241,7 +241,7 @@ def test_rolling_log_likelihood_sums_every_token_once_after_eos(tokenizer):
     assert total == pytest.approx(expected, abs=1e-3)
 
 
-def test_chat_template_is_chat_template_py_s(tokenizer):
+def test_the_harness_gets_the_template_of_chat_template_py(tokenizer):
     lm = evaluation.PionLM(tiny_pion(), tokenizer)
     chat = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."},
             {"role": "user", "content": "Count to 3."}]
