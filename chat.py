@@ -3,7 +3,7 @@
     python chat.py                                   # the newest checkpoint under checkpoints/, sft/ first
     python chat.py --checkpoint PATH --system "You answer in one sentence."
 
-The conversation is rendered with sft_data.render_conversation, the template the SFT model was tuned on,
+The conversation is rendered with chat_template.render_conversation, the template the SFT model was tuned on,
 and each reply is streamed by decoding.py's engine. It ends at <|endoftext|> or where the model
 starts the user's next turn. Ctrl-C stops a reply; that exchange is then left out of the conversation,
 so the next message continues from the last complete reply. /help lists the commands.
@@ -15,6 +15,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from chat_template import STOP_STRINGS, render_conversation, reply_content
 from checkpoint import load_model
 from tokenizer import load_tokenizer
 from cli import (ArgumentParser, PionError, add_inference_args, dataclass_from_args, run_cli, typed_lines,
@@ -22,7 +23,6 @@ from cli import (ArgumentParser, PionError, add_inference_args, dataclass_from_a
 from decoding import (COMPILE_NOTICE, SETTING_TYPES, DecodeTimer, PromptTruncatedWarning, SamplingSettings,
                       TextStream, add_sampling_args, generate_tokens, max_tokens_type, seeded_generator,
                       stream_text)
-from sft_data import USER_MARKER, render_conversation, reply_content
 
 HELP = """\
 /temp N       sampling temperature, a number >= 0 (0 = greedy); /temp alone shows it (as every setting)
@@ -133,7 +133,7 @@ def reply(session, conversation):
     prompt_ids = conversation_prompt(tokenizer, conversation, model.config.max_seq_len - session.max_tokens)
     columns = DecodeTimer(generate_tokens(model, prompt_ids, session.max_tokens, session.settings, session.generator,
                                           compile=session.compile), len(prompt_ids))
-    stream = TextStream(tokenizer, stop_strings=(USER_MARKER,))
+    stream = TextStream(tokenizer, stop_strings=STOP_STRINGS)
     for _, piece in stream_text(columns, [stream]):
         sys.stdout.write(piece)
         sys.stdout.flush()

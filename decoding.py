@@ -378,7 +378,7 @@ class TextStream:
         self.stopped = False  # a stop string was seen
         self.finished = False
         # What ended the row: the stop string it was cut before, the stop id given to finish(), or None (it ran
-        # out of tokens). A chat reply ends its turn with "\n" only where the template ends it (sft_data.reply_content).
+        # out of tokens). A chat reply ends its turn with "\n" only where the template ends it (chat_template.reply_content).
         self.stop_reason = None
         self.text = ""
 

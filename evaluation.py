@@ -26,12 +26,11 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from chat_template import CHAT_TEMPLATE, render_text
 from checkpoint import load_model
 from tokenizer import EOS_ID, PAD_ID, load_tokenizer
 from cli import PionError, first_line
 from decoding import GREEDY, SamplingSettings, TextStream, generate_tokens, seeded_generator
-from hf_export import CHAT_TEMPLATE
-from sft_data import TURN_PREFIXES, TURN_SUFFIX
 
 DEFAULT_MAX_GEN_TOKS = 256
 SCORE_BYTES = 2**29  # at most about this much soft-capped attention scores per batch (see PionLM._batches)
@@ -95,27 +94,12 @@ class PionLM(TemplateLM):
         return CHAT_TEMPLATE
 
     def apply_chat_template(self, chat_history, add_generation_prompt=True):
-        """The SFT template as text (sft_data.py renders the same turns as ids): `<|role|>\\n{content}\\n` per
-        turn, <|endoftext|> after an assistant turn, and `<|assistant|>\\n` for the model to answer after.
-
-        Without add_generation_prompt, a final assistant turn is a reply to continue (the harness puts a
-        task's gen_prefix there): the text ends right after its content, as the hf backend renders it
-        (continue_final_message), so the choices are not scored after an <|endoftext|>."""
-        text = ""
-        for i, message in enumerate(chat_history):
-            if message["role"] not in TURN_PREFIXES:
-                raise PionError(f"Pion chats have system, user and assistant turns, not {message['role']!r}")
-            # Stripped, as SFT training and the exported template (`| trim`) do: the harness's task
-            # description ends in "\n\n", which would otherwise put a blank line before the next turn.
-            content = message["content"].strip()
-            if message["role"] == "assistant" and not add_generation_prompt and i == len(chat_history) - 1:
-                return text + TURN_PREFIXES["assistant"] + content
-            text += TURN_PREFIXES[message["role"]] + content + TURN_SUFFIX
-            if message["role"] == "assistant":
-                text += self.tokenizer.decode([EOS_ID], skip_special_tokens=False)
-        if add_generation_prompt:
-            text += TURN_PREFIXES["assistant"]
-        return text
+        """The conversation as chat_template.render_text writes it. Without add_generation_prompt a final
+        assistant turn is a reply to continue (the harness puts a task's gen_prefix there), as the hf backend
+        renders it (continue_final_message): the choices are then not scored after an <|endoftext|>."""
+        last_role = chat_history[-1]["role"] if chat_history else None
+        return render_text(chat_history, add_generation_prompt,
+                           continue_final_message=not add_generation_prompt and last_role == "assistant")
 
     def tok_encode(self, string, add_special_tokens=None, **kwargs):
         return self.request_tokenizer.encode(string).ids  # no BOS or other added tokens

@@ -15,12 +15,13 @@ import sys
 
 import torch.distributed as dist
 
+from chat_template import STOP_STRINGS, render_conversation
 from checkpoint import load_checkpoint
 from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, positive_int, run_cli
 from decoding import generate_text
 from runs import is_sft_checkpoint, open_run_dir
 from runtime import Runtime, seed_everything, signal_exit_code
-from sft_data import USER_MARKER, collate, load_sft_splits, render_conversation, sft_batches
+from sft_data import collate, load_sft_splits, sft_batches
 from tokenizer import load_tokenizer
 from trackers import add_logger_args
 from train_config import TrainConfig, add_benchmark_args, add_train_config_args, benchmark_scorer
@@ -81,7 +82,7 @@ def sample_fn(args, tokenizer):
                                     add_generation_prompt=True)
 
     def sample(model, cache_dtype=None):
-        answer = generate_text(model, tokenizer, prompt, args.sample_tokens, stop_strings=(USER_MARKER,),
+        answer = generate_text(model, tokenizer, prompt, args.sample_tokens, stop_strings=STOP_STRINGS,
                                cache_dtype=cache_dtype)[0]
         return f"{args.sample_question} -> {answer.strip()}"
 

@@ -12,10 +12,11 @@ so they need none of the permutation llama.cpp's `llama` architecture wants.
 import json
 import os
 
+from chat_template import CHAT_TEMPLATE
 from checkpoint import load_checkpoint
 from tokenizer import EOS_ID, PAD_ID, UNK_ID, load_tokenizer
 from cli import PionError, replaced_atomically
-from hf_export import CHAT_TEMPLATE, check_soft_cap, qwen3_state_dict
+from hf_export import check_soft_cap, qwen3_state_dict
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 ARCH = "qwen3"

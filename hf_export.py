@@ -12,22 +12,10 @@ import sys
 
 import torch
 
+from chat_template import CHAT_TEMPLATE
 from checkpoint import clean_state_dict, load_checkpoint
 from tokenizer import EOS_ID, PAD_ID, load_tokenizer
 from cli import DTYPES, PionError, check_new_folder, first_line, write_folder_atomically
-
-# The SFT template (sft_data.py): "<|role|>\n{content, stripped}\n" per turn, <|endoftext|> after each assistant turn,
-# and "<|assistant|>\n" as the generation prompt. Roles are plain text to the tokenizer, not special tokens.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
-    "{{- raise_exception('Pion chats have system, user and assistant turns, not ' + message['role']) -}}"
-    "{%- endif -%}"
-    "{{- '<|' + message['role'] + '|>\\n' + (message['content'] | trim) + '\\n' -}}"
-    "{%- if message['role'] == 'assistant' -%}{{- eos_token -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
-)
 
 
 def require_transformers():

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 from batching import GenerationRequest
 from cli import is_unicode
 from decoding import SamplingSettings
-from sft_data import TURN_SUFFIX, USER_MARKER, render_conversation, reply_content
+from chat_template import TURN_SUFFIX, USER_MARKER, render_conversation, reply_content
 
 CHAT_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_page.html")
 ROLES = ("system", "user", "assistant")

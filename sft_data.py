@@ -1,5 +1,5 @@
-"""Chat data for supervised fine-tuning: load conversations, render them with the Pion chat template,
-mask the prompt, and pack or pad them into training rows.
+"""Chat data for supervised fine-tuning: load conversations, render and mask them with
+chat_template.render_conversation, and pack or pad them into training rows.
 
 Labels are aligned with input_ids (the model shifts them) and -100 marks tokens that are not trained:
 only assistant replies, their "\\n" and the <|endoftext|> after them are learned.
@@ -13,59 +13,13 @@ from collections import Counter
 import numpy as np
 import torch
 
-from tokenizer import EOS_ID, PAD_ID, load_tokenizer
+from chat_template import IGNORE_INDEX, render_conversation
+from tokenizer import PAD_ID, load_tokenizer
 from cli import ArgumentParser, PionError, first_line, is_unicode, positive_int, run_cli
-
-# The template of the published Pion SFT checkpoint. Each piece (prefix, content, suffix) is tokenized on
-# its own and the ids concatenated, exactly as that checkpoint was trained: the mask boundaries then fall
-# between pieces, and a reply's first token never merges with the prefix before it.
-SYSTEM_PREFIX = "<|system|>\n"
-USER_PREFIX = "<|user|>\n"
-ASSISTANT_PREFIX = "<|assistant|>\n"
-TURN_SUFFIX = "\n"
-TURN_PREFIXES = {"system": SYSTEM_PREFIX, "user": USER_PREFIX, "assistant": ASSISTANT_PREFIX}
-USER_MARKER = "<|user|>"  # a model that writes this has started the user's next turn: stop generating
-IGNORE_INDEX = -100
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}  # OpenHermes 2.5 uses these
 OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 NO_TRAINED_TOKEN = "no trained token within seq_len"
-
-
-def render_conversation(tokenizer, messages, add_generation_prompt=False):
-    """messages [{"role": "system"|"user"|"assistant", "content": str}] -> (input_ids, labels), aligned.
-
-    The one rendering of a conversation, for training and for chat.py alike. Assistant content, its
-    suffix and the <|endoftext|> after it are trained (so the model learns to stop); everything else is
-    IGNORE_INDEX. add_generation_prompt appends the assistant prefix for the model to answer after.
-
-    Content is stripped of surrounding whitespace, as the exported chat template does (`| trim`): then every
-    piece boundary is also a boundary of the tokenizer's pre-tokenization, and tokenizing the pieces apart
-    gives the ids that tokenizing the joined text gives (what transformers and llama.cpp do)."""
-    input_ids, labels = [], []
-
-    def add(ids, trained):
-        input_ids.extend(ids)
-        labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
-
-    for message in messages:
-        is_assistant = message["role"] == "assistant"
-        add(tokenizer.encode(TURN_PREFIXES[message["role"]]).ids, trained=False)
-        add(tokenizer.encode(message["content"].strip()).ids, trained=is_assistant)
-        add(tokenizer.encode(TURN_SUFFIX).ids, trained=is_assistant)
-        if is_assistant:
-            add([EOS_ID], trained=True)  # the id itself: the text "<|endoftext|>" is not part of the template
-    if add_generation_prompt:
-        add(tokenizer.encode(ASSISTANT_PREFIX).ids, trained=False)
-    return input_ids, labels
-
-
-def reply_content(text, stop_reason):
-    """A generated reply (or its tail) as content: without the TURN_SUFFIX the template ends an assistant turn
-    with, where the reply ended as a turn ends, at <|endoftext|> or the user's next turn (stop_reason is
-    decoding.TextStream's). A reply cut by its token budget or a caller's stop string ends mid-turn: a "\n" at
-    its end is one the model wrote."""
-    return text.removesuffix(TURN_SUFFIX) if stop_reason in (EOS_ID, USER_MARKER) else text
 
 
 def normalize_conversation(row):

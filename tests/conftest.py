@@ -2,6 +2,7 @@
 one-line error assertion."""
 import contextlib
 import io
+import itertools
 import os
 import shutil
 import subprocess
@@ -211,3 +212,9 @@ def run_train(args, tokenizer_path, launcher=None):
 
 CHAT = [{"role": "system", "content": "You are Pion."}, {"role": "user", "content": "Hi!"},
         {"role": "assistant", "content": "Hello. How can I help?"}, {"role": "user", "content": "Count to 3."}]
+
+
+def trained_spans(tokenizer, input_ids, labels):
+    """The decoded text of each run of consecutive trained positions (labels other than -100)."""
+    runs = itertools.groupby(zip(input_ids, labels), key=lambda pair: pair[1] != -100)
+    return [tokenizer.decode([t for t, _ in run], skip_special_tokens=False) for trained, run in runs if trained]

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import chat
+from chat_template import STOP_STRINGS, render_conversation
 import decoding
 import model as M
 import checkpoint as C
 from tokenizer import EOS_ID
 from conftest import ROOT, run_in_process
 from decoding import SamplingSettings, generate_text
-from sft_data import USER_MARKER, render_conversation
 from conftest import tiny_model
 
 
@@ -198,7 +198,7 @@ def test_a_terminal_session(checkpoint, tiny_chat_model, tokenizer, tokenizer_pa
         first = [user("Hello there")]
         assert prompt_tokens(child) == len(render_conversation(tokenizer, first, add_generation_prompt=True)[0])
         first_reply = generate_text(tiny_chat_model, tokenizer, render_conversation(tokenizer, first, True)[0], 8,
-                                    stop_strings=(USER_MARKER,))[0].removesuffix("\n")
+                                    stop_strings=STOP_STRINGS)[0].removesuffix("\n")
         child.sendline("And then?")
         second = first + [assistant(first_reply), user("And then?")]
         assert prompt_tokens(child) == len(render_conversation(tokenizer, second, add_generation_prompt=True)[0])

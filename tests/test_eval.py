@@ -20,6 +20,7 @@ import torch.nn.functional as F  # noqa: E402
 
 lm_eval = pytest.importorskip("lm_eval")
 
+import chat_template  # noqa: E402
 import evaluation  # noqa: E402
 import hf_export  # noqa: E402
 from tokenizer import EOS_ID  # noqa: E402
@@ -240,13 +241,12 @@ def test_rolling_log_likelihood_sums_every_token_once_after_eos(tokenizer):
     assert total == pytest.approx(expected, abs=1e-3)
 
 
-def test_chat_template_renders_the_sft_conversation(tokenizer):
+def test_the_harness_gets_the_template_of_chat_template_py(tokenizer):
     lm = evaluation.PionLM(tiny_pion(), tokenizer)
     chat = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."},
             {"role": "user", "content": "Count to 3."}]
-    assert lm.apply_chat_template(chat) == \
-        "<|user|>\nHi!\n<|assistant|>\nHello.\n<|endoftext|><|user|>\nCount to 3.\n<|assistant|>\n"
-    assert lm.chat_template(True) == hf_export.CHAT_TEMPLATE and lm.tokenizer_name.startswith("pion")
+    assert lm.apply_chat_template(chat) == chat_template.render_text(chat, add_generation_prompt=True)
+    assert lm.chat_template(True) == chat_template.CHAT_TEMPLATE and lm.tokenizer_name.startswith("pion")
 
 
 def test_chat_template_trims_each_turn_as_the_hf_backend_does(hf_lm, tokenizer):

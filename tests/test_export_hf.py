@@ -7,11 +7,12 @@ import sys
 import pytest
 import torch
 
+import chat_template
 import hf_export
 from tokenizer import EOS_ID, PAD_ID
 import model
 import export_hf
-from conftest import CHAT, ROOT, run_in_process, save_tiny_checkpoint
+from conftest import ROOT, run_in_process, save_tiny_checkpoint
 
 transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402  (installed with transformers)
@@ -137,25 +138,8 @@ def test_generation_config_stops_at_endoftext_and_pads_with_pad(exported):
     assert (generation.eos_token_id, generation.pad_token_id) == (EOS_ID, PAD_ID)
 
 
-def test_chat_template_renders_the_sft_strings(hf_tokenizer):
-    rendered = hf_tokenizer.apply_chat_template(CHAT, tokenize=False)
-    assert rendered == ("<|system|>\nYou are Pion.\n<|user|>\nHi!\n<|assistant|>\nHello. How can I help?\n"
-                        "<|endoftext|><|user|>\nCount to 3.\n")
-    prompt = hf_tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
-    assert prompt == rendered + "<|assistant|>\n"
-    with pytest.raises(Exception, match="system, user and assistant"):
-        hf_tokenizer.apply_chat_template([{"role": "tool", "content": "42"}], tokenize=False)
-
-
-@pytest.mark.parametrize("padding", ["", " ", "\n", "  \n\t"])
-def test_chat_template_tokenizes_like_sft_training(hf_tokenizer, tokenizer, padding):
-    """The same token ids, also when a message starts or ends in whitespace (BPE could merge it with the
-    template's newlines in the joined text transformers tokenizes)."""
-    sft_data = pytest.importorskip("sft_data")
-    chat = [{**m, "content": padding + m["content"] + padding} for m in CHAT]
-    expected, _ = sft_data.render_conversation(tokenizer, chat, add_generation_prompt=True)
-    rendered = hf_tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    assert hf_tokenizer(rendered, add_special_tokens=False).input_ids == expected
+def test_the_tokenizer_carries_the_chat_template(hf_tokenizer):
+    assert hf_tokenizer.chat_template == chat_template.CHAT_TEMPLATE
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from tokenizer import EOS_ID, PAD_ID, UNK_ID
 from cli import PionError
 from conftest import save_tiny_checkpoint, tiny_pion
 from gguf_export import export_gguf, write_gguf
-from hf_export import CHAT_TEMPLATE
+from chat_template import CHAT_TEMPLATE
 from conftest import CHAT
 
 gguf = pytest.importorskip("gguf")

@@ -30,7 +30,7 @@ from decoding import GREEDY, SamplingSettings
 from model import Linear
 from quantize import Int8Linear
 from server import Limits, create_app, serving_in_thread
-from sft_data import TURN_SUFFIX, USER_MARKER, render_conversation
+from chat_template import TURN_SUFFIX, USER_MARKER, render_conversation
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three rivers."}]
 

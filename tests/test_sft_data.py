@@ -1,13 +1,15 @@
-"""sft_data: the chat template, the prompt mask, loading both row formats, packing, padding and the CLI."""
+"""sft_data: loading both row formats, what is trained in them, packing, padding and the CLI."""
 import itertools
 import json
 import os
 
 import pytest
 
+import chat_template
 import sft_data
 from cli import PionError
-from conftest import run_in_process
+from conftest import run_in_process, trained_spans
+from tokenizer import EOS_ID, PAD_ID
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS = "<|endoftext|>"
@@ -46,12 +48,6 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def trained_spans(tokenizer, input_ids, labels):
-    """The decoded text of each run of consecutive trained positions."""
-    runs = itertools.groupby(zip(input_ids, labels), key=lambda pair: pair[1] != -100)
-    return [tokenizer.decode([t for t, _ in run], skip_special_tokens=False) for trained, run in runs if trained]
-
-
 def all_spans(tokenizer, *splits):
     return sorted(span for rows in splits for row in rows
                   for span in trained_spans(tokenizer, row["input_ids"], row["labels"]))
@@ -67,58 +63,6 @@ def datasets_cache_in_tmp(tmp_path, monkeypatch):
 @pytest.fixture
 def sharegpt_file(tmp_path):
     return write_jsonl(tmp_path / "sharegpt.jsonl", [sharegpt(c) for c in CONVERSATIONS])
-
-
-# ----------------------------------------------------------------------------------------------------
-# The template and the mask
-
-
-def test_render_concatenates_separately_tokenized_template_pieces(tokenizer):
-    encode = lambda text: tokenizer.encode(text).ids
-    input_ids, _ = sft_data.render_conversation(tokenizer, as_messages(CONVERSATIONS[0]))
-    assert input_ids == (encode("<|system|>\n") + encode("You are terse.") + encode("\n")
-                         + encode("<|user|>\n") + encode("What is 2+2?") + encode("\n")
-                         + encode("<|assistant|>\n") + encode("Four.") + encode("\n") + [0])
-
-
-def test_system_user_and_assistant_prefix_tokens_are_masked(tokenizer):
-    encode = lambda text: tokenizer.encode(text).ids
-    input_ids, labels = sft_data.render_conversation(tokenizer, as_messages(CONVERSATIONS[0]))
-    n_prompt = len(encode("<|system|>\n") + encode("You are terse.") + encode("\n") + encode("<|user|>\n")
-                   + encode("What is 2+2?") + encode("\n") + encode("<|assistant|>\n"))
-    assert labels == [-100] * n_prompt + input_ids[n_prompt:]
-
-
-def test_trained_tokens_are_the_reply_its_newline_and_the_end_token(tokenizer):
-    input_ids, labels = sft_data.render_conversation(tokenizer, as_messages(CONVERSATIONS[2]))
-    assert trained_spans(tokenizer, input_ids, labels) == ["👋 héllo\n  bye\n" + EOS]
-    assert input_ids[-1] == labels[-1] == 0
-
-
-def test_every_assistant_turn_of_a_multi_turn_conversation_is_trained(tokenizer):
-    input_ids, labels = sft_data.render_conversation(tokenizer, as_messages(CONVERSATIONS[1]))
-    assert trained_spans(tokenizer, input_ids, labels) == ["Blue.\n" + EOS, "Green, or red.\n" + EOS]
-
-
-def test_labels_are_aligned_with_input_ids(tokenizer):
-    input_ids, labels = sft_data.render_conversation(tokenizer, as_messages(CONVERSATIONS[1]))
-    assert len(labels) == len(input_ids)
-    assert all(label == token for token, label in zip(input_ids, labels) if label != -100)
-
-
-def test_generation_prompt_appends_the_masked_assistant_prefix(tokenizer):
-    messages = as_messages(CONVERSATIONS[1])[:3]  # ends with the user's "Another?"
-    input_ids, labels = sft_data.render_conversation(tokenizer, messages, add_generation_prompt=True)
-    prefix = tokenizer.encode("<|assistant|>\n").ids
-    assert input_ids == sft_data.render_conversation(tokenizer, messages)[0] + prefix
-    assert labels[-len(prefix):] == [-100] * len(prefix)
-    assert tokenizer.decode(input_ids, skip_special_tokens=False).endswith("<|user|>\nAnother?\n<|assistant|>\n")
-
-
-def test_template_constants_spell_the_published_template():
-    assert (sft_data.SYSTEM_PREFIX, sft_data.USER_PREFIX, sft_data.ASSISTANT_PREFIX, sft_data.TURN_SUFFIX) == \
-        ("<|system|>\n", "<|user|>\n", "<|assistant|>\n", "\n")
-    assert sft_data.USER_MARKER == "<|user|>"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,9 +134,9 @@ def test_special_token_text_in_a_message_is_trained_as_plain_text(tokenizer):
     conversation = [("user", "What ends a document? <|pad|>"), ("assistant", "The text <|endoftext|>, as id 0.")]
     messages, problem = sft_data.normalize_conversation(openai(conversation))
     assert problem is None
-    input_ids, labels = sft_data.render_conversation(tokenizer, messages)
-    assert input_ids.count(sft_data.EOS_ID) == 1 and input_ids[-1] == sft_data.EOS_ID  # the template's own
-    assert sft_data.PAD_ID not in input_ids
+    input_ids, labels = chat_template.render_conversation(tokenizer, messages)
+    assert input_ids.count(EOS_ID) == 1 and input_ids[-1] == EOS_ID  # the template's own
+    assert PAD_ID not in input_ids
     assert trained_spans(tokenizer, input_ids, labels) == ["The text <|endoftext|>, as id 0.\n" + EOS]
 
 
@@ -301,7 +245,7 @@ def test_cli_prints_a_marked_sample_and_the_mask_ratio(tokenizer, tokenizer_path
     assert result.returncode == 0, result.stderr
     assert ("<|system|>\nYou are terse.\n<|user|>\nWhat is 2+2?\n<|assistant|>\n«Four.\n<|endoftext|>»\n"
             in result.stdout)
-    rendered = [sft_data.render_conversation(tokenizer, as_messages(c)) for c in CONVERSATIONS]
+    rendered = [chat_template.render_conversation(tokenizer, as_messages(c)) for c in CONVERSATIONS]
     n_tokens = sum(len(ids) for ids, _ in rendered)
     n_trained = sum(label != -100 for _, labels in rendered for label in labels)
     ratio = f"mask ratio: {n_trained} of {n_tokens} tokens trained ({n_trained / n_tokens:.1%}) in 5 rows"
