@@ -10,7 +10,7 @@ finished and cancelled requests and admits waiting ones: each prompt is prefille
 decodes with the others. A row attends only to its own slots and is sampled with the very calls
 decoding.generate_tokens makes for that prompt alone, so greedy and seeded replies are generate_text's (a
 product over several rows may round the last bit differently from one over a single row; that could only
-swap two near-equal tokens, and tests/test_serve.py checks it does not). Other threads talk to the engine only through submit(), cancel() and the
+swap two near-equal tokens, and tests/test_batching.py checks it does not). Other threads talk to the engine only through submit(), cancel() and the
 on_update callback, which the engine calls from its own thread.
 """
 import copy

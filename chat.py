@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from chat_template import STOP_STRINGS, render_conversation, reply_content
 from checkpoint import load_model
+from quantize import quantize
 from tokenizer import load_tokenizer
 from cli import (ArgumentParser, PionError, add_inference_args, dataclass_from_args, run_cli, typed_lines,
                  use_one_line_warnings, valid_text)
@@ -164,8 +165,8 @@ def main(argv=None):
         if checkpoint is None:
             raise PionError("no checkpoint found under checkpoints/ (looked for *.pt); pass --checkpoint PATH")
         print(f"using {checkpoint}, the newest checkpoint under checkpoints/", file=sys.stderr)
-    model, device, saved = load_model(checkpoint, args.device, args.dtype, args.quantize,
-                                       with_checkpoint=True)
+    model, device, saved = load_model(checkpoint, args.device, args.dtype)
+    model = quantize(model, args.quantize)
     if saved.get("trainer") == "pretrain":
         print(f"note: {checkpoint} is a pretrained base model, not instruction-tuned: it continues text rather "
               f"than answering. Tune it for chat with: python finetune.py --checkpoint {checkpoint}",

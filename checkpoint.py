@@ -9,7 +9,6 @@ import torch
 
 from cli import DTYPES, PionError, atomic_write, first_line, pick_device
 from model import Pion, PionConfig
-from quantize import quantize as quantize_model
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -138,12 +137,11 @@ def load_checkpoint(path, map_location="cpu", **config_overrides):
     return model, checkpoint
 
 
-def load_model(path, device="auto", dtype=None, quantize=None, with_checkpoint=False):
-    """A checkpoint ready for inference -> (model in eval mode, its device), and the checkpoint dict (without
-    weights) with_checkpoint. dtype: a cli.DTYPES name; None is bfloat16 on CUDA, float32 elsewhere.
-    quantize: None or "int8" (see quantize.py)."""
+def load_model(path, device="auto", dtype=None):
+    """A checkpoint ready for inference -> (model in eval mode, its device, the checkpoint dict without
+    weights). dtype: a cli.DTYPES name; None is bfloat16 on CUDA, float32 elsewhere. Decoding scripts then
+    apply --quantize themselves (quantize.quantize)."""
     device = pick_device(device)
     model, checkpoint = load_checkpoint(path, map_location=device)
     dtype = DTYPES[dtype] if dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = quantize_model(model.to(dtype).eval(), quantize)
-    return (model, device, checkpoint) if with_checkpoint else (model, device)
+    return model.to(dtype).eval(), device, checkpoint

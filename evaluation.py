@@ -53,7 +53,7 @@ class PionLM(TemplateLM):
         if model is None:
             if checkpoint is None:
                 raise PionError("PionLM needs a model or a checkpoint")
-            model, _ = load_model(checkpoint, device or "auto", dtype)
+            model, _, _ = load_model(checkpoint, device or "auto", dtype)
         self.tokenizer_path = tokenizer if isinstance(tokenizer, str) else tokenizer_path  # names request caches
         if tokenizer is None or isinstance(tokenizer, str):
             tokenizer = load_tokenizer(tokenizer, model.config.vocab_size)

@@ -8,6 +8,7 @@ Decoding is decoding.py's: one prefill of the batch, then one token per step ove
 import sys
 
 from checkpoint import load_model
+from quantize import quantize
 from tokenizer import load_tokenizer
 from cli import (ArgumentParser, add_inference_args, dataclass_from_args, positive_int, run_cli, typed_lines,
                  use_one_line_warnings, valid_text)
@@ -64,7 +65,8 @@ def complete(model, tokenizer, prompts, args, generator, echo_prompt):
 def main(argv=None):
     args = parse_args(argv)
     use_one_line_warnings(PromptTruncatedWarning)
-    model, device = load_model(args.checkpoint, args.device, args.dtype, args.quantize)
+    model, device, _ = load_model(args.checkpoint, args.device, args.dtype)
+    model = quantize(model, args.quantize)
     tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
     generator = seeded_generator(device, args.seed)
     if args.compile:

@@ -7,7 +7,7 @@ one-row product is the same multiply-and-sum as model.Linear's, with the int8 ->
 scale fused into that one pass over the weights. Activations, norms, the KV cache and the embedding lookup
 keep the model's dtype.
 
-    model = quantize(model, "int8")   # in place; checkpoint.load_model(..., quantize="int8") calls it
+    model = quantize(model, "int8")   # in place; the decoding scripts call it on checkpoint.load_model's model
 """
 import torch
 import torch.nn as nn

@@ -12,6 +12,7 @@ import sys
 
 from batching import BatchingEngine
 from checkpoint import load_model
+from quantize import quantize
 from tokenizer import load_tokenizer
 from cli import ArgumentParser, PionError, add_inference_args, checked, positive_int, run_cli
 from server import Limits, create_app, is_loopback, uvicorn_config
@@ -56,7 +57,8 @@ def main(argv=None):
     args = parse_args(argv)
     import uvicorn  # after the flags are checked: --help needs no web server
     sock = listening_socket(args.host, args.port)
-    model, device = load_model(args.checkpoint, args.device, args.dtype, args.quantize)
+    model, device, _ = load_model(args.checkpoint, args.device, args.dtype)
+    model = quantize(model, args.quantize)
     tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
     name = args.model_name or os.path.splitext(os.path.basename(args.checkpoint))[0]
     engine = BatchingEngine(model, tokenizer, args.max_batch, compile=args.compile).start()

@@ -6,6 +6,9 @@ POST /v1/chat/completions and /v1/completions (streamed as server-sent events or
 GET /health, and the chat page at /. Every request becomes a GenerationRequest; the engine thread calls
 back with its text, which reaches the request's event loop through an asyncio queue. A client that leaves
 cancels its request, which frees its row before the next decode step. Errors use OpenAI's JSON shape.
+
+In order below: reading a request, talking to the engine, writing a response (whole or streamed), the app's
+routes, and serving it with uvicorn.
 """
 import asyncio
 import contextlib
@@ -226,6 +229,134 @@ class SuffixTrimmer:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Talking to the engine
+
+
+async def engine_updates(engine, generation, request, max_waiting, poll_disconnect):
+    """Submit a generation to the engine and yield its Updates, which the engine thread hands to this event
+    loop through an asyncio queue; leaving early (the client went away) cancels the generation.
+    poll_disconnect: look for a departed client every half second (a streamed response instead notices
+    when a send fails)."""
+    if engine.waiting.qsize() >= max_waiting:
+        raise APIError(503, "the server is busy; try again", code="server_busy")
+    loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
+    generation.on_update = lambda update: loop.call_soon_threadsafe(inbox.put_nowait, update)
+    engine.submit(generation)
+    next_poll = loop.time() + 0.5
+    try:
+        while True:
+            try:
+                update = await asyncio.wait_for(inbox.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                update = None
+            if loop.time() >= next_poll and (poll_disconnect or update is None):
+                if await request.is_disconnected():
+                    return
+                next_poll = loop.time() + 0.5
+            if update is None:
+                continue
+            yield update
+            if update.finish_reason:
+                return
+    finally:
+        engine.cancel(generation)  # no-op once it finished
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing a response
+
+
+def server_sent_event(data):
+    return f"data: {json.dumps(data)}\n\n"
+
+
+class Completion:
+    """One request's answer in OpenAI's shape, a chat ("chat") or text ("text") completion, from its
+    generation's Updates: one JSON object once it is over, or with "stream" in the body, server-sent events
+    as its text arrives. A chat reply is given without the template's turn suffix (SuffixTrimmer)."""
+
+    def __init__(self, kind, body, model_name, prompt_tokens):
+        self.kind, self.prompt_tokens = kind, prompt_tokens
+        self.stream = body.get("stream", False)
+        options = body.get("stream_options") or {}
+        self.include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        self.trimmer = SuffixTrimmer() if kind == "chat" else None
+        chat_object = "chat.completion.chunk" if self.stream else "chat.completion"
+        self.head = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+                     "object": chat_object if kind == "chat" else "text_completion",
+                     "created": int(time.time()), "model": model_name}
+
+    async def response(self, updates):
+        return await (self.streamed(updates) if self.stream else self.whole(updates))
+
+    def usage(self, completion_tokens):
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+    def text_of(self, update):
+        """An Update's text as the reply gives it; a failed generation is a 500."""
+        if update.finish_reason == "error":
+            raise APIError(500, f"generation failed: {update.error}", code="generation_failed")
+        if self.trimmer is None:
+            return update.text
+        text = self.trimmer.push(update.text)
+        return text + self.trimmer.finish(update.stop_reason) if update.finish_reason else text
+
+    async def whole(self, updates):
+        text, last = [], None
+        async for last in updates:
+            text.append(self.text_of(last))
+        if last is None or not last.finish_reason:
+            return JSONResponse({})  # the client left
+        text = "".join(text)
+        choice = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
+        choice.update({"message": {"role": "assistant", "content": text}} if self.kind == "chat" else {"text": text})
+        return JSONResponse({**self.head, "choices": [choice], "usage": self.usage(last.completion_tokens)})
+
+    async def streamed(self, updates):
+        first = await anext(updates, None)  # errors before the first token are still a proper error response
+        if first is None:
+            return JSONResponse({})  # the client left before its first token
+        if first.finish_reason == "error":
+            self.text_of(first)  # raises: a failure before anything was sent is a 500
+        return StreamingResponse(self.events(first, updates), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def chunk(self, text, finish_reason=None, first=False):
+        if self.kind == "chat":
+            delta = {"role": "assistant", "content": text} if first else {"content": text} if text else {}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        data = {**self.head, "choices": [choice]}
+        if self.include_usage:
+            data["usage"] = None
+        return server_sent_event(data)
+
+    async def events(self, update, updates):
+        """The stream's events from its first Update on. However the stream ends, updates is closed: that
+        cancels the generation if the client left mid-stream."""
+        try:
+            if self.kind == "chat":
+                yield self.chunk("", first=True)
+            while True:
+                text = self.text_of(update) if update.finish_reason != "error" else ""
+                if text:
+                    yield self.chunk(text)
+                if update.finish_reason:
+                    # An engine error mid-stream has no status code to use: the stream ends with reason "error".
+                    yield self.chunk("", update.finish_reason)
+                    if self.include_usage:
+                        usage = self.usage(update.completion_tokens)
+                        yield server_sent_event({**self.head, "choices": [], "usage": usage})
+                    yield "data: [DONE]\n\n"
+                    return
+                update = await anext(updates)
+        finally:
+            await updates.aclose()
+
+
+# ----------------------------------------------------------------------------------------------------
 # The app
 
 
@@ -268,168 +399,84 @@ class LoopbackHostsOnly:
         return await self.app(scope, receive, send)
 
 
+def check_key(request, api_key):
+    """Refuse (401) a request without `Authorization: Bearer api_key`, when the server has a key."""
+    if api_key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    # The scheme's name is case-insensitive (RFC 9110); the key is compared in constant time.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+
+
+async def api_error(request, error):
+    return error.response()
+
+
+async def http_error(request, error):
+    return APIError(error.status_code, str(error.detail)).response()
+
+
+async def validation_error(request, error):
+    return APIError(400, "invalid request", code="invalid_value").response()
+
+
+async def unexpected_error(request, error):  # one bad request must not take the server down
+    return APIError(500, f"internal error: {type(error).__name__}").response()
+
+
+# Every error, FastAPI's own (404, 405, a malformed request) included, is answered in OpenAI's shape.
+ERROR_HANDLERS = {APIError: api_error, HTTPException: http_error, RequestValidationError: validation_error,
+                  Exception: unexpected_error}
+
+
+def chat_page_response(page):
+    # Only the page's own script runs (it carries this response's nonce), and it talks only to this
+    # server: even text that slipped into the DOM as HTML could not run a script or load anything.
+    nonce = uuid.uuid4().hex
+    policy = (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; connect-src 'self'; "
+              "img-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return HTMLResponse(page.replace("{{NONCE}}", nonce),
+                        headers={"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff"})
+
+
 def create_app(engine, tokenizer, model_name="pion", api_key=None, limits=None, host="127.0.0.1"):
     """The FastAPI app over a started engine. api_key: required as `Authorization: Bearer KEY` on /v1/*.
     host: the address it is served on; on a loopback one without an api_key, only loopback Host headers
     are answered."""
     limits = limits or Limits()
     max_seq_len = engine.max_seq_len
-    app = FastAPI(title="Pion", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="Pion", docs_url=None, redoc_url=None, openapi_url=None, exception_handlers=ERROR_HANDLERS)
     if api_key is None and is_loopback(host):
         app.add_middleware(LoopbackHostsOnly)
     created = int(time.time())
+    page = open(CHAT_PAGE, encoding="utf-8").read()
 
-    @app.exception_handler(APIError)
-    async def api_error(request, error):
-        return error.response()
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, error):
-        return APIError(error.status_code, str(error.detail)).response()
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, error):
-        return APIError(400, "invalid request", code="invalid_value").response()
-
-    @app.exception_handler(Exception)
-    async def unexpected_error(request, error):  # one bad request must not take the server down
-        return APIError(500, f"internal error: {type(error).__name__}").response()
-
-    def check_key(request):
-        if api_key is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        # The scheme's name is case-insensitive (RFC 9110); the key is compared in constant time.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
-            raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
-
-    async def updates(request, generation, poll_disconnect):
-        """Submit a generation and yield its Updates; leaving early (the client went away) cancels it.
-        poll_disconnect: look for a departed client every half second (a streamed response instead notices
-        when a send fails)."""
-        if engine.waiting.qsize() >= limits.max_waiting:
-            raise APIError(503, "the server is busy; try again", code="server_busy")
-        loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
-        generation.on_update = lambda update: loop.call_soon_threadsafe(inbox.put_nowait, update)
-        engine.submit(generation)
-        next_poll = loop.time() + 0.5
-        try:
-            while True:
-                try:
-                    update = await asyncio.wait_for(inbox.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    update = None
-                if loop.time() >= next_poll and (poll_disconnect or update is None):
-                    if await request.is_disconnected():
-                        return
-                    next_poll = loop.time() + 0.5
-                if update is None:
-                    continue
-                yield update
-                if update.finish_reason:
-                    return
-        finally:
-            engine.cancel(generation)  # no-op once it finished
-
-    async def respond(request, body, generation, kind, trim_suffix):
-        """Run the generation and answer as a chat or text completion, streamed or whole."""
-        completion_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        prompt_tokens = len(generation.prompt_ids)
-        trimmer = SuffixTrimmer() if trim_suffix else None
-        head = {"id": completion_id, "object": "chat.completion" if kind == "chat" else "text_completion",
-                "created": int(time.time()), "model": model_name}
-
-        def usage(completion_tokens):
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens}
-
-        def text_of(update):
-            if update.finish_reason == "error":
-                raise APIError(500, f"generation failed: {update.error}", code="generation_failed")
-            if trimmer is None:
-                return update.text
-            text = trimmer.push(update.text)
-            return text + trimmer.finish(update.stop_reason) if update.finish_reason else text
-
-        if not body.get("stream", False):
-            text, last = [], None
-            async for last in updates(request, generation, poll_disconnect=True):
-                text.append(text_of(last))
-            if last is None or not last.finish_reason:
-                return JSONResponse({})  # the client left
-            text = "".join(text)
-            choice = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
-            choice.update({"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text})
-            return JSONResponse({**head, "choices": [choice], "usage": usage(last.completion_tokens)})
-
-        head["object"] += ".chunk" if kind == "chat" else ""
-        options = body.get("stream_options") or {}
-        include_usage = isinstance(options, dict) and options.get("include_usage") is True
-
-        def chunk(text, finish_reason=None, first=False):
-            if kind == "chat":
-                delta = {"role": "assistant", "content": text} if first else {"content": text} if text else {}
-                choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
-            data = {**head, "choices": [choice]}
-            if include_usage:
-                data["usage"] = None
-            return f"data: {json.dumps(data)}\n\n"
-
-        stream = updates(request, generation, poll_disconnect=False)
-        first = await anext(stream, None)  # errors before the first token are still a proper error response
-        if first is None:
-            return JSONResponse({})  # the client left before its first token
-
-        async def events(update):
-            if kind == "chat":
-                yield chunk("", first=True)
-            while True:
-                text = text_of(update) if update.finish_reason != "error" else ""
-                if text:
-                    yield chunk(text)
-                if update.finish_reason:
-                    # An engine error mid-stream has no status code to use: the stream ends with reason "error".
-                    yield chunk("", update.finish_reason)
-                    if include_usage:
-                        yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage(update.completion_tokens)})}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
-                update = await anext(stream)
-
-        async def closing(update):
-            try:
-                async for event in events(update):
-                    yield event
-            finally:
-                await stream.aclose()  # cancels the generation if the client left mid-stream
-
-        if first.finish_reason == "error":
-            text_of(first)
-        return StreamingResponse(closing(first), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    async def complete(request, body, generation, kind):
+        completion = Completion(kind, body, model_name, len(generation.prompt_ids))
+        updates = engine_updates(engine, generation, request, limits.max_waiting, poll_disconnect=not completion.stream)
+        return await completion.response(updates)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        check_key(request)
+        check_key(request, api_key)
         body = await read_json(request, limits.max_body_bytes)
         messages = chat_messages(body, limits)
         prompt_ids, _ = render_conversation(tokenizer, messages, add_generation_prompt=True)
         generation = generation_request(body, prompt_ids, [USER_MARKER, *stop_strings(body)], max_seq_len, limits)
-        return await respond(request, body, generation, "chat", trim_suffix=True)
+        return await complete(request, body, generation, "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        check_key(request)
+        check_key(request, api_key)
         body = await read_json(request, limits.max_body_bytes)
         prompt_ids = tokenizer.encode(completion_prompt(body)).ids or [0]  # empty: a new document, as generate.py
         generation = generation_request(body, prompt_ids, stop_strings(body), max_seq_len, limits)
-        return await respond(request, body, generation, "text", trim_suffix=False)
+        return await complete(request, body, generation, "text")
 
     @app.get("/v1/models")
     async def models(request: Request):
-        check_key(request)
+        check_key(request, api_key)
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "pion"}]}
 
@@ -439,20 +486,15 @@ def create_app(engine, tokenizer, model_name="pion", api_key=None, limits=None, 
                 "waiting": engine.waiting.qsize(), "prefill_seconds": engine.prefill_seconds,
                 "steps": engine.steps, "decode_seconds": engine.decode_seconds}
 
-    page = open(CHAT_PAGE, encoding="utf-8").read()
-
     @app.get("/", response_class=HTMLResponse)
     async def chat_page():
-        # Only the page's own script runs (it carries this response's nonce), and it talks only to this
-        # server: even text that slipped into the DOM as HTML could not run a script or load anything.
-        nonce = uuid.uuid4().hex
-        policy = (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; connect-src 'self'; "
-                  "img-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-        return HTMLResponse(page.replace("{{NONCE}}", nonce),
-                            headers={"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff"})
+        return chat_page_response(page)
 
     return app
 
+
+# ----------------------------------------------------------------------------------------------------
+# Serving it with uvicorn
 
 # What one connection may hold, whoever sends it: uvicorn itself never times out a connection whose request
 # headers do not arrive, so thousands of such connections would use up the process's file descriptors.

@@ -24,6 +24,7 @@ from checkpoint import load_model  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 from cli import run_cli  # noqa: E402
 from decoding import generate  # noqa: E402
+from quantize import quantize  # noqa: E402
 
 PROMPTS, PROMPT_TOKENS, NEW_TOKENS, WINDOW = 10, 32, 128, 256
 TARGET_PPL_RATIO, TARGET_AGREEMENT = 1.01, 0.90
@@ -60,8 +61,8 @@ def main(argv=None):
     parser.add_argument("--max_tokens", type=int, default=16 * WINDOW, help="held-out tokens for perplexity")
     args = parser.parse_args(argv)
 
-    fp32, _ = load_model(args.checkpoint, "cpu")
-    int8, _ = load_model(args.checkpoint, "cpu", quantize="int8")
+    fp32, _, _ = load_model(args.checkpoint, "cpu")
+    int8 = quantize(load_model(args.checkpoint, "cpu")[0], "int8")
     tokenizer = load_tokenizer(None, fp32.config.vocab_size)
     text = "".join(open(path, encoding="utf-8").read() for path in args.text)
     ids = torch.tensor(tokenizer.encode(text).ids[:args.max_tokens])

@@ -1,5 +1,5 @@
-"""Shared test fixtures: tiny models and checkpoints, the tokenizer, an in-process CLI runner and the
-one-line error assertion."""
+"""Shared test fixtures: tiny models and checkpoints, the tokenizer, an in-process CLI runner, the
+one-line error assertion and a tiny model served by server.py."""
 import contextlib
 import io
 import itertools
@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -24,7 +25,9 @@ TOKENIZER = os.path.join(ROOT, "pile_tokenizer.json")
 import checkpoint  # noqa: E402  (after the path insert)
 from tokenizer import PAD_ID, load_tokenizer  # noqa: E402
 import cli  # noqa: E402
+import decoding  # noqa: E402
 import model  # noqa: E402
+from chat_template import TURN_SUFFIX, USER_MARKER, render_conversation  # noqa: E402
 
 REAL_VOCAB = dict(vocab_size=50258, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=128)
 
@@ -173,6 +176,94 @@ def assert_one_line_error(result, text="", after_progress=False):
         lines = [line for line in lines if line.startswith("error")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], result.stderr
     return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# A tiny model served by server.py (tests/test_server.py, test_batching.py, test_serve.py)
+
+
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three rivers."}]
+
+
+@contextlib.contextmanager
+def serving(model, tokenizer, max_batch=4, api_key=None, limits=None, sample_rows=None):
+    """A real server for the model on a free port of 127.0.0.1 (uvicorn in a thread): yields (base url, engine).
+    sample_rows replaces the engine's token source (a scripted reply)."""
+    from batching import BatchingEngine
+    from server import create_app, serving_in_thread
+    engine = BatchingEngine(model, tokenizer, max_batch)
+    if sample_rows is not None:
+        engine.sample_rows = sample_rows
+    engine.start()
+    try:
+        with serving_in_thread(create_app(engine, tokenizer, "tiny", api_key, limits)) as url:
+            yield url, engine
+    finally:
+        engine.close()
+
+
+def scripted_reply(tokens, seconds_per_step=0.0):
+    """A token source for the engine that writes `tokens` (again and again) whatever the model says."""
+    def sample_rows(logits, running):
+        time.sleep(seconds_per_step)
+        return [tokens[run.completion_tokens % len(tokens)] for run in running]
+    return sample_rows
+
+
+def long_context_pion(tokenizer):
+    """Room for the chat prompt (longer in a small test tokenizer's tokens) and 100 new tokens."""
+    return tiny_pion(seed=3, vocab_size=tokenizer.get_vocab_size(), max_seq_len=512)
+
+
+@pytest.fixture(scope="module")
+def pion(tokenizer):
+    # No more ids than the tokenizer has: an id past a small test tokenizer's (a fresh clone's) decodes to
+    # nothing, and replies would be empty.
+    return tiny_pion(seed=3, vocab_size=tokenizer.get_vocab_size())
+
+
+@pytest.fixture(scope="module")
+def reference(tokenizer):
+    """The same weights as `pion` in a second model: references are computed apart from the served one."""
+    return tiny_pion(seed=3, vocab_size=tokenizer.get_vocab_size())
+
+
+@pytest.fixture(scope="module")
+def server(pion, tokenizer):
+    """A module's server for pion: (base url, engine)."""
+    from server import Limits
+    with serving(pion, tokenizer, max_batch=6, limits=Limits(max_body_bytes=20_000, max_messages=8)) as served:
+        yield served
+
+
+@pytest.fixture
+def client(server):
+    import openai
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def chat_prompt(tokenizer, messages=MESSAGES):
+    return render_conversation(tokenizer, messages, add_generation_prompt=True)[0]
+
+
+def expected_reply(model, tokenizer, messages, max_tokens, stop=(), settings=decoding.GREEDY, seed=None):
+    """generate_text's reply as chat.py takes it: stopped at <|user|>, without the turn's suffix."""
+    generator = decoding.seeded_generator("cpu", seed) if seed is not None else None
+    text = decoding.generate_text(model, tokenizer, [chat_prompt(tokenizer, messages)], max_tokens, settings,
+                                  [USER_MARKER, *stop], generator=generator)[0]
+    return text.removesuffix(TURN_SUFFIX)
+
+
+def streamed(chunks):
+    """(text, finish_reason, usage) of a stream of chat or completion chunks."""
+    text, finish, usage = "", None, None
+    for chunk in chunks:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            piece = choice.delta.content if hasattr(choice, "delta") else choice.text
+            text += piece or ""
+            finish = choice.finish_reason or finish
+    return text, finish, usage
 
 
 # ---------------------------------------------------------------------------------------------------
