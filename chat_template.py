@@ -79,6 +79,26 @@ def reply_content(text, stop_reason):
     return text.removesuffix(TURN_SUFFIX) if stop_reason in (EOS_ID, *STOP_STRINGS) else text
 
 
+class SuffixTrimmer:
+    """Streams a chat reply without the template's TURN_SUFFIX at its end (as reply_content gives it whole): a
+    trailing piece that may be the suffix is held back until more text follows or the reply ends."""
+
+    def __init__(self):
+        self.held = ""
+
+    def push(self, text):
+        text = self.held + text
+        keep = next((n for n in range(min(len(text), len(TURN_SUFFIX)), 0, -1) if TURN_SUFFIX.startswith(text[-n:])), 0)
+        self.held = text[len(text) - keep:]
+        return text[:len(text) - keep]
+
+    def finish(self, stop_reason):
+        """The text held back, as content (reply_content: what ended the reply decides whether a suffix
+        there is the template's)."""
+        rest, self.held = self.held, ""
+        return reply_content(rest, stop_reason)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The template for other tools
 

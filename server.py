@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 from batching import GenerationRequest
 from cli import is_unicode
 from decoding import SamplingSettings
-from chat_template import TURN_SUFFIX, USER_MARKER, render_conversation, reply_content
+from chat_template import STOP_STRINGS, SuffixTrimmer, render_conversation
 
 CHAT_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_page.html")
 ROLES = ("system", "user", "assistant")
@@ -206,26 +206,6 @@ def generation_request(body, prompt_ids, stop, max_seq_len, limits):
                                 top_p=number(body, "top_p", 1.0, 0, 1, low_open=True),
                                 top_k=integer(body, "top_k", 0, 2**31) or 0)
     return GenerationRequest(prompt_ids, max_tokens, settings, tuple(stop), integer(body, "seed", 0, 2**63 - 1))
-
-
-class SuffixTrimmer:
-    """Streams a chat reply without the template's TURN_SUFFIX at its end (as chat.py stores replies): a
-    trailing piece that may be the suffix is held back until more text follows or the reply ends."""
-
-    def __init__(self):
-        self.held = ""
-
-    def push(self, text):
-        text = self.held + text
-        keep = next((n for n in range(min(len(text), len(TURN_SUFFIX)), 0, -1) if TURN_SUFFIX.startswith(text[-n:])), 0)
-        self.held = text[len(text) - keep:]
-        return text[:len(text) - keep]
-
-    def finish(self, stop_reason):
-        """The text held back, as content (sft_data.reply_content: what ended the reply decides whether a
-        suffix there is the template's)."""
-        rest, self.held = self.held, ""
-        return reply_content(rest, stop_reason)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -463,7 +443,7 @@ def create_app(engine, tokenizer, model_name="pion", api_key=None, limits=None, 
         body = await read_json(request, limits.max_body_bytes)
         messages = chat_messages(body, limits)
         prompt_ids, _ = render_conversation(tokenizer, messages, add_generation_prompt=True)
-        generation = generation_request(body, prompt_ids, [USER_MARKER, *stop_strings(body)], max_seq_len, limits)
+        generation = generation_request(body, prompt_ids, [*STOP_STRINGS, *stop_strings(body)], max_seq_len, limits)
         return await complete(request, body, generation, "chat")
 
     @app.post("/v1/completions")
