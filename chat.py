@@ -151,7 +151,8 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", default=None,
                         help="a .pt file or hf:OWNER/REPO/FILE (default: the newest under checkpoints/, sft/ first)")
     parser.add_argument("--system", default="", help="system prompt")
-    add_sampling_args(parser, SamplingSettings(temperature=0.7, top_k=50, top_p=0.9), max_tokens=512)
+    add_sampling_args(parser, SamplingSettings(temperature=0.7, top_k=50, top_p=0.9), max_tokens=512,
+                      max_tokens_bound=" (at most half the context: the conversation needs the rest)")
     add_inference_args(parser)
     return parser.parse_args(argv)
 

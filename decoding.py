@@ -55,11 +55,15 @@ SETTING_HELP = {"temperature": "0 = greedy", "top_k": "sample from the k most li
 max_tokens_type = checked(int, lambda v: v >= 1, "an integer >= 1")
 
 
-def add_sampling_args(parser, defaults, max_tokens):
-    """The sampling flags of generate.py and chat.py (one set, their own defaults) and --max_tokens, --seed."""
+def add_sampling_args(parser, defaults, max_tokens, max_tokens_bound=""):
+    """The sampling flags of generate.py and chat.py (one set, their own defaults) and --max_tokens, --seed.
+    --max_tokens means the same in both: a reply's new tokens at most, beside which the prompt keeps its latest
+    tokens that fit in the context; max_tokens_bound says what else bounds it in that script."""
     for name, kind in SETTING_TYPES.items():
         parser.add_argument(f"--{name}", type=kind, default=getattr(defaults, name), help=SETTING_HELP[name])
-    parser.add_argument("--max_tokens", type=max_tokens_type, default=max_tokens, help="new tokens at most")
+    parser.add_argument("--max_tokens", type=max_tokens_type, default=max_tokens,
+                        help="new tokens at most; the prompt keeps its latest tokens that fit beside them"
+                        + max_tokens_bound)
     parser.add_argument("--seed", type=checked(int, lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
                         default=None, help="the same seed gives the same text (default: a random seed)")
 

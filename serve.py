@@ -30,8 +30,8 @@ def parse_args(argv=None):
     parser.add_argument("--api_key", default=os.environ.get("PION_API_KEY"),
                         help="require `Authorization: Bearer KEY` on /v1/* (default: $PION_API_KEY; unset: no key)")
     parser.add_argument("--model_name", default=None, help="the model id the API reports (default: the file's name)")
-    parser.add_argument("--max_tokens", type=positive_int, default=512,
-                        help="new tokens of a request that names no max_tokens")
+    parser.add_argument("--default_max_tokens", type=positive_int, default=512,
+                        help="new tokens of a request that names no max_tokens (cut to the room its prompt leaves)")
     add_inference_args(parser)
     args = parser.parse_args(argv)
     if not is_loopback(args.host) and not args.api_key and not args.allow_unauthenticated:
@@ -62,7 +62,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
     name = args.model_name or os.path.splitext(os.path.basename(args.checkpoint))[0]
     engine = BatchingEngine(model, tokenizer, args.max_batch, compile=args.compile).start()
-    app = create_app(engine, tokenizer, name, args.api_key or None, Limits(default_max_tokens=args.max_tokens),
+    app = create_app(engine, tokenizer, name, args.api_key or None, Limits(default_max_tokens=args.default_max_tokens),
                      host=args.host)
     host, port = sock.getsockname()[:2]  # port 0 picks a free one
     print(f"serving {name} on {device} (max_batch {args.max_batch}) at http://{host}:{port}/", file=sys.stderr)

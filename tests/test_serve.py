@@ -77,6 +77,19 @@ def test_serve_with_quantize_int8_serves_an_int8_model(tiny_checkpoint, tokenize
     assert Int8Linear in layers and Linear not in layers
 
 
+def test_default_max_tokens_is_the_reply_length_of_requests_that_name_none(tiny_checkpoint, tokenizer_path,
+                                                                           monkeypatch):
+    import uvicorn
+    limits = []
+    monkeypatch.setattr(serve, "create_app", lambda engine, tokenizer, name, key, limit, **kwargs:
+                        limits.append(limit) or create_app(engine, tokenizer, name, key, limit, **kwargs))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)  # main returns instead of serving
+    result = run_in_process(serve.main, ["--checkpoint", tiny_checkpoint[0], "--tokenizer", tokenizer_path,
+                                         "--port", 0, "--device", "cpu", "--default_max_tokens", 7])
+    assert result.returncode == 0, result.stderr
+    assert [limit.default_max_tokens for limit in limits] == [7]
+
+
 @pytest.mark.slow
 def test_serve_py_serves_a_checkpoint_until_interrupted(tiny_checkpoint, tokenizer_path):
     with socket.socket() as probe:
