@@ -13,12 +13,12 @@ import torch
 import chat
 from chat_template import STOP_STRINGS, render_conversation
 import decoding
-import model as M
-import checkpoint as C
 from tokenizer import EOS_ID
 from conftest import ROOT, run_in_process
 from decoding import SamplingSettings, generate_text
 from conftest import tiny_model
+from checkpoint import save_checkpoint
+from cli import PionError
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def tiny_chat_model():
 @pytest.fixture(scope="module")
 def checkpoint(tiny_chat_model, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("chat") / "tiny.pt")
-    C.save_checkpoint(path, {"model": tiny_chat_model.state_dict(), "config": tiny_chat_model.config})
+    save_checkpoint(path, {"model": tiny_chat_model.state_dict(), "config": tiny_chat_model.config})
     return path
 
 
@@ -143,7 +143,7 @@ def test_without_checkpoint_it_uses_the_newest_and_says_which(checkpoint, tmp_pa
                                                               tokenizer_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() changes it
-    with pytest.raises(M.PionError, match="no checkpoint found under checkpoints/"):
+    with pytest.raises(PionError, match="no checkpoint found under checkpoints/"):
         chat.main([])
     os.makedirs("checkpoints/sft")
     os.symlink(checkpoint, "checkpoints/sft/pion_sft_final.pt")
@@ -155,7 +155,7 @@ def test_without_checkpoint_it_uses_the_newest_and_says_which(checkpoint, tmp_pa
 def test_a_base_model_is_named_as_one_and_finetune_is_suggested(tiny_chat_model, tmp_path, monkeypatch,
                                                                 tokenizer_path):
     path = tmp_path / "pion_nano_final.pt"
-    C.save_checkpoint(path, {"model": tiny_chat_model.state_dict(), "config": tiny_chat_model.config,
+    save_checkpoint(path, {"model": tiny_chat_model.state_dict(), "config": tiny_chat_model.config,
                              "trainer": "pretrain"})
     monkeypatch.setattr(sys, "stdin", io.StringIO("/quit\n"))
     result = run_in_process(chat.main, ["--checkpoint", path, "--tokenizer", tokenizer_path])

@@ -7,10 +7,10 @@ import re
 import pytest
 import torch
 
-import decoding as D
 from conftest import ROOT, run_script, tiny_model
 from decoding import SamplingSettings
 from tokenizer import EOS_ID, PAD_ID
+import decoding
 
 
 def naive_greedy(m, prompt, max_new_tokens):
@@ -35,7 +35,7 @@ def scripted_sampling(monkeypatch, script):
         calls.append(1)
         return next(steps)
 
-    monkeypatch.setattr(D, "sample_next_token", next_tokens)
+    monkeypatch.setattr(decoding, "sample_next_token", next_tokens)
     return calls
 
 
@@ -43,31 +43,31 @@ def scripted_sampling(monkeypatch, script):
 def test_greedy_generation_equals_a_naive_argmax_loop(soft_cap):
     m = tiny_model(use_soft_cap=soft_cap)
     prompt = [5, 17, 42, 8, 99, 23]
-    assert D.generate(m, prompt, 25) == [naive_greedy(m, prompt, 25)]
+    assert decoding.generate(m, prompt, 25) == [naive_greedy(m, prompt, 25)]
 
 
 def test_a_tensor_prompt_and_a_list_prompt_give_the_same_tokens():
     m = tiny_model()
-    assert D.generate(m, torch.tensor([5, 6, 7]), 8) == D.generate(m, [[5, 6, 7]], 8)
+    assert decoding.generate(m, torch.tensor([5, 6, 7]), 8) == decoding.generate(m, [[5, 6, 7]], 8)
 
 
 def test_generation_stops_at_endoftext_and_finished_rows_wait_for_the_others(monkeypatch):
     calls = scripted_sampling(monkeypatch, [[5, EOS_ID, 9, 9, 9], [6, 7, 8, EOS_ID, 9]])
-    assert D.generate(tiny_model(), [[3, 4], [3, 4]], 10) == [[5], [6, 7, 8]]
+    assert decoding.generate(tiny_model(), [[3, 4], [3, 4]], 10) == [[5], [6, 7, 8]]
     assert len(calls) == 4  # stopped as soon as the last row finished, not at max_new_tokens
 
 
 def test_max_new_tokens_is_exact():
-    assert [len(row) for row in D.generate(tiny_model(), [[5, 6], [7, 8, 9]], 7, stop_ids=())] == [7, 7]
+    assert [len(row) for row in decoding.generate(tiny_model(), [[5, 6], [7, 8, 9]], 7, stop_ids=())] == [7, 7]
 
 
 def test_the_token_generator_yields_one_column_per_step():
-    columns = list(D.generate_tokens(tiny_model(), [[5, 6], [7, 8, 9]], 7))
+    columns = list(decoding.generate_tokens(tiny_model(), [[5, 6], [7, 8, 9]], 7))
     assert len(columns) == 7 and all(column.shape == (2,) for column in columns)
 
 
 def test_the_decode_timer_counts_steps_rows_and_prompt_tokens():
-    timer = D.DecodeTimer(D.generate_tokens(tiny_model(), [[5, 6], [7, 8, 9]], 7), prompt_tokens=5)
+    timer = decoding.DecodeTimer(decoding.generate_tokens(tiny_model(), [[5, 6], [7, 8, 9]], 7), prompt_tokens=5)
     assert len(list(timer)) == 7 and (timer.steps, timer.rows) == (7, 2)
     assert re.fullmatch(r"7 tokens x 2 row\(s\); prefill of 5 tokens [\d.]+ tokens/s, decode [\d.]+ tokens/s",
                         timer.report())
@@ -76,22 +76,22 @@ def test_the_decode_timer_counts_steps_rows_and_prompt_tokens():
 def test_batched_prompts_of_different_lengths_equal_each_alone():
     m = tiny_model()
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16], [20], [30, 31, 32, 33]]
-    batched = D.generate(m, prompts, 15)
+    batched = decoding.generate(m, prompts, 15)
     for prompt, row in zip(prompts, batched):
-        assert row == D.generate(m, prompt, 15)[0] == naive_greedy(m, prompt, 15)
+        assert row == decoding.generate(m, prompt, 15)[0] == naive_greedy(m, prompt, 15)
 
 
 def test_a_too_long_prompt_keeps_its_last_tokens_with_a_warning():
     m = tiny_model()  # max_seq_len 64
     prompt = [3 + i % 90 for i in range(80)]
-    with pytest.warns(D.PromptTruncatedWarning, match="keeping its last 54"):
-        out = D.generate(m, prompt, 10)
+    with pytest.warns(decoding.PromptTruncatedWarning, match="keeping its last 54"):
+        out = decoding.generate(m, prompt, 10)
     assert out == [naive_greedy(m, prompt[-54:], 10)]
 
 
 def test_a_model_in_train_mode_is_sampled_in_eval_mode_and_put_back():
     m = tiny_model(dropout=0.5).train()
-    out = D.generate(m, [5, 6, 7], 10)
+    out = decoding.generate(m, [5, 6, 7], 10)
     assert m.training
     assert out == [naive_greedy(m.eval(), [5, 6, 7], 10)]  # dropout was off while generating
 
@@ -102,13 +102,13 @@ def test_generation_records_no_autograd_history():
     m = tiny_model()
     modes = []
     m.layers[0].register_forward_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
-    D.generate(m, [5, 6, 7], 4)
+    decoding.generate(m, [5, 6, 7], 4)
     assert modes and all(modes)  # the prefill and every decode step
 
 
 def test_an_empty_prompt_starts_from_endoftext():
     m = tiny_model()
-    assert D.generate(m, [], 5) == [naive_greedy(m, [EOS_ID], 5)]
+    assert decoding.generate(m, [], 5) == [naive_greedy(m, [EOS_ID], 5)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def test_the_same_seed_gives_the_same_tokens_and_another_seed_others():
     m = tiny_model()
 
     def sample(seed):
-        return D.generate(m, [[5, 6, 7], [8]], 20, SamplingSettings(temperature=1.0, top_p=0.95),
+        return decoding.generate(m, [[5, 6, 7], [8]], 20, SamplingSettings(temperature=1.0, top_p=0.95),
                           generator=torch.Generator().manual_seed(seed))
 
     assert sample(1) == sample(1)
@@ -128,17 +128,17 @@ def test_the_same_seed_gives_the_same_tokens_and_another_seed_others():
 
 def test_top_k_1_is_greedy():
     m = tiny_model()
-    sampled = D.generate(m, [5, 6, 7], 20, SamplingSettings(temperature=1.5, top_k=1),
+    sampled = decoding.generate(m, [5, 6, 7], 20, SamplingSettings(temperature=1.5, top_k=1),
                          generator=torch.Generator().manual_seed(0))
-    assert sampled == D.generate(m, [5, 6, 7], 20)
+    assert sampled == decoding.generate(m, [5, 6, 7], 20)
 
 
 @pytest.mark.parametrize("temperature", [1e-40, 1e-30, 5e-324])
 def test_a_tiny_temperature_samples_greedily_not_from_nan(temperature):
     m = tiny_model()
-    sampled = D.generate(m, [5, 6, 7], 20, SamplingSettings(temperature=temperature),
+    sampled = decoding.generate(m, [5, 6, 7], 20, SamplingSettings(temperature=temperature),
                          generator=torch.Generator().manual_seed(0))
-    assert sampled == D.generate(m, [5, 6, 7], 20)
+    assert sampled == decoding.generate(m, [5, 6, 7], 20)
 
 
 def draws(logits, n=400, seen=None, **settings):
@@ -146,7 +146,7 @@ def draws(logits, n=400, seen=None, **settings):
     generator = torch.Generator().manual_seed(0)
     batch = torch.tensor(logits).repeat(n, 1)
     seen = None if seen is None else torch.tensor(seen).repeat(n, 1)
-    return set(D.sample_next_token(batch, seen, SamplingSettings(**config), generator).tolist())
+    return set(decoding.sample_next_token(batch, seen, SamplingSettings(**config), generator).tolist())
 
 
 def test_sampling_filters_keep_only_the_tokens_they_should():
@@ -169,9 +169,10 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_s
 def test_repetition_penalty_counts_prompt_tokens_but_not_padding():
     m = tiny_model()
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]
-    batched = D.generate(m, prompts, 10, SamplingSettings(temperature=0, repetition_penalty=1.3))
-    assert batched == [D.generate(m, p, 10, SamplingSettings(temperature=0, repetition_penalty=1.3))[0] for p in prompts]
-    assert batched != D.generate(m, prompts, 10)
+    batched = decoding.generate(m, prompts, 10, SamplingSettings(temperature=0, repetition_penalty=1.3))
+    penalized = SamplingSettings(temperature=0, repetition_penalty=1.3)
+    assert batched == [decoding.generate(m, p, 10, penalized)[0] for p in prompts]
+    assert batched != decoding.generate(m, prompts, 10)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ def test_repetition_penalty_counts_prompt_tokens_but_not_padding():
 
 
 def stream_pieces(tokenizer, ids):
-    detokenizer = D.StreamingDetokenizer(tokenizer)
+    detokenizer = decoding.StreamingDetokenizer(tokenizer)
     return [detokenizer.push(i) for i in ids] + [detokenizer.flush()]
 
 
@@ -198,7 +199,7 @@ def test_streaming_of_invalid_bytes_still_adds_up_to_decode_in_bounded_work(toke
     byte_ids = [tokenizer.token_to_id(c) for c in "ĳĭŀðŁæĹ"]  # continuation and lead bytes on their own
     for _ in range(200):
         ids = [random.choice(text_ids + byte_ids + [PAD_ID]) for _ in range(random.randrange(1, 60))]
-        detokenizer = D.StreamingDetokenizer(tokenizer)
+        detokenizer = decoding.StreamingDetokenizer(tokenizer)
         pieces = []
         for i in ids:
             pieces.append(detokenizer.push(i))
@@ -209,8 +210,9 @@ def test_streaming_of_invalid_bytes_still_adds_up_to_decode_in_bounded_work(toke
 def test_a_stop_string_ends_the_row_and_no_part_of_it_is_shown(monkeypatch, tokenizer):
     ids = tokenizer.encode("Sure, here it is.\n<|user|>\nmore text").ids
     calls = scripted_sampling(monkeypatch, [ids])
-    stream = D.TextStream(tokenizer, stop_strings=["<|user|>"])
-    shown = [piece for _, piece in D.stream_text(D.generate_tokens(tiny_model(vocab_size=50258), [5, 6], 50), [stream])]
+    stream = decoding.TextStream(tokenizer, stop_strings=["<|user|>"])
+    columns = decoding.generate_tokens(tiny_model(vocab_size=50258), [5, 6], 50)
+    shown = [piece for _, piece in decoding.stream_text(columns, [stream])]
     assert stream.text == "Sure, here it is.\n" and "".join(shown) == stream.text
     assert not any("<" in piece for piece in shown)  # the partial match was held back, then dropped
     stop_ends = next(i for i in range(len(ids)) if "<|user|>" in tokenizer.decode(ids[:i + 1]))
@@ -220,7 +222,7 @@ def test_a_stop_string_ends_the_row_and_no_part_of_it_is_shown(monkeypatch, toke
 def test_text_that_only_looks_like_a_stop_string_is_released(monkeypatch, tokenizer):
     ids = tokenizer.encode("a <|use it <|").ids
     scripted_sampling(monkeypatch, [ids])
-    texts = D.generate_text(tiny_model(vocab_size=50258), tokenizer, [5], len(ids), stop_strings=["<|user|>"])
+    texts = decoding.generate_text(tiny_model(vocab_size=50258), tokenizer, [5], len(ids), stop_strings=["<|user|>"])
     assert texts == ["a <|use it <|"]
 
 
@@ -240,17 +242,17 @@ def test_compiled_decoding_gives_the_same_tokens_as_eager(tiny_checkpoint):
     m = tiny_checkpoint[1]
     # Rows at different positions, then one row at one position: the compiled step must serve both.
     for prompts, n in (([[5, 6, 7], [8, 9]], 12), ([[10, 11, 12, 13]], 12)):
-        eager = D.generate(m, prompts, n, stop_ids=())
-        assert D.generate(m, prompts, n, stop_ids=(), compile=True) == eager
+        eager = decoding.generate(m, prompts, n, stop_ids=())
+        assert decoding.generate(m, prompts, n, stop_ids=(), compile=True) == eager
 
 
 COMPILES_OF_THREE_LENGTHS = """
-import torch, decoding as D
+import torch, decoding
 from conftest import tiny_model
 from torch._dynamo.utils import counters
 m = tiny_model()
 for prompt, n in (([5, 6, 7], 8), ([5] * 20, 9), ([7] * 40, 5)):
-    assert D.generate(m, prompt, n, stop_ids=(), compile=True) == D.generate(m, prompt, n, stop_ids=())
+    assert decoding.generate(m, prompt, n, stop_ids=(), compile=True) == decoding.generate(m, prompt, n, stop_ids=())
 print(counters["stats"]["unique_graphs"])
 """
 
@@ -266,9 +268,9 @@ def test_compiled_decoding_compiles_once_for_calls_of_any_length():
 
 
 def test_host_columns_reads_blocks_of_columns_in_order(monkeypatch):
-    monkeypatch.setattr(D, "tokens_per_sync", lambda device: 3)
+    monkeypatch.setattr(decoding, "tokens_per_sync", lambda device: 3)
     columns = [torch.tensor([i, 10 + i]) for i in range(7)]
-    assert list(D.host_columns(iter(columns))) == [[i, 10 + i] for i in range(7)]
+    assert list(decoding.host_columns(iter(columns))) == [[i, 10 + i] for i in range(7)]
 
 
 def test_host_columns_reads_each_cpu_column_as_it_comes():
@@ -279,7 +281,7 @@ def test_host_columns_reads_each_cpu_column_as_it_comes():
         for i in range(3):
             asked.append(i)
             yield torch.tensor([i])
-    reader = D.host_columns(columns())
+    reader = decoding.host_columns(columns())
     assert next(reader) == [0] and asked == [0]
 
 
@@ -288,14 +290,14 @@ def test_reading_tokens_in_blocks_changes_no_output(monkeypatch):
     their lengths are those of a read per step, with extra steps past the end left unread."""
     m = tiny_model()
     prompts = [[5, 6, 7], [8, 9]]
-    per_step = D.generate(m, prompts, 20, stop_ids=(45,))
+    per_step = decoding.generate(m, prompts, 20, stop_ids=(45,))
     assert 0 < len(per_step[0]) < 20 == len(per_step[1])  # one row stops mid-block, the other runs out
-    monkeypatch.setattr(D, "tokens_per_sync", lambda device: 8)
-    assert D.generate(m, prompts, 20, stop_ids=(45,)) == per_step
+    monkeypatch.setattr(decoding, "tokens_per_sync", lambda device: 8)
+    assert decoding.generate(m, prompts, 20, stop_ids=(45,)) == per_step
 
 
 def test_the_decode_timer_times_the_steps_after_the_second_as_a_whole():
-    timer = D.DecodeTimer(iter([torch.zeros(1)] * 6), prompt_tokens=4)
+    timer = decoding.DecodeTimer(iter([torch.zeros(1)] * 6), prompt_tokens=4)
     assert len(list(timer)) == 6
     assert timer.steps == 6 and timer.decode_seconds > 0
     assert timer.report().startswith("6 tokens x 1 row(s)") and "decode" in timer.report()

@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-import checkpoint as C
-import generate as G
 from cli import PionError
 from conftest import assert_one_line_error, run_in_process, run_script, tiny_model
+from checkpoint import save_checkpoint
+import generate
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def checkpoint(tmp_path_factory, tokenizer):
     m = tiny_model(vocab_size=tokenizer.get_vocab_size(), d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64,
                    max_seq_len=256)
     path = str(tmp_path_factory.mktemp("generate") / "tiny.pt")
-    C.save_checkpoint(path, {"model": m.state_dict(), "config": m.config})
+    save_checkpoint(path, {"model": m.state_dict(), "config": m.config})
     return path
 
 
@@ -34,7 +34,7 @@ def offline_tokenizer(tokenizer_path):
 
 def run_generate(argv):
     """Run generate.py's CLI in this process (no torch import per call): -> (stdout, stderr)."""
-    return run_in_process(G.main, [*TOKENIZER_FLAGS, *map(str, argv)])
+    return run_in_process(generate.main, [*TOKENIZER_FLAGS, *map(str, argv)])
 
 
 def run_main(argv):
@@ -130,7 +130,7 @@ def test_cli_interactive_mode_answers_until_quit(checkpoint, monkeypatch):
 ])
 def test_bad_flag_values_are_rejected_with_one_line(flags, message):
     with pytest.raises(PionError, match=message.replace("(", r"\(").replace("[", r"\[")):
-        G.parse_args(["--checkpoint", "x.pt"] + flags)
+        generate.parse_args(["--checkpoint", "x.pt"] + flags)
 
 
 @pytest.mark.parametrize("args,message", [

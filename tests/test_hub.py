@@ -9,10 +9,10 @@ import sys
 import pytest
 
 import model
-import checkpoint as C
 from conftest import ROOT
 from decoding import generate_text
 from conftest import tiny_model
+from checkpoint import load_checkpoint, save_checkpoint
 
 REPO, FILE = "SuperGoatScriptGuy/Pion", "pion_nano_final.pt"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"  # any 40 hex digits: refs/main only has to name a snapshot
@@ -32,7 +32,7 @@ def hub_cache(tmp_path):
     snapshot.mkdir(parents=True)
     # The real vocabulary, so that a script can encode a prompt with the real tokenizer.
     pion = tiny_model(vocab_size=50258, d_model=32, n_heads=4, n_kv_heads=2)
-    C.save_checkpoint(str(snapshot / FILE), {"model": pion.state_dict(), "config": pion.config})
+    save_checkpoint(str(snapshot / FILE), {"model": pion.state_dict(), "config": pion.config})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_CACHE": str(cache)}
     return env, pion
 
@@ -66,7 +66,7 @@ def test_a_file_missing_from_the_offline_cache_is_one_line_and_exit_2(hub_cache,
 @pytest.mark.parametrize("reference", ["hf:", "hf:owner/repo", "hf:owner//file.pt"])
 def test_a_malformed_hub_reference_is_refused_before_any_download(reference):
     with pytest.raises(model.PionError, match="expected hf:OWNER/REPO/FILE"):
-        C.load_checkpoint(reference)
+        load_checkpoint(reference)
 
 
 def test_without_a_network_a_download_fails_at_once_instead_of_retrying(hub_cache, tmp_path):

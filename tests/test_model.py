@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import attention as A
-import model as M
 from tokenizer import PAD_ID
 from conftest import ROOT, tiny_config, tiny_model
+import attention
+import model
+from cli import PionError
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -18,7 +19,7 @@ from conftest import ROOT, tiny_config, tiny_model
 
 
 def test_config_defaults_are_the_published_ones():
-    c = M.PionConfig()
+    c = model.PionConfig()
     assert (c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.d_ff, c.max_seq_len) == \
         (50258, 640, 16, 10, 2, 1792, 2048)
     assert (c.dropout, c.rope_theta, c.logit_cap, c.use_soft_cap, c.tie_embeddings) == (0.0, 10000.0, 30.0, True, True)
@@ -29,12 +30,12 @@ def test_config_defaults_are_the_published_ones():
     ("base", 164_461_312), ("large", 322_050_048), ("xl", 770_922_240)])
 def test_size_table_parameter_counts_are_exact(size, expected):
     with torch.device("meta"):
-        assert M.get_model(size).count_parameters() == expected
+        assert model.get_model(size).count_parameters() == expected
 
 
 def test_unknown_size_is_a_clear_error():
-    with pytest.raises(M.PionError, match="unknown model size"):
-        M.get_model("huge")
+    with pytest.raises(PionError, match="unknown model size"):
+        model.get_model("huge")
 
 
 def test_python_model_py_prints_the_size_table():
@@ -60,7 +61,7 @@ def test_lm_head_is_tied_to_the_embedding():
 
 def test_linears_have_no_bias_and_init_std_is_0_02():
     torch.manual_seed(0)
-    m = M.Pion(tiny_config(d_model=240, n_heads=6, d_ff=480))
+    m = model.Pion(tiny_config(d_model=240, n_heads=6, d_ff=480))
     assert all(mod.bias is None for mod in m.modules() if isinstance(mod, torch.nn.Linear))
     assert abs(m.layers[0].ffn.w1.weight.std().item() - 0.02) < 1e-3
 
@@ -163,7 +164,7 @@ def test_softcap_attention_gradients_match_naive_attention():
     k = torch.randn(2, 2, 40, 8, dtype=torch.double, requires_grad=True)
     v = torch.randn(2, 2, 40, 8, dtype=torch.double, requires_grad=True)
     g = torch.randn(2, 6, 40, 8, dtype=torch.double)
-    ours = torch.autograd.grad((A.SoftCappedAttention.apply(q, k, v, 2.0, 16) * g).sum(), (q, k, v))
+    ours = torch.autograd.grad((attention.SoftCappedAttention.apply(q, k, v, 2.0, 16) * g).sum(), (q, k, v))
     ref = torch.autograd.grad((naive_softcap_attention(q, k, v, 2.0) * g).sum(), (q, k, v))
     for a, b in zip(ours, ref):
         assert torch.allclose(a, b, atol=1e-10)
@@ -174,15 +175,15 @@ def test_softcap_attention_passes_gradcheck_over_several_blocks():
     q = torch.randn(1, 2, 6, 4, dtype=torch.double, requires_grad=True)
     k = torch.randn(1, 1, 6, 4, dtype=torch.double, requires_grad=True)
     v = torch.randn(1, 1, 6, 4, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda q, k, v: A.SoftCappedAttention.apply(q, k, v, 2.0, 4), (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: attention.SoftCappedAttention.apply(q, k, v, 2.0, 4), (q, k, v))
 
 
 def test_inference_shortcut_matches_the_tiled_kernel():
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 6, 20, 8), torch.randn(2, 2, 20, 8), torch.randn(2, 2, 20, 8)
-    tiled = A.SoftCappedAttention.apply(q, k, v, 2.0, 3)
+    tiled = attention.SoftCappedAttention.apply(q, k, v, 2.0, 3)
     with torch.no_grad():
-        assert torch.allclose(A.attention(q, k, v, 2.0), tiled, atol=1e-6)
+        assert torch.allclose(attention.attention(q, k, v, 2.0), tiled, atol=1e-6)
 
 
 @pytest.mark.parametrize("soft_cap", [2.0, None])
@@ -191,11 +192,11 @@ def test_cache_attention_at_per_row_positions_matches_causal_attention(soft_cap)
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 6, 12, 8), torch.randn(2, 2, 12, 8), torch.randn(2, 2, 12, 8)
     with torch.no_grad():
-        causal = A.attention(q, k, v, soft_cap)
+        causal = attention.attention(q, k, v, soft_cap)
         stale = torch.randn(2, 2, 4, 8)  # slots after a row's position: never seen
         cache_k, cache_v = torch.cat([k, stale], 2), torch.cat([v, stale], 2)
         positions = torch.tensor([[3], [9]])
-        rows = A.attention(q[torch.arange(2), :, positions[:, 0]][:, :, None], cache_k, cache_v, soft_cap, positions)
+        rows = attention.attention(q[torch.arange(2), :, positions[:, 0]][:, :, None], cache_k, cache_v, soft_cap, positions)
     assert torch.allclose(rows[0, :, 0], causal[0, :, 3], atol=1e-6)
     assert torch.allclose(rows[1, :, 0], causal[1, :, 9], atol=1e-6)
 
@@ -204,8 +205,8 @@ def test_flex_attention_score_mod_matches_the_tiled_kernel():
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 6, 32, 16), torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16)
     with pytest.warns(UserWarning):  # eager FlexAttention on CPU (on CUDA it is compiled)
-        flex = A.flex_softcap_attention(q, k, v, 2.0, compiled=False)
-    assert torch.allclose(flex, A.SoftCappedAttention.apply(q, k, v, 2.0, 8), atol=1e-5)
+        flex = attention.flex_softcap_attention(q, k, v, 2.0, compiled=False)
+    assert torch.allclose(flex, attention.SoftCappedAttention.apply(q, k, v, 2.0, 8), atol=1e-5)
 
 
 def saved_tensor_sizes(fn):
@@ -226,7 +227,7 @@ def test_gqa_attention_runs_without_repeating_kv():
     """K and V for 6 query heads over 2 kv heads are passed to SDPA as 2 heads (enable_gqa)."""
     q, k, v = torch.randn(1, 6, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), is_causal=True)
-    assert torch.allclose(A.attention(q, k, v), ref, atol=1e-6)
+    assert torch.allclose(attention.attention(q, k, v), ref, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -241,7 +242,7 @@ def test_chunked_cross_entropy_matches_plain_cross_entropy_in_fp32():
     y = torch.randint(0, 1100, (300,))
     y[::5] = -100
     y[1] = 1099
-    loss = M.chunked_cross_entropy(h, w, y, chunk_size=64)
+    loss = model.chunked_cross_entropy(h, w, y, chunk_size=64)
     gh, gw = torch.autograd.grad(loss, (h, w))
     ref = F.cross_entropy(h @ w.T, y, ignore_index=-100)
     rh, rw = torch.autograd.grad(ref, (h, w))
@@ -261,7 +262,7 @@ def test_chunked_cross_entropy_is_exact_for_logits_far_beyond_fp32_exp(offset):
     w[:, -1] = 1.0 + 0.01 * torch.randn(1100)  # every logit of an offset row moves by about the offset
     w.requires_grad_()
     y = torch.randint(0, 1100, (96,))
-    loss = M.chunked_cross_entropy(h, w, y, chunk_size=64)
+    loss = model.chunked_cross_entropy(h, w, y, chunk_size=64)
     gh, gw = torch.autograd.grad(loss, (h, w))
     ref = F.cross_entropy(h @ w.T, y)
     rh, rw = torch.autograd.grad(ref, (h, w))
@@ -277,16 +278,16 @@ def test_chunked_cross_entropy_computes_no_gradients_under_no_grad(monkeypatch):
         monkeypatch.setattr(torch, name, lambda t, make=make, **kw: allocated.append(t.shape) or make(t, **kw))
     w = torch.randn(101, 16, requires_grad=True)  # the tied weight requires grad during training
     with torch.no_grad():
-        M.chunked_cross_entropy(torch.randn(8, 16), w, torch.randint(0, 101, (8,)), 4)
+        model.chunked_cross_entropy(torch.randn(8, 16), w, torch.randint(0, 101, (8,)), 4)
     assert (101, 16) not in allocated
-    M.chunked_cross_entropy(torch.randn(8, 16), w, torch.randint(0, 101, (8,)), 4)
+    model.chunked_cross_entropy(torch.randn(8, 16), w, torch.randint(0, 101, (8,)), 4)
     assert (101, 16) in allocated
 
 
 def test_chunked_cross_entropy_keeps_no_logits_for_backward():
     h = torch.randn(256, 16, requires_grad=True)
     w = torch.randn(101, 16, requires_grad=True)
-    sizes = saved_tensor_sizes(lambda: M.chunked_cross_entropy(h, w, torch.randint(0, 101, (256,)), 32))
+    sizes = saved_tensor_sizes(lambda: model.chunked_cross_entropy(h, w, torch.randint(0, 101, (256,)), 32))
     assert max(sizes) <= max(256 * 16, 101 * 16)
 
 
@@ -296,7 +297,7 @@ def test_chunked_cross_entropy_is_fp32_under_bf16_autocast():
     w = torch.randn(1100, 16, requires_grad=True)
     y = torch.randint(0, 1100, (64,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = M.chunked_cross_entropy(h.to(torch.bfloat16), w, y, 16)
+        loss = model.chunked_cross_entropy(h.to(torch.bfloat16), w, y, 16)
     loss.backward()
     assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
     ref = F.cross_entropy(h @ w.T, y)
@@ -308,14 +309,14 @@ def test_chunked_cross_entropy_is_fp32_under_bf16_autocast():
 def test_chunked_cross_entropy_of_no_tokens_gives_a_zero_weight_gradient():
     """An SFT micro-batch whose targets are all masked reaches the loss with no rows at all."""
     w = torch.randn(1100, 16, requires_grad=True)
-    loss = M.chunked_cross_entropy(torch.randn(0, 16, requires_grad=True), w, torch.zeros(0, dtype=torch.long), 4)
+    loss = model.chunked_cross_entropy(torch.randn(0, 16, requires_grad=True), w, torch.zeros(0, dtype=torch.long), 4)
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(w.grad, torch.zeros_like(w))
 
 
 def test_chunked_cross_entropy_of_only_ignored_tokens_is_zero():
     h = torch.randn(8, 16, requires_grad=True)
-    loss = M.chunked_cross_entropy(h, torch.randn(101, 16), torch.full((8,), -100), 4)
+    loss = model.chunked_cross_entropy(h, torch.randn(101, 16), torch.full((8,), -100), 4)
     loss.backward()
     assert loss.item() == 0.0 and h.grad.abs().sum() == 0
 
@@ -327,10 +328,10 @@ def fused_and_plain_losses(hidden, weight, labels, chunk_size, compile=False):
     for fused in (True, False):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         if fused:
-            fns = M.compiled_chunk_functions() if compile else (M.fused_chunk_loss, M.fused_chunk_loss_and_grads)
-            loss = M.FusedChunkCrossEntropy.apply(h, w, labels, chunk_size, torch.float32, True, fns)
+            fns = model.compiled_chunk_functions() if compile else (model.fused_chunk_loss, model.fused_chunk_loss_and_grads)
+            loss = model.FusedChunkCrossEntropy.apply(h, w, labels, chunk_size, torch.float32, True, fns)
         else:
-            loss = M.chunked_cross_entropy(h, w, labels, chunk_size, fused=False)
+            loss = model.chunked_cross_entropy(h, w, labels, chunk_size, fused=False)
         loss.backward()
         results.append((loss, h.grad, w.grad))
     return results
@@ -359,18 +360,18 @@ def test_the_fused_chunked_cross_entropy_is_exact_for_large_logits():
 
 def test_the_fused_chunked_cross_entropy_of_only_ignored_tokens_is_zero():
     h = torch.randn(8, 16, requires_grad=True)
-    loss = M.chunked_cross_entropy(h, torch.randn(101, 16), torch.full((8,), -100), 4, fused=True)
+    loss = model.chunked_cross_entropy(h, torch.randn(101, 16), torch.full((8,), -100), 4, fused=True)
     loss.backward()
     assert loss.item() == 0.0 and h.grad.abs().sum() == 0
 
 
 def test_the_fused_chunked_cross_entropy_computes_no_gradients_under_no_grad(monkeypatch):
-    monkeypatch.setattr(M, "compiled_chunk_functions", lambda: (M.fused_chunk_loss, None))
+    monkeypatch.setattr(model, "compiled_chunk_functions", lambda: (model.fused_chunk_loss, None))
     w = torch.randn(101, 16, requires_grad=True)
     y = torch.randint(0, 101, (8,))
     h = torch.randn(8, 16)
     with torch.no_grad():
-        loss = M.chunked_cross_entropy(h, w, y, 4, fused=True)
+        loss = model.chunked_cross_entropy(h, w, y, 4, fused=True)
     assert torch.allclose(loss, F.cross_entropy(h @ w.T, y), rtol=1e-5)
 
 
@@ -392,9 +393,9 @@ def test_the_compiled_chunks_equal_the_cpu_tuned_ones():
 
 def test_linear_group_with_concatenated_weights_equals_the_separate_layers():
     torch.manual_seed(0)
-    layers = [M.Linear(16, 24), M.Linear(16, 8), M.Linear(16, 8)]
+    layers = [model.Linear(16, 24), model.Linear(16, 8), model.Linear(16, 8)]
     x = torch.randn(2, 5, 16)
-    fused = M.linear_group(x, layers, torch.cat([m.weight for m in layers]))
+    fused = model.linear_group(x, layers, torch.cat([m.weight for m in layers]))
     for y, m in zip(fused, layers):
         assert torch.allclose(y, m(x), atol=1e-6)
 
@@ -405,7 +406,7 @@ def test_training_through_fused_projections_gives_the_unfused_loss_and_gradients
     ids = torch.randint(0, 101, (2, 160))  # 320 rows: over FUSED_PROJECTION_MIN_ROWS
     results = []
     for devices in ((), ("cpu",)):
-        monkeypatch.setattr(M, "FUSED_PROJECTION_DEVICES", devices)
+        monkeypatch.setattr(model, "FUSED_PROJECTION_DEVICES", devices)
         m = tiny_model(max_seq_len=160)
         loss = m(ids, labels=ids)["loss"]
         loss.backward()
@@ -426,7 +427,7 @@ def test_fused_projection_weights_are_made_only_where_they_pay_and_never_saved()
 def test_fused_projection_weights_are_refreshed_in_place_from_the_current_weights(monkeypatch):
     """A captured CUDA graph keeps reading the fused weights' address: a refresh after training must
     write the new values there."""
-    monkeypatch.setattr(M, "FUSED_PROJECTION_DEVICES", ("cpu",))
+    monkeypatch.setattr(model, "FUSED_PROJECTION_DEVICES", ("cpu",))
     m = tiny_model()
     assert m.fuse_projections() is True
     attn = m.layers[0].attn
@@ -443,7 +444,7 @@ def test_decoding_with_fused_projections_gives_the_unfused_logits(monkeypatch):
     prompt = torch.randint(0, 101, (1, 7))
     logits = []
     for fused in (False, True):
-        monkeypatch.setattr(M, "FUSED_PROJECTION_DEVICES", ("cpu",) if fused else ())
+        monkeypatch.setattr(model, "FUSED_PROJECTION_DEVICES", ("cpu",) if fused else ())
         cache = m.new_kv_cache(1, 16)
         cache.fused_projections = m.fuse_projections()
         assert cache.fused_projections is fused
@@ -456,7 +457,7 @@ def test_decoding_with_fused_projections_gives_the_unfused_logits(monkeypatch):
 def test_fused_projection_weights_go_unused_on_a_cache_that_did_not_ask_for_them(monkeypatch):
     """Stale copies (weights trained since the last refresh) are never read: only a cache whose owner just
     refreshed them uses them."""
-    monkeypatch.setattr(M, "FUSED_PROJECTION_DEVICES", ("cpu",))
+    monkeypatch.setattr(model, "FUSED_PROJECTION_DEVICES", ("cpu",))
     m = tiny_model().eval()
     m.fuse_projections()
     for layer in m.layers:

@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import generate as G
 from cli import PionError
 from conftest import assert_one_line_error, run_in_process, tiny_pion
 from decoding import generate
 from model import Linear
 from quantize import Int8Linear, quantize, quantize_rows_int8
+from generate import main as generate_main
 
 PROMPTS = [[464, 2068, 7586, 21831], [7454, 2402, 257, 640, 11], [4299, 277, 7, 87, 2599], [50, 1000, 20000]]
 
@@ -101,7 +101,7 @@ def test_quantizing_on_a_device_without_support_is_one_clear_line():
 
 def test_cli_decodes_with_int8_weights(tiny_checkpoint, tokenizer_path):
     path, _ = tiny_checkpoint
-    result = run_in_process(G.main, ["--checkpoint", path, "--tokenizer", tokenizer_path, "--device", "cpu",
+    result = run_in_process(generate_main, ["--checkpoint", path, "--tokenizer", tokenizer_path, "--device", "cpu",
                                      "--quantize", "int8", "--prompt", "The quick brown fox", "--max_tokens", "8",
                                      "--temperature", "0"])
     assert result.returncode == 0, result.stderr
@@ -110,7 +110,7 @@ def test_cli_decodes_with_int8_weights(tiny_checkpoint, tokenizer_path):
 
 def test_cli_unknown_quantize_value_is_one_line(tiny_checkpoint):
     path, _ = tiny_checkpoint
-    result = run_in_process(G.main, ["--checkpoint", path, "--quantize", "int4", "--prompt", "x"])
+    result = run_in_process(generate_main, ["--checkpoint", path, "--quantize", "int4", "--prompt", "x"])
     assert_one_line_error(result, "--quantize")
 
 

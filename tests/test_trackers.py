@@ -8,11 +8,11 @@ import struct
 
 import pytest
 
-import checkpoint as C
 import train
 import trackers
 from conftest import assert_one_line_error as assert_error_line, run_in_process, run_script
 from conftest import TINY_MODEL_FLAGS, write_shards
+from checkpoint import load_checkpoint
 
 STEPS = [1, 2, 3, 4, 5, 6]
 
@@ -312,7 +312,7 @@ def test_a_plot_that_fails_warns_once_and_training_goes_on(data_dir, tmp_path, t
     monkeypatch.setattr(plotting, "save_plot", broken)
     result = run_train(tmp_path, data_dir, tokenizer_path)
     assert result.stdout.count("warning: no ") == 1 and "no fonts; training goes on" in result.stdout
-    assert C.load_checkpoint(tmp_path / "nano" / "pion_nano_final.pt")[1]["step"] == 6
+    assert load_checkpoint(tmp_path / "nano" / "pion_nano_final.pt")[1]["step"] == 6
 
 
 def test_without_matplotlib_a_run_says_how_to_get_its_picture_once(data_dir, tmp_path, tokenizer_path, monkeypatch):
