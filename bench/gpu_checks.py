@@ -86,7 +86,7 @@ def fixed_batch_trainer(target, model, config, ids, autocast=None):
     rt = runtime.Runtime(str(target.device))
     if autocast is not None:
         rt.autocast = autocast
-    wrapped = trainer.prepare_model(model, config, rt)
+    wrapped = runtime.prepare_model(model, config, rt)
     optimizer = trainer.build_optimizer(wrapped, config, rt)
     batches = itertools.repeat({"input_ids": ids, "labels": ids})
     return rt, lambda lr: trainer.train_step(wrapped, optimizer, batches, rt, 1, config.grad_clip, lr)
