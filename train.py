@@ -47,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--sample_prompt", default=None,
                    help="prompt of the sample at each eval (default: the first 16 tokens of the validation data)")
     p.add_argument("--sample_tokens", type=non_negative_int, default=48, help="tokens of that sample; 0 = none")
-    p.add_argument("--memory_test", action="store_true", help="run one real training step, report peak memory, exit")
+    p.add_argument("--memory_test", action="store_true",
+                   help="run two real training steps and their saves, report peak memory, exit")
     args = p.parse_args(argv)
     if not 0 <= args.decay_frac <= 1:
         p.error("--decay_frac must be between 0 and 1")
@@ -93,10 +94,15 @@ def eval_sample(args, tokenizer, vocab_size, rt, start):
 
 
 def run_memory_test(args, config, rt):
+    """train.py's run, but two steps of random tokens into a temporary folder (trainer.memory_test): the same
+    model, batch layout, tokenizer (for val_bpb and the eval sample) and saves."""
     model = pion.Pion(model_config(args, max_seq_len=max(config.seq_len, 2048)))
-    rt.print(f"memory test: one training step and a checkpoint save of Pion-{args.model_size}, batch {config.batch_size} x seq "
-             f"{config.seq_len}, on {rt.device.type}...")
-    measured = memory_test(model, config, rt)
+    tokenizer = load_tokenizer(args.tokenizer)
+    rt.print(f"memory test: two training steps of Pion-{args.model_size}, batch {config.batch_size} x seq "
+             f"{config.seq_len} x {config.grad_accum} micro-batches, with a checkpoint save, a validation and the "
+             f"final save into a temporary folder, on {rt.device.type}...")
+    sample = eval_sample(args, tokenizer, model.config.vocab_size, rt, start=range(3, 19))
+    measured = memory_test(model, config, rt, token_byte_lengths(tokenizer, model.config.vocab_size), sample)
     if measured is None:
         rt.print(f"memory test: out of memory at batch {config.batch_size} x seq {config.seq_len}")
         return False
@@ -105,8 +111,7 @@ def run_memory_test(args, config, rt):
     rt.print(f"memory test: Pion-{args.model_size}, batch {config.batch_size} x seq {config.seq_len}, "
              f"checkpointing {'on' if config.gradient_checkpointing else 'off'}, soft-cap "
              f"{'off' if args.no_soft_cap else 'on'}: peak {used / 1e9:.2f} GB of {total / 1e9:.1f} GB "
-             f"({used / total:.0%}) on {rt.device.type}, a checkpoint save included"
-             f"{host if rt.device.type != 'cpu' else ''}")
+             f"({used / total:.0%}) on {rt.device.type}{host if rt.device.type != 'cpu' else ''}")
     return used < total and host_used < host_total
 
 

@@ -1,14 +1,13 @@
 """The training loop that pretraining (train.py) and SFT (finetune.py) share: the optimizer, one optimizer
-step, the loop, and the memory test. train(model, config, rt, run) trains by a TrainConfig (train_config.py) on
-a TrainingRun and returns the run's final TrainState (runs.py). The process (device, ranks, autocast, the
-model's wrapping, RNG) is runtime.py's, the run's checkpoints, state and resume rules runs.py's, validation
-validation.py's.
-"""
+step, train(model, config, rt, run) by a TrainConfig on a TrainingRun, and the memory test. The process
+(device, ranks, autocast, the model's wrapping, RNG) is runtime.py's; the run's checkpoints, TrainState and
+resume rules runs.py's; validation and the eval sample validation.py's."""
 import contextlib
 import math
 import os
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -18,8 +17,7 @@ from tqdm import tqdm
 from cli import PionError
 from hardware import gpu_peak_flops, training_flops_per_token
 from runtime import StopSignal, host_memory_peak, host_memory_total, prepare_model
-from runs import (TrainState, prune_checkpoints, restore_optimizer_and_rng, resumed_state, save_training_checkpoint,
-                  training_checkpoint)
+from runs import TrainState, prune_checkpoints, restore_optimizer_and_rng, resumed_state, save_training_checkpoint
 from train_config import fit_schedule, learning_rate
 from trackers import RunLog
 from validation import evaluate, sample_text
@@ -39,18 +37,6 @@ def build_optimizer(model, config, rt):
     return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
                              lr=config.lr, betas=(0.9, 0.95), fused=rt.device.type in ("cuda", "cpu"))
-
-
-# ----------------------------------------------------------------------------------------------------
-# The loop
-
-
-def human_count(n):
-    """12,345 -> '12.3k', 4,500,000 -> '4.5M': readable at every scale of a run."""
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if n >= scale:
-            return f"{n / scale:.1f}{suffix}"
-    return str(n)
 
 
 def train_step(model, optimizer, batches, rt, grad_accum, grad_clip, lr):
@@ -91,6 +77,10 @@ def train_step(model, optimizer, batches, rt, grad_accum, grad_clip, lr):
     return (loss if finite else float("nan")), grad_norm.item(), tokens
 
 
+# ----------------------------------------------------------------------------------------------------
+# The loop
+
+
 @dataclass
 class TrainingRun:
     """What train() trains on and where it writes, besides the model, its TrainConfig and the Runtime."""
@@ -128,6 +118,14 @@ def train(model, config, rt, run):
         return loop.train()
     finally:
         loop.close()
+
+
+def human_count(n):
+    """12,345 -> '12.3k', 4,500,000 -> '4.5M': readable at every scale of a run."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.1f}{suffix}"
+    return str(n)
 
 
 class Loop:
@@ -290,21 +288,25 @@ class Loop:
         self.metrics.close()
 
 
-def memory_test(model, config, rt):
-    """One real training step (forward, backward, clipping, AdamW step, zero_grad) on random tokens at the
-    configured batch and precision, then a checkpoint save as a run makes it (serialized, written nowhere):
-    a run whose steps fit can still be killed at its first save. Returns (peak bytes, total bytes) of the
-    device and (peak, total) of host memory (the same figures on the CPU), or None when it ran out of memory."""
-    wrapped = prepare_model(model, config, rt)
-    optimizer = build_optimizer(wrapped, config, rt)
-    ids = torch.randint(0, model.config.vocab_size, (config.batch_size, config.seq_len))
-    try:  # one micro-batch: more of them accumulate into the same gradient buffers, at the same peak
-        train_step(wrapped, optimizer, iter([{"input_ids": ids, "labels": ids}]), rt, 1, config.grad_clip, config.lr)
-    except torch.OutOfMemoryError:
-        return None
-    checkpoint = training_checkpoint(wrapped, optimizer, rt, {"step": 1})
-    if checkpoint is not None:
-        with open(os.devnull, "wb") as nowhere:
-            torch.save(checkpoint, nowhere)
-    del checkpoint
+def memory_test(model, config, rt, token_bytes=None, sample=None):
+    """A run's first steps at its batch, accumulation and precision, for their peak memory: train() on random
+    tokens into a temporary folder, removed after: a step, a checkpoint save, a second step (the first to hold
+    AdamW's moments through its backward: a run's peak), a validation (token_bytes, sample) and the final save.
+    Returns (peak, total) bytes of the device and of host memory, where checkpoints are gathered (the same
+    figures on the CPU), or None when it ran out of memory."""
+    config = replace(config, max_steps=2, warmup_steps=0, decay_frac=0.5, save_interval=1,
+                                 keep_last=None, eval_steps=1)
+
+    def random_batches(samples_seen=0):
+        while True:
+            ids = torch.randint(0, model.config.vocab_size, (config.batch_size, config.seq_len))
+            yield {"input_ids": ids, "labels": ids}
+
+    with tempfile.TemporaryDirectory(prefix="pion_memory_test_") as run_dir:
+        run = TrainingRun(random_batches, random_batches, run_dir, "memory_test", token_bytes=token_bytes,
+                          sample=sample)
+        try:
+            train(model, config, rt, run)
+        except torch.OutOfMemoryError:
+            return None
     return (rt.memory_used(), rt.memory_total()), (host_memory_peak(), host_memory_total())

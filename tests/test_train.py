@@ -325,23 +325,28 @@ def test_memory_test_reports_peak_memory_and_exits_0(tokenizer_path):
 
 
 @pytest.mark.slow
-def test_the_memory_test_peak_is_a_real_training_steps_peak(data_dir, tmp_path, tokenizer_path):
-    """Pion-nano's full vocabulary, where AdamW's two state buffers are most of the memory: a forward and
-    backward alone would report far less than a real step uses."""
-    shape = ["--model_size", "nano", "--override", "n_layers=2", "--batch_size", "2", "--seq_len", "64"]
+def test_the_memory_test_peak_is_a_real_runs_peak_after_its_first_save(data_dir, tmp_path, tokenizer_path):
+    """Pion-nano's full vocabulary, where AdamW's two state buffers are most of the memory. A run peaks after
+    its first save, in its second step, whose backward holds AdamW's moments (and, with --grad_accum 2, a second
+    gradient): the memory test reports that peak, not less, and not much more. Peak RSS is per process: each
+    figure comes from a fresh one. On the CPU each process's heap takes one of two layouts, 8% apart (here 0.89
+    or 0.96 GB, docs/training.md), whichever the run or the memory test lands in: hence 0.90, not 0.95."""
+    shape = ["--model_size", "nano", "--override", "n_layers=2", "--batch_size", "2", "--seq_len", "64", "--tokenizer",
+             tokenizer_path]
     test = subprocess.run([sys.executable, "train.py", *shape, "--memory_test"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
-    assert test.returncode == 0 and "memory test: one training step and a checkpoint save" in test.stdout, test.stderr
+    assert test.returncode == 0 and "memory test: two training steps" in test.stdout, test.stderr
     reported = float(re.search(r"peak ([\d.]+) GB", test.stdout).group(1))
     for i in range(2):  # data with the full vocabulary's ids
         np.save(os.path.join(data_dir, f"shard_{i:05d}.npy"),
                 np.random.default_rng(i).integers(3, 50258, size=(48, 64)).astype(np.uint16))
     run = subprocess.run([sys.executable, "train.py", *shape, "--data_dir", data_dir, "--save_dir", tmp_path,
-                          "--max_steps", "1", "--num_workers", "0", "--sample_tokens", "0", "--tokenizer",
-                          tokenizer_path], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          "--max_steps", "2", "--save_interval", "1", "--log_interval", "1", "--num_workers", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    real = losses_records(tmp_path)[0]["memory_gb"]  # the trainer's peak RSS, logged after step 1
-    assert reported == pytest.approx(real, rel=0.10)
+    assert os.path.exists(tmp_path / "nano" / "pion_nano_1.pt")
+    real = next(r["memory_gb"] for r in losses_records(tmp_path) if r["step"] == 2 and "memory_gb" in r)
+    assert 0.90 * real <= reported <= 1.10 * real, (reported, real)
 
 
 # ---------------------------------------------------------------------------------------------------

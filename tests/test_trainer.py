@@ -1,6 +1,7 @@
-"""trainer.py: the optimizer, one optimizer step, the loop's logs, saves and non-finite steps."""
+"""trainer.py: the optimizer, one optimizer step, the loop's logs, saves and non-finite steps, the memory test."""
 import os
 import re
+import tempfile
 
 import numpy as np
 import pytest
@@ -140,3 +141,15 @@ def test_repeated_non_finite_losses_stop_the_run_without_saving(tmp_path, capsys
     for name in saved(tmp_path):
         m, _ = checkpoint.load_checkpoint(tmp_path / name)
         assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The memory test
+
+
+def test_the_memory_test_trains_in_a_temporary_folder_it_removes(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    config = train_config.TrainConfig(max_steps=1000, lr=1e-3, min_lr=0, warmup_steps=100, batch_size=2, seq_len=16)
+    (used, total), (host_used, host_total) = trainer.memory_test(tiny_model(), config, runtime.Runtime("cpu"))
+    assert 0 < used < total and 0 < host_used < host_total
+    assert os.listdir(tmp_path) == []
