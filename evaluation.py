@@ -424,7 +424,7 @@ def metric_values(results):
 
 
 def training_benchmarks(tasks, tokenizer, vocab_size, limit=None, include_path=None, batch_size=16):
-    """trainer.train's benchmark_fn for --eval_tasks: model -> {"eval/<task>/<metric>": value} on rank 0 ({}
+    """A TrainingRun's benchmark for --eval_tasks: model -> {"eval/<task>/<metric>": value} on rank 0 ({}
     elsewhere). Task names and data are checked now, before training starts. Under torchrun each rank scores
     its share of the requests. The harness seeds the global RNGs; they are restored after each run, so a
     run with benchmarks trains exactly as one without."""

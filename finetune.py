@@ -18,15 +18,14 @@ import torch.distributed as dist
 from chat_template import STOP_STRINGS, render_conversation
 from checkpoint import load_checkpoint
 from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, positive_int, run_cli
-from decoding import generate_text
 from runs import is_sft_checkpoint, open_run_dir
 from runtime import Runtime, seed_everything, signal_exit_code
 from sft_data import collate, load_sft_splits, sft_batches
 from tokenizer import load_tokenizer
 from trackers import add_logger_args
 from train_config import TrainConfig, add_benchmark_args, add_train_config_args, benchmark_scorer
-from trainer import train
-from validation import token_byte_lengths
+from trainer import TrainingRun, train
+from validation import EvalSample, token_byte_lengths
 
 PREFIX = "pion_sft"
 DEFAULTS = TrainConfig(max_steps=3000, lr=2e-5, min_lr=2e-6, warmup_steps=100, batch_size=8, grad_accum=4,
@@ -73,20 +72,14 @@ def val_batches(rows, batch_size, rt, pad_to):
         yield collate([rows[i] for i in mine[start:start + batch_size]], pad_to)
 
 
-def sample_fn(args, tokenizer):
-    """The greedy answer to a fixed question, up to the end of the reply or the start of a user turn.
-    Greedy and seedless, so it draws nothing from the RNG that a resumed run must reproduce."""
+def eval_sample(args, tokenizer):
+    """The greedy answer to a fixed question, up to the end of the reply or the start of a user turn."""
     if not args.sample_tokens:
         return None
     prompt, _ = render_conversation(tokenizer, [{"role": "user", "content": args.sample_question}],
                                     add_generation_prompt=True)
-
-    def sample(model, cache_dtype=None):
-        answer = generate_text(model, tokenizer, prompt, args.sample_tokens, stop_strings=STOP_STRINGS,
-                               cache_dtype=cache_dtype)[0]
-        return f"{args.sample_question} -> {answer.strip()}"
-
-    return sample
+    return EvalSample(tokenizer, prompt, args.sample_tokens, label=f"{args.sample_question} -> ",
+                      stop_strings=STOP_STRINGS, strip=True)
 
 
 def load_data(args, config, tokenizer, rt):
@@ -136,19 +129,19 @@ def finetune(args, config, rt):
                  f"{global_batch * config.grad_accum:,} rows/step")
         rt.print(f"cosine schedule: warmup {config.warmup_steps}, lr {config.lr:g} to {config.min_lr:g} at step "
                  f"{config.max_steps}")
-        state = train(
-            model, config, rt,
+        run = TrainingRun(
             train_batches=lambda start: rank_slices(sft_batches(train_rows, global_batch, config.seed,
                                                                 start // global_batch, pad_to), rt),
             val_batches=lambda: val_batches(val_rows, config.batch_size, rt, pad_to),
             run_dir=run_dir, prefix=PREFIX, resume=(resume, checkpoint) if resume else None,
-            sample_fn=sample_fn(args, tokenizer), saved_with={"trainer": "sft", "source": args.checkpoint},
+            sample=eval_sample(args, tokenizer), saved_with={"trainer": "sft", "source": args.checkpoint},
             data_identity={"data": os.path.basename(args.data_file) if args.data_file else args.dataset,
                            "train_rows": len(train_rows), "pack": args.pack},
             token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size),
-            benchmark_fn=benchmark_scorer(args.eval_tasks, tokenizer, model.config.vocab_size, args.eval_limit,
-                                          args.eval_include_path, config.batch_size),
+            benchmark=benchmark_scorer(args.eval_tasks, tokenizer, model.config.vocab_size, args.eval_limit,
+                                       args.eval_include_path, config.batch_size),
             loggers=args.logger, plot=True)
+        state = train(model, config, rt, run)
         if state.finished:
             rt.print(f"done: {state.step} steps, {state.tokens_seen:,} tokens; "
                      f"chat with it: python chat.py --checkpoint {os.path.join(run_dir, PREFIX + '_final.pt')}")

@@ -1,12 +1,13 @@
-"""A training run's folder and checkpoints, and the rules that keep them safe: one run per folder (a lock),
-nothing overwritten, which checkpoint a resume takes, what it must match (the model, the data, the
-optimizer state's shapes), what is pruned, and saving and restoring the optimizer and every rank's RNG."""
+"""A training run's folder, checkpoints and state (TrainState), and the rules that keep them safe: one run per
+folder (a lock), nothing overwritten, which checkpoint a resume takes, what it must match (the model, the data,
+the optimizer state's shapes), what is pruned, and saving and restoring the optimizer and every rank's RNG."""
 import contextlib
 import dataclasses
 import fcntl
 import glob
 import os
 import re
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -134,6 +135,41 @@ def prune_checkpoints(directory, prefix, keep_last, keep=None):
 
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints of a run
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where a run is: restored on resume, saved in every checkpoint, returned by train()."""
+    step: int = 0
+    tokens_seen: int = 0
+    samples_seen: int = 0
+    stopped_by: Optional[str] = None  # the signal that stopped the run early, if one did
+
+    @property
+    def finished(self):
+        return self.stopped_by is None
+
+
+def resumed_state(config, rt, run):
+    """The TrainState of run.resume's checkpoint (run: a trainer.TrainingRun), once the checkpoint is checked
+    against this run; and where the checkpoint now is (a finished run's _final.pt continued is kept under its
+    step's name)."""
+    path, checkpoint = run.resume
+    check_same_data(path, checkpoint, run.data_identity, config)
+    try:
+        state = TrainState(**{k: int(checkpoint.get(k, 0)) for k in ("step", "tokens_seen", "samples_seen")})
+    except (TypeError, ValueError):
+        raise PionError(f"{path} has a corrupt step or token count")
+    rt.print(f"resuming from {path} at step {state.step}")
+    warn_schedule_change(path, checkpoint, config, rt)
+    if state.step < config.max_steps:
+        if rt.distributed:
+            dist.barrier()  # every rank has opened the checkpoint before rank 0 renames it
+        if rt.is_main:
+            path = keep_final_as_step_checkpoint(path, run.run_dir, run.prefix, state.step)
+    return state, path
+
+
 
 
 def training_checkpoint(model, optimizer, rt, contents):

@@ -1,5 +1,6 @@
 """Where and how this process trains: the device, its rank under torchrun, bf16 autocast, the settings the
-device wants of the process, the random number generators (seeding, and their state for exact resume), and
+device wants of the process, the model on the device (compiled, wrapped for DDP or sharded by FSDP2), the
+random number generators (seeding, and their state for exact resume), and
 the stop signals (SIGINT, SIGTERM) it answers by saving."""
 import contextlib
 import ctypes
@@ -67,6 +68,38 @@ class Runtime:
     def close(self):
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def fsdp_param_dtype(config, rt):
+    """The dtype FSDP2 gathers the weights in, which is the compute dtype of the sharded model's forward."""
+    if config.fsdp_param_dtype == "auto":
+        return torch.bfloat16 if rt.device.type == "cuda" else torch.float32
+    return getattr(torch, config.fsdp_param_dtype)
+
+
+def prepare_model(model, config, rt):
+    """Move to the device, then checkpointing, compile and the data-parallel wrapper. Returns the module
+    to train with; the unwrapped model stays reachable as `model` (FSDP2 shards it in place)."""
+    model.gradient_checkpointing = config.gradient_checkpointing
+    model.to(rt.device)
+    if config.compile:
+        for block in model.layers:  # per block: one small graph, reused by every layer
+            block.compile()
+    if not rt.distributed:
+        return model
+    if config.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        dtype = fsdp_param_dtype(config, rt)
+        # Blocks get their inputs uncast: the residual stream is already in the compute dtype (the embedding
+        # is gathered in it), and the RoPE tables stay fp32. Cast by FSDP, they would also differ between
+        # the forward (cast) and a checkpointed block's recompute in backward (which FSDP2 does not cast).
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+            if dtype != torch.float32 else MixedPrecisionPolicy()
+        for block in model.layers:
+            fully_shard(block, mp_policy=mp)
+        return fully_shard(model, mp_policy=mp)
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
 
 
 def host_memory_peak():

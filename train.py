@@ -15,14 +15,13 @@ import data
 import model as pion
 from checkpoint import load_checkpoint
 from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, run_cli
-from decoding import generate_text
 from runs import check_same_model, open_run_dir
 from runtime import Runtime, seed_everything, signal_exit_code
 from tokenizer import PAD_ID, load_tokenizer
 from trackers import add_logger_args
 from train_config import TrainConfig, add_benchmark_args, add_train_config_args, benchmark_scorer, wsd_decay_start
-from trainer import memory_test, train
-from validation import token_byte_lengths
+from trainer import TrainingRun, memory_test, train
+from validation import EvalSample, token_byte_lengths
 
 DEFAULTS = TrainConfig(max_steps=100_000, lr=3e-4, min_lr=3e-5, warmup_steps=1000, batch_size=64, grad_accum=2,
                        save_interval=1000)
@@ -48,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--sample_prompt", default=None,
                    help="prompt of the sample at each eval (default: the first 16 tokens of the validation data)")
     p.add_argument("--sample_tokens", type=non_negative_int, default=48, help="tokens of that sample; 0 = none")
-    p.add_argument("--memory_test", action="store_true", help="run one real training step, report peak memory, exit")
+    p.add_argument("--memory_test", action="store_true",
+                   help="run two real training steps and their saves, report peak memory, exit")
     args = p.parse_args(argv)
     if not 0 <= args.decay_frac <= 1:
         p.error("--decay_frac must be between 0 and 1")
@@ -77,29 +77,32 @@ def model_config(args, **config):
                                                **config_overrides(args.override)})
 
 
-def sample_fn(args, tokenizer, vocab_size, rt, val_data):
-    """A short greedy continuation of a fixed prompt, printed at each eval: --sample_prompt, or the start of
-    the validation data (text like the data's, whatever it is). Greedy and seedless, so it draws nothing
-    from the RNG that a resumed run must reproduce."""
+def eval_sample(args, tokenizer, vocab_size, rt, start):
+    """A short greedy continuation of a fixed prompt, printed at each eval: --sample_prompt, or `start`, the
+    first ids of the validation data (text like the data's, whatever it is)."""
     if not args.sample_tokens:
         return None
     if tokenizer.get_vocab_size() > vocab_size:  # a toy vocabulary (e.g. --override vocab_size=512)
         rt.print(f"no samples: the tokenizer's {tokenizer.get_vocab_size()} ids exceed vocab_size {vocab_size}")
         return None
     if args.sample_prompt is None:
-        prompt = [t for t in val_data.batch(np.array([0]))["input_ids"][0, :16].tolist() if t != PAD_ID]
+        prompt = [t for t in start if t != PAD_ID]
         text = tokenizer.decode(prompt)
     else:
         text, prompt = args.sample_prompt, tokenizer.encode(args.sample_prompt).ids
-    return lambda model, cache_dtype=None: text + generate_text(model, tokenizer, prompt, args.sample_tokens,
-                                                                cache_dtype=cache_dtype)[0]
+    return EvalSample(tokenizer, prompt, args.sample_tokens, label=text)
 
 
 def run_memory_test(args, config, rt):
+    """train.py's run, but two steps of random tokens into a temporary folder (trainer.memory_test): the same
+    model, batch layout, tokenizer (for val_bpb and the eval sample) and saves."""
     model = pion.Pion(model_config(args, max_seq_len=max(config.seq_len, 2048)))
-    rt.print(f"memory test: one training step and a checkpoint save of Pion-{args.model_size}, batch {config.batch_size} x seq "
-             f"{config.seq_len}, on {rt.device.type}...")
-    measured = memory_test(model, config, rt)
+    tokenizer = load_tokenizer(args.tokenizer)
+    rt.print(f"memory test: two training steps of Pion-{args.model_size}, batch {config.batch_size} x seq "
+             f"{config.seq_len} x {config.grad_accum} micro-batches, with a checkpoint save, a validation and the "
+             f"final save into a temporary folder, on {rt.device.type}...")
+    sample = eval_sample(args, tokenizer, model.config.vocab_size, rt, start=range(3, 19))
+    measured = memory_test(model, config, rt, token_byte_lengths(tokenizer, model.config.vocab_size), sample)
     if measured is None:
         rt.print(f"memory test: out of memory at batch {config.batch_size} x seq {config.seq_len}")
         return False
@@ -108,8 +111,7 @@ def run_memory_test(args, config, rt):
     rt.print(f"memory test: Pion-{args.model_size}, batch {config.batch_size} x seq {config.seq_len}, "
              f"checkpointing {'on' if config.gradient_checkpointing else 'off'}, soft-cap "
              f"{'off' if args.no_soft_cap else 'on'}: peak {used / 1e9:.2f} GB of {total / 1e9:.1f} GB "
-             f"({used / total:.0%}) on {rt.device.type}, a checkpoint save included"
-             f"{host if rt.device.type != 'cpu' else ''}")
+             f"({used / total:.0%}) on {rt.device.type}{host if rt.device.type != 'cpu' else ''}")
     return used < total and host_used < host_total
 
 
@@ -144,19 +146,20 @@ def pretrain(args, config, rt):
         rt.print(f"WSD schedule: warmup {config.warmup_steps}, constant until step "
                  f"{wsd_decay_start(config.max_steps, config.decay_frac)}, decay to {config.min_lr:g} at "
                  f"{config.max_steps}")
-        state = train(
-            model, config, rt,
+        run = TrainingRun(
             train_batches=lambda start: data.create_dataloader(args.data_dir, "train", seed=config.seed,
                                                                start_sample=start, num_workers=args.num_workers,
                                                                **loader_args),
             val_batches=lambda: data.create_dataloader(args.data_dir, "val", num_workers=0, **loader_args),
             run_dir=run_dir, prefix=prefix, resume=(resume, checkpoint) if resume else None,
-            sample_fn=sample_fn(args, tokenizer, model.config.vocab_size, rt, val_data),
+            sample=eval_sample(args, tokenizer, model.config.vocab_size, rt,
+                               val_data.batch(np.array([0]))["input_ids"][0, :16].tolist()),
             saved_with={"trainer": "pretrain"}, data_identity=train_data.identity(),
             token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size),
-            benchmark_fn=benchmark_scorer(args.eval_tasks, tokenizer, model.config.vocab_size, args.eval_limit,
-                                          args.eval_include_path, config.batch_size),
+            benchmark=benchmark_scorer(args.eval_tasks, tokenizer, model.config.vocab_size, args.eval_limit,
+                                       args.eval_include_path, config.batch_size),
             loggers=args.logger, plot=True)
+        state = train(model, config, rt, run)
         if state.finished:
             rt.print(f"done: {state.tokens_seen:,} tokens in {state.step} steps")
         return state

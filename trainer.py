@@ -1,14 +1,14 @@
-"""The training loop that pretraining (train.py) and SFT (finetune.py) share: the model's wrapping, the
-optimizer, one optimizer step, and the loop. Configured by a TrainConfig (train_config.py); train()
-returns the run's final TrainState. The process (device, ranks, autocast, RNG) is runtime.py's, the run's
-checkpoints and resume rules runs.py's, validation validation.py's.
-"""
+"""The training loop that pretraining (train.py) and SFT (finetune.py) share: the optimizer, one optimizer
+step, train(model, config, rt, run) by a TrainConfig on a TrainingRun, and the memory test. The process
+(device, ranks, autocast, the model's wrapping, RNG) is runtime.py's; the run's checkpoints, TrainState and
+resume rules runs.py's; validation and the eval sample validation.py's."""
 import contextlib
 import math
 import os
+import tempfile
 import time
-from dataclasses import asdict, dataclass
-from typing import Optional
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -16,63 +16,17 @@ from tqdm import tqdm
 
 from cli import PionError
 from hardware import gpu_peak_flops, training_flops_per_token
-from runtime import StopSignal, host_memory_peak, host_memory_total
-from runs import (check_same_data, keep_final_as_step_checkpoint, prune_checkpoints, restore_optimizer_and_rng,
-                  save_training_checkpoint, training_checkpoint, warn_schedule_change)
+from runtime import StopSignal, host_memory_peak, host_memory_total, prepare_model
+from runs import TrainState, prune_checkpoints, restore_optimizer_and_rng, resumed_state, save_training_checkpoint
 from train_config import fit_schedule, learning_rate
 from trackers import RunLog
-from validation import evaluate
+from validation import evaluate, sample_text
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run gives up
 
 
-@dataclass
-class TrainState:
-    """Where a run is: restored on resume, saved in every checkpoint, returned by train()."""
-    step: int = 0
-    tokens_seen: int = 0
-    samples_seen: int = 0
-    stopped_by: Optional[str] = None  # the signal that stopped the run early, if one did
-
-    @property
-    def finished(self):
-        return self.stopped_by is None
-
-
 # ----------------------------------------------------------------------------------------------------
-# The model on the device, and its optimizer
-
-
-def fsdp_param_dtype(config, rt):
-    """The dtype FSDP2 gathers the weights in, which is the compute dtype of the sharded model's forward."""
-    if config.fsdp_param_dtype == "auto":
-        return torch.bfloat16 if rt.device.type == "cuda" else torch.float32
-    return getattr(torch, config.fsdp_param_dtype)
-
-
-def prepare_model(model, config, rt):
-    """Move to the device, then checkpointing, compile and the data-parallel wrapper. Returns the module
-    to train with; the unwrapped model stays reachable as `model` (FSDP2 shards it in place)."""
-    model.gradient_checkpointing = config.gradient_checkpointing
-    model.to(rt.device)
-    if config.compile:
-        for block in model.layers:  # per block: one small graph, reused by every layer
-            block.compile()
-    if not rt.distributed:
-        return model
-    if config.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        dtype = fsdp_param_dtype(config, rt)
-        # Blocks get their inputs uncast: the residual stream is already in the compute dtype (the embedding
-        # is gathered in it), and the RoPE tables stay fp32. Cast by FSDP, they would also differ between
-        # the forward (cast) and a checkpointed block's recompute in backward (which FSDP2 does not cast).
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False) \
-            if dtype != torch.float32 else MixedPrecisionPolicy()
-        for block in model.layers:
-            fully_shard(block, mp_policy=mp)
-        return fully_shard(model, mp_policy=mp)
-    from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+# The optimizer, and one step
 
 
 def build_optimizer(model, config, rt):
@@ -83,31 +37,6 @@ def build_optimizer(model, config, rt):
     return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
                              lr=config.lr, betas=(0.9, 0.95), fused=rt.device.type in ("cuda", "cpu"))
-
-
-# ----------------------------------------------------------------------------------------------------
-# The loop
-
-
-def human_count(n):
-    """12,345 -> '12.3k', 4,500,000 -> '4.5M': readable at every scale of a run."""
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if n >= scale:
-            return f"{n / scale:.1f}{suffix}"
-    return str(n)
-
-
-def sample_text(sample_fn, model, wrapped, config, rt):
-    """sample_fn(model, cache_dtype) on the unwrapped model, on every rank (FSDP2 shards in place). Decoding
-    calls hidden_states, not forward, so FSDP2's hooks gather the blocks' weights but not the root's
-    (embedding, final norm): gather those here, in the compute dtype, which the KV cache must share."""
-    if not (config.fsdp and rt.distributed):
-        return sample_fn(model, None)
-    wrapped.unshard()
-    try:
-        return sample_fn(model, fsdp_param_dtype(config, rt))
-    finally:
-        wrapped.reshard()
 
 
 def train_step(model, optimizer, batches, rt, grad_accum, grad_clip, lr):
@@ -148,189 +77,236 @@ def train_step(model, optimizer, batches, rt, grad_accum, grad_clip, lr):
     return (loss if finite else float("nan")), grad_norm.item(), tokens
 
 
-def train(model, config, rt, train_batches, val_batches, run_dir, prefix, resume=None, sample_fn=None,
-          saved_with=None, data_identity=None, token_bytes=None, benchmark_fn=None, loggers=(), plot=False):
-    """Train `model` (unwrapped, on any device) by `config`; returns the final TrainState.
+# ----------------------------------------------------------------------------------------------------
+# The loop
 
-    train_batches(samples_seen): the training batch iterator positioned after the samples already seen;
-    val_batches(): a fresh validation pass. Both give {"input_ids", "labels"} of this rank.
-    Checkpoints are run_dir/<prefix>_<step>.pt and <prefix>_final.pt.
-    resume: (path, checkpoint dict) of the run to continue: its state, optimizer moments and RNG.
-    sample_fn(model, cache_dtype) -> text: printed at each eval (on the unwrapped model, on every rank); its
-        KV cache must be cache_dtype, the compute dtype (None: the weights'), as FSDP's bf16 policy computes
-        in bf16 while the sharded weights stay fp32.
-    saved_with: extra entries for every checkpoint (e.g. which trainer wrote it).
-    data_identity: what the data is (shards, sample count); saved, and compared when resuming.
-    token_bytes: each id's UTF-8 length (bpb.token_byte_lengths), for val_bpb next to val_loss.
-    benchmark_fn(model) -> {"eval/<task>/<metric>": value}: benchmark scores at each eval (on the unwrapped
-    model, on every rank: each scores its share of the requests).
-    loggers: the trackers (trackers.TRACKERS) that get every metrics line besides metrics.jsonl; plot: redraw
-    run_dir/metrics.png at each eval."""
+
+@dataclass
+class TrainingRun:
+    """What train() trains on and where it writes, besides the model, its TrainConfig and the Runtime."""
+    train_batches: Callable  # samples_seen -> this rank's training batches, after the samples already seen
+    val_batches: Callable  # () -> a fresh validation pass; both give {"input_ids", "labels"} of this rank
+    run_dir: str  # checkpoints <prefix>_<step>.pt and <prefix>_final.pt, and metrics.jsonl
+    prefix: str
+    resume: Optional[tuple] = None  # (path, checkpoint dict) of the run to continue: state, optimizer moments, RNG
+    saved_with: dict = field(default_factory=dict)  # extra entries of every checkpoint (which trainer wrote it)
+    data_identity: Optional[dict] = None  # what the data is (shards, sample count): saved, compared on resume
+    token_bytes: Optional[torch.Tensor] = None  # each id's UTF-8 length (validation.token_byte_lengths): val_bpb
+    sample: Optional[Callable] = None  # a validation.EvalSample: model, cache_dtype -> printed at each eval
+    benchmark: Optional[Callable] = None  # train_config.benchmark_scorer's: model -> scores, at each eval
+    loggers: tuple = ()  # trackers (trackers.TRACKERS) that get every metrics line besides metrics.jsonl
+    plot: bool = False  # redraw run_dir/metrics.png at each eval
+
+
+def train(model, config, rt, run):
+    """Train `model` (unwrapped, on any device) by `config` (a TrainConfig) on `run` (a TrainingRun); returns the
+    final TrainState."""
     config = fit_schedule(config, rt)
-    state = TrainState()
-    last_path = None  # the newest checkpoint of this run
-    if resume is not None:
-        path, checkpoint = resume
-        last_path = path
-        check_same_data(path, checkpoint, data_identity, config)
-        try:
-            state = TrainState(**{k: int(checkpoint.get(k, 0)) for k in ("step", "tokens_seen", "samples_seen")})
-        except (TypeError, ValueError):
-            raise PionError(f"{path} has a corrupt step or token count")
-        rt.print(f"resuming from {path} at step {state.step}")
-        warn_schedule_change(path, checkpoint, config, rt)
-        if state.step < config.max_steps:
-            if rt.distributed:
-                dist.barrier()  # every rank has opened the checkpoint before rank 0 renames it
-            if rt.is_main:
-                last_path = keep_final_as_step_checkpoint(path, run_dir, prefix, state.step)
+    if run.resume is not None:
+        state, last_path = resumed_state(config, rt, run)
     else:
+        state, last_path = TrainState(), None
         torch.manual_seed(config.seed + 1_000_003 * rt.rank)  # each rank its own dropout masks
     wrapped = prepare_model(model, config, rt)
     optimizer = build_optimizer(wrapped, config, rt)
-    if resume is not None:
+    if run.resume is not None:
+        path, checkpoint = run.resume
         restore_optimizer_and_rng(path, checkpoint, wrapped, optimizer, rt)
         checkpoint.pop("optimizer", None)  # restored: free the copy
+    loop = Loop(model, wrapped, optimizer, config, rt, run, state, last_path)
+    try:
+        return loop.train()
+    finally:
+        loop.close()
 
-    samples_per_step = config.batch_size * config.grad_accum * rt.world_size
-    metrics = RunLog(run_dir, rt.is_main, loggers, resume_step=state.step, plot=plot, say=rt.print,
-                     config={"model": asdict(model.config), "train": asdict(config), "data": data_identity,
-                             "world_size": rt.world_size, **(saved_with or {})})
-    stop = StopSignal()
-    batches = iter(train_batches(state.samples_seen))
-    flops_per_token = training_flops_per_token(model, config.seq_len)
-    peak = gpu_peak_flops(rt.device)
-    bar = tqdm(total=config.max_steps, initial=state.step, desc=prefix, unit="step", dynamic_ncols=True,
-               disable=not rt.is_main)
-    wrapped.train()
-    bad_steps, last_saved = 0, None
-    # The newest checkpoint saved before the latest streak of non-finite steps began: finite weights can
-    # already be untrainable when such a streak starts, so pruning keeps this one and the stop message names it.
-    last_good = last_path
-    smooth_loss, t0, tokens_since_log = None, time.perf_counter(), 0
+
+def human_count(n):
+    """12,345 -> '12.3k', 4,500,000 -> '4.5M': readable at every scale of a run."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.1f}{suffix}"
+    return str(n)
+
+
+class Loop:
+    """The steps of one train() call: train() steps until max_steps, a stop signal or too many non-finite
+    steps, and hands each step's work to step, log, validate and save."""
+
+    def __init__(self, model, wrapped, optimizer, config, rt, run, state, last_path):
+        self.model, self.wrapped, self.optimizer = model, wrapped, optimizer
+        self.config, self.rt, self.run, self.state = config, rt, run, state
+        self.samples_per_step = config.batch_size * config.grad_accum * rt.world_size
+        self.metrics = RunLog(run.run_dir, rt.is_main, run.loggers, resume_step=state.step, plot=run.plot,
+                              say=rt.print, config={"model": asdict(model.config), "train": asdict(config),
+                                                    "data": run.data_identity, "world_size": rt.world_size,
+                                                    **run.saved_with})
+        self.stop = StopSignal()
+        self.batches = iter(run.train_batches(state.samples_seen))
+        self.flops_per_token = training_flops_per_token(model, config.seq_len)
+        self.peak_flops = gpu_peak_flops(rt.device)
+        self.bar = tqdm(total=config.max_steps, initial=state.step, desc=run.prefix, unit="step", dynamic_ncols=True,
+                        disable=not rt.is_main)
+        self.last_path = last_path  # the newest checkpoint of this run
+        # The newest checkpoint saved before the latest streak of non-finite steps began: finite weights can
+        # already be untrainable when such a streak starts, so pruning keeps this one and the stop message names it.
+        self.last_good = last_path
+        self.bad_steps, self.last_saved = 0, None
+        self.smooth_loss, self.t0, self.tokens_since_log = None, time.perf_counter(), 0
+
+    def train(self):
+        config, state = self.config, self.state
+        self.wrapped.train()
+        while state.step < config.max_steps:
+            loss, grad_norm, lr = self.step()
+            step = state.step
+            if step % config.log_interval == 0 or step == config.max_steps:
+                self.log(loss, grad_norm, lr)
+            if step % config.eval_interval == 0 or step == config.max_steps:
+                self.validate()
+            if step % config.save_interval == 0 and step < config.max_steps:
+                self.save_step()
+            if self.rt.all_reduce(float(self.stop.received is not None), dist.ReduceOp.MAX):
+                return self.stop_early()
+        if self.bad_steps:
+            raise PionError(f"the last {self.bad_steps} steps had non-finite losses: the final model is not saved; "
+                            f"{self.good_checkpoint()}")
+        self.save("final")
+        return state
+
+    def step(self):
+        """One optimizer step. A non-finite one still counts, as its batches were consumed and resuming must
+        not replay them; MAX_BAD_STEPS of them in a row stop the run. Returns (loss, grad norm, lr)."""
+        state, config = self.state, self.config
+        lr = learning_rate(config, state.step)
+        loss, grad_norm, tokens = train_step(self.wrapped, self.optimizer, self.batches, self.rt, config.grad_accum,
+                                             config.grad_clip, lr)
+        if not math.isfinite(loss):
+            if self.bad_steps == 0:
+                self.last_good = self.last_path
+            self.bad_steps += 1
+            self.rt.print(f"warning: non-finite loss at step {state.step + 1}, step skipped "
+                          f"({self.bad_steps} in a row)")
+            if self.bad_steps >= MAX_BAD_STEPS:
+                raise PionError(f"{self.bad_steps} non-finite losses in a row at step {state.step + 1}; "
+                                f"stopping (try a lower --lr); {self.good_checkpoint()}")
+        else:
+            self.bad_steps = 0
+            self.smooth_loss = loss if self.smooth_loss is None else 0.9 * self.smooth_loss + 0.1 * loss
+        state.step += 1
+        state.tokens_seen += tokens
+        state.samples_seen += self.samples_per_step
+        self.tokens_since_log += tokens
+        self.bar.update(1)
+        return loss, grad_norm, lr
+
+    def log(self, loss, grad_norm, lr):
+        """A metrics line, and the progress line's figures."""
+        state = self.state
+        tok_per_s = self.tokens_since_log / (time.perf_counter() - self.t0)
+        self.t0, self.tokens_since_log = time.perf_counter(), 0
+        record = {"step": state.step, "loss": loss, "lr": lr, "tokens_seen": state.tokens_seen,
+                  "tokens_per_s": round(tok_per_s, 1), "grad_norm": grad_norm,
+                  "memory_gb": round(self.rt.memory_used() / 1e9, 2)}
+        # The step's loss, as metrics.jsonl logs it, beside a moving average that is easier to read.
+        postfix = (f"loss {loss:.3f} (avg {self.smooth_loss:.3f}) lr {lr:.2e} {tok_per_s:,.0f} tok/s "
+                   f"{human_count(state.tokens_seen)} tok {record['memory_gb']:.1f}GB"
+                   if self.smooth_loss is not None else "loss nan")
+        if self.peak_flops:
+            record["mfu"] = round(self.flops_per_token * tok_per_s / (self.peak_flops * self.rt.world_size), 4)
+            postfix += f" mfu {record['mfu']:.0%}"
+        self.bar.set_postfix_str(postfix)
+        self.metrics.write(**record)
+
+    def validate(self):
+        """The validation loss (and benchmarks), printed and logged, then the sample."""
+        run, rt, step = self.run, self.rt, self.state.step
+        with self.shown_on_the_bar("evaluating"):
+            val = evaluate(self.wrapped, run.val_batches(), rt, self.config.eval_steps, run.token_bytes)
+            if run.benchmark is not None:
+                val.update(run.benchmark(self.model))
+        rt.print(f"step {step}: val loss {val['val_loss']:.4f}, ppl {math.exp(min(val['val_loss'], 20)):.2f}"
+                 + "".join(f", {name.replace('val_', '')} {value:.4f}" for name, value in val.items()
+                           if name != "val_loss"))
+        self.metrics.write(step=step, **val, tokens_seen=self.state.tokens_seen)
+        if run.sample is not None:
+            with self.shown_on_the_bar("sampling"):
+                sample = sample_text(run.sample, self.model, self.wrapped, self.config, rt)
+            rt.print(f"sample: {sample!r}")
+
+    def save_step(self):
+        """A step checkpoint, then pruning; none while non-finite steps are happening: it could replace the good one."""
+        if self.bad_steps:
+            self.rt.print(f"warning: not saving step {self.state.step}: its loss was not finite; "
+                          f"{self.good_checkpoint()}")
+            return
+        self.save(str(self.state.step))
+        if self.rt.is_main:
+            prune_checkpoints(self.run.run_dir, self.run.prefix, self.config.keep_last, keep=self.last_good)
+
+    def save(self, name):
+        run, state, config = self.run, self.state, self.config
+        contents = {"config": self.model.config, "train_config": asdict(config), "data": run.data_identity,
+                    **run.saved_with, "step": state.step, "tokens_seen": state.tokens_seen,
+                    "samples_seen": state.samples_seen}
+        keep_optimizer = name != "final" or config.keep_final_optimizer
+        self.last_path = os.path.join(run.run_dir, f"{run.prefix}_{name}.pt")
+        with self.shown_on_the_bar("saving"):
+            save_training_checkpoint(self.last_path, self.wrapped, self.optimizer if keep_optimizer else None, self.rt,
+                                     contents)
+        self.last_saved = state.step
+
+    def stop_early(self):
+        """A stop signal: save this step (unless its loss was not finite) and return the state."""
+        state, step = self.state, self.state.step
+        state.stopped_by = self.stop.received or "signal"
+        if self.bad_steps:
+            self.rt.print(f"{state.stopped_by} received at step {step}, whose loss was not finite: exiting "
+                          f"without saving; {self.good_checkpoint()}")
+            return state
+        self.rt.print(f"{state.stopped_by} received: saving step {step} and exiting; continue the run with "
+                      f"the same command and --resume auto")
+        if self.last_saved != step:
+            self.save(str(step))
+        return state
+
+    def good_checkpoint(self):
+        return f"the last good checkpoint is {self.last_good}" if self.last_good else \
+            "no checkpoint was saved before it"
 
     @contextlib.contextmanager
-    def shown_on_the_bar(what):
+    def shown_on_the_bar(self, what):
         """A pause of the steps (an eval, a save: seconds to minutes) says what it is on the progress line."""
-        bar.set_description_str(f"{prefix} ({what})")
+        self.bar.set_description_str(f"{self.run.prefix} ({what})")
         try:
             yield
         finally:
-            bar.set_description_str(prefix)
+            self.bar.set_description_str(self.run.prefix)
 
-    def save(name):
-        nonlocal last_saved, last_path
-        contents = {"config": model.config, "train_config": asdict(config), "data": data_identity, **(saved_with or {}),
-                    "step": state.step, "tokens_seen": state.tokens_seen, "samples_seen": state.samples_seen}
-        keep_optimizer = name != "final" or config.keep_final_optimizer
-        last_path = os.path.join(run_dir, f"{prefix}_{name}.pt")
-        with shown_on_the_bar("saving"):
-            save_training_checkpoint(last_path, wrapped, optimizer if keep_optimizer else None, rt, contents)
-        last_saved = state.step
-
-    def good_checkpoint():
-        return f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved before it"
-
-    try:
-        while state.step < config.max_steps:
-            lr = learning_rate(config, state.step)
-            loss, grad_norm, tokens = train_step(wrapped, optimizer, batches, rt, config.grad_accum, config.grad_clip, lr)
-            if not math.isfinite(loss):
-                if bad_steps == 0:
-                    last_good = last_path
-                bad_steps += 1
-                rt.print(f"warning: non-finite loss at step {state.step + 1}, step skipped ({bad_steps} in a row)")
-                if bad_steps >= MAX_BAD_STEPS:
-                    raise PionError(f"{bad_steps} non-finite losses in a row at step {state.step + 1}; "
-                                    f"stopping (try a lower --lr); {good_checkpoint()}")
-            else:
-                bad_steps = 0
-            # The step counts even when skipped: its batches were consumed, and resuming must not replay them.
-            state.step += 1
-            state.tokens_seen += tokens
-            state.samples_seen += samples_per_step
-            tokens_since_log += tokens
-            step = state.step
-            if math.isfinite(loss):
-                smooth_loss = loss if smooth_loss is None else 0.9 * smooth_loss + 0.1 * loss
-            bar.update(1)
-
-            if step % config.log_interval == 0 or step == config.max_steps:
-                tok_per_s = tokens_since_log / (time.perf_counter() - t0)
-                t0, tokens_since_log = time.perf_counter(), 0
-                record = {"step": step, "loss": loss, "lr": lr, "tokens_seen": state.tokens_seen,
-                          "tokens_per_s": round(tok_per_s, 1), "grad_norm": grad_norm,
-                          "memory_gb": round(rt.memory_used() / 1e9, 2)}
-                # The step's loss, as metrics.jsonl logs it, beside a moving average that is easier to read.
-                postfix = (f"loss {loss:.3f} (avg {smooth_loss:.3f}) lr {lr:.2e} {tok_per_s:,.0f} tok/s "
-                           f"{human_count(state.tokens_seen)} tok {record['memory_gb']:.1f}GB"
-                           if smooth_loss is not None else "loss nan")
-                if peak:
-                    record["mfu"] = round(flops_per_token * tok_per_s / (peak * rt.world_size), 4)
-                    postfix += f" mfu {record['mfu']:.0%}"
-                bar.set_postfix_str(postfix)
-                metrics.write(**record)
-
-            if step % config.eval_interval == 0 or step == config.max_steps:
-                with shown_on_the_bar("evaluating"):
-                    val = evaluate(wrapped, val_batches(), rt, config.eval_steps, token_bytes)
-                    if benchmark_fn is not None:
-                        val.update(benchmark_fn(model))
-                rt.print(f"step {step}: val loss {val['val_loss']:.4f}, ppl {math.exp(min(val['val_loss'], 20)):.2f}"
-                         + "".join(f", {name.replace('val_', '')} {value:.4f}" for name, value in val.items()
-                                   if name != "val_loss"))
-                metrics.write(step=step, **val, tokens_seen=state.tokens_seen)
-                if sample_fn is not None:
-                    with shown_on_the_bar("sampling"):
-                        sample = sample_text(sample_fn, model, wrapped, config, rt)
-                    rt.print(f"sample: {sample!r}")
-
-            # No checkpoint while non-finite steps are happening: it could replace the good one.
-            if step % config.save_interval == 0 and step < config.max_steps:
-                if bad_steps:
-                    rt.print(f"warning: not saving step {step}: its loss was not finite; {good_checkpoint()}")
-                else:
-                    save(str(step))
-                    if rt.is_main:
-                        prune_checkpoints(run_dir, prefix, config.keep_last, keep=last_good)
-
-            if rt.all_reduce(float(stop.received is not None), dist.ReduceOp.MAX):
-                state.stopped_by = stop.received or "signal"
-                if bad_steps:
-                    rt.print(f"{state.stopped_by} received at step {step}, whose loss was not finite: exiting "
-                             f"without saving; {good_checkpoint()}")
-                    return state
-                rt.print(f"{state.stopped_by} received: saving step {step} and exiting; continue the run with "
-                         f"the same command and --resume auto")
-                if last_saved != step:
-                    save(str(step))
-                return state
-        if bad_steps:
-            raise PionError(f"the last {bad_steps} steps had non-finite losses: the final model is not saved; "
-                            f"{good_checkpoint()}")
-        save("final")
-        return state
-    finally:
-        bar.close()
-        stop.restore()
-        metrics.close()
+    def close(self):
+        self.bar.close()
+        self.stop.restore()
+        self.metrics.close()
 
 
-def memory_test(model, config, rt):
-    """One real training step (forward, backward, clipping, AdamW step, zero_grad) on random tokens at the
-    configured batch and precision, then a checkpoint save as a run makes it (serialized, written nowhere):
-    a run whose steps fit can still be killed at its first save. Returns (peak bytes, total bytes) of the
-    device and (peak, total) of host memory (the same figures on the CPU), or None when it ran out of memory."""
-    wrapped = prepare_model(model, config, rt)
-    optimizer = build_optimizer(wrapped, config, rt)
-    ids = torch.randint(0, model.config.vocab_size, (config.batch_size, config.seq_len))
-    try:  # one micro-batch: more of them accumulate into the same gradient buffers, at the same peak
-        train_step(wrapped, optimizer, iter([{"input_ids": ids, "labels": ids}]), rt, 1, config.grad_clip, config.lr)
-    except torch.OutOfMemoryError:
-        return None
-    checkpoint = training_checkpoint(wrapped, optimizer, rt, {"step": 1})
-    if checkpoint is not None:
-        with open(os.devnull, "wb") as nowhere:
-            torch.save(checkpoint, nowhere)
-    del checkpoint
+def memory_test(model, config, rt, token_bytes=None, sample=None):
+    """A run's first steps at its batch, accumulation and precision, for their peak memory: train() on random
+    tokens into a temporary folder, removed after: a step, a checkpoint save, a second step (the first to hold
+    AdamW's moments through its backward: a run's peak), a validation (token_bytes, sample) and the final save.
+    Returns (peak, total) bytes of the device and of host memory, where checkpoints are gathered (the same
+    figures on the CPU), or None when it ran out of memory."""
+    config = replace(config, max_steps=2, warmup_steps=0, decay_frac=0.5, save_interval=1,
+                                 keep_last=None, eval_steps=1)
+
+    def random_batches(samples_seen=0):
+        while True:
+            ids = torch.randint(0, model.config.vocab_size, (config.batch_size, config.seq_len))
+            yield {"input_ids": ids, "labels": ids}
+
+    with tempfile.TemporaryDirectory(prefix="pion_memory_test_") as run_dir:
+        run = TrainingRun(random_batches, random_batches, run_dir, "memory_test", token_bytes=token_bytes,
+                          sample=sample)
+        try:
+            train(model, config, rt, run)
+        except torch.OutOfMemoryError:
+            return None
     return (rt.memory_used(), rt.memory_total()), (host_memory_peak(), host_memory_total())

@@ -1,5 +1,5 @@
 """Validation: the mean loss per trained token over validation batches, and bits per byte, its unit that does
-not depend on the tokenizer:
+not depend on the tokenizer; and the sample a run prints at each eval. Bits per byte:
 
     bpb = (summed loss in nats) / ln 2 / (UTF-8 bytes of the predicted tokens)
 
@@ -7,9 +7,13 @@ Loss per token favours tokenizers with long tokens; per byte, models with differ
 Pion and a GPT-2) compare directly. Special tokens (<|endoftext|>, ...) stand for no text: zero bytes.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from decoding import generate_text
+from runtime import fsdp_param_dtype
 
 
 def byte_level_alphabet():
@@ -71,3 +75,34 @@ def evaluate(model, batches, rt, steps, token_bytes=None):
     if token_bytes is not None:
         metrics["val_bpb"] = bits_per_byte(loss_sum, rt.all_reduce(n_bytes))
     return metrics
+
+
+@dataclass
+class EvalSample:
+    """The greedy continuation of a fixed prompt printed at each eval ("sample: ..."): greedy and seedless, so it
+    draws nothing from the RNG that a resumed run must reproduce. Shown as `label` and the reply, which stops at
+    `max_tokens`, a stop token or one of `stop_strings` (and with strip, loses its surrounding whitespace)."""
+    tokenizer: object
+    prompt: list  # token ids
+    max_tokens: int
+    label: str = ""
+    stop_strings: tuple = ()
+    strip: bool = False
+
+    def __call__(self, model, cache_dtype=None):
+        reply = generate_text(model, self.tokenizer, self.prompt, self.max_tokens, stop_strings=self.stop_strings,
+                              cache_dtype=cache_dtype)[0]
+        return self.label + (reply.strip() if self.strip else reply)
+
+
+def sample_text(sample, model, wrapped, config, rt):
+    """sample(model, cache_dtype) (an EvalSample) on the unwrapped model, on every rank (FSDP2 shards in place).
+    Decoding calls hidden_states, not forward, so FSDP2's hooks gather the blocks' weights but not the root's
+    (embedding, final norm): gather those here, in the compute dtype, which the KV cache must share."""
+    if not (config.fsdp and rt.distributed):
+        return sample(model, None)
+    wrapped.unshard()
+    try:
+        return sample(model, fsdp_param_dtype(config, rt))
+    finally:
+        wrapped.reshard()

@@ -84,14 +84,14 @@ def pion_variant(steps):
     def build():
         torch.manual_seed(0)
         config = step_settings(steps)
-        m = trainer.prepare_model(model.get_model("nano", use_soft_cap=False), config, rt)
+        m = runtime.prepare_model(model.get_model("nano", use_soft_cap=False), config, rt)
         optimizer = trainer.build_optimizer(m, config, rt)
         ids = torch.randint(0, m.config.vocab_size, (BATCH, SEQ_LEN))
         batches = iter(lambda: {"input_ids": ids, "labels": ids}, None)
         return m, lambda: trainer.train_step(m, optimizer, batches, rt, 1, 1.0, 3e-4)
 
     rt = runtime.Runtime("cpu")
-    measure(build, lambda m: trainer.prepare_model(m, step_settings(steps, compile=True), rt), steps)
+    measure(build, lambda m: runtime.prepare_model(m, step_settings(steps, compile=True), rt), steps)
 
 
 def hf_variant(steps):

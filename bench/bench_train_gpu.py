@@ -78,7 +78,7 @@ def pion_step(bench, config, checkpointing=False):
     """One trainer.train_step of Pion with train.py --compile's setup; returns the loss."""
     rt = runtime.Runtime(str(bench.device))
     settings = step_settings(bench, checkpointing)
-    model = trainer.prepare_model(pion.Pion(config), settings, rt)
+    model = runtime.prepare_model(pion.Pion(config), settings, rt)
     optimizer = trainer.build_optimizer(model, settings, rt)
     ids = torch.randint(0, config.vocab_size, (bench.batch, bench.seq))
     batches = itertools.repeat({"input_ids": ids, "labels": ids})

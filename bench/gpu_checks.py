@@ -86,7 +86,7 @@ def fixed_batch_trainer(target, model, config, ids, autocast=None):
     rt = runtime.Runtime(str(target.device))
     if autocast is not None:
         rt.autocast = autocast
-    wrapped = trainer.prepare_model(model, config, rt)
+    wrapped = runtime.prepare_model(model, config, rt)
     optimizer = trainer.build_optimizer(wrapped, config, rt)
     batches = itertools.repeat({"input_ids": ids, "labels": ids})
     return rt, lambda lr: trainer.train_step(wrapped, optimizer, batches, rt, 1, config.grad_clip, lr)
@@ -188,10 +188,12 @@ def last_line(result):
 
 
 def check_memory_test(target):
-    """train.py --memory_test of the largest size, xl (tiny in the dry run), one real step at batch 8 x 2048."""
+    """train.py --memory_test of the largest size, xl (tiny in the dry run): a run's first two steps and their
+    saves at batch 8 x 2048."""
     size = "tiny" if target.dry_run else "xl"
+    tokenizer = ["--tokenizer", target.tokenizer] if target.tokenizer else []
     result = run_train([*model_flags(target, size), "--memory_test", "--device", target.device.type,
-                        "--batch_size", target.batch_size, "--seq_len", target.seq_len])
+                        "--batch_size", target.batch_size, "--seq_len", target.seq_len, *tokenizer])
     found = re.search(r"peak [\d.]+ GB of [\d.]+ GB \(\d+%\)", result.stdout + result.stderr)
     yield (f"memory test: {size}, batch {target.batch_size} x {target.seq_len}",
            found.group(0) if found else last_line(result), result.returncode == 0 and found is not None)

@@ -119,20 +119,20 @@ def test_the_optimizer_is_fused_adamw_and_steps_like_the_per_parameter_loop():
 def test_fsdp_compute_dtype_is_bf16_on_cuda_and_fp32_elsewhere_unless_set():
     config = train_config.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0)
     on = {kind: types.SimpleNamespace(device=torch.device(kind)) for kind in ("cuda", "cpu")}
-    assert trainer.fsdp_param_dtype(config, on["cuda"]) == torch.bfloat16
-    assert trainer.fsdp_param_dtype(config, on["cpu"]) == torch.float32
+    assert runtime.fsdp_param_dtype(config, on["cuda"]) == torch.bfloat16
+    assert runtime.fsdp_param_dtype(config, on["cpu"]) == torch.float32
     config.fsdp_param_dtype = "bfloat16"
-    assert trainer.fsdp_param_dtype(config, on["cpu"]) == torch.bfloat16
+    assert runtime.fsdp_param_dtype(config, on["cpu"]) == torch.bfloat16
 
 
 SHARDED_SAMPLE = """
 import os, sys; sys.path[:0] = [{root!r}, os.path.join({root!r}, 'bench')]
-import itertools, torch, gpu_checks, runtime, train_config, trainer
+import itertools, torch, gpu_checks, runtime, train_config, trainer, validation
 from decoding import generate
 rt = runtime.Runtime("cpu")
 model = gpu_checks.new_model("tiny")
 config = train_config.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0, fsdp=True, fsdp_param_dtype="bfloat16")
-wrapped = trainer.prepare_model(model, config, rt)
+wrapped = runtime.prepare_model(model, config, rt)
 optimizer = trainer.build_optimizer(wrapped, config, rt)
 ids = torch.randint(0, 512, (2, 16))
 trainer.train_step(wrapped, optimizer, itertools.repeat({{"input_ids": ids, "labels": ids}}), rt, 1, 1.0, 1e-3)
@@ -140,7 +140,7 @@ seen = []
 def sample(m, cache_dtype):
     seen.append(cache_dtype)
     return generate(m, [5, 6, 7], 4)[0]
-tokens = trainer.sample_text(sample, model, wrapped, config, rt)
+tokens = validation.sample_text(sample, model, wrapped, config, rt)
 sys.stdout.write(f"tokens {{tokens}} cache {{seen[0]}}\\n")  # one write: the two ranks share the pipe
 rt.close()
 """
@@ -166,7 +166,7 @@ rt = runtime.Runtime("cpu")
 model = gpu_checks.new_model("tiny")
 config = train_config.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0, fsdp=True, fsdp_param_dtype="bfloat16",
                              gradient_checkpointing=True)
-wrapped = trainer.prepare_model(model, config, rt)
+wrapped = runtime.prepare_model(model, config, rt)
 seen = []
 model.layers[0].register_forward_pre_hook(lambda block, args: seen.append(args[1].dtype))  # after FSDP's own hook
 ids = torch.randint(0, 512, (2, 16))

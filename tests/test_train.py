@@ -13,13 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint as C
+import checkpoint
 from tokenizer import PAD_ID
-import model as M
 import runs
 import runtime
 import train_config
-import trainer as T
 from conftest import (ROOT, TINY_MODEL_FLAGS, assert_one_line_error as assert_error_line, run_train, train_argv,
                       write_shards)
 
@@ -45,7 +43,7 @@ def losses(save_dir):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Schedule and optimizer
+# Schedule and process
 
 
 def test_wsd_schedule_warms_up_holds_then_decays_over_the_last_fifth():
@@ -54,28 +52,6 @@ def test_wsd_schedule_warms_up_holds_then_decays_over_the_last_fifth():
     assert all(x == 1.0 for x in lr[10:80])
     assert all(a > b for a, b in zip(lr[80:], lr[81:]))
     assert lr[99] == pytest.approx(0.1)
-
-
-def test_norm_weights_get_no_weight_decay():
-    m = M.Pion(M.PionConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32))
-    opt = T.build_optimizer(m, train_config.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0, weight_decay=0.1),
-                            runtime.Runtime("cpu"))
-    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
-    norms = [p for n, p in m.named_parameters() if "norm" in n]
-    assert norms and not any(id(p) in decayed for p in norms)
-    assert id(m.embed.weight) in decayed and opt.defaults["betas"] == (0.9, 0.95)
-
-
-def test_a_non_finite_step_changes_no_weight():
-    m = M.Pion(M.PionConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32))
-    opt = T.build_optimizer(m, train_config.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0), runtime.Runtime("cpu"))
-    with torch.no_grad():
-        m.layers[0].ffn.w1.weight[0, 0] = float("inf")
-    before = {n: p.clone() for n, p in m.named_parameters()}
-    ids = torch.randint(0, 64, (2, 8))
-    loss, _, _ = T.train_step(m, opt, iter([{"input_ids": ids, "labels": ids}]), runtime.Runtime("cpu"), 1, 1.0, 1e-3)
-    assert not np.isfinite(loss)
-    assert all(torch.equal(before[n], p) for n, p in m.named_parameters())
 
 
 def test_a_cpu_runtime_asks_glibc_to_keep_freed_memory(monkeypatch):
@@ -98,14 +74,6 @@ def test_a_cpu_runtime_asks_glibc_to_keep_freed_memory(monkeypatch):
 # Runs
 
 
-def test_the_progress_line_says_when_the_run_evaluates_and_saves(data_dir, tmp_path, tokenizer_path):
-    """An eval or a save pauses the steps for seconds to minutes: the bar must not look stalled."""
-    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "ck"], tokenizer_path)
-    assert result.returncode == 0, result.stderr
-    for what in ("evaluating", "saving"):
-        assert f"pion_nano ({what})" in result.stderr, what
-
-
 def test_training_writes_metrics_and_checkpoints(data_dir, tmp_path, tokenizer_path):
     result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "ck"], tokenizer_path)
     assert result.returncode == 0, result.stderr
@@ -115,10 +83,10 @@ def test_training_writes_metrics_and_checkpoints(data_dir, tmp_path, tokenizer_p
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert {"step", "loss", "lr", "tokens_seen"} <= set(records[0])
     assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
-    final, checkpoint = C.load_checkpoint(run_dir / "pion_nano_final.pt")
-    assert checkpoint["step"] == 6 and checkpoint["tokens_seen"] == 6 * 4 * 2 * 32  # batch x grad_accum x seq
-    assert "optimizer" not in checkpoint and checkpoint["trainer"] == "pretrain"  # final: weights for use
-    assert "optimizer" in C.read_checkpoint(run_dir / "pion_nano_3.pt")  # a step checkpoint: to resume
+    final, contents = checkpoint.load_checkpoint(run_dir / "pion_nano_final.pt")
+    assert contents["step"] == 6 and contents["tokens_seen"] == 6 * 4 * 2 * 32  # batch x grad_accum x seq
+    assert "optimizer" not in contents and contents["trainer"] == "pretrain"  # final: weights for use
+    assert "optimizer" in checkpoint.read_checkpoint(run_dir / "pion_nano_3.pt")  # a step checkpoint: to resume
     assert final.config.d_model == 32
 
 
@@ -156,7 +124,7 @@ def test_resume_auto_continues_from_the_newest_checkpoint(data_dir, tmp_path, to
     more = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--resume", "auto"], tokenizer_path)
     assert more.returncode == 0, more.stderr
     assert "resuming from" in more.stdout + more.stderr and "pion_nano_final.pt" in more.stdout + more.stderr
-    assert C.load_checkpoint(tmp_path / "nano" / "pion_nano_final.pt")[1]["step"] == 6
+    assert checkpoint.load_checkpoint(tmp_path / "nano" / "pion_nano_final.pt")[1]["step"] == 6
 
 
 def test_resuming_a_final_checkpoint_warns_that_adams_moments_start_from_zero(data_dir, tmp_path, tokenizer_path):
@@ -193,14 +161,6 @@ def test_a_new_run_never_overwrites_an_earlier_runs_checkpoints(data_dir, tmp_pa
     assert (tmp_path / "nano" / "pion_nano_final.pt").read_bytes() == before
 
 
-def test_keep_last_prunes_old_step_checkpoints(data_dir, tmp_path, tokenizer_path):
-    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--save_interval", "1", "--keep_last", "2"],
-                       tokenizer_path)
-    assert result.returncode == 0, result.stderr
-    assert sorted(p for p in os.listdir(tmp_path / "nano") if p.endswith(".pt")) == \
-        ["pion_nano_4.pt", "pion_nano_5.pt", "pion_nano_final.pt"]
-
-
 def test_sigterm_saves_a_checkpoint_before_exiting(data_dir, tmp_path, tokenizer_path):
     flags = ["--data_dir", data_dir, "--save_dir", tmp_path, "--max_steps", "100000", "--save_interval", "100000",
              "--eval_interval", "100000", "--seq_len", "32", "--batch_size", "4", "--num_workers", "0",
@@ -216,7 +176,7 @@ def test_sigterm_saves_a_checkpoint_before_exiting(data_dir, tmp_path, tokenizer
     assert proc.returncode == 128 + signal.SIGTERM, err  # saved, but not finished: `train.py && ...` stops
     saved = [p for p in os.listdir(tmp_path / "nano") if p.endswith(".pt")]
     assert len(saved) == 1 and "SIGTERM received" in out + err and "--resume auto" in out + err
-    step = C.load_checkpoint(tmp_path / "nano" / saved[0])[1]["step"]
+    step = checkpoint.load_checkpoint(tmp_path / "nano" / saved[0])[1]["step"]
     assert saved[0] == f"pion_nano_{step}.pt" and step >= 3
 
 
@@ -238,60 +198,7 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_saves_and_exits_
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "Traceback" not in err
     [saved] = [p for p in os.listdir(tmp_path / "nano") if p.endswith(".pt")]
-    assert C.load_checkpoint(tmp_path / "nano" / saved)[1]["step"] >= 3
-
-
-def non_finite_at(monkeypatch, steps):
-    """Make the given steps (1-based) report a non-finite loss, as an overflowing step does: it changes nothing."""
-    real_step, calls = T.train_step, []
-
-    def train_step(*args):
-        calls.append(1)
-        loss, grad_norm, tokens = real_step(*args)
-        return (float("nan"), float("nan"), tokens) if len(calls) in steps else (loss, grad_norm, tokens)
-
-    monkeypatch.setattr(T, "train_step", train_step)
-
-
-def test_no_checkpoint_is_saved_while_steps_are_non_finite(data_dir, tmp_path, tokenizer_path, monkeypatch):
-    non_finite_at(monkeypatch, {3, 4})
-    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--save_interval", "1"], tokenizer_path)
-    assert result.returncode == 0, result.stderr
-    assert "not saving step 3" in result.stdout and "not saving step 4" in result.stdout
-    assert sorted(p for p in os.listdir(tmp_path / "nano") if p.endswith(".pt")) == \
-        ["pion_nano_1.pt", "pion_nano_2.pt", "pion_nano_5.pt", "pion_nano_final.pt"]
-
-
-def test_pruning_keeps_the_newest_checkpoint_from_before_the_non_finite_steps(data_dir, tmp_path, tokenizer_path,
-                                                                              monkeypatch):
-    non_finite_at(monkeypatch, {3, 4})
-    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--save_interval", "1", "--keep_last", "1"],
-                       tokenizer_path)
-    assert result.returncode == 0, result.stderr
-    assert sorted(p for p in os.listdir(tmp_path / "nano") if p.endswith(".pt")) == \
-        ["pion_nano_2.pt", "pion_nano_5.pt", "pion_nano_final.pt"]
-
-
-def test_a_run_stopped_by_non_finite_steps_names_the_last_good_checkpoint(data_dir, tmp_path, tokenizer_path,
-                                                                          monkeypatch):
-    non_finite_at(monkeypatch, set(range(3, 100)))
-    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--max_steps", "20", "--save_interval", "1",
-                        "--keep_last", "1"], tokenizer_path)
-    good = tmp_path / "nano" / "pion_nano_2.pt"
-    assert_one_line_error(result, f"5 non-finite losses in a row at step 7; stopping (try a lower --lr); the last "
-                                  f"good checkpoint is {good}")
-    assert sorted(p for p in os.listdir(tmp_path / "nano") if p.endswith(".pt")) == ["pion_nano_2.pt"]
-
-
-def test_repeated_non_finite_losses_stop_the_run_without_saving(data_dir, tmp_path, tokenizer_path):
-    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--lr", "1e30", "--warmup_steps", "0",
-                        "--max_steps", "20", "--save_interval", "1", "--grad_clip", "0"], tokenizer_path)
-    assert_one_line_error(result, "non-finite losses in a row")
-    assert "step skipped" in result.stdout
-    for name in os.listdir(tmp_path / "nano"):
-        if name.endswith(".pt"):
-            m, _ = C.load_checkpoint(tmp_path / "nano" / name)
-            assert all(torch.isfinite(p).all() for p in m.parameters())
+    assert checkpoint.load_checkpoint(tmp_path / "nano" / saved)[1]["step"] >= 3
 
 
 @pytest.mark.slow
@@ -308,7 +215,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(data_dir, tm
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-5)
-    assert C.load_checkpoint(tmp_path / "two" / "nano" / "pion_nano_final.pt")[1]["step"] == 6
+    assert checkpoint.load_checkpoint(tmp_path / "two" / "nano" / "pion_nano_final.pt")[1]["step"] == 6
 
 
 @pytest.mark.slow
@@ -318,7 +225,7 @@ def test_two_processes_with_dropout_resume_exactly_with_each_ranks_rng(data_dir,
     flags = ["--data_dir", data_dir, "--batch_size", 2, "--override", "dropout=0.1"]
     full = run_train([*flags, "--save_dir", tmp_path / "a"], tokenizer_path, launcher=torchrun)
     assert full.returncode == 0, full.stderr
-    assert len(C.read_checkpoint(tmp_path / "a" / "nano" / "pion_nano_3.pt")["rng"]) == 2  # one state per rank
+    assert len(checkpoint.read_checkpoint(tmp_path / "a" / "nano" / "pion_nano_3.pt")["rng"]) == 2  # one state per rank
     resumed = run_train([*flags, "--save_dir", tmp_path / "b", "--resume", tmp_path / "a" / "nano" / "pion_nano_3.pt"],
                         tokenizer_path, launcher=torchrun)
     assert resumed.returncode == 0, resumed.stderr
@@ -418,23 +325,28 @@ def test_memory_test_reports_peak_memory_and_exits_0(tokenizer_path):
 
 
 @pytest.mark.slow
-def test_the_memory_test_peak_is_a_real_training_steps_peak(data_dir, tmp_path, tokenizer_path):
-    """Pion-nano's full vocabulary, where AdamW's two state buffers are most of the memory: a forward and
-    backward alone would report far less than a real step uses."""
-    shape = ["--model_size", "nano", "--override", "n_layers=2", "--batch_size", "2", "--seq_len", "64"]
+def test_the_memory_test_peak_is_a_real_runs_peak_after_its_first_save(data_dir, tmp_path, tokenizer_path):
+    """Pion-nano's full vocabulary, where AdamW's two state buffers are most of the memory. A run peaks after
+    its first save, in its second step, whose backward holds AdamW's moments (and, with --grad_accum 2, a second
+    gradient): the memory test reports that peak, not less, and not much more. Peak RSS is per process: each
+    figure comes from a fresh one. On the CPU each process's heap takes one of two layouts, 8% apart (here 0.89
+    or 0.96 GB, docs/training.md), whichever the run or the memory test lands in: hence 0.90, not 0.95."""
+    shape = ["--model_size", "nano", "--override", "n_layers=2", "--batch_size", "2", "--seq_len", "64", "--tokenizer",
+             tokenizer_path]
     test = subprocess.run([sys.executable, "train.py", *shape, "--memory_test"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
-    assert test.returncode == 0 and "memory test: one training step and a checkpoint save" in test.stdout, test.stderr
+    assert test.returncode == 0 and "memory test: two training steps" in test.stdout, test.stderr
     reported = float(re.search(r"peak ([\d.]+) GB", test.stdout).group(1))
     for i in range(2):  # data with the full vocabulary's ids
         np.save(os.path.join(data_dir, f"shard_{i:05d}.npy"),
                 np.random.default_rng(i).integers(3, 50258, size=(48, 64)).astype(np.uint16))
     run = subprocess.run([sys.executable, "train.py", *shape, "--data_dir", data_dir, "--save_dir", tmp_path,
-                          "--max_steps", "1", "--num_workers", "0", "--sample_tokens", "0", "--tokenizer",
-                          tokenizer_path], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          "--max_steps", "2", "--save_interval", "1", "--log_interval", "1", "--num_workers", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    real = losses_records(tmp_path)[0]["memory_gb"]  # the trainer's peak RSS, logged after step 1
-    assert reported == pytest.approx(real, rel=0.10)
+    assert os.path.exists(tmp_path / "nano" / "pion_nano_1.pt")
+    real = next(r["memory_gb"] for r in losses_records(tmp_path) if r["step"] == 2 and "memory_gb" in r)
+    assert 0.90 * real <= reported <= 1.10 * real, (reported, real)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -539,7 +451,7 @@ def test_continuing_a_finished_run_keeps_its_final_checkpoint_under_its_step(dat
     more = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--resume", "auto"], tokenizer_path)
     assert more.returncode == 0, more.stderr
     assert (tmp_path / "nano" / "pion_nano_3.pt").read_bytes() == finished
-    assert C.load_checkpoint(tmp_path / "nano" / "pion_nano_final.pt")[1]["step"] == 6
+    assert checkpoint.load_checkpoint(tmp_path / "nano" / "pion_nano_final.pt")[1]["step"] == 6
 
 
 def test_resume_auto_picks_the_highest_step_not_the_newest_file(tmp_path):
@@ -571,10 +483,10 @@ def test_a_checkpoint_whose_adam_moments_do_not_fit_their_parameters_is_refused(
     """Fused AdamW trusts the moments' shapes and writes past a smaller buffer: a downloaded checkpoint must
     not be able to do that."""
     assert run_train(["--data_dir", data_dir, "--save_dir", tmp_path], tokenizer_path).returncode == 0
-    checkpoint = C.read_checkpoint(tmp_path / "nano" / "pion_nano_3.pt")
-    moments = checkpoint["optimizer"]["state"]["layers.0.ffn.w1.weight"]
+    contents = checkpoint.read_checkpoint(tmp_path / "nano" / "pion_nano_3.pt")
+    moments = contents["optimizer"]["state"]["layers.0.ffn.w1.weight"]
     moments["exp_avg"] = moments["exp_avg"][:3].clone()
-    torch.save(checkpoint, tmp_path / "bad.pt")
+    torch.save(contents, tmp_path / "bad.pt")
     result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "b", "--resume", tmp_path / "bad.pt"],
                        tokenizer_path, launcher=[sys.executable])  # a process of its own: unchecked, it crashes
     assert_one_line_error(result, "exp_avg of layers.0.ffn.w1.weight is (3, 32) torch.float32, the parameter is "
@@ -584,15 +496,15 @@ def test_a_checkpoint_whose_adam_moments_do_not_fit_their_parameters_is_refused(
 @pytest.mark.parametrize("change", ["a missing parameter", "a missing moment", "an int moment"])
 def test_optimizer_state_of_the_wrong_count_or_dtype_is_refused(data_dir, tmp_path, tokenizer_path, change):
     assert run_train(["--data_dir", data_dir, "--save_dir", tmp_path], tokenizer_path).returncode == 0
-    checkpoint = C.read_checkpoint(tmp_path / "nano" / "pion_nano_3.pt")
-    state = checkpoint["optimizer"]["state"]
+    contents = checkpoint.read_checkpoint(tmp_path / "nano" / "pion_nano_3.pt")
+    state = contents["optimizer"]["state"]
     if change == "a missing parameter":
         del state["layers.1.ffn.w2.weight"]
     elif change == "a missing moment":
         del state["norm.weight"]["exp_avg_sq"]
     else:
         state["norm.weight"]["exp_avg_sq"] = state["norm.weight"]["exp_avg_sq"].int()
-    torch.save(checkpoint, tmp_path / "bad.pt")
+    torch.save(contents, tmp_path / "bad.pt")
     result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "b", "--resume", tmp_path / "bad.pt"],
                        tokenizer_path)
     assert_one_line_error(result, "has optimizer state that does not fit the model")
@@ -651,16 +563,6 @@ def test_a_warmup_longer_than_the_run_is_shortened_with_a_warning(data_dir, tmp_
     result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--warmup_steps", 1000], tokenizer_path)
     assert result.returncode == 0, result.stderr
     assert "warmup of 1000 steps does not fit in max_steps 6; using 0 warmup steps" in result.stdout + result.stderr
-
-
-def test_token_counts_read_well_at_every_scale():
-    assert [T.human_count(n) for n in (512, 12_345, 4_500_000, 2_100_000_000)] == ["512", "12.3k", "4.5M", "2.1B"]
-
-
-def test_the_final_checkpoint_keeps_the_optimizer_only_when_asked(data_dir, tmp_path, tokenizer_path):
-    result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path, "--keep_final_optimizer"], tokenizer_path)
-    assert result.returncode == 0, result.stderr
-    assert "optimizer" in C.read_checkpoint(tmp_path / "nano" / "pion_nano_final.pt")
 
 
 def test_the_eval_sample_starts_from_the_validation_data_unless_given_a_prompt(data_dir, tmp_path, tokenizer_path):

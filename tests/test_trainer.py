@@ -1,0 +1,155 @@
+"""trainer.py: the optimizer, one optimizer step, the loop's logs, saves and non-finite steps, the memory test."""
+import os
+import re
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+import model
+import runtime
+import train_config
+import trainer
+from cli import PionError
+from conftest import tiny_model
+
+# ---------------------------------------------------------------------------------------------------
+# The optimizer and one step
+
+
+def test_norm_weights_get_no_weight_decay():
+    m = model.Pion(model.PionConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32))
+    opt = trainer.build_optimizer(m, train_config.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0,
+                                                              weight_decay=0.1), runtime.Runtime("cpu"))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    norms = [p for n, p in m.named_parameters() if "norm" in n]
+    assert norms and not any(id(p) in decayed for p in norms)
+    assert id(m.embed.weight) in decayed and opt.defaults["betas"] == (0.9, 0.95)
+
+
+def test_a_non_finite_step_changes_no_weight():
+    m = model.Pion(model.PionConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32))
+    opt = trainer.build_optimizer(m, train_config.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0),
+                                  runtime.Runtime("cpu"))
+    with torch.no_grad():
+        m.layers[0].ffn.w1.weight[0, 0] = float("inf")
+    before = {n: p.clone() for n, p in m.named_parameters()}
+    ids = torch.randint(0, 64, (2, 8))
+    loss, _, _ = trainer.train_step(m, opt, iter([{"input_ids": ids, "labels": ids}]), runtime.Runtime("cpu"), 1, 1.0,
+                                    1e-3)
+    assert not np.isfinite(loss)
+    assert all(torch.equal(before[n], p) for n, p in m.named_parameters())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop, on a tiny model and random tokens: 6 steps, a validation every 3, a checkpoint every 3
+
+
+def random_batches(samples_seen=0):
+    generator = torch.Generator().manual_seed(samples_seen)
+    while True:
+        ids = torch.randint(3, 512, (4, 32), generator=generator)
+        yield {"input_ids": ids, "labels": ids}
+
+
+def train_tiny(run_dir, **settings):
+    """trainer.train of a tiny model into run_dir (made here, as runs.open_run_dir makes it) as pion_nano_*.pt;
+    -> the final TrainState."""
+    os.makedirs(run_dir, exist_ok=True)
+    config = train_config.TrainConfig(**{"max_steps": 6, "lr": 3e-3, "min_lr": 3e-5, "warmup_steps": 2,
+                                         "batch_size": 4, "grad_accum": 2, "seq_len": 32, "log_interval": 1,
+                                         "eval_interval": 3, "eval_steps": 2, "save_interval": 3, **settings})
+    run = trainer.TrainingRun(random_batches, random_batches, str(run_dir), "pion_nano",
+                              saved_with={"trainer": "pretrain"})
+    return trainer.train(tiny_model(vocab_size=512, d_model=32, n_heads=4, d_ff=64), config, runtime.Runtime("cpu"),
+                         run)
+
+
+def saved(run_dir):
+    return sorted(p for p in os.listdir(run_dir) if p.endswith(".pt"))
+
+
+def test_the_progress_line_says_when_the_run_evaluates_and_saves(tmp_path, capsys):
+    """An eval or a save pauses the steps for seconds to minutes: the bar must not look stalled."""
+    train_tiny(tmp_path)
+    err = capsys.readouterr().err
+    for what in ("evaluating", "saving"):
+        assert f"pion_nano ({what})" in err, what
+
+
+def test_keep_last_prunes_old_step_checkpoints(tmp_path):
+    train_tiny(tmp_path, save_interval=1, keep_last=2)
+    assert saved(tmp_path) == ["pion_nano_4.pt", "pion_nano_5.pt", "pion_nano_final.pt"]
+
+
+def test_the_final_checkpoint_keeps_the_optimizer_only_when_asked(tmp_path):
+    train_tiny(tmp_path / "a")
+    assert "optimizer" not in checkpoint.read_checkpoint(tmp_path / "a" / "pion_nano_final.pt")
+    train_tiny(tmp_path / "b", keep_final_optimizer=True)
+    assert "optimizer" in checkpoint.read_checkpoint(tmp_path / "b" / "pion_nano_final.pt")
+
+
+def test_token_counts_read_well_at_every_scale():
+    assert [trainer.human_count(n) for n in (512, 12_345, 4_500_000, 2_100_000_000)] == ["512", "12.3k", "4.5M", "2.1B"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Non-finite steps
+
+
+def non_finite_at(monkeypatch, steps):
+    """Make the given steps (1-based) report a non-finite loss, as an overflowing step does: it changes nothing."""
+    real_step, calls = trainer.train_step, []
+
+    def train_step(*args):
+        calls.append(1)
+        loss, grad_norm, tokens = real_step(*args)
+        return (float("nan"), float("nan"), tokens) if len(calls) in steps else (loss, grad_norm, tokens)
+
+    monkeypatch.setattr(trainer, "train_step", train_step)
+
+
+def test_no_checkpoint_is_saved_while_steps_are_non_finite(tmp_path, monkeypatch, capsys):
+    non_finite_at(monkeypatch, {3, 4})
+    train_tiny(tmp_path, save_interval=1)
+    out = capsys.readouterr().out
+    assert "not saving step 3" in out and "not saving step 4" in out
+    assert saved(tmp_path) == ["pion_nano_1.pt", "pion_nano_2.pt", "pion_nano_5.pt", "pion_nano_final.pt"]
+
+
+def test_pruning_keeps_the_newest_checkpoint_from_before_the_non_finite_steps(tmp_path, monkeypatch):
+    non_finite_at(monkeypatch, {3, 4})
+    train_tiny(tmp_path, save_interval=1, keep_last=1)
+    assert saved(tmp_path) == ["pion_nano_2.pt", "pion_nano_5.pt", "pion_nano_final.pt"]
+
+
+def test_a_run_stopped_by_non_finite_steps_names_the_last_good_checkpoint(tmp_path, monkeypatch):
+    non_finite_at(monkeypatch, set(range(3, 100)))
+    good = tmp_path / "pion_nano_2.pt"
+    with pytest.raises(PionError, match=re.escape(f"5 non-finite losses in a row at step 7; stopping (try a lower "
+                                                  f"--lr); the last good checkpoint is {good}")):
+        train_tiny(tmp_path, max_steps=20, save_interval=1, keep_last=1)
+    assert saved(tmp_path) == ["pion_nano_2.pt"]
+
+
+def test_repeated_non_finite_losses_stop_the_run_without_saving(tmp_path, capsys):
+    with pytest.raises(PionError, match="non-finite losses in a row"):
+        train_tiny(tmp_path, lr=1e30, warmup_steps=0, max_steps=20, save_interval=1, grad_clip=0)
+    assert "step skipped" in capsys.readouterr().out
+    for name in saved(tmp_path):
+        m, _ = checkpoint.load_checkpoint(tmp_path / name)
+        assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The memory test
+
+
+def test_the_memory_test_trains_in_a_temporary_folder_it_removes(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    config = train_config.TrainConfig(max_steps=1000, lr=1e-3, min_lr=0, warmup_steps=100, batch_size=2, seq_len=16)
+    (used, total), (host_used, host_total) = trainer.memory_test(tiny_model(), config, runtime.Runtime("cpu"))
+    assert 0 < used < total and 0 < host_used < host_total
+    assert os.listdir(tmp_path) == []
