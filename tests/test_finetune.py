@@ -7,11 +7,11 @@ import types
 import pytest
 import torch
 
-import checkpoint as C
 from tokenizer import PAD_ID
 import finetune as finetune_script
-import model as M
 from conftest import assert_one_line_error, run_in_process
+from checkpoint import load_checkpoint
+from model import Pion, PionConfig
 
 # Nine conversations: load_sft_splits holds one out for validation (seed 42: the bees), eight are trained.
 CONVERSATIONS = [
@@ -46,8 +46,8 @@ def files(tmp_path_factory):
     openai.write_text(json.dumps([{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
                                   for q, a in CONVERSATIONS]))
     torch.manual_seed(0)
-    config = M.PionConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=128)
-    torch.save({"model": {k: v.bfloat16() for k, v in M.Pion(config).state_dict().items()}, "config": config},
+    config = PionConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=128)
+    torch.save({"model": {k: v.bfloat16() for k, v in Pion(config).state_dict().items()}, "config": config},
                d / "base.pt")
     return types.SimpleNamespace(dir=d, sharegpt=str(sharegpt), openai=str(openai), base=str(d / "base.pt"))
 
@@ -102,7 +102,7 @@ def test_assistant_tokens_are_learned_and_the_masked_tokens_are_not(files, train
     masked = torch.where((labels == -100) & (ids != PAD_ID), ids, -100)  # user turns and template prefixes
 
     def loss_on(path, targets):
-        model, _ = C.load_checkpoint(path)
+        model, _ = load_checkpoint(path)
         with torch.no_grad():
             return model(ids, labels=targets)["loss"].item()
 
@@ -115,8 +115,8 @@ def test_assistant_tokens_are_learned_and_the_masked_tokens_are_not(files, train
 def test_the_finetuned_checkpoint_is_saved_under_save_dir_sft_and_loads(files, trained):
     assert sorted(os.listdir(trained.sft)) == [".lock", "metrics.jsonl", "metrics.png", f"pion_sft_{MID_STEP}.pt",
                                            "pion_sft_final.pt"]
-    model, checkpoint = C.load_checkpoint(trained.sft / "pion_sft_final.pt")
-    base, _ = C.load_checkpoint(files.base)
+    model, checkpoint = load_checkpoint(trained.sft / "pion_sft_final.pt")
+    base, _ = load_checkpoint(files.base)
     assert checkpoint["config"] == base.config and checkpoint["step"] == MAX_STEPS
     assert not torch.equal(model.layers[0].ffn.w1.weight, base.layers[0].ffn.w1.weight)
 
