@@ -50,7 +50,7 @@ def parse_args(argv=None):
                    help="refuse a soft-capped checkpoint (to keep a model that exports to transformers exactly)")
     p.add_argument("--save_dir", default="checkpoints", help="checkpoints go to SAVE_DIR/sft/")
     p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest in the save dir")
-    p.add_argument("--num_workers", type=non_negative_int, default=None,
+    p.add_argument("--tokenize_workers", type=non_negative_int, default=None,
                    help="processes that tokenize the data (default: by data size; 0 = this process)")
     p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto: cuda > mps > cpu")
     p.add_argument("--tokenizer", default=None, help="tokenizer JSON (default: the Pion tokenizer)")
@@ -90,7 +90,7 @@ def load_data(args, config, tokenizer, rt):
     with quiet:
         train_rows, val_rows = load_sft_splits(tokenizer, config.seq_len, args.data_file, args.dataset, pack=args.pack,
                                                max_samples=args.max_samples, seed=config.seed,
-                                               num_proc=args.num_workers)
+                                               num_proc=args.tokenize_workers)
     if rt.distributed and rt.is_main:
         dist.barrier()
     if len(val_rows) < rt.world_size:

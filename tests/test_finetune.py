@@ -29,7 +29,7 @@ QUESTION, ANSWER = CONVERSATIONS[0]  # a trained conversation: the eval sample m
 MAX_STEPS, MID_STEP = 40, 20
 TRAINING_FLAGS = ["--seq_len", "64", "--batch_size", "4", "--grad_accum", "2", "--lr", "2e-2", "--min_lr", "1e-3",
                   "--warmup_steps", "3", "--max_steps", str(MAX_STEPS), "--eval_interval", str(MID_STEP),
-                  "--save_interval", str(MID_STEP), "--log_interval", "1", "--num_workers", "0",
+                  "--save_interval", str(MID_STEP), "--log_interval", "1", "--tokenize_workers", "0",
                   "--sample_question", QUESTION]
 
 
@@ -244,6 +244,6 @@ def test_a_checkpoint_that_cannot_be_loaded_leaves_no_empty_run_folder(files, to
 
 def test_a_short_run_says_its_warmup_does_not_fit(files, tokenizer_path, tmp_path):
     result = finetune(files, tokenizer_path, tmp_path, "--max_steps", "3", "--seq_len", "64", "--batch_size", "4",
-                      "--num_workers", "0", "--sample_tokens", "0")
+                      "--tokenize_workers", "0", "--sample_tokens", "0")
     assert result.returncode == 0, result.stderr
     assert "warmup of 100 steps does not fit in max_steps 3; using 0 warmup steps" in result.stdout + result.stderr
