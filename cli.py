@@ -188,6 +188,14 @@ def use_one_line_warnings(category):
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
 
 
+def human_count(n):
+    """12,345 -> '12.3k', 4,500,000 -> '4.5M': readable at every scale of a run."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.1f}{suffix}"
+    return str(n)
+
+
 def is_unicode(text):
     """False for a str holding a lone surrogate (JSON can spell one, "\\ud800"), which no encoder takes."""
     try:

@@ -17,8 +17,8 @@ from cli import pick_device
 
 
 class Runtime:
-    """Where and how this process trains: device, rank/world size under torchrun, autocast, and the settings
-    that the device wants of the process (TF32 on CUDA; on the CPU, glibc keeping freed memory)."""
+    """Where and how this process runs the model: device, rank/world size under torchrun, autocast, and TF32
+    on CUDA. The training loop adds its own allocator setting (keep_freed_memory)."""
 
     def __init__(self, device="auto"):
         self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -31,8 +31,6 @@ class Runtime:
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        if self.device.type == "cpu":
-            keep_freed_memory()
         if self.distributed and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.is_main = self.rank == 0

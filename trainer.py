@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cli import PionError
+from cli import PionError, human_count
 from hardware import gpu_peak_flops, training_flops_per_token
-from runtime import StopSignal, host_memory_peak, host_memory_total, prepare_model
+from runtime import StopSignal, host_memory_peak, host_memory_total, keep_freed_memory, prepare_model
 from runs import TrainState, prune_checkpoints, restore_optimizer_and_rng, resumed_state, save_training_checkpoint
 from train_config import fit_schedule, learning_rate
 from trackers import RunLog
@@ -102,6 +102,8 @@ def train(model, config, rt, run):
     """Train `model` (unwrapped, on any device) by `config` (a TrainConfig) on `run` (a TrainingRun); returns the
     final TrainState."""
     config = fit_schedule(config, rt)
+    if rt.device.type == "cpu":
+        keep_freed_memory()  # the steps free and reallocate the same large buffers
     if run.resume is not None:
         state, last_path = resumed_state(config, rt, run)
     else:
@@ -118,14 +120,6 @@ def train(model, config, rt, run):
         return loop.train()
     finally:
         loop.close()
-
-
-def human_count(n):
-    """12,345 -> '12.3k', 4,500,000 -> '4.5M': readable at every scale of a run."""
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if n >= scale:
-            return f"{n / scale:.1f}{suffix}"
-    return str(n)
 
 
 class Loop:
@@ -294,8 +288,8 @@ def memory_test(model, config, rt, token_bytes=None, sample=None):
     AdamW's moments through its backward: a run's peak), a validation (token_bytes, sample) and the final save.
     Returns (peak, total) bytes of the device and of host memory, where checkpoints are gathered (the same
     figures on the CPU), or None when it ran out of memory."""
-    config = replace(config, max_steps=2, warmup_steps=0, decay_frac=0.5, save_interval=1,
-                                 keep_last=None, eval_steps=1)
+    config = replace(config, max_steps=2, warmup_steps=0, decay_frac=0.5, save_interval=1, keep_last=None,
+                     eval_steps=1)
 
     def random_batches(samples_seen=0):
         while True:

@@ -4,8 +4,8 @@ identical shape, eager and compiled, plus the data loader's throughput against w
 fp32, nano shape (hidden 384, 6 layers, 6:2 heads, head_dim 64, intermediate 1024, vocab 50258, tied
 embeddings), seq_len 256, batch 8, soft-capping off, no gradient checkpointing, SDPA on both sides, and the
 same optimizer: trainer.build_optimizer's fused AdamW, decay on the matrices, none on the 1-D norm weights,
-and the same process settings: both make a runtime.Runtime("cpu") first, so glibc keeps freed memory for
-reuse on both sides (runtime.keep_freed_memory). Left at glibc's default, transformers' step faults in 1.8 GB
+and the same process settings: both call runtime.keep_freed_memory() first, as a training run does, so glibc
+keeps freed memory for reuse on both sides. Left at glibc's default, transformers' step faults in 1.8 GB
 of fresh pages for its full-vocab logits and their gradients every step and takes ~16% longer (Pion's: 0.28 GB,
 ~3.5%): a cost of the allocator, which either side's users can avoid, so both are measured without it.
 Compiled means what each side's users do: Pion as `train.py --compile` (each block compiled), transformers
@@ -91,6 +91,7 @@ def pion_variant(steps):
         return m, lambda: trainer.train_step(m, optimizer, batches, rt, 1, 1.0, 3e-4)
 
     rt = runtime.Runtime("cpu")
+    runtime.keep_freed_memory()  # as trainer.train does
     measure(build, lambda m: runtime.prepare_model(m, step_settings(steps, compile=True), rt), steps)
 
 
@@ -117,7 +118,8 @@ def hf_variant(steps):
             optimizer.zero_grad(set_to_none=True)
         return m, step
 
-    rt = runtime.Runtime("cpu")  # Pion's process settings, as the Pion side has them
+    rt = runtime.Runtime("cpu")
+    runtime.keep_freed_memory()  # Pion's process settings, as the Pion side has them
     measure(build, lambda m: m.compile(), steps)
 
 

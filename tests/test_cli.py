@@ -61,3 +61,7 @@ REQUIRED = {"train.py": ["--data_dir", "d"], "finetune.py": ["--checkpoint", "c.
 def test_an_unknown_flag_is_one_line_and_exit_2(script):
     result = run_in_process(SCRIPTS[script], [*REQUIRED[script], "--no_such_flag"])
     assert_one_line_error(result, "unrecognized arguments: --no_such_flag")
+
+
+def test_token_counts_read_well_at_every_scale():
+    assert [cli.human_count(n) for n in (512, 12_345, 4_500_000, 2_100_000_000)] == ["512", "12.3k", "4.5M", "2.1B"]

@@ -16,7 +16,6 @@ import torch
 import checkpoint
 from tokenizer import PAD_ID
 import runs
-import runtime
 import train_config
 from conftest import (ROOT, TINY_MODEL_FLAGS, assert_one_line_error as assert_error_line, run_train, train_argv,
                       write_shards)
@@ -52,22 +51,6 @@ def test_wsd_schedule_warms_up_holds_then_decays_over_the_last_fifth():
     assert all(x == 1.0 for x in lr[10:80])
     assert all(a > b for a, b in zip(lr[80:], lr[81:]))
     assert lr[99] == pytest.approx(0.1)
-
-
-def test_a_cpu_runtime_asks_glibc_to_keep_freed_memory(monkeypatch):
-    """A CPU step frees and reallocates its logits and vocab-sized gradients every step (see keep_freed_memory):
-    the runtime asks glibc to serve large blocks from the heap and never to trim it. Whether the pages are
-    then reused also depends on the heap's room to grow, so this checks the request, not a fault count."""
-    calls = []
-
-    class Libc:
-        def mallopt(self, option, value):
-            calls.append((option, value))
-            return 1
-    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: Libc())
-    runtime.Runtime("cpu")
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
-    assert sorted(calls) == sorted([(M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)])
 
 
 # ---------------------------------------------------------------------------------------------------
