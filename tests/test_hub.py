@@ -51,7 +51,8 @@ def test_generate_cli_runs_an_hf_checkpoint_from_the_offline_cache(hub_cache, to
     assert result.stdout.rstrip("\n") == "hi" + expected.rstrip("\n")
 
 
-@pytest.mark.parametrize("reference", [f"hf:{REPO}/pion_missing.pt", "hf:SomeoneElse/NotCached/model.pt"])
+@pytest.mark.parametrize("reference", [f"hf:{REPO}/pion_missing.pt",
+                                       pytest.param("hf:SomeoneElse/NotCached/model.pt", marks=pytest.mark.slow)])
 def test_a_file_missing_from_the_offline_cache_is_one_line_and_exit_2(hub_cache, reference, tmp_path):
     env, _ = hub_cache
     out = tmp_path / "never_written"

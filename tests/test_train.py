@@ -85,7 +85,7 @@ def test_training_lowers_the_loss_on_repetitive_data(tmp_path, tokenizer_path):
     assert curve[30] < 0.5 * curve[1]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])  # slow: loader processes
 def test_resuming_reproduces_the_uninterrupted_run(data_dir, tmp_path, tokenizer_path, workers):
     """With dropout on, so that the losses also depend on the restored RNG stream."""
     dropout = ["--override", "dropout=0.1"]
@@ -144,6 +144,7 @@ def test_a_new_run_never_overwrites_an_earlier_runs_checkpoints(data_dir, tmp_pa
     assert (tmp_path / "nano" / "pion_nano_final.pt").read_bytes() == before
 
 
+@pytest.mark.slow  # the process-group test below covers the quick suite
 def test_sigterm_saves_a_checkpoint_before_exiting(data_dir, tmp_path, tokenizer_path):
     flags = ["--data_dir", data_dir, "--save_dir", tmp_path, "--max_steps", "100000", "--save_interval", "100000",
              "--eval_interval", "100000", "--seq_len", "32", "--batch_size", "4", "--num_workers", "0",
@@ -454,6 +455,7 @@ def test_resuming_as_another_size_is_refused_naming_the_fields(data_dir, tmp_pat
     assert_one_line_error(result, "d_ff 64 (flags: 128)")
 
 
+@pytest.mark.slow
 def test_resuming_on_a_shard_rewritten_with_other_tokens_is_refused(data_dir, tmp_path, tokenizer_path):
     assert run_train(["--data_dir", data_dir, "--save_dir", tmp_path], tokenizer_path).returncode == 0
     shard = np.load(os.path.join(data_dir, "shard_00001.npy"))
@@ -476,7 +478,8 @@ def test_a_checkpoint_whose_adam_moments_do_not_fit_their_parameters_is_refused(
                                   "(64, 32) torch.float32")
 
 
-@pytest.mark.parametrize("change", ["a missing parameter", "a missing moment", "an int moment"])
+@pytest.mark.parametrize("change", ["a missing parameter", *(pytest.param(change, marks=pytest.mark.slow)
+                                                      for change in ("a missing moment", "an int moment"))])
 def test_optimizer_state_of_the_wrong_count_or_dtype_is_refused(data_dir, tmp_path, tokenizer_path, change):
     assert run_train(["--data_dir", data_dir, "--save_dir", tmp_path], tokenizer_path).returncode == 0
     contents = checkpoint.read_checkpoint(tmp_path / "nano" / "pion_nano_3.pt")
