@@ -78,7 +78,7 @@ def eval_sample(args, tokenizer):
         return None
     prompt, _ = render_conversation(tokenizer, [{"role": "user", "content": args.sample_question}],
                                     add_generation_prompt=True)
-    return EvalSample(tokenizer, prompt, args.sample_tokens, label=f"{args.sample_question} -> ",
+    return EvalSample(tokenizer, prompt, args.sample_tokens, shown_prompt=args.sample_question,
                       stop_strings=STOP_STRINGS, strip=True)
 
 

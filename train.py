@@ -90,7 +90,7 @@ def eval_sample(args, tokenizer, vocab_size, rt, start):
         text = tokenizer.decode(prompt)
     else:
         text, prompt = args.sample_prompt, tokenizer.encode(args.sample_prompt).ids
-    return EvalSample(tokenizer, prompt, args.sample_tokens, label=text)
+    return EvalSample(tokenizer, prompt, args.sample_tokens, shown_prompt=text)
 
 
 def run_memory_test(args, config, rt):

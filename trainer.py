@@ -225,7 +225,7 @@ class Loop:
         if run.sample is not None:
             with self.shown_on_the_bar("sampling"):
                 sample = sample_text(run.sample, self.model, self.wrapped, self.config, rt)
-            rt.print(f"sample: {sample!r}")
+            rt.print(f"sample: {sample}")
 
     def save_step(self):
         """A step checkpoint, then pruning; none while non-finite steps are happening: it could replace the good one."""

@@ -138,7 +138,7 @@ def test_each_eval_prints_the_val_loss_and_the_greedy_answer_to_the_fixed_questi
     assert sorted(val) == [MID_STEP, MAX_STEPS]
     assert f"step {MAX_STEPS}: val loss {val[MAX_STEPS]:.4f}" in trained.stdout
     # Greedy decoding stops at <|endoftext|>: the memorized reply, without its newline or anything after.
-    assert f"sample: {f'{QUESTION} -> {ANSWER}'!r}" in trained.stdout
+    assert f"sample: {QUESTION!r} -> {ANSWER!r}" in trained.stdout
 
 
 def test_the_lr_warms_up_linearly_then_follows_a_cosine_to_min_lr(trained):

@@ -565,7 +565,7 @@ def test_the_eval_sample_starts_from_the_validation_data_unless_given_a_prompt(d
     result = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "a", "--tokenizer", small], tokenizer_path)
     from tokenizers import Tokenizer
     start = Tokenizer.from_file(small).decode([int(t) for t in first[:16] if t != PAD_ID])
-    assert result.returncode == 0 and f"sample: {start!r}"[:-1] in result.stdout + result.stderr
+    assert result.returncode == 0 and f"sample: {start!r} -> '" in result.stdout + result.stderr
     given = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "b", "--tokenizer", small, "--sample_prompt",
                        "def main"], tokenizer_path)
-    assert "sample: 'def main" in given.stdout + given.stderr
+    assert "sample: 'def main' -> '" in given.stdout + given.stderr  # where the prompt ends shows
