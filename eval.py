@@ -51,8 +51,14 @@ def validation_metrics(args, model, tokenizer, device):
     n_batches = -(-data.PretrainData(args.data_dir, seq_len, "val").n_samples // args.batch_size)
     steps = min(args.eval_steps or n_batches, n_batches)
     from tqdm import tqdm
-    batches = tqdm(batches, total=steps, desc="val", unit="batch", file=sys.stderr)
-    return evaluate(model, batches, Runtime(str(device)), steps, token_byte_lengths(tokenizer, model.config.vocab_size))
+
+    def counted(batches, bar):
+        for batch in batches:
+            bar.update(1)  # as each batch is handed over: evaluate never asks for one past its last
+            yield batch
+    with tqdm(total=steps, desc="val", unit="batch", file=sys.stderr) as bar:
+        return evaluate(model, counted(batches, bar), Runtime(str(device)), steps,
+                        token_byte_lengths(tokenizer, model.config.vocab_size))
 
 
 def main(argv=None):

@@ -73,3 +73,16 @@ def test_eval_data_dir_reports_val_loss_and_bpb(tmp_path, tokenizer, tokenizer_p
     expected = validation.evaluate(pion, batches, runtime.Runtime("cpu"), 100, validation.token_byte_lengths(tokenizer, 50258))
     assert saved["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
     assert saved["val_bpb"] == pytest.approx(expected["val_bpb"], rel=1e-5)
+
+
+def test_eval_data_dir_progress_ends_at_its_last_batch(tmp_path, tokenizer_path):
+    import eval as eval_script
+    save_tiny_checkpoint(tmp_path / "tiny.pt")
+    (tmp_path / "data").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):  # 4 validation rows a shard: 8, in batches of 3, 3 and 2
+        np.save(tmp_path / "data" / f"shard_{i:05d}.npy", rng.integers(3, 50000, size=(200, 32)).astype(np.uint16))
+    result = run_in_process(eval_script.main, ["--checkpoint", tmp_path / "tiny.pt", "--data_dir", tmp_path / "data",
+                                               "--tokenizer", tokenizer_path, "--device", "cpu", "--batch_size", 3])
+    assert result.returncode == 0, result.stderr
+    assert "3/3" in result.stderr.replace("\r", "\n").splitlines()[-1]
