@@ -100,6 +100,16 @@ def prepare_model(model, config, rt):
     return DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
 
 
+def gradient_sync(wrapped, sync):
+    """A context in which backward all-reduces gradients over ranks only if sync (a step's last micro-batch):
+    DDP's no_sync, FSDP2's set_requires_gradient_sync; nothing to do in one process."""
+    if hasattr(wrapped, "no_sync"):
+        return contextlib.nullcontext() if sync else wrapped.no_sync()
+    if hasattr(wrapped, "set_requires_gradient_sync"):
+        wrapped.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
 def host_memory_peak():
     """This process's peak resident memory in bytes."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB

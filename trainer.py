@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from cli import PionError, human_count
 from hardware import gpu_peak_flops, training_flops_per_token
-from runtime import StopSignal, host_memory_peak, host_memory_total, keep_freed_memory, prepare_model
+from runtime import (StopSignal, gradient_sync, host_memory_peak, host_memory_total, keep_freed_memory,
+                     prepare_model)
 from runs import TrainState, prune_checkpoints, restore_optimizer_and_rng, resumed_state, save_training_checkpoint
 from train_config import fit_schedule, learning_rate
 from trackers import RunLog
@@ -55,14 +56,7 @@ def train_step(model, optimizer, batches, rt, grad_accum, grad_clip, lr):
     for micro, (batch, count) in enumerate(zip(micro_batches, counts)):
         input_ids = batch["input_ids"].to(rt.device, non_blocking=True)
         labels = batch["labels"].to(rt.device, non_blocking=True)
-        sync = micro == grad_accum - 1  # all-reduce gradients once per step, not per micro-batch
-        if hasattr(model, "no_sync"):
-            context = contextlib.nullcontext() if sync else model.no_sync()
-        else:
-            context = contextlib.nullcontext()
-            if hasattr(model, "set_requires_gradient_sync"):
-                model.set_requires_gradient_sync(sync)
-        with context:
+        with gradient_sync(model, sync=micro == grad_accum - 1):  # all-reduce once per step, not per micro-batch
             with rt.autocast():
                 loss = model(input_ids, labels=labels)["loss"]
             (loss * (count * rt.world_size / step_tokens)).backward()
