@@ -481,7 +481,7 @@ def test_finetuning_logs_val_bpb_and_benchmark_scores(tasks, tmp_path, tokenizer
     result = run_in_process(finetune.main, [
         "--checkpoint", tmp_path / "base.pt", "--data_file", chats, "--tokenizer", tokenizer_path,
         "--save_dir", tmp_path / "ck", "--seq_len", 64, "--batch_size", 4, "--max_steps", 2, "--eval_interval", 2,
-        "--num_workers", 0, "--sample_tokens", 0, "--eval_tasks", MC_TASK, "--eval_limit", 4,
+        "--tokenize_workers", 0, "--sample_tokens", 0, "--eval_tasks", MC_TASK, "--eval_limit", 4,
         "--eval_include_path", tasks])
     assert result.returncode == 0, result.stderr
     with open(tmp_path / "ck" / "sft" / "metrics.jsonl") as f:
