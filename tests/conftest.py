@@ -145,6 +145,14 @@ def tokenizer(tokenizer_path):
 # Running the scripts
 
 
+def saved_tensor_sizes(fn):
+    """The sizes (numel) of the tensors autograd saves for backward while fn() runs."""
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        fn()
+    return sizes
+
+
 def run_in_process(main, argv):
     """A script's main(argv) through cli.run_cli, as its command line runs it but without a fresh interpreter:
     -> CompletedProcess with the exit code, stdout and stderr."""
