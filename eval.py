@@ -21,8 +21,8 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default=None, help="comma-separated harness tasks, e.g. hellaswag,arc_easy")
     p.add_argument("--limit", type=positive_int, default=None, help="examples per task (default: all)")
     p.add_argument("--num_fewshot", type=int, default=None, help="examples in each prompt (default: the task's)")
-    p.add_argument("--batch_size", type=positive_int, default=16, help="contexts per forward (a question's choices share one); "
-                   "--data_dir: sequences per validation batch")
+    p.add_argument("--batch_size", type=positive_int, default=16,
+                   help="contexts per forward (a question's choices share one); --data_dir: sequences per batch")
     p.add_argument("--include_path", default=None, help="folder of task YAML files of your own")
     p.add_argument("--apply_chat_template", action="store_true", help="prompt an SFT model with its chat template")
     p.add_argument("--output_path", default=None, help="write results.json into this folder")
