@@ -1,10 +1,12 @@
-"""Run every benchmark in bench/ and print the performance table (as in the README).
+"""Run every benchmark in bench/ and print the performance table; --record appends it, dated, to a file.
 
-    python bench/run_all.py
+    python bench/run_all.py --record docs/performance.md
 
 Each benchmark measures its baseline in the same run and prints its own details first. Run it on an
 otherwise idle machine: the timings are ratios, but a busy CPU still skews them.
 """
+import argparse
+import datetime
 import os
 import time
 
@@ -49,7 +51,19 @@ ROWS = [  # (name, run, [(result key, what, target text, is the target met)])
 ]
 
 
-def main():
+def table(results, load):
+    lines = [f"machine: {machine()}; load average {load:.2f} at the start",
+             "", "| benchmark | measure | result | target | |", "|---|---|---:|---|---|"]
+    lines += [f"| {name} | {what} | {value:.2f} | {target} | {'pass' if ok else 'FAIL'} |"
+              for name, what, value, target, ok in results]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--record", metavar="FILE", help="append the table, under the run's date, to FILE "
+                   "(docs/performance.md); nothing in FILE is changed")
+    args = p.parse_args(argv)
     load = os.getloadavg()[0]
     results = []
     for name, run, checks in ROWS:
@@ -58,10 +72,11 @@ def main():
         measured = run()
         print(f"({time.perf_counter() - start:.0f} s)")
         results += [(name, what, measured[key], target, ok(measured[key])) for key, what, target, ok in checks]
-    print(f"\nmachine: {machine()}; load average {load:.2f} at the start")
-    print("| benchmark | measure | result | target | |\n|---|---|---:|---|---|")
-    for name, what, value, target, ok in results:
-        print(f"| {name} | {what} | {value:.2f} | {target} | {'pass' if ok else 'FAIL'} |")
+    text = table(results, load)
+    print("\n" + text, end="")
+    if args.record:
+        with open(args.record, "a") as f:
+            f.write(f"\n## bench/run_all.py, {datetime.date.today().isoformat()}\n\n{text}")
 
 
 if __name__ == "__main__":
