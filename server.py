@@ -31,10 +31,9 @@ from starlette.exceptions import HTTPException
 from batching import GenerationRequest
 from cli import is_unicode
 from decoding import SamplingSettings
-from chat_template import STOP_STRINGS, SuffixTrimmer, render_conversation
+from chat_template import ROLES, STOP_STRINGS, SuffixTrimmer, render_conversation
 
 CHAT_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_page.html")
-ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 4  # as OpenAI's API
 
 
