@@ -135,9 +135,9 @@ class Loop:
         self.bar = tqdm(total=config.max_steps, initial=state.step, desc=run.prefix, unit="step", dynamic_ncols=True,
                         disable=not rt.is_main)
         self.last_path = last_path  # the newest checkpoint of this run
-        # The newest checkpoint saved before the latest streak of non-finite steps began: finite weights can
-        # already be untrainable when such a streak starts, so pruning keeps this one and the stop message names it.
-        self.last_good = last_path
+        # The newest checkpoint saved before the latest streak of non-finite steps began (set when one begins):
+        # finite weights can already be untrainable then, so pruning keeps this one and the stop message names it.
+        self.last_good = None
         self.bad_steps, self.last_saved = 0, None
         self.smooth_loss, self.t0, self.tokens_since_log = None, time.perf_counter(), 0
 

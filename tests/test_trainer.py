@@ -54,14 +54,15 @@ def random_batches(samples_seen=0):
         yield {"input_ids": ids, "labels": ids}
 
 
-def train_tiny(run_dir, **settings):
-    """trainer.train of a tiny model into run_dir (made here, as runs.open_run_dir makes it) as pion_nano_*.pt;
-    -> the final TrainState."""
+def train_tiny(run_dir, resume=None, **settings):
+    """trainer.train of a tiny model into run_dir (made here, as runs.open_run_dir makes it) as pion_nano_*.pt,
+    continuing from the checkpoint at path `resume` if given; -> the final TrainState."""
     os.makedirs(run_dir, exist_ok=True)
     config = train_config.TrainConfig(**{"max_steps": 6, "lr": 3e-3, "min_lr": 3e-5, "warmup_steps": 2,
                                          "batch_size": 4, "grad_accum": 2, "seq_len": 32, "log_interval": 1,
                                          "eval_interval": 3, "eval_steps": 2, "save_interval": 3, **settings})
     run = trainer.TrainingRun(random_batches, random_batches, str(run_dir), "pion_nano",
+                              resume=(str(resume), checkpoint.load_checkpoint(resume)[1]) if resume else None,
                               saved_with={"trainer": "pretrain"})
     return trainer.train(tiny_model(vocab_size=512, d_model=32, n_heads=4, d_ff=64), config, runtime.Runtime("cpu"),
                          run)
@@ -110,6 +111,12 @@ def test_the_progress_line_says_when_the_run_evaluates_and_saves(tmp_path, capsy
 def test_keep_last_prunes_old_step_checkpoints(tmp_path):
     train_tiny(tmp_path, save_interval=1, keep_last=2)
     assert saved(tmp_path) == ["pion_nano_4.pt", "pion_nano_5.pt", "pion_nano_final.pt"]
+
+
+def test_a_resumed_run_prunes_the_checkpoint_it_resumed_from_like_any_other(tmp_path):
+    train_tiny(tmp_path, max_steps=3, save_interval=1, keep_last=1, keep_final_optimizer=True)
+    train_tiny(tmp_path, resume=tmp_path / "pion_nano_final.pt", max_steps=6, save_interval=1, keep_last=1)
+    assert saved(tmp_path) == ["pion_nano_5.pt", "pion_nano_final.pt"]
 
 
 def test_the_final_checkpoint_keeps_the_optimizer_only_when_asked(tmp_path):
