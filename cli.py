@@ -119,6 +119,8 @@ def replaced_atomically(path):
     try:
         yield tmp
         os.replace(tmp, path)
+    except PionError:
+        raise  # already one line naming its own problem (a bad input read while writing, an inner write)
     except OSError as e:
         raise PionError(f"cannot write {path}: {e.strerror or first_line(e)}")
     except Exception as e:
