@@ -4,9 +4,9 @@
     python finetune.py --checkpoint checkpoints/small/pion_small_final.pt --data_file chats.jsonl --pack
     torchrun --nproc_per_node 8 finetune.py --checkpoint ... [--fsdp]
 
-Saves save_dir/sft/pion_sft_<step>.pt and pion_sft_final.pt, which chat.py and generate.py load. The loop,
-precision, metrics, checkpoints, signals and resume are trainer.py's; this script adds the chat data, a
-cosine schedule and a sample answer at each eval.
+Saves save_dir/sft/pion_sft_<step>.pt and pion_sft_final.pt, which chat.py and generate.py load. The loop is
+trainer.py's (precision and signals runtime.py's, checkpoints and resume rules runs.py's, metrics
+trackers.py's); this script adds the chat data, a cosine schedule and a sample answer at each eval.
 """
 import contextlib
 import io

@@ -3,7 +3,8 @@
     python train.py --model_size nano --data_dir data/mixed
     torchrun --nproc_per_node 8 train.py --model_size small --data_dir data/mixed [--fsdp]
 
-The loop, precision, checkpoints and resume are trainer.py's; this script picks the model and the data.
+The loop is trainer.py's, the process and precision runtime.py's, checkpoints and resume rules runs.py's;
+this script picks the model and the data.
 """
 import json
 import os

@@ -49,7 +49,7 @@ def bits_per_byte(loss_nats_sum, n_bytes):
 @torch.no_grad()
 def evaluate(model, batches, rt, steps, token_bytes=None):
     """{"val_loss": mean loss per trained token, "val_bpb": bits per UTF-8 byte of those tokens} over up to
-    `steps` validation batches on every rank; val_bpb needs token_bytes (bpb.token_byte_lengths). Ranks stop
+    `steps` validation batches on every rank; val_bpb needs token_bytes (token_byte_lengths). Ranks stop
     together when any runs out (an FSDP forward is a collective: a rank running one batch more would hang)."""
     was_training = model.training
     model.eval()
