@@ -30,7 +30,8 @@ def check_download_folder(out, repo):
     record = os.path.join(out, DOWNLOAD_RECORD)
     if os.path.isfile(record):
         try:
-            earlier = json.load(open(record)).get("repo")
+            with open(record) as f:
+                earlier = json.load(f).get("repo")
         except (OSError, ValueError, AttributeError):
             earlier = None
         if earlier != repo:
