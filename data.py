@@ -210,7 +210,8 @@ def check_token_ids(batches, vocab_size, data_dir):
 def ignore_stop_signals(worker_id):
     """DataLoader workers ignore SIGINT and SIGTERM: Ctrl-C, systemd's stop, Slurm's scancel and cloud
     preemption signal the whole process group, and a worker killed by one would crash the trainer before
-    it saves. The trainer stops its workers itself once its checkpoint is written."""
+    it saves. They end with the trainer's loader, or when the trainer exits after saving (a worker exits
+    once its parent is gone)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
