@@ -63,31 +63,29 @@ def test_serve_defaults_to_localhost_and_reads_the_key_from_the_environment(monk
     assert (args.host, args.port, args.max_batch, args.api_key) == ("127.0.0.1", 8000, 8, "from-env")
 
 
-def test_serve_with_quantize_int8_serves_an_int8_model(tiny_checkpoint, tokenizer_path, monkeypatch):
+def apps_served(monkeypatch, checkpoint_path, tokenizer_path, *flags):
+    """serve.main up to the point of serving (it returns instead): the arguments it gave create_app, as
+    (engine, tokenizer, name, api_key, limits) per call."""
     import uvicorn
-    engines = []  # what serve.main hands the app: the engine, with the model it decodes with
-    monkeypatch.setattr(serve, "create_app",
-                        lambda engine, *args, **kwargs: engines.append(engine) or create_app(engine, *args, **kwargs))
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)  # main returns instead of serving
-    result = run_in_process(serve.main, ["--checkpoint", tiny_checkpoint[0], "--tokenizer", tokenizer_path,
-                                         "--port", 0, "--device", "cpu", "--quantize", "int8"])
+    calls = []
+    monkeypatch.setattr(serve, "create_app", lambda *args, **kwargs: calls.append(args) or create_app(*args, **kwargs))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
+    result = run_in_process(serve.main, ["--checkpoint", checkpoint_path, "--tokenizer", tokenizer_path,
+                                         "--port", 0, "--device", "cpu", *flags])
     assert result.returncode == 0, result.stderr
-    [engine] = engines
-    layers = {type(m) for m in engine.model.modules()}
+    return calls
+
+
+def test_serve_with_quantize_int8_serves_an_int8_model(tiny_checkpoint, tokenizer_path, monkeypatch):
+    [(engine, *_)] = apps_served(monkeypatch, tiny_checkpoint[0], tokenizer_path, "--quantize", "int8")
+    layers = {type(m) for m in engine.model.modules()}  # the model the engine decodes with
     assert Int8Linear in layers and Linear not in layers
 
 
 def test_default_max_tokens_is_the_reply_length_of_requests_that_name_none(tiny_checkpoint, tokenizer_path,
                                                                            monkeypatch):
-    import uvicorn
-    limits = []
-    monkeypatch.setattr(serve, "create_app", lambda engine, tokenizer, name, key, limit, **kwargs:
-                        limits.append(limit) or create_app(engine, tokenizer, name, key, limit, **kwargs))
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)  # main returns instead of serving
-    result = run_in_process(serve.main, ["--checkpoint", tiny_checkpoint[0], "--tokenizer", tokenizer_path,
-                                         "--port", 0, "--device", "cpu", "--default_max_tokens", 7])
-    assert result.returncode == 0, result.stderr
-    assert [limit.default_max_tokens for limit in limits] == [7]
+    calls = apps_served(monkeypatch, tiny_checkpoint[0], tokenizer_path, "--default_max_tokens", 7)
+    assert [limits.default_max_tokens for *_, limits in calls] == [7]
 
 
 @pytest.mark.slow
