@@ -13,7 +13,8 @@ from tokenizer import load_tokenizer
 from cli import (ArgumentParser, add_inference_args, dataclass_from_args, positive_int, run_cli, typed_lines,
                  use_one_line_warnings, valid_text)
 from decoding import (COMPILE_NOTICE, DecodeTimer, PromptTruncatedWarning, SamplingSettings, TextStream,
-                      add_sampling_args, cache_length, generate_tokens, seeded_generator, stream_text)
+                      add_sampling_args, cache_length, generate_tokens, prompt_rows, seeded_generator,
+                      stream_text)
 from hardware import decode_bytes_per_step
 
 
@@ -36,7 +37,7 @@ def parse_args(argv=None):
 def complete(model, tokenizer, prompts, args, generator, echo_prompt):
     """Generate for the prompts (x num_samples) as one batch and print them, streaming a single one."""
     texts = [valid_text(prompt) for prompt in prompts for _ in range(args.num_samples)]
-    rows = [tokenizer.encode(text).ids for text in texts]
+    rows = prompt_rows([tokenizer.encode(text).ids for text in texts])  # an empty prompt is <|endoftext|>
     stream = len(rows) == 1 and not args.no_stream
     # A prompt longer than the context left keeps only its last tokens (PromptTruncatedWarning says so): the
     # tokens it drops are not prefilled, so the prefill speed counts only those kept.

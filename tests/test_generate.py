@@ -67,6 +67,11 @@ def test_cli_reports_only_the_kept_tokens_of_a_truncated_prompt_as_prefilled(che
     assert re.search(r"^\d+ tokens x 1 row\(s\); prefill of 250 tokens ", result.stderr, re.M), result.stderr
 
 
+def test_cli_counts_the_end_of_text_token_an_empty_prompt_starts_from_as_prefilled(checkpoint):
+    result = run_main(["--checkpoint", checkpoint, "--prompt", "", "--max_tokens", "6", "--temperature", "0"])
+    assert re.search(r"^\d+ tokens x 1 row\(s\); prefill of 1 tokens ", result.stderr, re.M), result.stderr
+
+
 def test_cli_same_seed_same_text_and_streaming_equals_no_stream(checkpoint):
     argv = ["--checkpoint", checkpoint, "--prompt", "Hello", "--max_tokens", "20", "--top_k", "0", "--seed"]
     first, second = run_main(argv + ["7"]).stdout, run_main(argv + ["7"]).stdout
