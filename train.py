@@ -20,12 +20,16 @@ from runs import check_same_model, open_run_dir
 from runtime import Runtime, seed_everything, signal_exit_code
 from tokenizer import PAD_ID, load_tokenizer
 from trackers import add_logger_args
-from train_config import TrainConfig, add_benchmark_args, add_train_config_args, benchmark_scorer, wsd_decay_start
+from train_config import (TrainConfig, add_benchmark_args, add_train_config_args, benchmark_scorer, with_default_lr,
+                          wsd_decay_start)
 from trainer import TrainingRun, memory_test, train
 from validation import EvalSample, token_byte_lengths
 
-DEFAULTS = TrainConfig(max_steps=100_000, lr=3e-4, min_lr=3e-5, warmup_steps=1000, batch_size=64, grad_accum=2,
-                       save_interval=1000)
+DEFAULTS = TrainConfig(max_steps=100_000, lr=None, min_lr=None, warmup_steps=1000, batch_size=64, grad_accum=2,
+                       save_interval=1000)  # lr, min_lr: train_config.default_lr's rule for the model and batch
+LR_HELP = {"lr": "peak learning rate (default: train_config.default_lr for the model's width and the tokens per step, "
+                 "1e-3 for small at the default batch; printed at start)",
+           "min_lr": "learning rate at the end of the schedule (default: a tenth of the peak)"}
 
 
 def parse_args(argv=None):
@@ -34,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
                    help="change a PionConfig field of the size, e.g. --override n_layers=8 (repeatable)")
     p.add_argument("--data_dir", default=None, help="folder of shard_*.npy (see data_prep.py)")
-    add_train_config_args(p, DEFAULTS)
+    add_train_config_args(p, DEFAULTS, LR_HELP)
     add_benchmark_args(p)
     add_logger_args(p)
     p.add_argument("--decay_frac", type=float, default=DEFAULTS.decay_frac,
@@ -171,6 +175,7 @@ def main(argv=None):
     config = dataclass_from_args(TrainConfig, args, schedule="wsd")
     rt = Runtime(args.device)
     try:
+        config = with_default_lr(config, model_config(args), rt.world_size, rt.print)
         if args.memory_test:
             if not run_memory_test(args, config, rt):
                 sys.exit(1)

@@ -49,20 +49,21 @@ class TrainConfig:
                                          "to resume", False)
 
 
-def add_train_config_args(parser, defaults):
-    """A flag per TrainConfig field, defaulting to `defaults` (a TrainConfig) and helped by the field's own text.
-    A switch that is on by default is turned off by its named flag (--no_...)."""
+def add_train_config_args(parser, defaults, helps=None):
+    """A flag per TrainConfig field, defaulting to `defaults` (a TrainConfig) and helped by the field's own text
+    or by helps[field name]. A switch that is on by default is turned off by its named flag (--no_...)."""
     for field in dataclasses.fields(TrainConfig):
         meta = field.metadata
+        help = (helps or {}).get(field.name, meta["help"])
         if meta["flag"] is False:
             continue
         default = getattr(defaults, field.name)
         if field.type == "bool" or field.type is bool:
             action = "store_false" if default else "store_true"
-            parser.add_argument(meta["flag"] or f"--{field.name}", dest=field.name, action=action, help=meta["help"])
+            parser.add_argument(meta["flag"] or f"--{field.name}", dest=field.name, action=action, help=help)
         else:
             parser.add_argument(meta["flag"] or f"--{field.name}", dest=field.name, type=meta["type"], default=default,
-                                help=meta["help"], **meta["options"])
+                                help=help, **meta["options"])
 
 
 def add_benchmark_args(parser):
@@ -85,6 +86,38 @@ def benchmark_scorer(tasks, tokenizer, vocab_size, limit, include_path, batch_si
     except ImportError as e:
         raise PionError(f"--eval_tasks needs lm-evaluation-harness ({e}): pip install lm-eval")
     return evaluation.training_benchmarks(tasks, tokenizer, vocab_size, limit, include_path, batch_size)
+
+
+# default_lr's reference point: the best AdamW peak lr of Pion's recipe measured at d_model 128 and 4,096 tokens
+# a step (bench/bench_recipe.py, docs/performance.md).
+REFERENCE_LR, REFERENCE_WIDTH, REFERENCE_TOKENS = 3e-3, 128, 4096
+
+
+def default_lr(model_config, tokens_per_step):
+    """The peak learning rate a run gets when it names none: REFERENCE_LR x (REFERENCE_WIDTH / d_model) x
+    (tokens_per_step / REFERENCE_TOKENS) ** (1/8); min_lr is a tenth of it.
+
+    Width: Adam's best lr for the hidden matrices falls as 1/width (muP), which GPT-3's and Pythia's published
+    sizes follow too (6e-4 at d_model 768, 2e-4 at 2048). Tokens per step: a larger batch's gradient is less
+    noisy and takes a larger step, by sqrt(batch) for Adam below the critical batch size and not at all above
+    it; an eighth power stays between the two over the 1k-2M tokens a step Pion is run with. The rule gives
+    1e-3 for Pion-small at train.py's 262k tokens a step and 9e-4 for GPT-2-small's shape at 0.5M: between
+    the conservative published recipes (GPT-3, Pythia: 6e-4) and the aggressive ones (SmolLM2-135M: 3e-3;
+    llm.c's GPT-2: 1.8e-3), and within 2.5x of each."""
+    return REFERENCE_LR * (REFERENCE_WIDTH / model_config.d_model) * (tokens_per_step / REFERENCE_TOKENS) ** 0.125
+
+
+def with_default_lr(config, model_config, world_size, say):
+    """config with the lr and min_lr it was not given: default_lr of the model and the run's tokens per step,
+    and a tenth of the peak; says the values it picked."""
+    if config.lr is not None and config.min_lr is not None:
+        return config
+    tokens_per_step = config.batch_size * config.grad_accum * world_size * config.seq_len
+    lr = config.lr if config.lr is not None else default_lr(model_config, tokens_per_step)
+    min_lr = config.min_lr if config.min_lr is not None else lr / 10
+    say(f"learning rate {lr:.3g} to {min_lr:.3g} (d_model {model_config.d_model}, {tokens_per_step:,} tokens a step; "
+        f"--lr and --min_lr set them)")
+    return dataclasses.replace(config, lr=lr, min_lr=min_lr)
 
 
 def wsd_decay_start(max_steps, decay_frac):
