@@ -1,5 +1,5 @@
-"""The command-line kit every script shares: one-line errors, checked flag types, device and dtype choice,
-atomic file writes and the interactive prompt."""
+"""The command-line kit every script shares: one-line errors, checked flag types, run recipes (--config), device
+and dtype choice, atomic file writes and the interactive prompt."""
 import argparse
 import contextlib
 import dataclasses
@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import sys
+import tomllib
 import warnings
 
 import torch
@@ -48,6 +49,75 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise PionError(f"{message} (see --help)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        """Also reads --config FILE.toml, a run recipe, first: its values become the flags' defaults, so flags
+        on the command line win. A parser with subcommands leaves the recipe to the subcommand's parser."""
+        args = sys.argv[1:] if args is None else list(args)
+        if self._subparsers is None:
+            if "--config" not in self._option_string_actions:
+                self.add_argument("--config", metavar="FILE.toml", help="a run recipe: a TOML file whose keys are "
+                                  "this command's flags without the -- (see configs/); flags given here win "
+                                  "(default: none)")
+            path = recipe_path(args)
+            if path is not None:
+                self.use_recipe(path)
+        return super().parse_known_args(args, namespace)
+
+    def use_recipe(self, path):
+        try:
+            with open(path, "rb") as f:
+                recipe = tomllib.load(f)
+        except OSError as e:
+            raise PionError(f"cannot read --config {path}: {e.strerror or first_line(e)}")
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise PionError(f"--config {path} is not TOML: {first_line(e)}")
+        for key, value in recipe.items():
+            action = self._option_string_actions.get(f"--{key}")
+            if action is None or key in ("config", "help"):
+                raise PionError(f"--config {path}: {key!r} is not a flag of {self.prog} (the keys are its flags "
+                                f"without the --; see --help)")
+            self.set_defaults(**{action.dest: recipe_value(action, value, f"--config {path}: {key}")})
+            action.required = False  # given by the recipe
+            for group in self._mutually_exclusive_groups:
+                if action in group._group_actions:
+                    group.required = False
+
+
+def recipe_path(args):
+    """The value of --config in args, or None."""
+    for i, token in enumerate(args):
+        if token == "--":
+            break
+        if token == "--config" and i + 1 < len(args):
+            return args[i + 1]
+        if token.startswith("--config="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def recipe_value(action, value, where):
+    """A recipe's TOML value for the flag `action`, checked as the flag's own text would be."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise PionError(f"{where} is a switch: true or false, got {value!r}")
+        return action.const if value else action.default
+
+    def one(item):
+        if isinstance(item, (bool, dict, list)):
+            raise PionError(f"{where} must be a {'list of ' if many else ''}number or string, got {item!r}")
+        try:
+            converted = action.type(str(item)) if action.type else str(item)
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise PionError(f"{where} {first_line(e)}")
+        if action.choices is not None and converted not in action.choices:
+            raise PionError(f"{where} must be one of {', '.join(map(str, action.choices))}, got {item!r}")
+        return converted
+
+    many = isinstance(action, argparse._AppendAction) or action.nargs in ("+", "*")
+    if many:
+        return [one(item) for item in (value if isinstance(value, list) else [value])]
+    return one(value)
 
 
 def checked(kind, is_valid, valid_values):

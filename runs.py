@@ -172,20 +172,21 @@ def resumed_state(config, rt, run):
 
 
 
-def training_checkpoint(model, optimizer, rt, contents):
+def training_checkpoint(model, optimizers, rt, contents):
     """A run's checkpoint dict, in host memory on rank 0 (None on the others): every rank takes part (FSDP
-    gathers shards). optimizer None leaves the optimizer state out."""
+    gathers shards). optimizers (trainer.build_optimizer's list) None leaves the optimizer state out; their
+    states are saved as one, keyed by parameter name, as AdamW's alone always was."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
-    if optimizer is not None:
-        contents = {**contents, "optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
+    if optimizers is not None:
+        contents = {**contents, "optimizer": get_optimizer_state_dict(model, optimizers, options=options)}
     rng_states = gather_rng_states(rt)
     return {"model": model_state, "rng": rng_states, **contents} if rt.is_main else None
 
 
-def save_training_checkpoint(path, model, optimizer, rt, contents):
+def save_training_checkpoint(path, model, optimizers, rt, contents):
     """training_checkpoint, written atomically by rank 0."""
-    checkpoint = training_checkpoint(model, optimizer, rt, contents)
+    checkpoint = training_checkpoint(model, optimizers, rt, contents)
     if rt.is_main:
         save_checkpoint(path, checkpoint)
         rt.print(f"saved {path}")
@@ -193,22 +194,23 @@ def save_training_checkpoint(path, model, optimizer, rt, contents):
         dist.barrier()
 
 
-def restore_optimizer_and_rng(path, checkpoint, model, optimizer, rt):
-    """Resume: the optimizer's moments (into the wrapped model's, possibly sharded, state) and each rank's RNG.
+def restore_optimizer_and_rng(path, checkpoint, model, optimizers, rt):
+    """Resume: the optimizers' moments (into the wrapped model's, possibly sharded, state) and each rank's RNG.
     The hyperparameters stay this run's: loading a state dict also loads the saved groups' weight decay."""
     if "optimizer" in checkpoint:
-        check_optimizer_state(path, checkpoint["optimizer"], model)
-        groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        check_optimizer_state(path, checkpoint["optimizer"], model, optimizers)
+        param_groups = lambda: [group for optimizer in optimizers for group in optimizer.param_groups]
+        groups = [{k: v for k, v in group.items() if k != "params"} for group in param_groups()]
         try:
-            set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"],
+            set_optimizer_state_dict(model, optimizers, checkpoint["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
         except Exception as e:
             raise PionError(f"cannot restore the optimizer from {path} ({first_line(e)})")
-        for group, hyperparameters in zip(optimizer.param_groups, groups):
+        for group, hyperparameters in zip(param_groups(), groups):  # loading replaced the group dicts
             group.update(hyperparameters)
     else:
         rt.print(f"warning: {path} holds no optimizer state (a _final.pt keeps it only with --keep_final_optimizer):"
-                 f" AdamW's moments start again from zero")
+                 f" the optimizer's moments start again from zero")
     states = checkpoint.get("rng")
     if isinstance(states, dict):
         states = [states]  # checkpoints before per-rank states kept rank 0's alone
@@ -219,15 +221,20 @@ def restore_optimizer_and_rng(path, checkpoint, model, optimizer, rt):
             raise PionError(f"{path} has a corrupt RNG state ({first_line(e)})")
 
 
-ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}
+# The tensors each optimizer keeps per parameter, and which of them have the parameter's shape.
+OPTIMIZER_STATE = {torch.optim.AdamW: ({"step", "exp_avg", "exp_avg_sq"}, ("exp_avg", "exp_avg_sq")),
+                   torch.optim.Muon: ({"momentum_buffer"}, ("momentum_buffer",))}
 
 
-def check_optimizer_state(path, saved, model):
-    """Refuse optimizer state that does not fit the model before anything loads it: fused AdamW trusts every
-    moment to have its parameter's shape and writes past a smaller buffer (a crash, or worse, from a
-    downloaded file). Every parameter is listed once, and each has all of AdamW's tensors or none (a run
-    that has not stepped yet)."""
+def check_optimizer_state(path, saved, model, optimizers):
+    """Refuse optimizer state that does not fit the model and its optimizers before anything loads it: fused
+    AdamW trusts every moment to have its parameter's shape and writes past a smaller buffer (a crash, or
+    worse, from a downloaded file). Every parameter is listed once, and each has all of its optimizer's
+    tensors (AdamW's moments, or Muon's momentum) or none (a run that has not stepped yet)."""
     params = clean_state_dict(dict(model.named_parameters()))
+    owner = {id(p): type(optimizer) for optimizer in optimizers for group in optimizer.param_groups
+             for p in group["params"]}
+    names = {kind.__name__ for kind in owner.values()}
 
     def refuse(problem):
         raise PionError(f"{path} has optimizer state that does not fit the model: {problem}")
@@ -242,13 +249,15 @@ def check_optimizer_state(path, saved, model):
         refuse(f"it has moments for {len(saved['state'])} of the model's {len(params)} parameters")
     for name, entry in saved["state"].items():
         param = params[name]
-        if not isinstance(entry, dict) or set(entry) != ADAMW_STATE or \
+        kind = owner[id(param)]
+        expected, shaped = OPTIMIZER_STATE[kind]
+        if not isinstance(entry, dict) or set(entry) != expected or \
                 not all(isinstance(t, torch.Tensor) for t in entry.values()):
             refuse(f"{name} has {sorted(entry) if isinstance(entry, dict) else type(entry).__name__}, expected "
-                   f"AdamW's tensors {sorted(ADAMW_STATE)}")
-        if entry["step"].numel() != 1:
+                   f"{kind.__name__}'s tensors {sorted(expected)} ({' and '.join(sorted(names))} train this run)")
+        if "step" in entry and entry["step"].numel() != 1:
             refuse(f"the step of {name} is not one number")
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in shaped:
             tensor = entry[key]
             if tensor.shape != param.shape or tensor.dtype != param.dtype:
                 refuse(f"{key} of {name} is {tuple(tensor.shape)} {tensor.dtype}, the parameter is "

@@ -28,7 +28,13 @@ class TrainConfig:
     schedule: str = setting('"wsd" (warmup, constant, linear decay) or "cosine": each trainer sets its own', "wsd",
                             flag=False)
     decay_frac: float = setting("WSD: the fraction of max_steps spent decaying", 0.2, flag=False)  # train.py's own
-    weight_decay: float = setting("AdamW decay (not on norm weights)", 0.1, non_negative_float)
+    weight_decay: float = setting("decoupled weight decay of the matrices (not of the norm weights)", 0.1,
+                                  non_negative_float)
+    optimizer: str = setting('"adamw", or "muon": torch.optim.Muon on the hidden matrices (--muon_lr) and AdamW '
+                             '(--lr) on the embedding and the norm weights, both on the run\'s schedule', "adamw",
+                             choices=["adamw", "muon"])
+    muon_lr: float = setting("--optimizer muon: Muon's peak learning rate (its min is scaled as --min_lr is to "
+                             "--lr)", 0.02, non_negative_float)
     grad_clip: float = setting("max gradient norm, 0 = off", 1.0, non_negative_float)
     log_interval: int = setting("steps between metrics lines", 10, positive_int)
     eval_interval: int = setting("steps between validations", 500, positive_int)
@@ -162,7 +168,14 @@ def fit_schedule(config, rt):
 
 
 def learning_rate(config, step):
+    """The peak learning rate --lr on the schedule at `step`: AdamW's."""
     c = config
     if c.schedule == "cosine":
         return cosine_lr(step, c.lr, c.min_lr, c.warmup_steps, c.max_steps)
     return wsd_lr(step, c.lr, c.min_lr, c.warmup_steps, c.max_steps, c.decay_frac)
+
+
+def lr_scale(config, step):
+    """The schedule at `step` as a fraction of its peak: each optimizer group's peak lr times this is its lr, so
+    Muon's and AdamW's learning rates warm up and decay together."""
+    return learning_rate(config, step) / config.lr if config.lr > 0 else 0.0

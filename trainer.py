@@ -19,7 +19,7 @@ from hardware import gpu_peak_flops, training_flops_per_token
 from runtime import (StopSignal, gradient_sync, host_memory_peak, host_memory_total, keep_freed_memory,
                      prepare_model)
 from runs import TrainState, prune_checkpoints, restore_optimizer_and_rng, resumed_state, save_training_checkpoint
-from train_config import fit_schedule, learning_rate
+from train_config import fit_schedule, learning_rate, lr_scale
 from trackers import RunLog
 from validation import evaluate, sample_text
 
@@ -31,21 +31,37 @@ MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run gives up
 
 
 def build_optimizer(model, config, rt):
-    """AdamW (0.9, 0.95), fused (one kernel for all parameters) on CUDA and CPU; no weight decay on norm
-    weights (the 1-D parameters)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=config.lr, betas=(0.9, 0.95), fused=rt.device.type in ("cuda", "cpu"))
+    """The run's optimizers, as a list that train_step steps together. AdamW (0.9, 0.95), fused (one kernel for
+    all its parameters) on CUDA and CPU, with no weight decay on the norm weights (the 1-D parameters). With
+    config.optimizer "muon", torch.optim.Muon takes the hidden matrices: it orthogonalizes each matrix's
+    update, which is defined for the 2-D weights of a linear map; the embedding (a lookup table, tied to the
+    output head) and the norm weights stay with AdamW, as in Muon's published recipes. Each param group keeps
+    its peak learning rate as "peak_lr" for the schedule."""
+    muon = config.optimizer == "muon"
+    if muon and config.fsdp:
+        raise PionError("--optimizer muon does not run with --fsdp: Muon orthogonalizes each whole matrix, and "
+                        "FSDP2 gives every rank a shard of it; use DDP (no --fsdp) or --optimizer adamw")
+    named = list(model.named_parameters())
+    to_muon = lambda name, p: muon and p.dim() == 2 and not name.endswith(("embed.weight", "lm_head.weight"))
+    adamw = torch.optim.AdamW(
+        [{"params": [p for n, p in named if p.dim() >= 2 and not to_muon(n, p)], "weight_decay": config.weight_decay,
+          "peak_lr": config.lr},
+         {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0, "peak_lr": config.lr}],
+        lr=config.lr, betas=(0.9, 0.95), fused=rt.device.type in ("cuda", "cpu"))
+    if not muon:
+        return [adamw]
+    hidden = [p for n, p in named if to_muon(n, p)]
+    return [adamw, torch.optim.Muon([{"params": hidden, "peak_lr": config.muon_lr}], lr=config.muon_lr,
+                                    weight_decay=config.weight_decay)]
 
 
-def train_step(model, optimizer, batches, rt, grad_accum, grad_clip, lr):
-    """One optimizer step over grad_accum micro-batches. Returns (loss, grad norm, tokens): the loss is the
-    mean over every trained token of the step, on all ranks. A step whose loss or gradient is not finite
-    changes nothing."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+def train_step(model, optimizers, batches, rt, grad_accum, grad_clip, lr_scale):
+    """One optimizer step over grad_accum micro-batches, each param group at its peak lr times lr_scale (the
+    schedule, train_config.lr_scale). Returns (loss, grad norm, tokens): the loss is the mean over every
+    trained token of the step, on all ranks. A step whose loss or gradient is not finite changes nothing."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * lr_scale
     micro_batches = [next(batches) for _ in range(grad_accum)]
     # The model returns each micro-batch's mean loss. Weighting it by its share of the step's trained
     # tokens makes the gradient the true token mean over the whole global step, however padding is
@@ -64,9 +80,10 @@ def train_step(model, optimizer, batches, rt, grad_accum, grad_clip, lr):
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     loss = rt.all_reduce(loss_sum.item()) / step_tokens
     finite = rt.all_reduce(float(math.isfinite(loss) and torch.isfinite(grad_norm).item()), dist.ReduceOp.MIN)
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer in optimizers:
+        if finite:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     tokens = sum(batch["input_ids"].numel() for batch in micro_batches) * rt.world_size
     return (loss if finite else float("nan")), grad_norm.item(), tokens
 
@@ -104,12 +121,12 @@ def train(model, config, rt, run):
         state, last_path = TrainState(), None
         torch.manual_seed(config.seed + 1_000_003 * rt.rank)  # each rank its own dropout masks
     wrapped = prepare_model(model, config, rt)
-    optimizer = build_optimizer(wrapped, config, rt)
+    optimizers = build_optimizer(wrapped, config, rt)
     if run.resume is not None:
         path, checkpoint = run.resume
-        restore_optimizer_and_rng(path, checkpoint, wrapped, optimizer, rt)
+        restore_optimizer_and_rng(path, checkpoint, wrapped, optimizers, rt)
         checkpoint.pop("optimizer", None)  # restored: free the copy
-    loop = Loop(model, wrapped, optimizer, config, rt, run, state, last_path)
+    loop = Loop(model, wrapped, optimizers, config, rt, run, state, last_path)
     try:
         return loop.train()
     finally:
@@ -120,8 +137,8 @@ class Loop:
     """The steps of one train() call: train() steps until max_steps, a stop signal or too many non-finite
     steps, and hands each step's work to step, log, validate and save."""
 
-    def __init__(self, model, wrapped, optimizer, config, rt, run, state, last_path):
-        self.model, self.wrapped, self.optimizer = model, wrapped, optimizer
+    def __init__(self, model, wrapped, optimizers, config, rt, run, state, last_path):
+        self.model, self.wrapped, self.optimizers = model, wrapped, optimizers
         self.config, self.rt, self.run, self.state = config, rt, run, state
         self.samples_per_step = config.batch_size * config.grad_accum * rt.world_size
         self.metrics = RunLog(run.run_dir, rt.is_main, run.loggers, resume_step=state.step, plot=run.plot,
@@ -166,8 +183,8 @@ class Loop:
         not replay them; MAX_BAD_STEPS of them in a row stop the run. Returns (loss, grad norm, lr)."""
         state, config = self.state, self.config
         lr = learning_rate(config, state.step)
-        loss, grad_norm, tokens = train_step(self.wrapped, self.optimizer, self.batches, self.rt, config.grad_accum,
-                                             config.grad_clip, lr)
+        loss, grad_norm, tokens = train_step(self.wrapped, self.optimizers, self.batches, self.rt, config.grad_accum,
+                                             config.grad_clip, lr_scale(config, state.step))
         if not math.isfinite(loss):
             if self.bad_steps == 0:
                 self.last_good = self.last_path
@@ -239,7 +256,7 @@ class Loop:
         keep_optimizer = name != "final" or config.keep_final_optimizer
         self.last_path = os.path.join(run.run_dir, f"{run.prefix}_{name}.pt")
         with self.shown_on_the_bar("saving"):
-            save_training_checkpoint(self.last_path, self.wrapped, self.optimizer if keep_optimizer else None, self.rt,
+            save_training_checkpoint(self.last_path, self.wrapped, self.optimizers if keep_optimizer else None, self.rt,
                                      contents)
         self.last_saved = state.step
 

@@ -85,10 +85,10 @@ def pion_variant(steps):
         torch.manual_seed(0)
         config = step_settings(steps)
         m = runtime.prepare_model(model.get_model("nano", use_soft_cap=False), config, rt)
-        optimizer = trainer.build_optimizer(m, config, rt)
+        optimizers = trainer.build_optimizer(m, config, rt)
         ids = torch.randint(0, m.config.vocab_size, (BATCH, SEQ_LEN))
         batches = iter(lambda: {"input_ids": ids, "labels": ids}, None)
-        return m, lambda: trainer.train_step(m, optimizer, batches, rt, 1, 1.0, 3e-4)
+        return m, lambda: trainer.train_step(m, optimizers, batches, rt, 1, 1.0, 1.0)
 
     rt = runtime.Runtime("cpu")
     runtime.keep_freed_memory()  # as trainer.train does
@@ -108,7 +108,7 @@ def hf_variant(steps):
         config = qwen3_config(model.get_config("nano", use_soft_cap=False))
         config._attn_implementation = "sdpa"
         m = Qwen3ForCausalLM(config)
-        optimizer = trainer.build_optimizer(m, step_settings(steps), rt)  # Pion's, groups and all
+        [optimizer] = trainer.build_optimizer(m, step_settings(steps), rt)  # Pion's AdamW, groups and all
         ids = torch.randint(0, config.vocab_size, (BATCH, SEQ_LEN))
 
         def step():

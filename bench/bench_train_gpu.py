@@ -79,10 +79,10 @@ def pion_step(bench, config, checkpointing=False):
     rt = runtime.Runtime(str(bench.device))
     settings = step_settings(bench, checkpointing)
     model = runtime.prepare_model(pion.Pion(config), settings, rt)
-    optimizer = trainer.build_optimizer(model, settings, rt)
+    optimizers = trainer.build_optimizer(model, settings, rt)
     ids = torch.randint(0, config.vocab_size, (bench.batch, bench.seq))
     batches = itertools.repeat({"input_ids": ids, "labels": ids})
-    return lambda: trainer.train_step(model, optimizer, batches, rt, 1, 1.0, 3e-4)[0]
+    return lambda: trainer.train_step(model, optimizers, batches, rt, 1, 1.0, 1.0)[0]
 
 
 def transformers_step(bench, config):
@@ -92,7 +92,7 @@ def transformers_step(bench, config):
     qwen._attn_implementation = "sdpa"
     model = Qwen3ForCausalLM(qwen).to(bench.device)
     rt = runtime.Runtime(str(bench.device))
-    optimizer = trainer.build_optimizer(model, step_settings(bench), rt)
+    [optimizer] = trainer.build_optimizer(model, step_settings(bench), rt)  # Pion's AdamW
     model.compile()
     ids = torch.randint(0, config.vocab_size, (bench.batch, bench.seq), device=bench.device)
 

@@ -81,15 +81,16 @@ def check_settings(target, **fields):
 
 def fixed_batch_trainer(target, model, config, ids, autocast=None):
     """The model prepared as train.py prepares it (device, checkpointing, compile, fused AdamW), training on
-    the one batch `ids` -> (runtime, step): step(lr) is one trainer.train_step -> (loss, grad norm, tokens).
+    the one batch `ids` -> (runtime, step): step(lr) is one trainer.train_step at learning rate lr (config.lr
+    its peak) -> (loss, grad norm, tokens).
     autocast: a context factory replacing the runtime's (e.g. bf16 autocast on the CPU)."""
     rt = runtime.Runtime(str(target.device))
     if autocast is not None:
         rt.autocast = autocast
     wrapped = runtime.prepare_model(model, config, rt)
-    optimizer = trainer.build_optimizer(wrapped, config, rt)
+    optimizers = trainer.build_optimizer(wrapped, config, rt)
     batches = itertools.repeat({"input_ids": ids, "labels": ids})
-    return rt, lambda lr: trainer.train_step(wrapped, optimizer, batches, rt, 1, config.grad_clip, lr)
+    return rt, lambda lr: trainer.train_step(wrapped, optimizers, batches, rt, 1, config.grad_clip, lr / config.lr)
 
 
 def train_speed(target, size, soft_cap, compile, checkpointing):

@@ -1,6 +1,8 @@
 """What every script's command line shares: a help line and a shown default for every flag, one-line errors."""
 import argparse
+import glob
 import os
+import tomllib
 
 import pytest
 
@@ -78,3 +80,68 @@ def test_an_input_error_raised_while_writing_keeps_its_own_line(tmp_path):
             except OSError:
                 raise cli.PionError("cannot read the dataset: offline")
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Run recipes: --config FILE.toml
+
+
+def recipe_parser():
+    parser = cli.ArgumentParser()
+    parser.add_argument("--steps", type=cli.positive_int, default=10, help="steps")
+    parser.add_argument("--name", required=True, help="name")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device")
+    parser.add_argument("--no_checkpointing", dest="checkpointing", action="store_false", help="off")
+    parser.add_argument("--override", action="append", default=[], help="FIELD=VALUE")
+    return parser
+
+
+def recipe(tmp_path, text):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_a_recipes_keys_are_the_flags_without_dashes(tmp_path):
+    path = recipe(tmp_path, 'steps = 40\nname = "nano"\nno_checkpointing = true\noverride = ["n_layers=2"]\n')
+    args = recipe_parser().parse_args(["--config", path])
+    assert (args.steps, args.name, args.checkpointing, args.override) == (40, "nano", False, ["n_layers=2"])
+
+
+def test_flags_on_the_command_line_win_over_the_recipe(tmp_path):
+    path = recipe(tmp_path, 'steps = 40\nname = "nano"\ndevice = "cuda"\n')
+    args = recipe_parser().parse_args(["--steps", "7", f"--config={path}", "--device", "cpu"])
+    assert (args.steps, args.name, args.device) == (7, "nano", "cpu")
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('name = "a"\nstpes = 4\n', "'stpes' is not a flag of"),
+    ('name = "a"\nsteps = -4\n', "steps must be a positive integer"),
+    ('name = "a"\ndevice = "tpu"\n', "device must be one of cpu, cuda"),
+    ('name = "a"\nno_checkpointing = "yes"\n', "no_checkpointing is a switch: true or false"),
+    ('name = "a"\nsteps = [4]\n', "steps must be a number or string"),
+    ('name = "a\n', "is not TOML"),
+])
+def test_a_bad_recipe_is_refused_in_one_line_naming_the_key(tmp_path, text, problem):
+    with pytest.raises(cli.PionError, match=problem):
+        recipe_parser().parse_args(["--config", recipe(tmp_path, text)])
+
+
+def test_a_missing_recipe_is_one_line(tmp_path):
+    with pytest.raises(cli.PionError, match="cannot read --config"):
+        recipe_parser().parse_args(["--config", str(tmp_path / "none.toml")])
+
+
+RECIPE_SCRIPTS = {"train": train.parse_args, "finetune": finetune.parse_args}
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                                                                 "configs", "*.toml"))))
+def test_every_recipe_in_configs_is_read_by_its_script(path):
+    """configs/<script>_<run>.toml: each file's keys are flags of the script its name starts with."""
+    script = os.path.basename(path).split("_")[0]
+    with open(path, "rb") as f:
+        keys = tomllib.load(f)
+    args = RECIPE_SCRIPTS[script](["--config", path])
+    for key, value in keys.items():
+        assert getattr(args, key.removeprefix("no_"), None) == (not value if key.startswith("no_") else value)

@@ -99,7 +99,7 @@ def test_bf16_autocast_training_steps_on_the_cpu_give_finite_falling_losses():
 def test_the_optimizer_is_fused_adamw_and_steps_like_the_per_parameter_loop():
     models = [tiny_model(), tiny_model()]
     config = train_config.TrainConfig(max_steps=1, lr=1e-2, min_lr=0, warmup_steps=0, weight_decay=0.1)
-    fused = trainer.build_optimizer(models[0], config, runtime.Runtime("cpu"))
+    [fused] = trainer.build_optimizer(models[0], config, runtime.Runtime("cpu"))
     loop = torch.optim.AdamW([{"params": [p for p in models[1].parameters() if p.dim() >= 2], "weight_decay": 0.1},
                               {"params": [p for p in models[1].parameters() if p.dim() < 2], "weight_decay": 0.0}],
                              lr=1e-2, betas=(0.9, 0.95), foreach=False)
@@ -135,7 +135,7 @@ config = train_config.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0
 wrapped = runtime.prepare_model(model, config, rt)
 optimizer = trainer.build_optimizer(wrapped, config, rt)
 ids = torch.randint(0, 512, (2, 16))
-trainer.train_step(wrapped, optimizer, itertools.repeat({{"input_ids": ids, "labels": ids}}), rt, 1, 1.0, 1e-3)
+trainer.train_step(wrapped, optimizer, itertools.repeat({{"input_ids": ids, "labels": ids}}), rt, 1, 1.0, 1.0)
 seen = []
 def sample(m, cache_dtype):
     seen.append(cache_dtype)
@@ -171,7 +171,7 @@ seen = []
 model.layers[0].register_forward_pre_hook(lambda block, args: seen.append(args[1].dtype))  # after FSDP's own hook
 ids = torch.randint(0, 512, (2, 16))
 trainer.train_step(wrapped, trainer.build_optimizer(wrapped, config, rt), itertools.repeat({{"input_ids": ids,
-                   "labels": ids}}), rt, 1, 1.0, 1e-3)
+                   "labels": ids}}), rt, 1, 1.0, 1.0)
 print("rope tables", *seen)
 rt.close()
 """

@@ -21,12 +21,43 @@ from conftest import tiny_model
 
 def test_norm_weights_get_no_weight_decay():
     m = model.Pion(model.PionConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32))
-    opt = trainer.build_optimizer(m, train_config.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0,
-                                                              weight_decay=0.1), runtime.Runtime("cpu"))
+    [opt] = trainer.build_optimizer(m, train_config.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0,
+                                                                weight_decay=0.1), runtime.Runtime("cpu"))
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     norms = [p for n, p in m.named_parameters() if "norm" in n]
     assert norms and not any(id(p) in decayed for p in norms)
     assert id(m.embed.weight) in decayed and opt.defaults["betas"] == (0.9, 0.95)
+
+
+def muon_config(**settings):
+    return train_config.TrainConfig(**{"max_steps": 1, "lr": 1e-3, "min_lr": 0, "warmup_steps": 0, "optimizer": "muon",
+                                       "muon_lr": 0.02, **settings})
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_embedding_and_norms():
+    m = model.Pion(model.PionConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32))
+    adamw, muon = trainer.build_optimizer(m, muon_config(), runtime.Runtime("cpu"))
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    hidden = [p for n, p in m.named_parameters() if p.dim() == 2 and n != "embed.weight"]
+    assert in_muon == {id(p) for p in hidden}
+    in_adamw = {id(p) for g in adamw.param_groups for p in g["params"]}
+    assert in_adamw == {id(p) for p in m.parameters()} - in_muon and id(m.embed.weight) in in_adamw
+
+
+def test_each_optimizer_follows_the_schedule_from_its_own_peak():
+    m = model.Pion(model.PionConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32))
+    optimizers = trainer.build_optimizer(m, muon_config(), runtime.Runtime("cpu"))
+    ids = torch.randint(0, 64, (2, 8))
+    trainer.train_step(m, optimizers, iter([{"input_ids": ids, "labels": ids}]), runtime.Runtime("cpu"), 1, 1.0, 0.5)
+    adamw, muon = optimizers
+    assert {g["lr"] for g in adamw.param_groups} == {0.5e-3} and {g["lr"] for g in muon.param_groups} == {0.01}
+
+
+def test_muon_with_fsdp_is_refused_in_one_line():
+    m = model.Pion(model.PionConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32))
+    with pytest.raises(PionError, match="--optimizer muon does not run with --fsdp"):
+        trainer.build_optimizer(m, muon_config(fsdp=True), runtime.Runtime("cpu"))
 
 
 def test_a_non_finite_step_changes_no_weight():
@@ -38,7 +69,7 @@ def test_a_non_finite_step_changes_no_weight():
     before = {n: p.clone() for n, p in m.named_parameters()}
     ids = torch.randint(0, 64, (2, 8))
     loss, _, _ = trainer.train_step(m, opt, iter([{"input_ids": ids, "labels": ids}]), runtime.Runtime("cpu"), 1, 1.0,
-                                    1e-3)
+                                    1.0)
     assert not np.isfinite(loss)
     assert all(torch.equal(before[n], p) for n, p in m.named_parameters())
 
