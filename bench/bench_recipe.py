@@ -18,7 +18,7 @@ Printed: each run's validation loss; the peer's best loss over its lr sweep; the
 reach it (linear between evaluations) as a multiple of the peer's. Targets: Pion at its default lr <= 0.75x
 the peer's tokens and within 0.05 nats of the best of its own sweep; Muon <= 0.5x. --seeds N repeats the
 peer's best, Pion's default and Muon with N model seeds (the batches stay). A PNG of the curves: --plot.
-    python bench/bench_recipe.py                       # CPU: d_model 128, 4 layers, 160 steps of 16 x 256
+    python bench/bench_recipe.py                       # CPU: d_model 96, 4 layers, 100 steps of 16 x 256
     python bench/bench_recipe.py --device cuda --width 512 --depth 8 --tokens 200e6 --batch_size 64 \\
         --tokenizer pile_tokenizer.json
     python bench/bench_recipe.py --dry_run             # tiny, a minute: every piece once
@@ -43,12 +43,15 @@ import model as pion  # noqa: E402
 import runtime  # noqa: E402
 import train_config  # noqa: E402
 import trainer  # noqa: E402
+from cli import human_count  # noqa: E402
+from common import machine  # noqa: E402
 from validation import evaluate, token_byte_lengths  # noqa: E402
 
 EOS = "<|endoftext|>"
 TARGET_DEFAULT, TARGET_DEFAULT_GAP, TARGET_MUON = 0.75, 0.05, 0.5
-PEER_LRS = (1e-3, 2e-3, 4e-3)  # nanoGPT's 6e-4 is for 124M parameters at 0.5M tokens a step; small ones want more
-PION_LR_FACTORS = (0.5, 1.0, 2.0)  # the sweep around train_config.default_lr
+# The sweeps, as multiples of train_config.default_lr: the peer's brackets its best (2e-3 at d_model 128 and 4k
+# tokens a step; nanoGPT's own 6e-4 is for 124M parameters at 0.5M), Pion's brackets its default.
+PEER_LR_FACTORS, PION_LR_FACTORS = (1 / 3, 2 / 3, 4 / 3), (0.5, 1.0, 2.0)
 TEXT_DOCUMENT_BYTES = 4096  # a --text file is cut into documents of whole paragraphs of at least this size
 
 
@@ -155,7 +158,7 @@ class Data:
 def load_data(args):
     """Data of the run the flags describe; says what it found."""
     documents = text_documents(args.text) if args.text else stdlib_documents()
-    documents = first_megabytes(documents, 0.3 if args.dry_run else args.text_mb)
+    documents = first_megabytes(documents, 1 if args.dry_run else args.text_mb)
     train_docs, val_docs = split_documents(documents)
     if not train_docs or not val_docs:
         raise SystemExit(f"{len(documents)} documents are too few to hold some out: give more text")
@@ -294,7 +297,7 @@ def final(records, key):
 
 
 def ratio_text(tokens, peer_tokens):
-    return "never" if tokens is None else f"{tokens / 1e3:,.0f}k ({tokens / peer_tokens:.2f}x)"
+    return "never" if tokens is None else f"{human_count(round(tokens))} ({tokens / peer_tokens:.2f}x)"
 
 
 def report(results, target, peer_tokens):
@@ -334,14 +337,14 @@ def parse_args(argv=None):
     p.add_argument("--text", nargs="+", default=None, metavar="FILE", help="text of your own (default: the stdlib)")
     p.add_argument("--text_mb", type=float, default=8, help="megabytes of the text used at most")
     p.add_argument("--tokenizer", default=None, help="a tokenizer JSON instead of a BPE trained here")
-    p.add_argument("--vocab", type=int, default=8192, help="ids of the BPE trained here")
-    p.add_argument("--width", type=int, default=128, help="d_model of both models")
+    p.add_argument("--vocab", type=int, default=4096, help="ids of the BPE trained here")
+    p.add_argument("--width", type=int, default=96, help="d_model of both models")
     p.add_argument("--depth", type=int, default=4, help="layers of both models")
-    p.add_argument("--tokens", type=float, default=160 * 16 * 256, help="training tokens of each run")
+    p.add_argument("--tokens", type=float, default=100 * 16 * 256, help="training tokens of each run")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--seq_len", type=int, default=256)
-    p.add_argument("--val_windows", type=int, default=64, help="held-out windows of seq_len scored at each eval")
-    p.add_argument("--evals", type=int, default=16, help="evaluations per run")
+    p.add_argument("--val_windows", type=int, default=32, help="held-out windows of seq_len scored at each eval")
+    p.add_argument("--evals", type=int, default=12, help="evaluations per run")
     p.add_argument("--seeds", type=int, default=1, help="model seeds of the peer's best, Pion's default and Muon")
     p.add_argument("--muon_lr", type=float, default=None, help="Muon's peak lr (default: TrainConfig's)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -356,7 +359,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     rt = runtime.Runtime(args.device)
     if rt.device.type == "cpu":
         runtime.keep_freed_memory()  # as trainer.train does
@@ -381,8 +384,8 @@ def main(argv=None):
               f"({time.perf_counter() - started:.0f} s)", flush=True)
         return spec
 
-    peers = [run(Run(f"GPT-2, nanoGPT recipe, lr {lr:.2g}", "nanogpt", lr))
-             for lr in (PEER_LRS[1:2] if args.dry_run else PEER_LRS)]
+    peers = [run(Run(f"GPT-2, nanoGPT recipe, lr {default * factor:.2g}", "nanogpt", default * factor))
+             for factor in (PEER_LR_FACTORS[1:2] if args.dry_run else PEER_LR_FACTORS)]
     peer_best = min(peers, key=lambda r: best_loss(results[r][0]))
     sweep = [run(Run(f"Pion, lr {default * factor:.2g}" + (" (default)" if factor == 1 else ""), "pion",
                      default * factor)) for factor in ((1.0,) if args.dry_run else PION_LR_FACTORS)]
@@ -405,6 +408,10 @@ def main(argv=None):
         return [None if tokens is None else tokens / peer_tokens for tokens in reached]
 
     sweep_best = min(best_loss(results[r][0]) for r in sweep)
+    for name, runs in (("the peer's", peers), ("Pion's", sweep)):
+        best = min(runs, key=lambda r: best_loss(results[r][0]))
+        if len(runs) > 1 and best in (runs[0], runs[-1]):
+            print(f"  note: {name} best lr {best.lr:.2g} is at the edge of its sweep: a wider one may do better")
     gap = best_loss(results[pion_default][0]) - sweep_best
     checks = [verdict(f"Pion at its default lr {default:.2g}", ratios(pion_default), TARGET_DEFAULT),
               verdict("Pion with Muon", ratios(muon_run), TARGET_MUON)]
@@ -415,6 +422,8 @@ def main(argv=None):
     print(f"  soft-capping: val loss {best_loss(capped):.4f} on, {best_loss(plain):.4f} off; step "
           f"{capped_s / plain_s:.2f}x the uncapped step's time (one run each on a possibly shared machine)")
     save_curves(results, args.plot)
+    print(f"machine: {machine()}, {rt.device}; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; "
+          f"{(time.perf_counter() - started) / 60:.0f} minutes")
     return {"peer_loss": target, "pass": all(checks)}
 
 
