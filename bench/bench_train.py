@@ -24,6 +24,10 @@ Targets: Pion >= 1.2x transformers' tokens/s (both pairs) and <= 0.7x its peak R
 step's tokens/s; Pion's compiled step >= 0.85 of the measured matmul peak. Both sides do the same FLOPs per
 token, so the speed target is also a fraction of the peak, 1.2 x transformers' own, which is printed: where
 it is near or above 1.0, no code can meet it on this machine.
+
+Muon: Pion's step with optimizer "muon" (torch.optim.Muon on the hidden matrices) runs as a third side in the
+same rounds; its step time over the AdamW step's, eager, target <= 1.05x. Its extra work is per optimizer
+step, so what it adds to a step of train.py's default 262k tokens is printed too.
     python bench/bench_train.py [--steps 8] [--rounds 2]
 """
 import argparse
@@ -35,14 +39,15 @@ import time
 from common import machine, peak_rss_mb, report, run_variant
 
 SEQ_LEN, BATCH = 256, 8
-TARGET_SPEED, TARGET_MEMORY, TARGET_LOADER, TARGET_OF_PEAK = 1.2, 0.7, 20.0, 0.85
+TARGET_SPEED, TARGET_MEMORY, TARGET_LOADER, TARGET_OF_PEAK, TARGET_MUON = 1.2, 0.7, 20.0, 0.85, 1.05
+TRAIN_PY_TOKENS_PER_STEP = 64 * 2 * 2048  # train.py's default step, over which Muon's fixed cost spreads
 MODES = ("eager", "compiled")
 
 
-def step_settings(steps, compile=False):
+def step_settings(steps, compile=False, optimizer="adamw"):
     from train_config import TrainConfig
     return TrainConfig(max_steps=steps, lr=3e-4, min_lr=3e-5, warmup_steps=0, weight_decay=0.1,
-                               compile=compile, gradient_checkpointing=False)
+                       compile=compile, gradient_checkpointing=False, optimizer=optimizer)
 
 
 def timed_steps(step, steps):
@@ -75,7 +80,7 @@ def measure(build, compile_model, steps):
             "compiled_of_peak": compiled_of_peak, "peak_mb": eager_mb, "peaks": eager_peaks + compiled_peaks})
 
 
-def pion_variant(steps):
+def pion_variant(steps, optimizer="adamw"):
     import torch
     import model
     import runtime
@@ -83,7 +88,7 @@ def pion_variant(steps):
 
     def build():
         torch.manual_seed(0)
-        config = step_settings(steps)
+        config = step_settings(steps, optimizer=optimizer)
         m = runtime.prepare_model(model.get_model("nano", use_soft_cap=False), config, rt)
         optimizers = trainer.build_optimizer(m, config, rt)
         ids = torch.randint(0, m.config.vocab_size, (BATCH, SEQ_LEN))
@@ -151,7 +156,7 @@ def flops_per_token():
 def main(steps=8, rounds=2):
     import os
     load_before = os.getloadavg()[0]
-    runs = {"pion": [], "hf": []}
+    runs = {"pion": [], "muon": [], "hf": []}
     for _ in range(rounds):
         for side in runs:
             runs[side].append(run_variant(__file__, side, steps))
@@ -168,9 +173,9 @@ def main(steps=8, rounds=2):
           f"benchmark included): a shared machine makes every figure noisy")
     print(f"fp32 matmul peak (2048^3, best of 3, timed after each step) from {min(peaks) / 1e9:.0f} to "
           f"{max(peaks) / 1e9:.0f} GFLOP/s; {flops_per_token() / 1e6:.1f} MFLOPs per trained token")
-    names = {"hf": "transformers Qwen3", "pion": "Pion"}
+    names = {"hf": "transformers Qwen3", "pion": "Pion", "muon": "Pion, Muon"}
     for mode in MODES:
-        for side in ("hf", "pion"):
+        for side in ("hf", "pion", "muon"):
             speeds = ", ".join(f"{r[mode]:.0f}" for r in runs[side])
             fractions = ", ".join(f"{r[mode + '_of_peak']:.3f}" for r in runs[side])
             print(f"  {names[side] + ' ' + mode:28s} {best[side, mode]:6.0f} tokens/s ({speeds})   "
@@ -181,23 +186,32 @@ def main(steps=8, rounds=2):
     print(f"  peak RSS, eager: transformers {min(r['peak_mb'] for r in runs['hf']):.0f} MB, "
           f"Pion {min(r['peak_mb'] for r in runs['pion']):.0f} MB")
     print(f"  data loader:                 {loader['tokens_per_s']:8.0f} tokens/s")
+    # Muon's extra work (Newton-Schulz on each hidden matrix) is per optimizer step, not per token: the same
+    # seconds on a step of train.py's 262k tokens are a far smaller fraction of it.
+    muon = best["pion", "eager"] / best["muon", "eager"]
+    muon_s = BATCH * SEQ_LEN / best["muon", "eager"] - BATCH * SEQ_LEN / best["pion", "eager"]
+    at_train_py = 1 + muon_s / (TRAIN_PY_TOKENS_PER_STEP / best["pion", "eager"])
+    print(f"  Muon adds {muon_s * 1e3:.0f} ms per optimizer step (eager): {muon:.3f}x this step, {at_train_py:.3f}x "
+          f"a step of train.py's {TRAIN_PY_TOKENS_PER_STEP:,} tokens at this speed")
     checks = [(f"speed, eager vs eager        {speed['eager']:.2f}x", speed["eager"] >= TARGET_SPEED, f">= {TARGET_SPEED}x"),
               (f"speed, compiled vs compiled  {speed['compiled']:.2f}x", speed["compiled"] >= TARGET_SPEED,
                f">= {TARGET_SPEED}x"),
               (f"peak RSS, eager              {memory:.2f}x", memory <= TARGET_MEMORY, f"<= {TARGET_MEMORY}x"),
               (f"loader / step                {feed:.0f}x", feed >= TARGET_LOADER, f">= {TARGET_LOADER:.0f}x"),
               (f"Pion compiled, of peak       {of_peak['pion', 'compiled']:.3f}",
-               of_peak["pion", "compiled"] >= TARGET_OF_PEAK, f">= {TARGET_OF_PEAK}")]
+               of_peak["pion", "compiled"] >= TARGET_OF_PEAK, f">= {TARGET_OF_PEAK}"),
+              (f"Muon step / AdamW step, eager {muon:.3f}x", muon <= TARGET_MUON, f"<= {TARGET_MUON}x")]
     for text, ok, target in checks:
         print(f"  {text} (target {target}) {'PASS' if ok else 'FAIL'}")
     return {"speed_ratio": speed["eager"], "compiled_speed_ratio": speed["compiled"], "memory_ratio": memory,
-            "loader_ratio": feed, "of_peak": of_peak["pion", "compiled"], "eager_of_peak": of_peak["pion", "eager"],
+            "loader_ratio": feed, "muon_ratio": muon, "of_peak": of_peak["pion", "compiled"], "eager_of_peak": of_peak["pion", "eager"],
             "pass": all(ok for _, ok, _ in checks)}
 
 
 if __name__ == "__main__":
     if "--variant" in sys.argv:
-        {"pion": pion_variant, "hf": hf_variant, "loader": loader_variant}[sys.argv[2]](int(sys.argv[3]))
+        {"pion": pion_variant, "muon": lambda steps: pion_variant(steps, "muon"), "hf": hf_variant,
+         "loader": loader_variant}[sys.argv[2]](int(sys.argv[3]))
     else:
         p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
         p.add_argument("--steps", type=int, default=8)

@@ -8,7 +8,8 @@ memory; then Pion over transformers. Targets: Pion >= 1.3x transformers for smal
 (SDPA) and >= 36% (soft-capped), peak memory <= 0.7x transformers'.
 
 Sections (--part, repeatable; default train):
-  train    the side-by-side above, plus Pion's soft-capped step and train.py's defaults (checkpointing on)
+  train    the side-by-side above, plus Pion's step with --optimizer muon (its time over the AdamW step's:
+           target <= 1.05x), its soft-capped step and train.py's defaults (checkpointing on)
   ce       the loss alone, forward + backward of small's hidden states: Pion's compiled chunks, its CPU-tuned
            chunks, transformers-style whole-vocabulary logits (compiled), Liger-Kernel's fused linear
            cross-entropy and cut-cross-entropy when installed; time and error against an fp32 reference
@@ -37,7 +38,7 @@ import trainer  # noqa: E402
 from hf_export import qwen3_config  # noqa: E402
 
 TINY = dict(vocab_size=1000, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=128)
-TARGET_SPEEDUP, TARGET_MFU, TARGET_MFU_SOFTCAP, TARGET_MEMORY = 1.3, 0.40, 0.36, 0.7
+TARGET_SPEEDUP, TARGET_MFU, TARGET_MFU_SOFTCAP, TARGET_MEMORY, TARGET_MUON = 1.3, 0.40, 0.36, 0.7, 1.05
 
 
 class Bench:
@@ -69,15 +70,16 @@ class Bench:
         return torch.cuda.max_memory_allocated() / 1e9 if self.device.type == "cuda" else float("nan")
 
 
-def step_settings(bench, checkpointing=False):
+def step_settings(bench, checkpointing=False, optimizer="adamw"):
     return train_config.TrainConfig(max_steps=1, lr=3e-4, min_lr=0.0, warmup_steps=0, batch_size=bench.batch,
-                               seq_len=bench.seq, compile=True, gradient_checkpointing=checkpointing)
+                                    seq_len=bench.seq, compile=True, gradient_checkpointing=checkpointing,
+                                    optimizer=optimizer)
 
 
-def pion_step(bench, config, checkpointing=False):
+def pion_step(bench, config, checkpointing=False, optimizer="adamw"):
     """One trainer.train_step of Pion with train.py --compile's setup; returns the loss."""
     rt = runtime.Runtime(str(bench.device))
-    settings = step_settings(bench, checkpointing)
+    settings = step_settings(bench, checkpointing, optimizer)
     model = runtime.prepare_model(pion.Pion(config), settings, rt)
     optimizers = trainer.build_optimizer(model, settings, rt)
     ids = torch.randint(0, config.vocab_size, (bench.batch, bench.seq))
@@ -135,6 +137,8 @@ def part_train(bench, sizes):
         sdpa = bench.config(size, use_soft_cap=False)
         rows[size, "pion"] = time_steps(bench, f"pion {size} sdpa", sdpa, lambda: pion_step(bench, sdpa))
         rows[size, "hf"] = time_steps(bench, f"transformers {size} sdpa", sdpa, lambda: transformers_step(bench, sdpa))
+        rows[size, "muon"] = time_steps(bench, f"pion {size} sdpa, muon", sdpa,
+                                        lambda: pion_step(bench, sdpa, optimizer="muon"))
         if size == sizes[-1]:
             capped = bench.config(size)
             rows[size, "softcap"] = time_steps(bench, f"pion {size} soft-cap", capped, lambda: pion_step(bench, capped))
@@ -151,7 +155,8 @@ def part_train(bench, sizes):
         p, h = rows[size, "pion"], rows[size, "hf"]
         speed, memory = p["tok_s"] / h["tok_s"], p["peak_gb"] / h["peak_gb"]
         print(f"{size}: Pion {speed:.2f}x transformers' tokens/s (target >= {TARGET_SPEEDUP}), "
-              f"peak memory {memory:.2f}x (target <= {TARGET_MEMORY}), MFU {p['mfu']:.1%}")
+              f"peak memory {memory:.2f}x (target <= {TARGET_MEMORY}), MFU {p['mfu']:.1%}; Muon's step "
+              f"{p['tok_s'] / rows[size, 'muon']['tok_s']:.3f}x AdamW's time (target <= {TARGET_MUON})")
     last = sizes[-1]
     print(f"{last}: MFU {rows[last, 'pion']['mfu']:.1%} SDPA (target >= {TARGET_MFU:.0%}), "
           f"{rows[last, 'softcap']['mfu']:.1%} soft-capped (target >= {TARGET_MFU_SOFTCAP:.0%}); "
