@@ -18,7 +18,7 @@ Printed: each run's validation loss; the peer's best loss over its lr sweep; the
 reach it (linear between evaluations) as a multiple of the peer's. Targets: Pion at its default lr <= 0.75x
 the peer's tokens and within 0.05 nats of the best of its own sweep; Muon <= 0.5x. --seeds N repeats the
 peer's best, Pion's default and Muon with N model seeds (the batches stay). A PNG of the curves: --plot.
-    python bench/bench_recipe.py                       # CPU: d_model 96, 4 layers, 100 steps of 16 x 256
+    python bench/bench_recipe.py                       # CPU: d_model 64, 4 layers, 120 steps of 16 x 256
     python bench/bench_recipe.py --device cuda --width 512 --depth 8 --tokens 200e6 --batch_size 64 \\
         --tokenizer pile_tokenizer.json
     python bench/bench_recipe.py --dry_run             # tiny, a minute: every piece once
@@ -337,10 +337,10 @@ def parse_args(argv=None):
     p.add_argument("--text", nargs="+", default=None, metavar="FILE", help="text of your own (default: the stdlib)")
     p.add_argument("--text_mb", type=float, default=8, help="megabytes of the text used at most")
     p.add_argument("--tokenizer", default=None, help="a tokenizer JSON instead of a BPE trained here")
-    p.add_argument("--vocab", type=int, default=4096, help="ids of the BPE trained here")
-    p.add_argument("--width", type=int, default=96, help="d_model of both models")
+    p.add_argument("--vocab", type=int, default=2048, help="ids of the BPE trained here")
+    p.add_argument("--width", type=int, default=64, help="d_model of both models")
     p.add_argument("--depth", type=int, default=4, help="layers of both models")
-    p.add_argument("--tokens", type=float, default=100 * 16 * 256, help="training tokens of each run")
+    p.add_argument("--tokens", type=float, default=120 * 16 * 256, help="training tokens of each run")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--val_windows", type=int, default=32, help="held-out windows of seq_len scored at each eval")
