@@ -101,7 +101,7 @@ REFERENCE_LR, REFERENCE_WIDTH, REFERENCE_TOKENS = 3e-3, 128, 4096
 
 def default_lr(model_config, tokens_per_step):
     """The peak learning rate a run gets when it names none: REFERENCE_LR x (REFERENCE_WIDTH / d_model) x
-    (tokens_per_step / REFERENCE_TOKENS) ** (1/8); min_lr is a tenth of it.
+    (tokens_per_step / REFERENCE_TOKENS) ** (1/8), to two significant digits; min_lr is a tenth of it.
 
     Width: Adam's best lr for the hidden matrices falls as 1/width (muP), which GPT-3's and Pythia's published
     sizes follow too (6e-4 at d_model 768, 2e-4 at 2048). Tokens per step: a larger batch's gradient is less
@@ -110,7 +110,8 @@ def default_lr(model_config, tokens_per_step):
     1e-3 for Pion-small at train.py's 262k tokens a step and 9e-4 for GPT-2-small's shape at 0.5M: between
     the conservative published recipes (GPT-3, Pythia: 6e-4) and the aggressive ones (SmolLM2-135M: 3e-3;
     llm.c's GPT-2: 1.8e-3), and within 2.5x of each."""
-    return REFERENCE_LR * (REFERENCE_WIDTH / model_config.d_model) * (tokens_per_step / REFERENCE_TOKENS) ** 0.125
+    lr = REFERENCE_LR * (REFERENCE_WIDTH / model_config.d_model) * (tokens_per_step / REFERENCE_TOKENS) ** 0.125
+    return float(f"{lr:.2g}")
 
 
 def with_default_lr(config, model_config, world_size, say):
@@ -120,7 +121,7 @@ def with_default_lr(config, model_config, world_size, say):
         return config
     tokens_per_step = config.batch_size * config.grad_accum * world_size * config.seq_len
     lr = config.lr if config.lr is not None else default_lr(model_config, tokens_per_step)
-    min_lr = config.min_lr if config.min_lr is not None else lr / 10
+    min_lr = config.min_lr if config.min_lr is not None else float(f"{lr / 10:.2g}")
     say(f"learning rate {lr:.3g} to {min_lr:.3g} (d_model {model_config.d_model}, {tokens_per_step:,} tokens a step; "
         f"--lr and --min_lr set them)")
     return dataclasses.replace(config, lr=lr, min_lr=min_lr)

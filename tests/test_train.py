@@ -122,7 +122,8 @@ def test_resuming_with_other_schedule_flags_names_each_change(data_dir, tmp_path
     more = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "b", "--max_steps", "9", "--lr", "1e-3",
                       "--resume", tmp_path / "a" / "nano" / "pion_nano_3.pt"], tokenizer_path)
     assert more.returncode == 0, more.stderr
-    assert re.search(r"warning: resuming .* \(max_steps 6 -> 9, lr 0\.003 -> 0\.001\)", more.stdout + more.stderr)
+    assert re.search(r"warning: resuming .* \(max_steps 6 -> 9, lr 0\.003 -> 0\.001, min_lr 0\.0003 -> 0\.0001\)",
+                     more.stdout + more.stderr)
 
 
 def test_a_resumed_run_decays_weights_by_its_own_weight_decay_flag(data_dir, tmp_path, tokenizer_path):

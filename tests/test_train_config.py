@@ -16,34 +16,36 @@ def test_default_lr_is_the_measured_best_at_the_reference_width_and_batch():
 
 
 def test_default_lr_halves_when_the_width_doubles():
-    assert default_lr(Width(512), 65536) == pytest.approx(default_lr(Width(256), 65536) / 2)
+    assert default_lr(Width(512), 4096) == pytest.approx(default_lr(Width(256), 4096) / 2)
 
 
 def test_default_lr_doubles_when_the_tokens_per_step_grow_256_fold():
-    assert default_lr(Width(640), 256 * 4096) == pytest.approx(2 * default_lr(Width(640), 4096))
+    assert default_lr(Width(384), 256 * 4096) == pytest.approx(2 * default_lr(Width(384), 4096))
+
+
+def test_default_lr_has_two_significant_digits():
+    assert default_lr(Width(640), 64 * 2 * 2048) == 1e-3 and default_lr(Width(384), 1024) == 8.4e-4
 
 
 def test_default_lr_gives_the_documented_values():
     # train.py's default batch (64 x 2 x 2048) for Pion-small; GPT-2-small's shape at 0.5M tokens; the quickstart.
-    assert default_lr(model.get_config("small"), 64 * 2 * 2048) == pytest.approx(1.0e-3, rel=0.02)
-    assert default_lr(Width(768), 2**19) == pytest.approx(9.2e-4, rel=0.01)
-    assert default_lr(model.get_config("nano"), 4 * 256) == pytest.approx(8.4e-4, rel=0.01)
+    assert default_lr(model.get_config("small"), 64 * 2 * 2048) == 1.0e-3
+    assert default_lr(Width(768), 2**19) == 9.2e-4
+    assert default_lr(model.get_config("nano"), 4 * 256) == 8.4e-4
 
 
 def test_with_default_lr_fills_lr_and_a_tenth_of_it_and_says_so():
     said = []
     config = TrainConfig(max_steps=10, lr=None, min_lr=None, warmup_steps=0, batch_size=4, grad_accum=2, seq_len=256)
     filled = with_default_lr(config, Width(384), world_size=2, say=said.append)
-    expected = default_lr(Width(384), 4 * 2 * 2 * 256)
-    assert filled.lr == pytest.approx(expected) and filled.min_lr == pytest.approx(expected / 10)
-    assert said == [f"learning rate {expected:.3g} to {expected / 10:.3g} (d_model 384, 4,096 tokens a step; "
-                    f"--lr and --min_lr set them)"]
+    assert (filled.lr, filled.min_lr) == (1e-3, 1e-4)  # 3e-3 x 128 / 384 at the reference 4,096 tokens a step
+    assert said == ["learning rate 0.001 to 0.0001 (d_model 384, 4,096 tokens a step; --lr and --min_lr set them)"]
 
 
 def test_with_default_lr_keeps_what_was_given():
     said = []
     config = TrainConfig(max_steps=10, lr=2e-3, min_lr=None, warmup_steps=0)
-    assert with_default_lr(config, Width(384), 1, said.append).min_lr == pytest.approx(2e-4)
+    assert with_default_lr(config, Width(384), 1, said.append).min_lr == 2e-4
     given = TrainConfig(max_steps=10, lr=2e-3, min_lr=0.0, warmup_steps=0)
     assert with_default_lr(given, Width(384), 1, said.append) is given and len(said) == 1
 
