@@ -25,12 +25,13 @@ peer's best, Pion's default and Muon with N model seeds (the batches stay). A PN
 """
 import argparse
 import glob
-import math
+import multiprocessing
 import os
 import statistics
 import sys
 import time
 import zlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -231,9 +232,12 @@ def peer_optimizer(model, lr):
                               lr=lr, betas=(0.9, 0.95), fused=True)]
 
 
-def train_run(run, args, data, rt, parameters):
+def train_run(run, args, data, parameters):
     """Train one run on data.train; returns its records (plotting.draw's format: training steps and evaluations
     against tokens_seen) and its mean step time in seconds."""
+    rt = runtime.Runtime(args.device)
+    if rt.device.type == "cpu":
+        runtime.keep_freed_memory()  # as trainer.train does
     steps, warmup = len(data.train), max(1, len(data.train) // 10)
     config = train_config.TrainConfig(max_steps=steps, lr=run.lr, min_lr=run.lr / 10, warmup_steps=warmup,
                                       batch_size=args.batch_size, seq_len=args.seq_len,
@@ -264,6 +268,30 @@ def train_run(run, args, data, rt, parameters):
             records.append({"step": step + 1, "tokens_seen": tokens,
                             **evaluate(model, val, rt, len(val), data.token_bytes)})
     return records, seconds / steps
+
+
+def train_runs(runs, args, data, parameters):
+    """{run: train_run's result} of each run, said as it ends. --jobs N trains N at a time, each in a fresh
+    process of one thread: a model this small keeps one core busier than two."""
+    results = {}
+
+    def done(run, result, seconds):
+        results[run] = result
+        print(f"{run.name}: val loss {final(result[0], 'val_loss'):.4f}, bpb {final(result[0], 'val_bpb'):.4f} "
+              f"({seconds:.0f} s)", flush=True)
+
+    if args.jobs == 1:
+        for run in runs:
+            started = time.perf_counter()
+            done(run, train_run(run, args, data, parameters), time.perf_counter() - started)
+        return results
+    started = time.perf_counter()
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        futures = {pool.submit(train_run, run, args, data, parameters): run for run in runs}
+        for future in as_completed(futures):
+            done(futures[future], future.result(), time.perf_counter() - started)
+    return {run: results[run] for run in runs}  # in the order asked, for the table
 
 
 def val_curve(records):
@@ -348,9 +376,13 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=1, help="model seeds of the peer's best, Pion's default and Muon")
     p.add_argument("--muon_lr", type=float, default=None, help="Muon's peak lr (default: TrainConfig's)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--jobs", type=int, default=None, help="runs trained at a time, in processes of one thread each "
+                   "(default: one per core on the CPU, 1 on CUDA)")
     p.add_argument("--plot", default="recipe_curves.png", help="PNG of the validation curves")
     p.add_argument("--dry_run", action="store_true", help="tiny shapes and text, one lr per recipe: every piece once")
     args = p.parse_args(argv)
+    if args.jobs is None:
+        args.jobs = os.cpu_count() or 1 if args.device == "cpu" else 1
     if args.dry_run:
         args.vocab, args.width, args.depth, args.tokens = 300, 32, 1, 4 * 2 * 32
         args.batch_size, args.seq_len, args.val_windows, args.evals = 2, 32, 4, 2
@@ -360,9 +392,6 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     started, load_before = time.perf_counter(), os.getloadavg()[0]
-    rt = runtime.Runtime(args.device)
-    if rt.device.type == "cpu":
-        runtime.keep_freed_memory()  # as trainer.train does
     data = load_data(args)
     parameters = peer_model(args, data.vocab_size).num_parameters()
     config = pion_config(args, data.vocab_size, parameters)
@@ -374,28 +403,19 @@ def main(argv=None):
           f"layers, {heads(args.width)} heads, Pion's d_ff {config.d_ff}); Pion's default lr for "
           f"{tokens_per_step:,} tokens a step: {default:.3g}")
 
-    results = {}
-
-    def run(spec):
-        started = time.perf_counter()
-        results[spec] = train_run(spec, args, data, rt, parameters)
-        records = results[spec][0]
-        print(f"{spec.name}: val loss {final(records, 'val_loss'):.4f}, bpb {final(records, 'val_bpb'):.4f} "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)
-        return spec
-
-    peers = [run(Run(f"GPT-2, nanoGPT recipe, lr {default * factor:.2g}", "nanogpt", default * factor))
+    peers = [Run(f"GPT-2, nanoGPT recipe, lr {default * factor:.2g}", "nanogpt", default * factor)
              for factor in (PEER_LR_FACTORS[1:2] if args.dry_run else PEER_LR_FACTORS)]
-    peer_best = min(peers, key=lambda r: best_loss(results[r][0]))
-    sweep = [run(Run(f"Pion, lr {default * factor:.2g}" + (" (default)" if factor == 1 else ""), "pion",
-                     default * factor)) for factor in ((1.0,) if args.dry_run else PION_LR_FACTORS)]
+    sweep = [Run(f"Pion, lr {default * factor:.2g}" + (" (default)" if factor == 1 else ""), "pion", default * factor)
+             for factor in ((1.0,) if args.dry_run else PION_LR_FACTORS)]
     pion_default = next(r for r in sweep if r.lr == default)
-    uncapped = run(Run(f"Pion, lr {default:.2g}, soft-cap off", "pion", default, soft_cap=False))
-    muon_run = run(Run(f"Pion, Muon, AdamW lr {default:.2g}", "pion", default, optimizer="muon"))
-    seeds = {spec: [spec] for spec in (peer_best, pion_default, muon_run)}
-    for seed in range(1, args.seeds):
-        for spec in seeds:
-            seeds[spec].append(run(replace(spec, name=f"{spec.name}, seed {seed}", seed=seed)))
+    uncapped = Run(f"Pion, lr {default:.2g}, soft-cap off", "pion", default, soft_cap=False)
+    muon_run = Run(f"Pion, Muon, AdamW lr {default:.2g}", "pion", default, optimizer="muon")
+    results = train_runs(peers + sweep + [uncapped, muon_run], args, data, parameters)
+    peer_best = min(peers, key=lambda r: best_loss(results[r][0]))
+    seeds = {spec: [replace(spec, name=f"{spec.name}, seed {seed}", seed=seed) for seed in range(1, args.seeds)]
+             for spec in (peer_best, pion_default, muon_run)}
+    results.update(train_runs([r for runs in seeds.values() for r in runs], args, data, parameters))
+    seeds = {spec: [spec, *runs] for spec, runs in seeds.items()}
 
     target = best_loss(results[peer_best][0])
     peer_tokens = tokens_to_reach(val_curve(results[peer_best][0]), target)
@@ -422,7 +442,7 @@ def main(argv=None):
     print(f"  soft-capping: val loss {best_loss(capped):.4f} on, {best_loss(plain):.4f} off; step "
           f"{capped_s / plain_s:.2f}x the uncapped step's time (one run each on a possibly shared machine)")
     save_curves(results, args.plot)
-    print(f"machine: {machine()}, {rt.device}; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; "
+    print(f"machine: {machine()}, {args.device}, {args.jobs} runs at a time; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; "
           f"{(time.perf_counter() - started) / 60:.0f} minutes")
     return {"peer_loss": target, "pass": all(checks)}
 
