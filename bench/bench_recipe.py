@@ -4,7 +4,7 @@ What a user pays for is (tokens needed for the loss they want) / (tokens per sec
 second, this the first. The text: the Python standard library's own sources and docstrings (every machine
 has them, found through sysconfig), or --text FILE...; split into training and held-out text by whole
 documents (a file, or a few kB of a --text file's paragraphs), so no held-out document was trained on. A
-byte-level BPE (--vocab, 8192) is trained on the training part with `tokenizers` (--tokenizer: Pion's own).
+byte-level BPE (--vocab, 2048) is trained on the training part with `tokenizers` (--tokenizer: Pion's own).
 
 The models have the same width, depth and parameter count: Pion (a model.PionConfig; its d_ff is chosen so
 the counts match) and transformers' GPT2LMHeadModel with nanoGPT's recipe as the peer (AdamW 0.9/0.95,
@@ -19,8 +19,8 @@ reach it (linear between evaluations) as a multiple of the peer's. Targets: Pion
 the peer's tokens and within 0.05 nats of the best of its own sweep; Muon <= 0.5x. --seeds N repeats the
 peer's best, Pion's default and Muon with N model seeds (the batches stay). A PNG of the curves: --plot.
     python bench/bench_recipe.py                       # CPU: d_model 64, 4 layers, 120 steps of 16 x 256
-    python bench/bench_recipe.py --device cuda --width 512 --depth 8 --tokens 200e6 --batch_size 64 \\
-        --tokenizer pile_tokenizer.json
+    python bench/bench_recipe.py --device cuda --width 512 --depth 8 --tokens 100e6 --batch_size 64 \\
+        --tokenizer pile_tokenizer.json --text corpus.txt --text_mb 1000 --peer_lrs 5e-4 1e-3 2e-3
     python bench/bench_recipe.py --dry_run             # tiny, a minute: every piece once
 """
 import argparse
@@ -50,9 +50,9 @@ from validation import evaluate, token_byte_lengths  # noqa: E402
 
 EOS = "<|endoftext|>"
 TARGET_DEFAULT, TARGET_DEFAULT_GAP, TARGET_MUON = 0.75, 0.05, 0.5
-# The sweeps, as multiples of train_config.default_lr: the peer's brackets its best (2e-3 at d_model 128 and 4k
-# tokens a step; nanoGPT's own 6e-4 is for 124M parameters at 0.5M), Pion's brackets its default.
-PEER_LR_FACTORS, PION_LR_FACTORS = (1 / 3, 2 / 3, 4 / 3), (0.5, 1.0, 2.0)
+# The peer's sweep brackets its best at the CPU default's sizes (2e-3 at d_model 64 and 128; nanoGPT's own 6e-4 is
+# for 124M parameters at 0.5M tokens a step); Pion's, as multiples of train_config.default_lr, brackets its default.
+PEER_LRS, PION_LR_FACTORS = (1e-3, 2e-3, 4e-3), (0.5, 1.0, 2.0)
 TEXT_DOCUMENT_BYTES = 4096  # a --text file is cut into documents of whole paragraphs of at least this size
 
 
@@ -374,6 +374,7 @@ def parse_args(argv=None):
     p.add_argument("--val_windows", type=int, default=32, help="held-out windows of seq_len scored at each eval")
     p.add_argument("--evals", type=int, default=12, help="evaluations per run")
     p.add_argument("--seeds", type=int, default=1, help="model seeds of the peer's best, Pion's default and Muon")
+    p.add_argument("--peer_lrs", type=float, nargs="+", default=PEER_LRS, help="the peer's lr sweep")
     p.add_argument("--muon_lr", type=float, default=None, help="Muon's peak lr (default: TrainConfig's)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--jobs", type=int, default=None, help="runs trained at a time, in processes of one thread each "
@@ -386,6 +387,7 @@ def parse_args(argv=None):
     if args.dry_run:
         args.vocab, args.width, args.depth, args.tokens = 300, 32, 1, 4 * 2 * 32
         args.batch_size, args.seq_len, args.val_windows, args.evals = 2, 32, 4, 2
+        args.peer_lrs = args.peer_lrs[:1]
     return args
 
 
@@ -403,8 +405,7 @@ def main(argv=None):
           f"layers, {heads(args.width)} heads, Pion's d_ff {config.d_ff}); Pion's default lr for "
           f"{tokens_per_step:,} tokens a step: {default:.3g}")
 
-    peers = [Run(f"GPT-2, nanoGPT recipe, lr {default * factor:.2g}", "nanogpt", default * factor)
-             for factor in (PEER_LR_FACTORS[1:2] if args.dry_run else PEER_LR_FACTORS)]
+    peers = [Run(f"GPT-2, nanoGPT recipe, lr {lr:.2g}", "nanogpt", lr) for lr in args.peer_lrs]
     sweep = [Run(f"Pion, lr {default * factor:.2g}" + (" (default)" if factor == 1 else ""), "pion", default * factor)
              for factor in ((1.0,) if args.dry_run else PION_LR_FACTORS)]
     pion_default = next(r for r in sweep if r.lr == default)
