@@ -94,23 +94,27 @@ def benchmark_scorer(tasks, tokenizer, vocab_size, limit, include_path, batch_si
     return evaluation.training_benchmarks(tasks, tokenizer, vocab_size, limit, include_path, batch_size)
 
 
-# default_lr's reference point: the best AdamW peak lr of Pion's recipe measured at d_model 128 and 4,096 tokens
-# a step (bench/bench_recipe.py, docs/performance.md).
+# default_lr's reference point: the best AdamW peak lr of Pion's recipe measured at d_model 64 and 128 and 4,096
+# tokens a step (bench/bench_recipe.py, docs/performance.md).
 REFERENCE_LR, REFERENCE_WIDTH, REFERENCE_TOKENS = 3e-3, 128, 4096
 
 
 def default_lr(model_config, tokens_per_step):
-    """The peak learning rate a run gets when it names none: REFERENCE_LR x (REFERENCE_WIDTH / d_model) x
-    (tokens_per_step / REFERENCE_TOKENS) ** (1/8), to two significant digits; min_lr is a tenth of it.
+    """The peak learning rate a run gets when it names none: REFERENCE_LR x (REFERENCE_WIDTH / width) x
+    (tokens_per_step / REFERENCE_TOKENS) ** (1/8), to two significant digits, where width is d_model but at least
+    REFERENCE_WIDTH; min_lr is a tenth of it.
 
     Width: Adam's best lr for the hidden matrices falls as 1/width (muP), which GPT-3's and Pythia's published
-    sizes follow too (6e-4 at d_model 768, 2e-4 at 2048). Tokens per step: a larger batch's gradient is less
+    sizes follow too (6e-4 at d_model 768, 2e-4 at 2048). Below d_model 128 it stops growing: such a model's
+    weights are mostly its embedding, whose best Adam lr does not depend on the width (muP again), and the
+    sweeps measured the same best lr at d_model 64 as at 128. Tokens per step: a larger batch's gradient is less
     noisy and takes a larger step, by sqrt(batch) for Adam below the critical batch size and not at all above
     it; an eighth power stays between the two over the 1k-2M tokens a step Pion is run with. The rule gives
     1e-3 for Pion-small at train.py's 262k tokens a step and 9e-4 for GPT-2-small's shape at 0.5M: between
     the conservative published recipes (GPT-3, Pythia: 6e-4) and the aggressive ones (SmolLM2-135M: 3e-3;
     llm.c's GPT-2: 1.8e-3), and within 2.5x of each."""
-    lr = REFERENCE_LR * (REFERENCE_WIDTH / model_config.d_model) * (tokens_per_step / REFERENCE_TOKENS) ** 0.125
+    width = max(model_config.d_model, REFERENCE_WIDTH)
+    lr = REFERENCE_LR * (REFERENCE_WIDTH / width) * (tokens_per_step / REFERENCE_TOKENS) ** 0.125
     return float(f"{lr:.2g}")
 
 

@@ -19,6 +19,10 @@ def test_default_lr_halves_when_the_width_doubles():
     assert default_lr(Width(512), 4096) == pytest.approx(default_lr(Width(256), 4096) / 2)
 
 
+def test_a_model_narrower_than_the_reference_gets_the_reference_lr():
+    assert default_lr(Width(64), REFERENCE_TOKENS) == default_lr(Width(32), REFERENCE_TOKENS) == REFERENCE_LR
+
+
 def test_default_lr_doubles_when_the_tokens_per_step_grow_256_fold():
     assert default_lr(Width(384), 256 * 4096) == pytest.approx(2 * default_lr(Width(384), 4096))
 
