@@ -15,7 +15,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from chat_template import STOP_STRINGS, render_conversation, reply_content
+from chat_template import CHAT_TURN, render_conversation
 from checkpoint import load_model
 from quantize import quantize
 from tokenizer import load_tokenizer
@@ -134,16 +134,14 @@ def reply(session, conversation):
     prompt_ids = conversation_prompt(tokenizer, conversation, model.config.max_seq_len - session.max_tokens)
     columns = DecodeTimer(generate_tokens(model, prompt_ids, session.max_tokens, session.settings, session.generator,
                                           compile=session.compile), len(prompt_ids))
-    stream = TextStream(tokenizer, stop_strings=STOP_STRINGS)
+    stream = TextStream(tokenizer, turn=CHAT_TURN)
     for _, piece in stream_text(columns, [stream]):
         sys.stdout.write(piece)
         sys.stdout.flush()
     if not stream.text.endswith("\n"):
         print()
     print(columns.report(), file=sys.stderr)
-    # A reply is rendered as content + TURN_SUFFIX + <|endoftext|>: the suffix the model wrote to end its turn
-    # is not content.
-    return reply_content(stream.text, stream.stop_reason)
+    return stream.text  # the reply's content: the turn's suffix and what ended it are not part of it
 
 
 def parse_args(argv=None):

@@ -281,19 +281,12 @@ class PionLM(TemplateLM):
         streams = [TextStream(self.tokenizer, until) for _ in prompts]
         for column in generate_tokens(self.model, prompts, max_new_tokens, settings, generator):
             for stream, token in zip(streams, column.tolist()):
-                if stream.finished:
-                    continue
-                if token == EOS_ID:
-                    stream.finish()
-                else:
-                    stream.push(token)
-                    if stream.stopped:
-                        stream.finish()
+                if not stream.finished:
+                    stream.add(token)
             if self._all_ranks_done(all(stream.finished for stream in streams)):
                 break
         for stream in streams:
-            if not stream.finished:  # max_new_tokens reached: release what was held back
-                stream.finish()
+            stream.finish()  # a row that ran out of tokens: release what was held back
         return [stream.text for stream in streams]
 
     def _all_ranks_done(self, done):

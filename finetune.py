@@ -15,7 +15,7 @@ import sys
 
 import torch.distributed as dist
 
-from chat_template import STOP_STRINGS, render_conversation
+from chat_template import CHAT_TURN, render_conversation
 from checkpoint import load_checkpoint
 from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, positive_int, run_cli
 from runs import is_sft_checkpoint, open_run_dir
@@ -79,7 +79,7 @@ def eval_sample(args, tokenizer):
     prompt, _ = render_conversation(tokenizer, [{"role": "user", "content": args.sample_question}],
                                     add_generation_prompt=True)
     return EvalSample(tokenizer, prompt, args.sample_tokens, shown_prompt=args.sample_question,
-                      stop_strings=STOP_STRINGS, strip=True)
+                      turn=CHAT_TURN, strip=True)
 
 
 def load_data(args, config, tokenizer, rt):

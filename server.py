@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 from batching import GenerationRequest
 from cli import is_unicode
 from decoding import SamplingSettings
-from chat_template import ROLES, STOP_STRINGS, SuffixTrimmer, render_conversation
+from chat_template import CHAT_TURN, ROLES, render_conversation
 
 CHAT_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_page.html")
 MAX_STOP_STRINGS = 4  # as OpenAI's API
@@ -179,7 +179,7 @@ UNSUPPORTED = {"frequency_penalty": (0, None), "presence_penalty": (0, None), "l
                "response_format": ({"type": "text"}, None)}
 
 
-def generation_request(body, prompt_ids, stop, max_seq_len, limits):
+def generation_request(body, prompt_ids, stop, max_seq_len, limits, turn=None):
     """The sampling parameters of a request, checked against the limits and the context its prompt leaves."""
     if body.get("n", 1) != 1:
         raise APIError(400, "only n = 1 is supported", param="n", code="invalid_value")
@@ -204,7 +204,8 @@ def generation_request(body, prompt_ids, stop, max_seq_len, limits):
     settings = SamplingSettings(temperature=number(body, "temperature", 1.0, 0, 2),
                                 top_p=number(body, "top_p", 1.0, 0, 1, low_open=True),
                                 top_k=integer(body, "top_k", 0, 2**31) or 0)
-    return GenerationRequest(prompt_ids, max_tokens, settings, tuple(stop), integer(body, "seed", 0, 2**63 - 1))
+    return GenerationRequest(prompt_ids, max_tokens, settings, tuple(stop), integer(body, "seed", 0, 2**63 - 1),
+                             turn=turn)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -252,14 +253,13 @@ def server_sent_event(data):
 class Completion:
     """One request's answer in OpenAI's shape, a chat ("chat") or text ("text") completion, from its
     generation's Updates: one JSON object once it is over, or with "stream" in the body, server-sent events
-    as its text arrives. A chat reply is given without the template's turn suffix (SuffixTrimmer)."""
+    as its text arrives (a chat reply's content: the engine's TextStream leaves out the turn's suffix)."""
 
     def __init__(self, kind, body, model_name, prompt_tokens):
         self.kind, self.prompt_tokens = kind, prompt_tokens
         self.stream = body.get("stream", False)
         options = body.get("stream_options") or {}
         self.include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        self.trimmer = SuffixTrimmer() if kind == "chat" else None
         chat_object = "chat.completion.chunk" if self.stream else "chat.completion"
         self.head = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                      "object": chat_object if kind == "chat" else "text_completion",
@@ -276,10 +276,7 @@ class Completion:
         """An Update's text as the reply gives it; a failed generation is a 500."""
         if update.finish_reason == "error":
             raise APIError(500, f"generation failed: {update.error}", code="generation_failed")
-        if self.trimmer is None:
-            return update.text
-        text = self.trimmer.push(update.text)
-        return text + self.trimmer.finish(update.stop_reason) if update.finish_reason else text
+        return update.text
 
     async def whole(self, updates):
         text, last = [], None
@@ -442,7 +439,7 @@ def create_app(engine, tokenizer, model_name="pion", api_key=None, limits=None, 
         body = await read_json(request, limits.max_body_bytes)
         messages = chat_messages(body, limits)
         prompt_ids, _ = render_conversation(tokenizer, messages, add_generation_prompt=True)
-        generation = generation_request(body, prompt_ids, [*STOP_STRINGS, *stop_strings(body)], max_seq_len, limits)
+        generation = generation_request(body, prompt_ids, stop_strings(body), max_seq_len, limits, turn=CHAT_TURN)
         return await complete(request, body, generation, "chat")
 
     @app.post("/v1/completions")

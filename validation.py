@@ -81,18 +81,20 @@ def evaluate(model, batches, rt, steps, token_bytes=None):
 class EvalSample:
     """The greedy continuation of a fixed prompt printed at each eval: greedy and seedless, so it draws nothing
     from the RNG that a resumed run must reproduce. Shown as `shown_prompt` -> the reply, which stops at
-    `max_tokens`, a stop token or one of `stop_strings` (and with strip, loses its surrounding whitespace)."""
+    `max_tokens`, a stop token or one of `stop_strings` (a chat reply at its turn's end, with turn
+    chat_template.CHAT_TURN; and with strip, loses its surrounding whitespace)."""
     tokenizer: object
     prompt: list  # token ids
     max_tokens: int
     shown_prompt: str  # what the prompt stands for (a chat prompt's question, not its template)
     stop_strings: tuple = ()
     strip: bool = False
+    turn: object = None
 
     def __call__(self, model, cache_dtype=None):
         """"'prompt' -> 'reply'": both quoted, so a reply's whitespace and where the prompt ends both show."""
         reply = generate_text(model, self.tokenizer, self.prompt, self.max_tokens, stop_strings=self.stop_strings,
-                              cache_dtype=cache_dtype)[0]
+                              turn=self.turn, cache_dtype=cache_dtype)[0]
         return f"{self.shown_prompt!r} -> {(reply.strip() if self.strip else reply)!r}"
 
 
