@@ -170,6 +170,15 @@ def load_checkpoint(path, map_location="cpu", **config_overrides):
     return model, checkpoint
 
 
+def base_model_note(path, checkpoint):
+    """The note chat.py and serve.py print for a pretrained base model, which continues text rather than
+    answering chat messages; None for any other checkpoint."""
+    if checkpoint.get("trainer") == "pretrain":
+        return (f"note: {path} is a pretrained base model, not instruction-tuned: it continues text rather than "
+                f"answering. Tune it for chat with: python finetune.py --checkpoint {path}")
+    return None
+
+
 def load_model(path, device="auto", dtype=None):
     """A checkpoint ready for inference -> (model in eval mode, its device, the checkpoint dict without
     weights). dtype: a cli.DTYPES name; None is bfloat16 on CUDA, float32 elsewhere. Decoding scripts then
