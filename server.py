@@ -561,7 +561,7 @@ def uvicorn_config(app, header_timeout=HEADER_TIMEOUT, body_timeout=BODY_TIMEOUT
 
         def _arm(self):
             due = self._due()  # also notes a new request's start
-            if due is None or self.transport.is_closing() or (self._timer and self._timer.when() <= due):
+            if due is None or self.transport.is_closing() or (self._timer is not None and self._timer.when() <= due):
                 return  # a timer that fires earlier checks again then
             if self._timer is not None:
                 self._timer.cancel()
