@@ -82,10 +82,12 @@ def sample_rows(logits, running):
 
 
 class BatchingEngine:
-    def __init__(self, model, tokenizer, max_batch=8, compile=False, stop_ids=(EOS_ID,)):
+    def __init__(self, model, tokenizer, max_batch=8, compile=False, stop_ids=(EOS_ID,), max_context=None):
+        """max_context: the most tokens (prompt and reply) a request may hold, which sizes the KV cache;
+        default and at most: the model's max_seq_len."""
         self.model, self.tokenizer, self.max_batch, self.stop_ids = model.eval(), tokenizer, max_batch, stop_ids
         self.device = model.embed.weight.device
-        self.max_seq_len = model.config.max_seq_len
+        self.max_seq_len = min(max_context or model.config.max_seq_len, model.config.max_seq_len)
         self.kv_cache = model.new_kv_cache(max_batch, self.max_seq_len)
         self.kv_cache.fused_projections = model.fuse_projections()  # the served weights never change
         # A compiled step keeps one shape (every row, busy or free); eager steps run over the rows in use.

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 
 from chat_template import CHAT_TURN, render_conversation
-from checkpoint import load_model
+from checkpoint import base_model_note, load_model
 from quantize import quantize
 from tokenizer import load_tokenizer
 from cli import (ArgumentParser, PionError, add_inference_args, dataclass_from_args, run_cli, typed_lines,
@@ -166,10 +166,9 @@ def main(argv=None):
         print(f"using {checkpoint}, the newest checkpoint under checkpoints/", file=sys.stderr)
     model, device, saved = load_model(checkpoint, args.device, args.dtype)
     model = quantize(model, args.quantize)
-    if saved.get("trainer") == "pretrain":
-        print(f"note: {checkpoint} is a pretrained base model, not instruction-tuned: it continues text rather "
-              f"than answering. Tune it for chat with: python finetune.py --checkpoint {checkpoint}",
-              file=sys.stderr)
+    note = base_model_note(checkpoint, saved)
+    if note:
+        print(note, file=sys.stderr)
     tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
     session = Session(model, tokenizer, dataclass_from_args(SamplingSettings, args), args.max_tokens,
                       seeded_generator(device, args.seed), args.compile)

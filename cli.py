@@ -3,9 +3,11 @@ and dtype choice, atomic file writes and the interactive prompt."""
 import argparse
 import contextlib
 import dataclasses
+import glob
 import math
 import os
 import shutil
+import signal
 import sys
 import tomllib
 import warnings
@@ -18,12 +20,26 @@ class PionError(Exception):
 
 
 def run_cli(main):
-    """Run a script's main(); a PionError becomes one line on stderr and exit code 2, not a traceback."""
+    """Run a script's main(); a PionError becomes one line on stderr and exit code 2, not a traceback, and
+    Ctrl-C one line and the shell's code for it, 130 (every `finally` on the way out has removed what was
+    half-written)."""
     try:
         main()
     except PionError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+
+
+def exit_on_sigterm():
+    """Make SIGTERM end the process as Ctrl-C does, through every `finally` (which removes half-written
+    files), with one line and the shell's code for it, 143: by default it ends the process on the spot."""
+    def terminate(signum, frame):
+        print("terminated", file=sys.stderr)
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, terminate)
 
 
 def first_line(error):
@@ -186,6 +202,7 @@ def replaced_atomically(path):
     disk, a read-only or missing folder) becomes one line naming `path`, and what was there is untouched."""
     directory, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
+    remove_leftovers(directory, glob.escape(name))
     try:
         yield tmp
         os.replace(tmp, path)
@@ -203,6 +220,32 @@ def replaced_atomically(path):
             shutil.rmtree(tmp)
         elif os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_leftovers(directory, name_pattern, all_stale=False):
+    """Remove the temporaries replaced_atomically left in directory, for names matching name_pattern (a glob),
+    when the process writing them was killed (SIGKILL, a power cut): those whose process is gone, or all of
+    them with all_stale (the caller holds the folder's lock: no one else is writing there)."""
+    for leftover in glob.glob(os.path.join(glob.escape(directory), f".{name_pattern}.tmp*")):
+        pid = leftover.rsplit(".tmp", 1)[1]
+        if all_stale or (pid.isdigit() and not process_exists(int(pid))):
+            if os.path.isdir(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)  # another run may be removing it too
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(leftover)
+
+
+def process_exists(pid):
+    if pid <= 0:
+        return True  # not a process id (kill(0) would signal our own group): leave the file alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
 
 
 # How the OS's write errors read once torch (RuntimeError) or safetensors (SafetensorError) have wrapped them

@@ -88,6 +88,8 @@ def add_hyperparameters(writer, pion_model, gguf_type):
     writer.add_name("Pion")
     writer.add_file_type(file_types[gguf_type])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if config.max_seq_len >= 2**32:
+        raise PionError(f"max_seq_len {config.max_seq_len} does not fit GGUF's context length (32 bits)")
     writer.add_context_length(config.max_seq_len)
     writer.add_embedding_length(config.d_model)
     writer.add_block_count(config.n_layers)

@@ -15,7 +15,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
 from checkpoint import clean_state_dict, save_checkpoint
-from cli import PionError, first_line
+from cli import PionError, first_line, remove_leftovers
 from runtime import gather_rng_states, set_rng_state
 
 # ----------------------------------------------------------------------------------------------------
@@ -67,8 +67,7 @@ def open_run_dir(directory, prefix, resume, lock=True):
                 except BlockingIOError:
                     raise PionError(f"another run is writing to {directory} (it holds {directory}/.lock); wait "
                                     f"for it to end or choose another --save_dir")
-                for stale in glob.glob(os.path.join(glob.escape(directory), f".{prefix}_*.pt.tmp*")):
-                    os.remove(stale)  # a save cut short by a crash: with the lock held, no one is writing it
+                remove_leftovers(directory, f"{prefix}_*.pt", all_stale=True)  # saves a crash cut short
             yield resume_checkpoint(directory, prefix, resume)
     except BaseException:
         if created and os.listdir(directory) == [".lock"]:

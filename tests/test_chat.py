@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import chat
-from chat_template import STOP_STRINGS, render_conversation
+from chat_template import CHAT_TURN, render_conversation
 import decoding
 from tokenizer import EOS_ID
 from conftest import ROOT, run_in_process
@@ -198,7 +198,7 @@ def test_a_terminal_session(checkpoint, tiny_chat_model, tokenizer, tokenizer_pa
         first = [user("Hello there")]
         assert prompt_tokens(child) == len(render_conversation(tokenizer, first, add_generation_prompt=True)[0])
         first_reply = generate_text(tiny_chat_model, tokenizer, render_conversation(tokenizer, first, True)[0], 8,
-                                    stop_strings=STOP_STRINGS)[0].removesuffix("\n")
+                                    turn=CHAT_TURN)[0]
         child.sendline("And then?")
         second = first + [assistant(first_reply), user("And then?")]
         assert prompt_tokens(child) == len(render_conversation(tokenizer, second, add_generation_prompt=True)[0])

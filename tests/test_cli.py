@@ -145,3 +145,39 @@ def test_every_recipe_in_configs_is_read_by_its_script(path):
     args = RECIPE_SCRIPTS[script](["--config", path])
     for key, value in keys.items():
         assert getattr(args, key.removeprefix("no_"), None) == (not value if key.startswith("no_") else value)
+
+
+def test_ctrl_c_is_one_line_and_the_shells_exit_code_130():
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    result = run_in_process(interrupted, [])
+    assert (result.returncode, result.stderr) == (130, "interrupted\n")
+
+
+def finished_process_id():
+    """The id of a process that has ended (as one killed mid-write has)."""
+    import subprocess
+    import sys
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_write_removes_the_leftovers_of_killed_writers_of_its_path_only(tmp_path):
+    import subprocess
+    import sys
+    dead = tmp_path / f".out.tmp{finished_process_id()}"
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"half")
+    (tmp_path / f".out.tmp{finished_process_id()}").write_bytes(b"half a file")
+    other = tmp_path / f".other.tmp{finished_process_id()}"  # another path's: its own next write removes it
+    other.write_bytes(b"half")
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        running = tmp_path / f".out.tmp{alive.pid}"  # a write still under way in another process
+        running.mkdir()
+        cli.atomic_write(str(tmp_path / "out"), lambda f: f.write(b"whole"))
+        assert sorted(os.listdir(tmp_path)) == sorted([other.name, running.name, "out"])
+    finally:
+        alive.kill()
+        alive.wait()
