@@ -214,7 +214,7 @@ def scripted_reply(tokens, seconds_per_step=0.0):
     """A token source for the engine that writes `tokens` (again and again) whatever the model says."""
     def sample_rows(logits, running):
         time.sleep(seconds_per_step)
-        return [tokens[run.completion_tokens % len(tokens)] for run in running]
+        return [tokens[run.stream.tokens % len(tokens)] for run in running]
     return sample_rows
 
 
