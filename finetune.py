@@ -139,7 +139,7 @@ def finetune(args, config, rt):
                            "train_rows": len(train_rows), "pack": args.pack},
             token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size),
             benchmark=benchmark_scorer(args.eval_tasks, tokenizer, model.config.vocab_size, args.eval_limit,
-                                       args.eval_include_path, config.batch_size),
+                                       args.eval_include_path, args.eval_batch_size),
             loggers=args.logger, plot=True)
         state = train(model, config, rt, run)
         if state.finished:

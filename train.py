@@ -158,7 +158,7 @@ def pretrain(args, config, rt):
             saved_with={"trainer": "pretrain"}, data_identity=train_data.identity(),
             token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size),
             benchmark=benchmark_scorer(args.eval_tasks, tokenizer, model.config.vocab_size, args.eval_limit,
-                                       args.eval_include_path, config.batch_size),
+                                       args.eval_include_path, args.eval_batch_size),
             loggers=args.logger, plot=True)
         state = train(model, config, rt, run)
         if state.finished:

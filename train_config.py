@@ -79,6 +79,9 @@ def add_benchmark_args(parser):
                         help="examples per task at each eval (default: all)")
     parser.add_argument("--eval_include_path", default=None,
                         help="folder of task YAML files of your own for --eval_tasks (default: none)")
+    parser.add_argument("--eval_batch_size", type=positive_int, default=16,
+                        help="--eval_tasks: contexts per forward (a question's choices share one), as eval.py's "
+                             "--batch_size; --batch_size is the training batch")
 
 
 def benchmark_scorer(tasks, tokenizer, vocab_size, limit, include_path, batch_size):
