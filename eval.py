@@ -12,7 +12,8 @@ import json
 import os
 import sys
 
-from cli import ArgumentParser, PionError, add_model_args, atomic_write, positive_int, run_cli
+from cli import ArgumentParser, PionError, add_model_args, positive_int, run_cli
+from files import atomic_write
 
 
 def parse_args(argv=None):

@@ -15,7 +15,8 @@ import torch
 from chat_template import CHAT_TEMPLATE
 from checkpoint import clean_state_dict, load_checkpoint
 from tokenizer import EOS_ID, PAD_ID, load_tokenizer
-from cli import DTYPES, PionError, check_new_folder, first_line, write_folder_atomically
+from cli import DTYPES, PionError, first_line
+from files import check_new_folder, write_folder_atomically
 
 
 def require_transformers():

@@ -10,7 +10,8 @@ import os
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
-from cli import PionError, atomic_write
+from cli import PionError
+from files import atomic_write
 from trackers import read_records
 
 SMOOTHING = 0.9  # the progress bar's moving average of the loss, for runs of 100 logged steps or more

@@ -11,7 +11,8 @@ import math
 import os
 import secrets
 
-from cli import PionError, atomic_write, first_line
+from cli import PionError, first_line
+from files import atomic_write
 
 # --logger NAME -> (module to import, what to pip install)
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),

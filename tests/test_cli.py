@@ -1,6 +1,5 @@
 """What every script's command line shares: a help line and a shown default for every flag, one-line errors."""
 import argparse
-import os
 
 import pytest
 
@@ -67,14 +66,3 @@ def test_an_unknown_flag_is_one_line_and_exit_2(script):
 def test_token_counts_read_well_at_every_scale():
     assert [cli.human_count(n) for n in (512, 12_345, 4_500_000, 2_100_000_000)] == ["512", "12.3k", "4.5M", "2.1B"]
 
-
-def test_an_input_error_raised_while_writing_keeps_its_own_line(tmp_path):
-    """A PionError from reading an input inside a write (here raised while handling the OSError that caused
-    it) names that input, not the file being written."""
-    with pytest.raises(cli.PionError, match="^cannot read the dataset: offline$"):
-        with cli.replaced_atomically(str(tmp_path / "out")):
-            try:
-                raise OSError("network unreachable")
-            except OSError:
-                raise cli.PionError("cannot read the dataset: offline")
-    assert os.listdir(tmp_path) == []

@@ -1,0 +1,68 @@
+"""files.py: a file or folder is either complete under its name or not there; a failed write is one line."""
+import os
+
+import pytest
+
+from cli import PionError
+from files import atomic_write, check_new_folder, replaced_atomically, write_folder_atomically
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"old")
+
+    def write(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(PionError, match=f"^cannot write {path}: No space left on device$"):
+        atomic_write(str(path), write)
+    assert os.listdir(tmp_path) == ["model.pt"] and path.read_bytes() == b"old"
+
+
+def test_a_write_error_that_a_library_wrapped_is_still_one_line(tmp_path):
+    """torch and safetensors raise their own exceptions around the OS's error; its text still names it."""
+    def write(f):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos: file write failed")
+
+    with pytest.raises(PionError, match="^cannot write .*file write failed$"):
+        atomic_write(str(tmp_path / "model.pt"), write)
+    assert os.listdir(tmp_path) == []
+
+
+def test_any_other_error_while_writing_is_not_disguised_as_a_write_error(tmp_path):
+    with pytest.raises(ZeroDivisionError):
+        atomic_write(str(tmp_path / "x"), lambda f: 1 / 0)
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_input_error_raised_while_writing_keeps_its_own_line(tmp_path):
+    """A PionError from reading an input inside a write (here raised while handling the OSError that caused
+    it) names that input, not the file being written."""
+    with pytest.raises(PionError, match="^cannot read the dataset: offline$"):
+        with replaced_atomically(str(tmp_path / "out")):
+            try:
+                raise OSError("network unreachable")
+            except OSError:
+                raise PionError("cannot read the dataset: offline")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_folder_appears_whole_in_place_of_an_empty_one(tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()
+
+    def write(folder):
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            f.write("{}")
+        return "written"
+
+    assert write_folder_atomically(str(out), write) == "written"
+    assert os.listdir(out) == ["config.json"] and os.listdir(tmp_path) == ["export"]
+
+
+def test_an_out_folder_that_holds_anything_is_refused(tmp_path):
+    (tmp_path / "kept.txt").write_text("mine")
+    with pytest.raises(PionError, match="already exists and is not an empty folder"):
+        check_new_folder(str(tmp_path))
+    check_new_folder(str(tmp_path / "new"))  # a new path is fine
