@@ -2,6 +2,7 @@
 and the interactive prompt."""
 import argparse
 import dataclasses
+import importlib
 import math
 import sys
 import warnings
@@ -71,6 +72,15 @@ def dataclass_from_args(cls, args, **values):
     """cls (a dataclass) from the parsed flags named like its fields; `values` fill or override fields."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **values})
+
+
+def import_optional(module, needed_by, package):
+    """`module`, which needs an optional package (lm-eval, matplotlib), imported only when a feature asks for it:
+    the rest never needs the package. Missing, a PionError saying what needs it and how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise PionError(f"{needed_by} needs {package} ({e}): pip install {package}")
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from cli import ArgumentParser, PionError, add_model_args, positive_int, run_cli
+from cli import ArgumentParser, PionError, add_model_args, import_optional, positive_int, run_cli
 from files import atomic_write
 
 
@@ -68,10 +68,7 @@ def main(argv=None):
     if args.output_path:
         check_new_results(args.output_path)  # before the slow part: a finished evaluation must have a place to go
     if tasks:
-        try:
-            import evaluation
-        except ImportError as e:
-            raise PionError(f"--tasks needs lm-evaluation-harness ({e}): pip install lm-eval")
+        evaluation = import_optional("evaluation", "--tasks", "lm-eval")
         manager = evaluation.task_manager(tasks, args.include_path)  # unknown names fail before the model loads
     from checkpoint import load_model
     from tokenizer import load_tokenizer

@@ -423,11 +423,11 @@ def metric_values(results):
 # Benchmarks during training
 
 
-def training_benchmarks(tasks, tokenizer, vocab_size, limit=None, include_path=None, batch_size=16):
-    """A TrainingRun's benchmark for --eval_tasks: model -> {"eval/<task>/<metric>": value} on rank 0 ({}
-    elsewhere). Task names and data are checked now, before training starts. Under torchrun each rank scores
-    its share of the requests. The harness seeds the global RNGs; they are restored after each run, so a
-    run with benchmarks trains exactly as one without."""
+def benchmark_scorer(tasks, tokenizer, vocab_size, limit=None, include_path=None, batch_size=16):
+    """A TrainingRun's benchmark for --eval_tasks (the trainers' flags, train_config.add_benchmark_args):
+    model -> {"eval/<task>/<metric>": value} on rank 0 ({} elsewhere). Task names and data are checked now,
+    before training starts. Under torchrun each rank scores its share of the requests. The harness seeds the
+    global RNGs; they are restored after each run, so a run with benchmarks trains exactly as one without."""
     names = [name.strip() for name in tasks.split(",") if name.strip()]
     if tokenizer.get_vocab_size() > vocab_size:
         raise PionError(f"--eval_tasks: the tokenizer's {tokenizer.get_vocab_size()} ids exceed the model's "

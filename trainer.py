@@ -87,7 +87,7 @@ class TrainingRun:
     data_identity: Optional[dict] = None  # what the data is (shards, sample count): saved, compared on resume
     token_bytes: Optional[torch.Tensor] = None  # each id's UTF-8 length (validation.token_byte_lengths): val_bpb
     sample: Optional[Callable] = None  # a validation.EvalSample: model, cache_dtype -> printed at each eval
-    benchmark: Optional[Callable] = None  # train_config.benchmark_scorer's: model -> scores, at each eval
+    benchmark: Optional[Callable] = None  # evaluation.benchmark_scorer's: model -> scores, at each eval
     loggers: tuple = ()  # trackers (trackers.TRACKERS) that get every metrics line besides metrics.jsonl
     plot: bool = False  # redraw run_dir/metrics.png at each eval
 
