@@ -316,7 +316,7 @@ def test_a_plot_that_fails_warns_once_and_training_goes_on(data_dir, tmp_path, t
 
 
 def test_without_matplotlib_a_run_says_how_to_get_its_picture_once(data_dir, tmp_path, tokenizer_path, monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "plotting", None)  # import plotting -> ImportError
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib.figure", None)  # importing it -> ImportError
     result = run_train(tmp_path, data_dir, tokenizer_path)
     assert result.stdout.count("pip install matplotlib") == 1
     assert not os.path.exists(tmp_path / "nano" / "metrics.png")
