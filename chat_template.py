@@ -7,6 +7,7 @@ closed by <|endoftext|>, and "<|assistant|>\\n" asks the model for the next repl
 text to the tokenizer, not special tokens. Every rendering here is built from the constants below.
 """
 from cli import PionError
+from loss import IGNORE_INDEX
 from tokenizer import EOS_ID
 
 ROLES = ("system", "user", "assistant")
@@ -16,7 +17,6 @@ SYSTEM_PREFIX, USER_PREFIX, ASSISTANT_PREFIX = (TURN_PREFIXES[role] for role in 
 TURN_SUFFIX = "\n"
 EOS_TEXT = "<|endoftext|>"  # EOS_ID as text, as the text and Jinja renderings write it after an assistant turn
 UNKNOWN_ROLE = "Pion chats have system, user and assistant turns, not "
-IGNORE_INDEX = -100  # the label of a token that is not trained
 
 # A reply ends at EOS_ID, or where the model starts writing the user's next turn: chat callers pass
 # STOP_STRINGS to decoding's generate_text / TextStream.

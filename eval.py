@@ -75,7 +75,7 @@ def main(argv=None):
     model, device, _ = load_model(args.checkpoint, args.device, args.dtype)
     tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
     print(f"{args.checkpoint}: {model.count_parameters():,} parameters, "
-          f"{'soft-capped' if model.config.use_soft_cap else 'SDPA'} attention, on {device}", file=sys.stderr)
+          f"{'soft-capped' if model.config.soft_capped else 'SDPA'} attention, on {device}", file=sys.stderr)
 
     report = {}
     if args.data_dir:

@@ -171,9 +171,9 @@ class PionLM(TemplateLM):
     def _batches(self, order, prefixes, members):
         """The groups in order, batch_size at a time, or fewer where a soft-capped model's attention scores
         would pass SCORE_BYTES: with a cache, soft-capped attention builds each row's whole (heads, T, S)
-        fp32 score matrix (model.softcapped_attention_block), which long few-shot contexts make large."""
+        fp32 score matrix (attention.softcapped_attention_block), which long few-shot contexts make large."""
         c = self.model.config
-        capped = c.use_soft_cap and c.logit_cap > 0
+        capped = c.soft_capped
         batch, used = [], 0
         for g in order:
             P, R = len(prefixes[g]), max(len(rest) for _, rest, _ in members[g])

@@ -108,7 +108,7 @@ def finetune(args, config, rt):
         # --checkpoint only names where the run started.
         source = resume or args.checkpoint
         model, checkpoint = load_checkpoint(source)
-        if model.config.use_soft_cap and args.refuse_soft_cap:
+        if model.config.soft_capped and args.refuse_soft_cap:
             raise PionError(f"{source} was trained with soft-capped attention (use_soft_cap=True); plain SDPA would "
                             f"change what it computes: drop --refuse_soft_cap")
         if config.seq_len > model.config.max_seq_len:
@@ -126,7 +126,7 @@ def finetune(args, config, rt):
         global_batch = config.batch_size * rt.world_size
         pad_to = config.seq_len if rt.device.type == "cuda" or config.compile else None
         rt.print(f"Pion SFT: {model.count_parameters():,} parameters on {rt.device} x {rt.world_size}, "
-                 f"{'soft-capped' if model.config.use_soft_cap else 'SDPA'} attention, {len(train_rows):,} train rows, "
+                 f"{'soft-capped' if model.config.soft_capped else 'SDPA'} attention, {len(train_rows):,} train rows, "
                  f"{global_batch * config.grad_accum:,} rows/step")
         rt.print(f"cosine schedule: warmup {config.warmup_steps}, lr {config.lr:g} to {config.min_lr:g} at step "
                  f"{config.max_steps}")

@@ -27,10 +27,6 @@ def require_transformers():
     return transformers
 
 
-def is_soft_capped(config):
-    return bool(config.use_soft_cap and config.logit_cap > 0)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Config and tensor names: also used by bench/bench_decode.py to build the same model in transformers.
 
@@ -138,7 +134,7 @@ def export(checkpoint, out, tokenizer_path=None, allow_mismatch=False, dtype="fl
 
 def check_soft_cap(config, allow_mismatch, what, target):
     """A soft-capped model has no exact export: refuse it, or with allow_mismatch warn that its outputs change."""
-    if is_soft_capped(config):
+    if config.soft_capped:
         message = (f"{what} soft-caps its attention logits (cap * tanh(score / cap), cap {config.logit_cap:g}), "
                    f"which {target} does not do: the export drops the cap, so its outputs differ from Pion's")
         if not allow_mismatch:

@@ -9,6 +9,13 @@ import torch
 
 IGNORE_INDEX = -100  # the label of a token that is not trained (prompt, padding): counted in no loss
 
+
+def trained_targets(labels):
+    """(B, T) labels aligned with their inputs -> the (B, T - 1) mask of the positions whose next token is
+    trained: the one count of trained tokens, shared by the model's loss, the trainer's step weights and
+    validation."""
+    return labels[:, 1:] != IGNORE_INDEX
+
 # ----------------------------------------------------------------------------------------------------
 # CPU-tuned: vocabulary blocks that stay in cache
 

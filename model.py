@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from attention import attention
 from cli import PionError, run_cli
-from loss import chunked_cross_entropy
+from loss import chunked_cross_entropy, trained_targets
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -58,6 +58,11 @@ class PionConfig:
     @property
     def head_dim(self):
         return self.d_model // self.n_heads
+
+    @property
+    def soft_capped(self):
+        """Whether attention soft-caps its logits: use_soft_cap with a cap above 0 (a cap of 0 caps nothing)."""
+        return self.use_soft_cap and self.logit_cap > 0
 
     @classmethod
     def from_dict(cls, d):
@@ -254,7 +259,7 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v, input_pos)
-        soft_cap = c.logit_cap if (c.use_soft_cap and c.logit_cap > 0) else None
+        soft_cap = c.logit_cap if c.soft_capped else None
         y = attention(q, k, v, soft_cap, input_pos if kv_cache is not None else None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_heads * hd))
 
@@ -355,14 +360,15 @@ class Pion(nn.Module):
         return self.lm_head(hidden).float()
 
     def forward(self, input_ids, labels=None, kv_cache=None, input_pos=None):
-        """input_ids (B, T). labels (B, T), aligned with input_ids (the shift happens here), -100 ignored:
+        """input_ids (B, T). labels (B, T), aligned with input_ids (the shift happens here), IGNORE_INDEX
+        ignored:
         returns {"loss": fp32 mean CE, "logits": None}; the full logits are never built for a loss.
         Without labels returns {"logits": (B, T, V), "loss": None}. kv_cache and input_pos: see
         hidden_states."""
         x = self.hidden_states(input_ids, kv_cache, input_pos)
         if labels is not None:
             targets = labels[:, 1:].reshape(-1)
-            trained = targets != -100
+            trained = trained_targets(labels).reshape(-1)
             # Only positions with a target reach the vocab projection: in SFT most are masked prompt tokens.
             hidden = x[:, :-1].reshape(-1, x.shape[-1])[trained]
             loss = chunked_cross_entropy(hidden, self.lm_head.weight, targets[trained])

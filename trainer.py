@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from cli import PionError, human_count
 from hardware import gpu_peak_flops, training_flops_per_token
+from loss import trained_targets
 from runtime import (StopSignal, gradient_sync, host_memory_peak, host_memory_total, keep_freed_memory,
                      prepare_model)
 from runs import TrainState, prune_checkpoints, restore_optimizer_and_rng, resumed_state, save_training_checkpoint
@@ -50,7 +51,7 @@ def train_step(model, optimizer, batches, rt, grad_accum, grad_clip, lr):
     # The model returns each micro-batch's mean loss. Weighting it by its share of the step's trained
     # tokens makes the gradient the true token mean over the whole global step, however padding is
     # spread over micro-batches and ranks (DDP and FSDP average gradients over ranks: hence world_size).
-    counts = [int((batch["labels"][:, 1:] != -100).sum()) for batch in micro_batches]
+    counts = [int(trained_targets(batch["labels"]).sum()) for batch in micro_batches]
     step_tokens = max(rt.all_reduce(sum(counts)), 1)
     loss_sum = torch.zeros((), device=rt.device)
     for micro, (batch, count) in enumerate(zip(micro_batches, counts)):

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from decoding import generate_text
+from loss import trained_targets
 from runtime import fsdp_param_dtype
 
 
@@ -62,13 +63,13 @@ def evaluate(model, batches, rt, steps, token_bytes=None):
         if not rt.all_reduce(float(batch is not None), dist.ReduceOp.MIN):
             break
         labels = batch["labels"].to(rt.device)
-        targets = labels[:, 1:]
-        count = int((targets != -100).sum())
+        trained = trained_targets(labels)
+        count = int(trained.sum())
         with rt.autocast():
             loss_sum += model(batch["input_ids"].to(rt.device), labels=labels)["loss"].item() * count
         tokens += count
         if token_bytes is not None:
-            n_bytes += int(token_bytes[targets[targets != -100]].sum())
+            n_bytes += int(token_bytes[labels[:, 1:][trained]].sum())
     model.train(was_training)
     loss_sum = rt.all_reduce(loss_sum)
     metrics = {"val_loss": loss_sum / max(rt.all_reduce(tokens), 1)}

@@ -59,6 +59,11 @@ def test_lm_head_is_tied_to_the_embedding():
     assert m.lm_head.weight is m.embed.weight
 
 
+def test_a_cap_of_0_is_no_soft_cap():
+    assert model.PionConfig().soft_capped and not model.PionConfig(use_soft_cap=False).soft_capped
+    assert not model.PionConfig(logit_cap=0.0).soft_capped  # use_soft_cap alone does not cap
+
+
 def test_linears_have_no_bias_and_init_std_is_0_02():
     torch.manual_seed(0)
     m = model.Pion(tiny_config(d_model=240, n_heads=6, d_ff=480))
