@@ -221,7 +221,7 @@ def create_dataloader(data_dir, split, batch_size, seq_len, vocab_size, seed=42,
                       rank=0, world_size=1, num_workers=0, pin_memory=False):
     """Iterator of {"input_ids": LongTensor (B, T), "labels": LongTensor (B, T)} for this rank.
     split="train": infinite, shuffled per (seed, epoch), begins at global sample index start_sample
-    (counted in samples over all ranks; train.py passes steps_done * batch_size * grad_accum * world_size).
+    (counted in samples over all ranks: a run's samples_seen, which the trainer passes on resume).
     split="val": one pass, fixed order (seed and start_sample are not used).
 
     Global batch g is samples [g*B*W, (g+1)*B*W) of the stream and rank r takes its r-th B, so W ranks

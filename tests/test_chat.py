@@ -77,15 +77,6 @@ def session(model=None, tokenizer=None, **settings):
     return chat.Session(model, tokenizer, SamplingSettings(**settings), max_tokens=100)
 
 
-@pytest.mark.slow
-def test_a_compiled_reply_equals_the_eager_one(tiny_checkpoint, tokenizer, capsys):
-    conversation = chat.Conversation(turns=[user("Hello there")])
-    eager = chat.reply(session(tiny_checkpoint[1], tokenizer, temperature=0), conversation)
-    compiled = session(tiny_checkpoint[1], tokenizer, temperature=0)
-    compiled.compile = True
-    assert chat.reply(compiled, conversation) == eager
-
-
 def test_a_reply_cut_by_the_token_limit_keeps_its_final_newline(tiny_chat_model, tokenizer, monkeypatch, capsys):
     # The template ends a turn with "\n" then <|endoftext|> (or the user's next turn): only there is the
     # "\n" the template's, and left out of the reply. A reply cut mid-turn keeps the "\n" the model wrote.
