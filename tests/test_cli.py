@@ -1,5 +1,6 @@
 """What every script's command line shares: a help line and a shown default for every flag, one-line errors."""
 import argparse
+import sys
 
 import pytest
 
@@ -66,3 +67,10 @@ def test_an_unknown_flag_is_one_line_and_exit_2(script):
 def test_token_counts_read_well_at_every_scale():
     assert [cli.human_count(n) for n in (512, 12_345, 4_500_000, 2_100_000_000)] == ["512", "12.3k", "4.5M", "2.1B"]
 
+
+
+def test_a_missing_optional_package_is_one_line_naming_what_needs_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # importing it -> ImportError
+    monkeypatch.delitem(sys.modules, "evaluation", raising=False)
+    with pytest.raises(cli.PionError, match=r"^--eval_tasks needs lm-eval \(.*\): pip install lm-eval$"):
+        cli.import_optional("evaluation", "--eval_tasks", "lm-eval")
