@@ -9,6 +9,7 @@ text to the tokenizer, not special tokens. Every rendering here is built from th
 from collections import namedtuple
 
 from cli import PionError
+from loss import IGNORE_INDEX
 from tokenizer import EOS_ID
 
 ROLES = ("system", "user", "assistant")
@@ -18,7 +19,6 @@ SYSTEM_PREFIX, USER_PREFIX, ASSISTANT_PREFIX = (TURN_PREFIXES[role] for role in 
 TURN_SUFFIX = "\n"
 EOS_TEXT = "<|endoftext|>"  # EOS_ID as text, as the text and Jinja renderings write it after an assistant turn
 UNKNOWN_ROLE = "Pion chats have system, user and assistant turns, not "
-IGNORE_INDEX = -100  # the label of a token that is not trained
 
 # A reply ends at EOS_ID, or where the model starts writing the user's next turn; the TURN_SUFFIX before either
 # closes the turn and is not the reply's content. Chat callers pass CHAT_TURN to decoding's TextStream (or

@@ -10,7 +10,8 @@ import zipfile
 
 import torch
 
-from cli import DTYPES, PionError, atomic_write, first_line, pick_device
+from cli import DTYPES, PionError, first_line, pick_device
+from files import atomic_write
 from model import Pion, PionConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

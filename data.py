@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tokenizer import PAD_ID
 from cli import PionError, first_line
+from loss import IGNORE_INDEX
 
 VAL_FRACTION = 0.02  # the last ~2% of the rows of every shard are validation
 
@@ -97,7 +98,7 @@ class PretrainData:
 
     def batch(self, sample_indices):
         """{"input_ids", "labels"}: LongTensors (len(sample_indices), seq_len). labels are the same tokens
-        (the model shifts them itself) with padding set to -100, so it never counts in the loss."""
+        (the model shifts them itself) with padding set to IGNORE_INDEX, so it never counts in the loss."""
         shard = np.searchsorted(self.first_sample, sample_indices, side="right") - 1
         local = sample_indices - self.first_sample[shard]
         row = self.first_row[shard] + local // self.windows_per_row
@@ -106,7 +107,7 @@ class PretrainData:
         for i in np.lexsort((row, shard)):  # in file order: the reads move forward through each shard
             input_ids[i] = self.shards[shard[i]][row[i], col[i]:col[i] + self.seq_len]
         input_ids = torch.from_numpy(input_ids)
-        return {"input_ids": input_ids, "labels": input_ids.masked_fill(input_ids == PAD_ID, -100)}
+        return {"input_ids": input_ids, "labels": input_ids.masked_fill(input_ids == PAD_ID, IGNORE_INDEX)}
 
     def check_tokens(self, vocab_size):
         """Refuse token ids the model has no embedding for, and a split of padding alone (it would train at
@@ -220,7 +221,7 @@ def create_dataloader(data_dir, split, batch_size, seq_len, vocab_size, seed=42,
                       rank=0, world_size=1, num_workers=0, pin_memory=False):
     """Iterator of {"input_ids": LongTensor (B, T), "labels": LongTensor (B, T)} for this rank.
     split="train": infinite, shuffled per (seed, epoch), begins at global sample index start_sample
-    (counted in samples over all ranks; train.py passes steps_done * batch_size * grad_accum * world_size).
+    (counted in samples over all ranks: a run's samples_seen, which the trainer passes on resume).
     split="val": one pass, fixed order (seed and start_sample are not used).
 
     Global batch g is samples [g*B*W, (g+1)*B*W) of the stream and rank r takes its r-th B, so W ranks

@@ -14,8 +14,8 @@ from tqdm import tqdm
 
 from data import PretrainData, open_shard, read_metadata
 from tokenizer import EOS_ID, PAD_ID, TOKENIZER_PATH, load_tokenizer
-from cli import (ArgumentParser, PionError, atomic_write, check_new_folder, first_line, is_unicode, positive_int,
-                 run_cli, write_folder_atomically)
+from cli import ArgumentParser, PionError, first_line, is_unicode, positive_int, run_cli
+from files import atomic_write, check_new_folder, write_folder_atomically
 
 DEFAULT_REPO = "SuperGoatScriptGuy/PreprocessedMIXED"
 

@@ -12,7 +12,8 @@ import json
 import os
 import sys
 
-from cli import ArgumentParser, PionError, add_model_args, atomic_write, positive_int, run_cli
+from cli import ArgumentParser, PionError, add_model_args, import_optional, positive_int, run_cli
+from files import atomic_write
 
 
 def parse_args(argv=None):
@@ -67,17 +68,14 @@ def main(argv=None):
     if args.output_path:
         check_new_results(args.output_path)  # before the slow part: a finished evaluation must have a place to go
     if tasks:
-        try:
-            import evaluation
-        except ImportError as e:
-            raise PionError(f"--tasks needs lm-evaluation-harness ({e}): pip install lm-eval")
+        evaluation = import_optional("evaluation", "--tasks", "lm-eval")
         manager = evaluation.task_manager(tasks, args.include_path)  # unknown names fail before the model loads
     from checkpoint import load_model
     from tokenizer import load_tokenizer
     model, device, _ = load_model(args.checkpoint, args.device, args.dtype)
     tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
     print(f"{args.checkpoint}: {model.count_parameters():,} parameters, "
-          f"{'soft-capped' if model.config.use_soft_cap else 'SDPA'} attention, on {device}", file=sys.stderr)
+          f"{'soft-capped' if model.config.soft_capped else 'SDPA'} attention, on {device}", file=sys.stderr)
 
     report = {}
     if args.data_dir:

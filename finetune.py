@@ -17,13 +17,14 @@ import torch.distributed as dist
 
 from chat_template import CHAT_TURN, render_conversation
 from checkpoint import load_checkpoint
-from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, positive_int, run_cli
+from cli import (ArgumentParser, PionError, dataclass_from_args, import_optional, non_negative_int, positive_int,
+                 run_cli)
 from runs import is_sft_checkpoint, open_run_dir
 from runtime import Runtime, seed_everything, signal_exit_code
 from sft_data import collate, load_sft_splits, sft_batches
 from tokenizer import load_tokenizer
 from trackers import add_logger_args
-from train_config import TrainConfig, add_benchmark_args, add_train_config_args, benchmark_scorer
+from train_config import TrainConfig, add_benchmark_args, add_train_config_args
 from trainer import TrainingRun, train
 from validation import EvalSample, token_byte_lengths
 
@@ -107,7 +108,7 @@ def finetune(args, config, rt):
         # --checkpoint only names where the run started.
         source = resume or args.checkpoint
         model, checkpoint = load_checkpoint(source)
-        if model.config.use_soft_cap and args.refuse_soft_cap:
+        if model.config.soft_capped and args.refuse_soft_cap:
             raise PionError(f"{source} was trained with soft-capped attention (use_soft_cap=True); plain SDPA would "
                             f"change what it computes: drop --refuse_soft_cap")
         if config.seq_len > model.config.max_seq_len:
@@ -125,7 +126,7 @@ def finetune(args, config, rt):
         global_batch = config.batch_size * rt.world_size
         pad_to = config.seq_len if rt.device.type == "cuda" or config.compile else None
         rt.print(f"Pion SFT: {model.count_parameters():,} parameters on {rt.device} x {rt.world_size}, "
-                 f"{'soft-capped' if model.config.use_soft_cap else 'SDPA'} attention, {len(train_rows):,} train rows, "
+                 f"{'soft-capped' if model.config.soft_capped else 'SDPA'} attention, {len(train_rows):,} train rows, "
                  f"{global_batch * config.grad_accum:,} rows/step")
         rt.print(f"cosine schedule: warmup {config.warmup_steps}, lr {config.lr:g} to {config.min_lr:g} at step "
                  f"{config.max_steps}")
@@ -138,8 +139,9 @@ def finetune(args, config, rt):
             data_identity={"data": os.path.basename(args.data_file) if args.data_file else args.dataset,
                            "train_rows": len(train_rows), "pack": args.pack},
             token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size),
-            benchmark=benchmark_scorer(args.eval_tasks, tokenizer, model.config.vocab_size, args.eval_limit,
-                                       args.eval_include_path, args.eval_batch_size),
+            benchmark=import_optional("evaluation", "--eval_tasks", "lm-eval").benchmark_scorer(
+                args.eval_tasks, tokenizer, model.config.vocab_size, args.eval_limit, args.eval_include_path,
+                args.eval_batch_size) if args.eval_tasks else None,
             loggers=args.logger, plot=True)
         state = train(model, config, rt, run)
         if state.finished:

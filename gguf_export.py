@@ -15,7 +15,8 @@ import os
 from chat_template import CHAT_TEMPLATE
 from checkpoint import load_checkpoint
 from tokenizer import EOS_ID, PAD_ID, UNK_ID, load_tokenizer
-from cli import PionError, replaced_atomically
+from cli import PionError
+from files import replaced_atomically
 from hf_export import check_soft_cap, qwen3_state_dict
 
 GGUF_TYPES = ("f32", "f16", "q8_0")

@@ -1,22 +1,42 @@
 """Pictures of training runs from their metrics.jsonl: loss (raw and smoothed), validation loss and bits per
 byte, learning rate, tokens/s and each eval/<task>/<metric>, against tokens seen, several runs overlaid.
+trackers.py writes metrics.jsonl; this module reads it back (read_records) and draws it.
 
 matplotlib's object API and Agg canvas, never pyplot: drawing needs no display and changes no global
 backend, so a training run can draw between steps.
 """
+import json
 import math
 import os
 
-from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter
-
-from cli import PionError, atomic_write
-from trackers import read_records
+from cli import PionError
+from files import atomic_write
 
 SMOOTHING = 0.9  # the progress bar's moving average of the loss, for runs of 100 logged steps or more
 # (panel title, the record key it shows); eval/... panels follow, one per metric the runs hold
 PANELS = [("training loss", "loss"), ("validation loss", "val_loss"), ("validation bits per byte", "val_bpb"),
           ("learning rate", "lr"), ("tokens/s", "tokens_per_s")]
+
+
+def read_records(path):
+    """The records of a metrics.jsonl. A last line cut short by a crash is left out; any other line that is not
+    a JSON object is a PionError naming it."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)  # also reads the bare NaN that older runs wrote
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            if number == len(lines):
+                break
+            raise PionError(f"{path} line {number} is not a metrics record")
+        records.append(record)
+    return records
 
 
 def metrics_path(run):
@@ -64,6 +84,11 @@ def smoothed(values, weight=None):
 def draw(runs):
     """A matplotlib Figure of [(name, records)]: one panel per metric any run holds. Each run is one color,
     its lines labelled with its name (the raw training loss: "<name> raw")."""
+    try:  # imported here: reading metrics (a resumed run trims its metrics.jsonl) needs no matplotlib
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import EngFormatter
+    except ImportError as e:
+        raise PionError(f"drawing needs matplotlib ({e}): pip install matplotlib")
     eval_keys = sorted({key for _, records in runs for r in records for key in r if key.startswith("eval/")})
     panels = [(title, key) for title, key in PANELS + [(key, key) for key in eval_keys]
               if any(series(records, key)[0] for _, records in runs)]

@@ -15,7 +15,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
 from checkpoint import clean_state_dict, save_checkpoint
-from cli import PionError, first_line, remove_leftovers
+from cli import PionError, first_line
+from files import remove_leftovers
 from runtime import gather_rng_states, set_rng_state
 
 # ----------------------------------------------------------------------------------------------------

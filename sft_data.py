@@ -13,7 +13,8 @@ from collections import Counter
 import numpy as np
 import torch
 
-from chat_template import IGNORE_INDEX, render_conversation
+from chat_template import render_conversation
+from loss import IGNORE_INDEX
 from tokenizer import PAD_ID, load_tokenizer
 from cli import ArgumentParser, PionError, first_line, is_unicode, positive_int, run_cli
 

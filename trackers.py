@@ -1,5 +1,6 @@
 """Where a training run's metrics go: <run_dir>/metrics.jsonl always, plus each experiment tracker chosen with
---logger (TensorBoard, Weights & Biases, trackio) and, optionally, a <run_dir>/metrics.png redrawn at each eval.
+--logger (TensorBoard, Weights & Biases, trackio) and, optionally, a <run_dir>/metrics.png redrawn at each eval
+(plotting.py reads metrics.jsonl back and draws it).
 
 Only the process that writes checkpoints (global rank 0) opens any of them. A resumed run continues the same
 tracker run: its id is kept in <run_dir>/trackers.json, and no step reaches a tracker twice.
@@ -11,7 +12,9 @@ import math
 import os
 import secrets
 
-from cli import PionError, atomic_write, first_line
+import plotting
+from cli import PionError, first_line
+from files import atomic_write
 
 # --logger NAME -> (module to import, what to pip install)
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
@@ -42,27 +45,6 @@ def finite_or_none(value):
 def json_line(record):
     """A record as one line of strict JSON (a non-finite number as null)."""
     return json.dumps({key: finite_or_none(value) for key, value in record.items()}, allow_nan=False) + "\n"
-
-
-def read_records(path):
-    """The records of a metrics.jsonl. A last line cut short by a crash is left out; any other line that is not
-    a JSON object is a PionError naming it."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)  # also reads the bare NaN that older runs wrote
-        except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            if number == len(lines):
-                break
-            raise PionError(f"{path} line {number} is not a metrics record")
-        records.append(record)
-    return records
 
 
 class RunLog:
@@ -116,7 +98,7 @@ class RunLog:
         """Drop metrics.jsonl's lines past `step`; returns the highest step the file held."""
         if not os.path.exists(self.path):
             return 0
-        records = read_records(self.path)
+        records = plotting.read_records(self.path)
         kept = [r for r in records if r["step"] <= step]
         # Rewritten through a temp file: a crash now leaves the old file. Also drops a torn last line.
         atomic_write(self.path, lambda f: f.writelines(json_line(record).encode() for record in kept))
@@ -145,12 +127,9 @@ class RunLog:
             return
         self.undrawn = False
         try:
-            import plotting
             plotting.save_plot([os.path.dirname(self.path)], self.plot_path)
         except Exception as e:
-            reason = "matplotlib is not installed (pip install matplotlib)" if isinstance(e, ImportError) \
-                else first_line(e)
-            self.say(f"warning: no {self.plot_path}: {reason}; training goes on without it")
+            self.say(f"warning: no {self.plot_path}: {first_line(e)}; training goes on without it")
             self.plot_path = None
 
     def close(self):

@@ -1,6 +1,6 @@
 """How to train: TrainConfig (the schedule, batch layout, intervals and performance switches of a run, each
 field documented once and its flag derived from it), the learning-rate schedules it describes, and the
-benchmark flags both trainers share."""
+benchmark flags both trainers share (evaluation.benchmark_scorer reads them)."""
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -82,18 +82,6 @@ def add_benchmark_args(parser):
     parser.add_argument("--eval_batch_size", type=positive_int, default=16,
                         help="--eval_tasks: contexts per forward (a question's choices share one), as eval.py's "
                              "--batch_size; --batch_size is the training batch")
-
-
-def benchmark_scorer(tasks, tokenizer, vocab_size, limit, include_path, batch_size):
-    """model -> {"eval/<task>/<metric>": value} for --eval_tasks, or None without them. lm_eval is imported
-    only then: training needs none of it."""
-    if not tasks:
-        return None
-    try:
-        import evaluation
-    except ImportError as e:
-        raise PionError(f"--eval_tasks needs lm-evaluation-harness ({e}): pip install lm-eval")
-    return evaluation.training_benchmarks(tasks, tokenizer, vocab_size, limit, include_path, batch_size)
 
 
 def wsd_decay_start(max_steps, decay_frac):

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from cli import PionError, human_count
 from hardware import gpu_peak_flops, training_flops_per_token
+from loss import trained_targets
 from runtime import (StopSignal, gradient_sync, host_memory_peak, host_memory_total, keep_freed_memory,
                      prepare_model)
 from runs import TrainState, prune_checkpoints, restore_optimizer_and_rng, resumed_state, save_training_checkpoint
@@ -66,7 +67,7 @@ def train_step(model, optimizers, batches, rt, grad_accum, grad_clip, lr_scale):
     # The model returns each micro-batch's mean loss. Weighting it by its share of the step's trained
     # tokens makes the gradient the true token mean over the whole global step, however padding is
     # spread over micro-batches and ranks (DDP and FSDP average gradients over ranks: hence world_size).
-    counts = [int((batch["labels"][:, 1:] != -100).sum()) for batch in micro_batches]
+    counts = [int(trained_targets(batch["labels"]).sum()) for batch in micro_batches]
     step_tokens = max(rt.all_reduce(sum(counts)), 1)
     loss_sum = torch.zeros((), device=rt.device)
     for micro, (batch, count) in enumerate(zip(micro_batches, counts)):
@@ -104,7 +105,7 @@ class TrainingRun:
     data_identity: Optional[dict] = None  # what the data is (shards, sample count): saved, compared on resume
     token_bytes: Optional[torch.Tensor] = None  # each id's UTF-8 length (validation.token_byte_lengths): val_bpb
     sample: Optional[Callable] = None  # a validation.EvalSample: model, cache_dtype -> printed at each eval
-    benchmark: Optional[Callable] = None  # train_config.benchmark_scorer's: model -> scores, at each eval
+    benchmark: Optional[Callable] = None  # evaluation.benchmark_scorer's: model -> scores, at each eval
     loggers: tuple = ()  # trackers (trackers.TRACKERS) that get every metrics line besides metrics.jsonl
     plot: bool = False  # redraw run_dir/metrics.png at each eval
 

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from decoding import generate_text
+from loss import trained_targets
 from runtime import fsdp_param_dtype
 
 
@@ -56,24 +57,28 @@ def evaluate(model, batches, rt, steps, token_bytes=None):
     batches = iter(batches)
     if token_bytes is not None:
         token_bytes = token_bytes.to(rt.device)  # once, not per batch
-    loss_sum, tokens, n_bytes = 0.0, 0, 0
+    # The sums stay on the device until the end: reading one back each batch would make the host wait for
+    # every forward instead of queueing the next.
+    loss_sum = torch.zeros((), device=rt.device)
+    tokens = torch.zeros((), dtype=torch.long, device=rt.device)
+    n_bytes = torch.zeros((), dtype=torch.long, device=rt.device)
     for _ in range(steps):
         batch = next(batches, None)
         if not rt.all_reduce(float(batch is not None), dist.ReduceOp.MIN):
             break
         labels = batch["labels"].to(rt.device)
-        targets = labels[:, 1:]
-        count = int((targets != -100).sum())
+        trained = trained_targets(labels)
+        count = trained.sum()
         with rt.autocast():
-            loss_sum += model(batch["input_ids"].to(rt.device), labels=labels)["loss"].item() * count
+            loss_sum += model(batch["input_ids"].to(rt.device), labels=labels)["loss"].float() * count
         tokens += count
-        if token_bytes is not None:
-            n_bytes += int(token_bytes[targets[targets != -100]].sum())
+        if token_bytes is not None:  # masked, not indexed by the mask: a boolean index would wait for its size
+            n_bytes += (token_bytes[labels[:, 1:].clamp(min=0)] * trained).sum()
     model.train(was_training)
-    loss_sum = rt.all_reduce(loss_sum)
-    metrics = {"val_loss": loss_sum / max(rt.all_reduce(tokens), 1)}
+    loss_sum = rt.all_reduce(loss_sum.item())
+    metrics = {"val_loss": loss_sum / max(rt.all_reduce(tokens.item()), 1)}
     if token_bytes is not None:
-        metrics["val_bpb"] = bits_per_byte(loss_sum, rt.all_reduce(n_bytes))
+        metrics["val_bpb"] = bits_per_byte(loss_sum, rt.all_reduce(n_bytes.item()))
     return metrics
 
 

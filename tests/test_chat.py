@@ -77,15 +77,6 @@ def session(model=None, tokenizer=None, **settings):
     return chat.Session(model, tokenizer, SamplingSettings(**settings), max_tokens=100)
 
 
-@pytest.mark.slow
-def test_a_compiled_reply_equals_the_eager_one(tiny_checkpoint, tokenizer, capsys):
-    conversation = chat.Conversation(turns=[user("Hello there")])
-    eager = chat.reply(session(tiny_checkpoint[1], tokenizer, temperature=0), conversation)
-    compiled = session(tiny_checkpoint[1], tokenizer, temperature=0)
-    compiled.compile = True
-    assert chat.reply(compiled, conversation) == eager
-
-
 def test_a_reply_is_its_turn_s_content(tiny_chat_model, tokenizer, monkeypatch, capsys):
     # Where a reply ends, and which "\n" is the template's, is decoding.TextStream's rule with
     # chat_template.CHAT_TURN (tests/test_decoding.py): here, that chat.py's reply is that content.

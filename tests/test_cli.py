@@ -2,6 +2,7 @@
 import argparse
 import glob
 import os
+import sys
 import tomllib
 
 import pytest
@@ -68,18 +69,6 @@ def test_an_unknown_flag_is_one_line_and_exit_2(script):
 
 def test_token_counts_read_well_at_every_scale():
     assert [cli.human_count(n) for n in (512, 12_345, 4_500_000, 2_100_000_000)] == ["512", "12.3k", "4.5M", "2.1B"]
-
-
-def test_an_input_error_raised_while_writing_keeps_its_own_line(tmp_path):
-    """A PionError from reading an input inside a write (here raised while handling the OSError that caused
-    it) names that input, not the file being written."""
-    with pytest.raises(cli.PionError, match="^cannot read the dataset: offline$"):
-        with cli.replaced_atomically(str(tmp_path / "out")):
-            try:
-                raise OSError("network unreachable")
-            except OSError:
-                raise cli.PionError("cannot read the dataset: offline")
-    assert os.listdir(tmp_path) == []
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -160,31 +149,8 @@ def test_ctrl_c_is_one_line_and_the_shells_exit_code_130():
     result = run_in_process(interrupted, [])
     assert (result.returncode, result.stderr) == (130, "interrupted\n")
 
-
-def finished_process_id():
-    """The id of a process that has ended (as one killed mid-write has)."""
-    import subprocess
-    import sys
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
-def test_a_write_removes_the_leftovers_of_killed_writers_of_its_path_only(tmp_path):
-    import subprocess
-    import sys
-    dead = tmp_path / f".out.tmp{finished_process_id()}"
-    dead.mkdir()
-    (dead / "model.safetensors").write_bytes(b"half")
-    (tmp_path / f".out.tmp{finished_process_id()}").write_bytes(b"half a file")
-    other = tmp_path / f".other.tmp{finished_process_id()}"  # another path's: its own next write removes it
-    other.write_bytes(b"half")
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        running = tmp_path / f".out.tmp{alive.pid}"  # a write still under way in another process
-        running.mkdir()
-        cli.atomic_write(str(tmp_path / "out"), lambda f: f.write(b"whole"))
-        assert sorted(os.listdir(tmp_path)) == sorted([other.name, running.name, "out"])
-    finally:
-        alive.kill()
-        alive.wait()
+def test_a_missing_optional_package_is_one_line_naming_what_needs_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # importing it -> ImportError
+    monkeypatch.delitem(sys.modules, "evaluation", raising=False)
+    with pytest.raises(cli.PionError, match=r"^--eval_tasks needs lm-eval \(.*\): pip install lm-eval$"):
+        cli.import_optional("evaluation", "--eval_tasks", "lm-eval")

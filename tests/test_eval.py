@@ -491,10 +491,10 @@ def test_finetuning_logs_val_bpb_and_benchmark_scores(tasks, tmp_path, tokenizer
 
 def test_the_harness_during_training_gets_eval_batch_size_not_the_training_batch(shards, tmp_path, tokenizer_path,
                                                                                   monkeypatch):
-    import train
+    import evaluation
     from conftest import run_train
     asked = []
-    monkeypatch.setattr(train, "benchmark_scorer", lambda *args: asked.append(args[-1]))
+    monkeypatch.setattr(evaluation, "benchmark_scorer", lambda *args: asked.append(args[-1]))
     result = run_train([*REAL_VOCAB_TINY, "--data_dir", shards, "--save_dir", tmp_path, "--max_steps", 1,
                         "--eval_tasks", MC_TASK, "--eval_batch_size", 3], tokenizer_path)
     assert result.returncode == 0, result.stderr

@@ -203,6 +203,16 @@ def test_refuse_soft_cap_on_a_soft_capped_checkpoint_is_refused(files, tokenizer
     assert line.startswith(f"error: {files.base} was trained with soft-capped attention") and "--refuse_soft_cap" in line
 
 
+def test_refuse_soft_cap_lets_a_cap_of_0_through_as_the_plain_attention_it_is(files, tokenizer_path, tmp_path):
+    """use_soft_cap with logit_cap 0 caps nothing: the model's attention is plain SDPA, which it says."""
+    config = PionConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=128, logit_cap=0.0)
+    torch.save({"model": Pion(config).state_dict(), "config": config}, tmp_path / "uncapped.pt")
+    result = finetune(files, tokenizer_path, tmp_path, *TRAINING_FLAGS, "--max_steps", "1", "--refuse_soft_cap",
+                      checkpoint=str(tmp_path / "uncapped.pt"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "SDPA attention" in result.stdout
+
+
 def test_a_missing_data_file_is_one_line(files, tokenizer_path, tmp_path):
     missing = str(tmp_path / "nope.jsonl")
     line = one_error_line(finetune(files, tokenizer_path, tmp_path, *TRAINING_FLAGS, data=["--data_file", missing]))

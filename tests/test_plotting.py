@@ -1,14 +1,13 @@
 """plot.py and plotting.py: pictures of runs from their metrics.jsonl."""
 import json
 import os
+import sys
 
 import pytest
 
-pytest.importorskip("matplotlib")
-
-import plot  # noqa: E402  (after the skip: both need matplotlib)
-import plotting  # noqa: E402
-from conftest import assert_one_line_error, run_in_process  # noqa: E402
+import plot
+import plotting
+from conftest import assert_one_line_error, run_in_process
 
 
 def write_run(folder, scale=1.0, evals=True):
@@ -113,3 +112,10 @@ def test_a_missing_run_is_one_line(tmp_path):
 def test_an_out_that_is_not_a_png_is_one_line(tmp_path):
     assert_one_line_error(run_in_process(plot.main, [write_run(tmp_path / "run"), "--out", tmp_path / "x.jpg"]),
                           "must be a .png")
+
+
+def test_without_matplotlib_plot_py_says_how_to_get_it_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # importing it -> ImportError
+    result = run_in_process(plot.main, [write_run(tmp_path / "run"), "--out", tmp_path / "out.png"])
+    assert_one_line_error(result, "pip install matplotlib")
+    assert not os.path.exists(tmp_path / "out.png")

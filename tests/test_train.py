@@ -16,7 +16,6 @@ import torch
 import checkpoint
 from tokenizer import PAD_ID
 import runs
-import train_config
 from conftest import (ROOT, TINY_MODEL_FLAGS, assert_one_line_error as assert_error_line, run_train, train_argv,
                       write_shards)
 
@@ -42,19 +41,7 @@ def losses(save_dir):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Schedule and process
-
-
-def test_wsd_schedule_warms_up_holds_then_decays_over_the_last_fifth():
-    lr = [train_config.wsd_lr(s, 1.0, 0.1, warmup_steps=10, max_steps=100, decay_frac=0.2) for s in range(100)]
-    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)
-    assert all(x == 1.0 for x in lr[10:80])
-    assert all(a > b for a, b in zip(lr[80:], lr[81:]))
-    assert lr[99] == pytest.approx(0.1)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Runs
+# Runs (the schedule itself is tests/test_train_config.py's)
 
 
 def test_training_writes_metrics_and_checkpoints(data_dir, tmp_path, tokenizer_path):
@@ -532,11 +519,6 @@ def test_data_of_padding_alone_is_refused(tmp_path, tokenizer_path):
     path.mkdir()
     np.save(path / "shard_00000.npy", np.full((48, 64), PAD_ID, dtype=np.uint16))
     assert_one_line_error(run_train(["--data_dir", path, "--save_dir", tmp_path], tokenizer_path), "all padding")
-
-
-def test_wsd_decay_length_is_rounded_not_truncated():
-    lr = [train_config.wsd_lr(s, 1.0, 0.0, warmup_steps=0, max_steps=10, decay_frac=0.29) for s in range(10)]
-    assert lr[6] == 1.0 and lr[7] < 1.0  # 2.9 decay steps round to 3: the decay starts at step 7
 
 
 def test_warmup_running_into_the_decay_is_refused(data_dir, tmp_path, tokenizer_path):
