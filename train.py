@@ -14,10 +14,9 @@ import numpy as np
 
 import data
 import model as pion
-from checkpoint import load_checkpoint
 from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, run_cli
-from runs import check_same_model, open_run_dir
-from runtime import Runtime, seed_everything, signal_exit_code
+from runs import Checkpointer, check_same_model, open_run_dir
+from runtime import Runtime, signal_exit_code
 from tokenizer import PAD_ID, load_tokenizer
 from trackers import add_logger_args
 from train_config import TrainConfig, add_benchmark_args, add_train_config_args, benchmark_scorer, wsd_decay_start
@@ -120,13 +119,10 @@ def pretrain(args, config, rt):
     run_dir = os.path.join(args.save_dir, args.model_size)
     prefix = f"pion_{args.model_size}"
     with open_run_dir(run_dir, prefix, args.resume, lock=rt.is_main) as resume:  # locked until the run ends
-        seed_everything(config.seed)
+        checkpointer = Checkpointer(run_dir, prefix, rt, resume, config.seed)
         if resume:
-            model, checkpoint = load_checkpoint(resume)
+            model = checkpointer.resumed_model()
             check_same_model(resume, model.config, model_config(args))
-            # Checkpoints from before data positions were saved: assume this run's batch layout.
-            checkpoint.setdefault("samples_seen", checkpoint.get("step", 0) * config.batch_size * config.grad_accum
-                                  * rt.world_size)
         else:
             model = pion.Pion(model_config(args))
         if config.seq_len > model.config.max_seq_len:
@@ -152,7 +148,7 @@ def pretrain(args, config, rt):
                                                                start_sample=start, num_workers=args.num_workers,
                                                                **loader_args),
             val_batches=lambda: data.create_dataloader(args.data_dir, "val", num_workers=0, **loader_args),
-            run_dir=run_dir, prefix=prefix, resume=(resume, checkpoint) if resume else None,
+            checkpointer=checkpointer,
             sample=eval_sample(args, tokenizer, model.config.vocab_size, rt,
                                val_data.batch(np.array([0]))["input_ids"][0, :16].tolist()),
             saved_with={"trainer": "pretrain"}, data_identity=train_data.identity(),

@@ -50,6 +50,8 @@ class TrainConfig:
     seed: int = setting("seeds the weights, the data order and dropout", 42, non_negative_int)
     allow_data_change: bool = setting("resume although the data differs from the checkpoint's (its sample order "
                                       "then changes)", False)
+    allow_optimizer_change: bool = setting("resume with another --optimizer than the checkpoint's (its state then "
+                                           "starts from zero)", False)
     keep_final_optimizer: bool = setting("keep the optimizer state in the _final checkpoint too (only to train "
                                          "further from it; it triples the file); step checkpoints always keep it, "
                                          "to resume", False)
