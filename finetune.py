@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from chat_template import STOP_STRINGS, render_conversation
 from checkpoint import load_checkpoint
-from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, positive_int, run_cli
+from cli import (ArgumentParser, PionError, add_device_arg, dataclass_from_args, non_negative_int, positive_int,
+                 run_cli)
 from runs import Checkpointer, is_sft_checkpoint, open_run_dir
 from runtime import Runtime, signal_exit_code
 from sft_data import collate, load_sft_splits, sft_batches
@@ -52,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest in the save dir")
     p.add_argument("--tokenize_workers", type=non_negative_int, default=None,
                    help="processes that tokenize the data (default: by data size; 0 = this process)")
-    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto: cuda > mps > cpu")
+    add_device_arg(p)
     p.add_argument("--tokenizer", default=None, help="tokenizer JSON (default: the Pion tokenizer)")
     return p.parse_args(argv)
 

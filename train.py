@@ -14,7 +14,7 @@ import numpy as np
 
 import data
 import model as pion
-from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, run_cli
+from cli import ArgumentParser, PionError, add_device_arg, dataclass_from_args, non_negative_int, run_cli
 from runs import Checkpointer, check_same_model, open_run_dir
 from runtime import Runtime, signal_exit_code
 from tokenizer import PAD_ID, load_tokenizer
@@ -36,13 +36,11 @@ def parse_args(argv=None):
     add_train_config_args(p, DEFAULTS)
     add_benchmark_args(p)
     add_logger_args(p)
-    p.add_argument("--decay_frac", type=float, default=DEFAULTS.decay_frac,
-                   help="WSD: fraction of max_steps spent decaying")
     p.add_argument("--no_soft_cap", action="store_true", help="plain SDPA attention without logit soft-capping")
     p.add_argument("--save_dir", default="checkpoints", help="checkpoints go to SAVE_DIR/MODEL_SIZE/")
     p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest in the save dir")
     p.add_argument("--num_workers", type=non_negative_int, default=4, help="data loader processes")
-    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto: cuda > mps > cpu")
+    add_device_arg(p)
     p.add_argument("--tokenizer", default=None, help="tokenizer JSON for the eval samples (default: the Pion one)")
     p.add_argument("--sample_prompt", default=None,
                    help="prompt of the sample at each eval (default: the first 16 tokens of the validation data)")
@@ -50,8 +48,6 @@ def parse_args(argv=None):
     p.add_argument("--memory_test", action="store_true",
                    help="run two real training steps and their saves, report peak memory, exit")
     args = p.parse_args(argv)
-    if not 0 <= args.decay_frac <= 1:
-        p.error("--decay_frac must be between 0 and 1")
     if not args.memory_test and args.data_dir is None:
         p.error("--data_dir is required (see `python data_prep.py --help` to get data)")
     return args

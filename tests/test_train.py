@@ -15,6 +15,7 @@ import torch
 
 import checkpoint
 from tokenizer import PAD_ID
+import train
 import train_config
 from conftest import (ROOT, TINY_MODEL_FLAGS, assert_one_line_error as assert_error_line, run_train, train_argv,
                       write_shards)
@@ -564,6 +565,16 @@ def test_data_of_padding_alone_is_refused(tmp_path, tokenizer_path):
 def test_wsd_decay_length_is_rounded_not_truncated():
     lr = [train_config.wsd_lr(s, 1.0, 0.0, warmup_steps=0, max_steps=10, decay_frac=0.29) for s in range(10)]
     assert lr[6] == 1.0 and lr[7] < 1.0  # 2.9 decay steps round to 3: the decay starts at step 7
+
+
+def test_decay_frac_is_derived_from_train_config_for_the_wsd_trainer_only():
+    import finetune
+    from cli import PionError
+    assert train.parse_args(["--data_dir", "d", "--decay_frac", "0.3"]).decay_frac == 0.3
+    with pytest.raises(PionError, match="--decay_frac: must be a number from 0 to 1"):
+        train.parse_args(["--data_dir", "d", "--decay_frac", "1.5"])
+    with pytest.raises(PionError, match="unrecognized arguments: --decay_frac"):  # cosine: no use for it
+        finetune.parse_args(["--checkpoint", "c", "--decay_frac", "0.3"])
 
 
 def test_warmup_running_into_the_decay_is_refused(data_dir, tmp_path, tokenizer_path):
