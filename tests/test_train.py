@@ -207,8 +207,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(data_dir, tm
     assert double.returncode == 0, double.stderr
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    # Muon orthogonalizes each update in bf16: a last-bit difference in the all-reduced gradient can round there.
+    tolerance = 1e-4 if muon else 1e-5
     for step in a:
-        assert a[step] == pytest.approx(b[step], rel=1e-5)
+        assert a[step] == pytest.approx(b[step], rel=tolerance), step
     assert checkpoint.load_checkpoint(tmp_path / "two" / "nano" / "pion_nano_final.pt")[1]["step"] == 6
 
 
