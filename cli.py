@@ -174,9 +174,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def add_model_args(parser):
     """The flags of every script that loads a model: tokenizer, device, dtype."""
     parser.add_argument("--tokenizer", default=None, help="tokenizer JSON (default: the Pion tokenizer, fetched once)")
-    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    add_device_arg(parser)
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="weights' dtype (default: bfloat16 on CUDA, float32 elsewhere)")
+
+
+def add_device_arg(parser):
+    """--device, the same in every script: pick_device reads it (an unknown or absent device is one line)."""
+    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
 
 
 def add_inference_args(parser):

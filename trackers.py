@@ -62,7 +62,10 @@ class RunLog:
         self.trackers, self.sent, self.undrawn = [], (None, set()), False
         if not enabled:
             return
-        logged = self._keep_records_through(resume_step)
+        # Everything that can refuse (an unreadable metrics.jsonl or trackers.json, a tracker that cannot start)
+        # runs before anything in the run folder is written: a refused run changes nothing there.
+        records = plotting.read_records(self.path) if os.path.exists(self.path) else []
+        logged = max((r["step"] for r in records), default=0)
         state_path = os.path.join(run_dir, "trackers.json")
         state = {}
         if resume_step and os.path.exists(state_path):
@@ -81,8 +84,6 @@ class RunLog:
             logged_through[tracker] = max(logged_through.get(tracker, 0), logged)
         trackers = list(dict.fromkeys(trackers))  # --logger wandb twice is one wandb run
         state = {"id": state.get("id") or secrets.token_hex(4), "open": trackers, "logged_through": logged_through}
-        if trackers or os.path.exists(state_path):  # a run that never used a tracker has no state file
-            atomic_write(state_path, lambda f: f.write(json.dumps(state).encode()))
         name = f"{os.path.basename(os.path.normpath(run_dir))}-{state['id']}"
         kinds = {"tensorboard": TensorBoard, "wandb": WandB, "trackio": Trackio}
         for tracker in trackers:
@@ -93,16 +94,13 @@ class RunLog:
             except Exception as e:  # a tracker that cannot start (bad credentials, a full disk) stops the run now
                 self.close()
                 raise PionError(f"--logger {tracker} could not start: {first_line(e)}")
-
-    def _keep_records_through(self, step):
-        """Drop metrics.jsonl's lines past `step`; returns the highest step the file held."""
-        if not os.path.exists(self.path):
-            return 0
-        records = plotting.read_records(self.path)
-        kept = [r for r in records if r["step"] <= step]
-        # Rewritten through a temp file: a crash now leaves the old file. Also drops a torn last line.
-        atomic_write(self.path, lambda f: f.writelines(json_line(record).encode() for record in kept))
-        return max((r["step"] for r in records), default=0)
+        if trackers or os.path.exists(state_path):  # a run that never used a tracker has no state file
+            atomic_write(state_path, lambda f: f.write(json.dumps(state).encode()))
+        if os.path.exists(self.path):
+            # Only the lines up to the resumed step stay (rewritten through a temp file: a crash now leaves the
+            # old file); also drops a torn last line.
+            kept = [r for r in records if r["step"] <= resume_step]
+            atomic_write(self.path, lambda f: f.writelines(json_line(record).encode() for record in kept))
 
     def write(self, **record):
         if not self.enabled:

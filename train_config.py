@@ -6,12 +6,15 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from cli import PionError, non_negative_float, non_negative_int, positive_int
+from cli import PionError, checked, non_negative_float, non_negative_int, positive_int
+
+fraction = checked(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
 
 
 def setting(help, default=dataclasses.MISSING, flag_type=None, flag=None, **flag_options):
     """A TrainConfig field documented once: `help` is also its command-line flag's help (add_train_config_args).
-    flag_type checks the flag's value; flag names it when it is not --<field> (False: no flag)."""
+    flag_type checks the flag's value; flag names it when it is not --<field> (False: no flag; "wsd": a flag
+    only for a trainer whose schedule is WSD)."""
     return dataclasses.field(default=default, metadata=dict(help=help, type=flag_type, flag=flag, options=flag_options))
 
 
@@ -27,7 +30,7 @@ class TrainConfig:
     seq_len: int = setting("tokens per training sequence", 2048, positive_int)
     schedule: str = setting('"wsd" (warmup, constant, linear decay) or "cosine": each trainer sets its own', "wsd",
                             flag=False)
-    decay_frac: float = setting("WSD: the fraction of max_steps spent decaying", 0.2, flag=False)  # train.py's own
+    decay_frac: float = setting("WSD: the fraction of max_steps spent decaying", 0.2, fraction, flag="wsd")
     weight_decay: float = setting("decoupled weight decay of the matrices (not of the norm weights)", 0.1,
                                   non_negative_float)
     optimizer: str = setting('"adamw", or "muon": torch.optim.Muon on the hidden matrices (--muon_lr) and AdamW '
@@ -50,6 +53,8 @@ class TrainConfig:
     seed: int = setting("seeds the weights, the data order and dropout", 42, non_negative_int)
     allow_data_change: bool = setting("resume although the data differs from the checkpoint's (its sample order "
                                       "then changes)", False)
+    allow_optimizer_change: bool = setting("resume with another --optimizer than the checkpoint's (its state then "
+                                           "starts from zero)", False)
     keep_final_optimizer: bool = setting("keep the optimizer state in the _final checkpoint too (only to train "
                                          "further from it; it triples the file); step checkpoints always keep it, "
                                          "to resume", False)
@@ -57,17 +62,19 @@ class TrainConfig:
 
 def add_train_config_args(parser, defaults):
     """A flag per TrainConfig field, defaulting to `defaults` (a TrainConfig) and helped by the field's own text.
-    A switch that is on by default is turned off by its named flag (--no_...)."""
+    A switch that is on by default is turned off by its named flag (--no_...). A WSD setting is a flag only
+    where defaults.schedule is WSD (finetune.py's cosine has no use for it)."""
     for field in dataclasses.fields(TrainConfig):
         meta = field.metadata
-        if meta["flag"] is False:
+        if meta["flag"] is False or (meta["flag"] == "wsd" and defaults.schedule != "wsd"):
             continue
+        flag = None if meta["flag"] == "wsd" else meta["flag"]
         default = getattr(defaults, field.name)
         if field.type == "bool" or field.type is bool:
             action = "store_false" if default else "store_true"
-            parser.add_argument(meta["flag"] or f"--{field.name}", dest=field.name, action=action, help=meta["help"])
+            parser.add_argument(flag or f"--{field.name}", dest=field.name, action=action, help=meta["help"])
         else:
-            parser.add_argument(meta["flag"] or f"--{field.name}", dest=field.name, type=meta["type"], default=default,
+            parser.add_argument(flag or f"--{field.name}", dest=field.name, type=meta["type"], default=default,
                                 help=meta["help"], **meta["options"])
 
 

@@ -113,7 +113,7 @@ def test_assistant_tokens_are_learned_and_the_masked_tokens_are_not(files, train
 
 
 def test_the_finetuned_checkpoint_is_saved_under_save_dir_sft_and_loads(files, trained):
-    assert sorted(os.listdir(trained.sft)) == [".lock", "metrics.jsonl", "metrics.png", f"pion_sft_{MID_STEP}.pt",
+    assert sorted(os.listdir(trained.sft)) == ["metrics.jsonl", "metrics.png", f"pion_sft_{MID_STEP}.pt",
                                            "pion_sft_final.pt"]
     model, checkpoint = load_checkpoint(trained.sft / "pion_sft_final.pt")
     base, _ = load_checkpoint(files.base)
@@ -164,6 +164,18 @@ def test_resuming_from_a_mid_run_checkpoint_reproduces_the_rest_of_the_run(files
     for key in ("loss", "val_loss"):
         for step, value in losses(resumed, key).items():
             assert value == pytest.approx(losses(original, key)[step], abs=1e-6), (key, step)
+
+
+def test_muon_finetunes_and_its_checkpoints_refuse_to_resume_with_adamw(files, tokenizer_path, tmp_path):
+    short = [*TRAINING_FLAGS, "--max_steps", "4", "--eval_interval", "2", "--save_interval", "2",
+             "--sample_tokens", "0"]
+    result = finetune(files, tokenizer_path, tmp_path, *short, "--optimizer", "muon")
+    assert result.returncode == 0, result.stderr[-3000:]
+    mid = tmp_path / "sft" / "pion_sft_2.pt"
+    assert load_checkpoint(mid)[1]["train_config"]["optimizer"] == "muon"
+    os.remove(tmp_path / "sft" / "pion_sft_final.pt")
+    line = one_error_line(finetune(files, tokenizer_path, tmp_path, *short, "--resume", "auto"))
+    assert "trained with --optimizer muon, not adamw" in line and "--allow_optimizer_change" in line
 
 
 def test_openai_json_trains_exactly_like_sharegpt_jsonl(files, tokenizer_path, trained, tmp_path):
