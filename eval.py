@@ -106,10 +106,18 @@ def main(argv=None):
 
 
 def check_new_results(output_path):
-    """DIR/results.json, refused when it exists: an earlier evaluation's results are never overwritten."""
+    """DIR/results.json, refused when it exists (an earlier evaluation's results are never overwritten) or
+    when DIR cannot be made: its nearest existing folder must be a writable folder, not a file."""
     path = os.path.join(output_path, "results.json")
     if os.path.exists(path):
         raise PionError(f"{path} already exists; choose another --output_path (results are never overwritten)")
+    existing = os.path.abspath(output_path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise PionError(f"--output_path {output_path}: {existing} is a file, not a folder; choose a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PionError(f"--output_path {output_path}: cannot write into {existing} (permission denied)")
     return path
 
 
