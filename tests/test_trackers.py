@@ -137,6 +137,16 @@ def test_a_corrupt_tracker_state_is_one_line(tmp_path):
         trackers.RunLog(str(tmp_path), trackers=["tensorboard"], resume_step=3)
 
 
+@pytest.mark.parametrize("state, wrong", [('{"open": 5}', '"open"'), ('{"logged_through": []}', '"logged_through"'),
+                                          ('{"logged_through": {"wandb": "x"}}', '"logged_through"'),
+                                          ('{"id": 7}', '"id"')])
+def test_a_tracker_state_pion_did_not_write_is_one_line_naming_the_file_and_the_problem(tmp_path, state, wrong):
+    path = tmp_path / "trackers.json"
+    path.write_text(state)
+    with pytest.raises(trackers.PionError, match=f"cannot read {path} .*{wrong}"):
+        trackers.RunLog(str(tmp_path), trackers=["tensorboard"], resume_step=3)
+
+
 # ---------------------------------------------------------------------------------------------------
 # TensorBoard
 
