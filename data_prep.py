@@ -13,8 +13,9 @@ import numpy as np
 from tqdm import tqdm
 
 from data import PretrainData, open_shard, read_metadata
+from jsonl import jsonl_objects
 from tokenizer import EOS_ID, PAD_ID, TOKENIZER_PATH, load_tokenizer
-from cli import (ArgumentParser, PionError, atomic_write, check_new_folder, first_line, is_unicode, positive_int,
+from cli import (ArgumentParser, PionError, atomic_write, check_new_folder, first_line, positive_int,
                  run_cli, write_folder_atomically)
 
 DEFAULT_REPO = "SuperGoatScriptGuy/PreprocessedMIXED"
@@ -87,32 +88,20 @@ def file_documents(files, text_field):
     """Each .txt file is one document (read in chunks); each line of a .jsonl file is a JSON object with one in
     text_field."""
     for path in files:
-        try:
-            with open(path, encoding="utf-8") as f:
-                if path.endswith(".txt"):
-                    yield text_chunks(f, path)  # consumed before the next document is asked for
-                    continue
-                for line_number, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except ValueError:
-                        raise PionError(f"{path}:{line_number} is not valid JSON")
-                    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                        raise PionError(f"{path}:{line_number} has no text field {text_field!r} (see --text_field)")
-                    if not is_unicode(record[text_field]):
-                        raise PionError(f"{path}:{line_number}: its text holds a lone surrogate (an escape such as "
-                                        f"\\ud800 that is no Unicode character)")
-                    yield record[text_field]
-        except UnicodeDecodeError:
-            raise PionError(f"{path} is not UTF-8 text")
+        if path.endswith(".txt"):
+            yield text_chunks(path)  # consumed before the next document is asked for
+            continue
+        for line_number, record in jsonl_objects(path):
+            if not isinstance(record.get(text_field), str):
+                raise PionError(f"{path}:{line_number} has no text field {text_field!r} (see --text_field)")
+            yield record[text_field]
 
 
-def text_chunks(f, path):
+def text_chunks(path):
     """A file's text, READ_CHARS characters at a time: a 1 GB corpus file is never one string in memory."""
     try:
-        yield from iter(lambda: f.read(READ_CHARS), "")
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte order mark at the start is no text
+            yield from iter(lambda: f.read(READ_CHARS), "")
     except UnicodeDecodeError:
         raise PionError(f"{path} is not UTF-8 text")
 

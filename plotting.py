@@ -25,6 +25,8 @@ def metrics_path(run):
     if not os.path.isfile(path):
         raise PionError(f"{run} is not a run folder: it holds no metrics.jsonl" if os.path.isdir(run)
                         else f"{run} does not exist")
+    if not path.endswith(".jsonl"):  # a checkpoint or a shard given as the run, an easy slip
+        raise PionError(f"{run} is not a run folder or a metrics.jsonl")
     return path
 
 

@@ -12,6 +12,7 @@ import os
 import secrets
 
 from cli import PionError, atomic_write, first_line
+from jsonl import jsonl_objects
 
 # --logger NAME -> (module to import, what to pip install)
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
@@ -45,24 +46,19 @@ def json_line(record):
 
 
 def read_records(path):
-    """The records of a metrics.jsonl. A last line cut short by a crash is left out; any other line that is not
-    a JSON object is a PionError naming it."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    """The records of a metrics.jsonl (read by jsonl.py's rules). A last line cut short by a crash is left out;
+    any other line that is not a metrics record is a PionError naming it."""
     records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)  # also reads the bare NaN that older runs wrote
-        except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            if number == len(lines):
-                break
-            raise PionError(f"{path} line {number} is not a metrics record")
+    for number, record in jsonl_objects(path, torn_end_ok=True):  # also reads the bare NaN that older runs wrote
+        if not isinstance(record.get("step"), int) or not all(map(is_metric_value, record.values())):
+            raise PionError(f"{path}:{number} is not a metrics record")
         records.append(record)
     return records
+
+
+def is_metric_value(value):
+    """A number no tracker or plot can take (an integer beyond float's range: 400 digits) is not one."""
+    return not isinstance(value, int) or abs(value) < 2 ** 64
 
 
 def read_tracker_state(path):

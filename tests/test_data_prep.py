@@ -179,4 +179,21 @@ def test_prepare_names_a_jsonl_line_whose_text_holds_a_lone_surrogate(tmp_path, 
     (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"text": "broken \\ud800 text"}\n')
     result = run_data_prep("prepare", "--input", tmp_path / "a.jsonl", "--out", tmp_path / "out",
                            "--tokenizer", tokenizer_path)
-    assert_one_line_error(result, f"{tmp_path / 'a.jsonl'}:2: its text holds a lone surrogate", after_progress=True)
+    assert_one_line_error(result, f"{tmp_path / 'a.jsonl'}:2 holds a lone surrogate", after_progress=True)
+
+
+def test_prepare_names_a_jsonl_line_that_is_not_utf8(tmp_path, tokenizer_path):
+    (tmp_path / "a.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "broken \xff\xfe text"}\n')
+    result = run_data_prep("prepare", "--input", tmp_path / "a.jsonl", "--out", tmp_path / "out",
+                           "--tokenizer", tokenizer_path)
+    assert_one_line_error(result, f"{tmp_path / 'a.jsonl'}:2 is not UTF-8 text", after_progress=True)
+
+
+@pytest.mark.parametrize("name, text", [("a.jsonl", '{"text": "a first document"}\n'), ("a.txt", "a first document")])
+def test_prepare_reads_a_file_that_starts_with_a_byte_order_mark_as_its_text_alone(tmp_path, tokenizer,
+                                                                                   tokenizer_path, name, text):
+    (tmp_path / name).write_text("\ufeff" + text, encoding="utf-8")
+    data_prep.main(["prepare", "--input", str(tmp_path / name), "--out", str(tmp_path / "out"), "--seq_len", "2",
+                    "--tokenizer", tokenizer_path])
+    tokens = np.load(tmp_path / "out" / "shard_00000.npy").ravel().tolist()
+    assert tokens[:tokens.index(EOS_ID)] == tokenizer.encode("a first document").ids

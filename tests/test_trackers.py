@@ -88,6 +88,14 @@ def test_resuming_drops_a_torn_last_line(tmp_path):
     assert [r["step"] for r in records(tmp_path)] == [1, 2, 3, 4]
 
 
+def test_resuming_over_a_metrics_jsonl_with_a_binary_block_is_one_line_naming_it(tmp_path):
+    write_steps(trackers.RunLog(str(tmp_path)), [1, 2])
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(b"\x00\xff\x93NUMPY\n" + trackers.json_line({"step": 3, "loss": 1.0}).encode())
+    with pytest.raises(trackers.PionError, match=f"{tmp_path / 'metrics.jsonl'}:3 is not UTF-8 text"):
+        trackers.RunLog(str(tmp_path), resume_step=2)
+
+
 def test_older_runs_bare_nan_is_rewritten_as_null_when_resuming(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": NaN}\n{"step": 2, "loss": 1.5}\n')
     trackers.RunLog(str(tmp_path), resume_step=2)
