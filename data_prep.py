@@ -4,10 +4,15 @@ format (the shard format and the loader that reads it are data.py's).
     python data_prep.py download --num_shards 4 --out data/mixed     # the published (N, 2048) shards
     python data_prep.py prepare --input my_texts/ --out data/mine      # your own .txt / .jsonl files
 """
+import contextlib
+import glob
 import itertools
 import json
 import os
 import re
+import shutil
+import signal
+import sys
 
 import numpy as np
 from tqdm import tqdm
@@ -153,6 +158,7 @@ def prepare(documents, out, source, seq_len=2048, tokenizer_path=None, shard_row
         raise PionError(f"--seq_len and --shard_rows must be positive, got {seq_len} and {shard_rows}")
     out = os.path.abspath(out)
     check_new_folder(out)
+    remove_stale_staging(out)
     tokenizer = load_tokenizer(tokenizer_path)
     if tokenizer.get_vocab_size() > 2 ** 16:
         raise PionError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, too many for uint16 shards")
@@ -167,6 +173,54 @@ def prepare(documents, out, source, seq_len=2048, tokenizer_path=None, shard_row
     summary = write_folder_atomically(out, write)
     print(f"wrote {summary['total_tokens']:,} tokens from {summary['n_documents']:,} documents as "
           f"{summary['n_rows']:,} rows of {seq_len} tokens in {summary['n_shards']} shard(s) to {out}")
+
+
+def remove_stale_staging(out):
+    """Remove the staging folders (.NAME.tmp<pid>) of earlier prepares into `out` whose process is gone: one
+    killed outright (SIGKILL, a lost machine) had no chance to. A staging folder of a live process is its own."""
+    directory, name = os.path.split(out)
+    for path in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.tmp*")):
+        pid = path.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not process_exists(int(pid))):
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)  # one we may not remove is no reason to refuse
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+
+
+def process_exists(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process is there
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised where prepare is, so that its staging folder is removed on the way out."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_signals_raise():
+    """Within the block, SIGINT (Ctrl-C) and SIGTERM (kill, a job scheduler) raise Stopped once; a second
+    signal is ignored so that the cleanup it started runs to its end."""
+    def stop(signum, frame):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+        raise Stopped(signum)
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def write_shards(tokenizer, documents, folder, seq_len, shard_rows):
@@ -260,7 +314,13 @@ def main(argv=None):
         else:
             documents = hf_documents(args.hf_dataset, args.hf_split, args.text_field)
             source = f"{args.hf_dataset}:{args.hf_split}"
-        prepare(documents, args.out, source, args.seq_len, args.tokenizer, args.shard_rows)
+        try:
+            with stop_signals_raise():
+                prepare(documents, args.out, source, args.seq_len, args.tokenizer, args.shard_rows)
+        except Stopped as stopped:
+            name = signal.Signals(stopped.signum).name
+            print(f"stopped by {name}: nothing was written to {args.out}", file=sys.stderr)
+            sys.exit(128 + stopped.signum)  # the shell's code for a process ended by that signal: 130, 143
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 import glob
 import json
 import os
+import signal
+import subprocess
 
 import numpy as np
 import pytest
@@ -57,6 +59,51 @@ def test_a_prepare_that_fails_midway_leaves_no_data_set(tmp_path, tokenizer_path
                            "--shard_rows", 16, "--tokenizer", tokenizer_path)
     assert result.returncode == 2 and f"docs.jsonl:{len(lines)} is not valid JSON" in result.stderr
     assert sorted(os.listdir(tmp_path)) == ["docs.jsonl"]  # no out folder, no staging folder left behind
+
+
+class SignalReachedTheTest(Exception):
+    pass
+
+
+def reach_the_test(signum, frame):
+    raise SignalReachedTheTest(signum)  # rather than end pytest itself
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_prepare_ends_it_in_one_line_leaving_nothing(tmp_path, tokenizer_path, monkeypatch, stop):
+    lines = [json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(3000)]
+    (tmp_path / "docs.jsonl").write_text("".join(lines))
+    take_chars, calls = data_prep.take_chars, []
+
+    def take_chars_then_signal(pieces, max_chars):  # after the first shards are in the staging folder
+        calls.append(len(os.listdir(tmp_path)))
+        if len(calls) == 3:
+            os.kill(os.getpid(), stop)
+        return take_chars(pieces, 4096)
+    monkeypatch.setattr(data_prep, "take_chars", take_chars_then_signal)
+    previous = signal.signal(stop, reach_the_test)
+    try:
+        result = run_data_prep("prepare", "--input", tmp_path / "docs.jsonl", "--out", tmp_path / "out",
+                               "--seq_len", 64, "--shard_rows", 4, "--tokenizer", tokenizer_path)
+        assert signal.getsignal(stop) is reach_the_test  # prepare gave the process its handler back
+    finally:
+        signal.signal(stop, previous)
+    assert calls[2] == 2  # the staging folder was there
+    assert result.returncode == 128 + stop and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"stopped by {stop.name}: nothing was written to {tmp_path / 'out'}"
+    assert os.listdir(tmp_path) == ["docs.jsonl"]
+
+
+def test_prepare_removes_staging_folders_of_killed_prepares_not_those_of_live_ones(tmp_path, tokenizer_path):
+    (tmp_path / "a.txt").write_text("some text " * 50)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for pid in (gone.pid, os.getppid()):
+        (tmp_path / f".out.tmp{pid}").mkdir()
+        (tmp_path / f".out.tmp{pid}" / "shard_00000.npy").write_bytes(b"half a shard")
+    data_prep.main(["prepare", "--input", str(tmp_path / "a.txt"), "--out", str(tmp_path / "out"), "--seq_len", "8",
+                    "--tokenizer", tokenizer_path])
+    assert sorted(os.listdir(tmp_path)) == [f".out.tmp{os.getppid()}", "a.txt", "out"]
 
 
 @pytest.mark.parametrize("out", ["/proc/pion-data", "a.txt/out"])  # a kernel folder; under a file
