@@ -129,21 +129,34 @@ def hf_documents(name, split, text_field):
 PIECE_CHARS = 1 << 12
 READ_CHARS = 1 << 20  # a .txt file is read this much at a time
 BATCH_CHARS = 2 << 20  # text per encode_batch call (run on all cores); its encodings cost ~40x its size
-# Where the byte-level pre-tokenizer (GPT-2's pattern, Pion's) always cuts: before a space that follows a
-# non-space and precedes a letter. The match holding the non-space ends at it (no alternative for a
-# non-space crosses whitespace), and " word" starts the next. BPE never merges across such a cut.
-SAFE_CUT = re.compile(r"(?<=\S) (?=[^\W\d_])")
+# Where the byte-level pre-tokenizer (GPT-2's pattern, Pion's) always cuts, so BPE never merges across:
+# - before a space that follows a non-space and precedes a letter: the match holding the non-space ends at it
+#   (no alternative for a non-space crosses whitespace), and " word" starts the next;
+# - between a letter or digit and a following mark that is neither (text without spaces, as Chinese and
+#   Japanese are written, has one at most sentences): runs of letters or of digits end where their class does.
+SAFE_CUT = re.compile(r"(?<=\S) (?=[^\W\d_])|(?<=[^\W_])(?=[^\w\s])")
+# A run this long without a safe cut (no space nor punctuation) is cut anyway, at a character boundary: one
+# pre-token this long is no text anyone wants tokenized exactly, and kept whole it would grow without bound.
+MAX_PIECE_CHARS = 1 << 16
 
 
-def document_pieces(chunks, piece_chars=PIECE_CHARS):
-    """A document (its text in chunks) as (piece, is_last) of about piece_chars characters or more, cut only
-    at SAFE_CUT: the pieces' ids, joined, are the whole document's ids, whatever its length."""
+def document_pieces(chunks, piece_chars=PIECE_CHARS, max_piece_chars=MAX_PIECE_CHARS):
+    """A document (its text in chunks) as (piece, is_last) of about piece_chars characters or more, cut at
+    SAFE_CUT: the pieces' ids, joined, are the whole document's ids, whatever its length. Only a run of more
+    than max_piece_chars characters without a safe cut is cut elsewhere; memory stays flat either way."""
     buffer = ""
     for chunk in chunks:
         buffer, start = buffer + chunk, 0
-        while len(buffer) - start > piece_chars and (cut := SAFE_CUT.search(buffer, start + piece_chars)):
-            yield buffer[start:cut.start()], False
-            start = cut.start()
+        while len(buffer) - start > piece_chars:
+            cut = SAFE_CUT.search(buffer, start + piece_chars, start + max_piece_chars)
+            if cut:
+                end = cut.start()
+            elif len(buffer) - start > max_piece_chars:
+                end = start + max_piece_chars
+            else:
+                break  # the next chunk may hold the cut
+            yield buffer[start:end], False
+            start = end
         buffer = buffer[start:]
     yield buffer, True
 

@@ -140,6 +140,28 @@ def test_a_long_document_is_tokenized_in_pieces_that_give_the_whole_texts_ids(to
     assert ids == tokenizer.encode(text, add_special_tokens=False).ids
 
 
+# Chinese and Japanese as they are written: no spaces, a mark at the end of each clause.
+CJK_TEXT = "".join(f"我们今天学习第{i}课的中文语法和词汇{'。' if i % 3 else '，'}日本語の文章は空白なしで書かれます{i % 10}！"
+                   for i in range(300))
+
+
+def test_text_without_spaces_is_cut_into_small_pieces_that_give_the_whole_texts_ids(tokenizer):
+    chunks = [CJK_TEXT[i:i + 50] for i in range(0, len(CJK_TEXT), 50)]
+    pieces = list(data_prep.document_pieces(chunks, piece_chars=97))
+    assert "".join(piece for piece, _ in pieces) == CJK_TEXT
+    assert len(pieces) > 50 and max(len(piece) for piece, _ in pieces) < 2 * 97
+    ids = [i for piece, _ in pieces for i in tokenizer.encode(piece, add_special_tokens=False).ids]
+    assert ids == tokenizer.encode(CJK_TEXT, add_special_tokens=False).ids
+
+
+def test_a_run_without_any_safe_cut_is_cut_at_max_piece_chars(tokenizer):
+    text = "字" * 10_000  # one pre-token: no space, no punctuation
+    pieces = list(data_prep.document_pieces([text[i:i + 300] for i in range(0, len(text), 300)], piece_chars=97,
+                                            max_piece_chars=1000))
+    assert [len(piece) for piece, _ in pieces] == [1000] * 10
+    assert [last for _, last in pieces] == [False] * 9 + [True]
+
+
 def test_prepare_refuses_text_too_short_for_two_rows(tmp_path, tokenizer_path):
     (tmp_path / "a.txt").write_text("Too short.")
     out = tmp_path / "out"
