@@ -47,8 +47,11 @@ def validation_metrics(args, model, tokenizer, device):
     seq_len = args.seq_len or min(model.config.max_seq_len, data.PretrainData(args.data_dir, 1, "val").width)
     if seq_len > model.config.max_seq_len:
         raise PionError(f"--seq_len {seq_len} is larger than the model's max_seq_len {model.config.max_seq_len}")
-    batches = data.create_dataloader(args.data_dir, "val", args.batch_size, seq_len, model.config.vocab_size)
-    n_batches = -(-data.PretrainData(args.data_dir, seq_len, "val").n_samples // args.batch_size)
+    val_data = data.PretrainData(args.data_dir, seq_len, "val")
+    val_data.check_tokens(model.config.vocab_size)
+    batches = data.create_dataloader(args.data_dir, "val", args.batch_size, seq_len, model.config.vocab_size,
+                                     opened=val_data)
+    n_batches = -(-val_data.n_samples // args.batch_size)
     steps = min(args.eval_steps or n_batches, n_batches)
     from tqdm import tqdm
 

@@ -150,8 +150,9 @@ def pretrain(args, config, rt):
         run = TrainingRun(
             train_batches=lambda start: data.create_dataloader(args.data_dir, "train", seed=config.seed,
                                                                start_sample=start, num_workers=args.num_workers,
-                                                               **loader_args),
-            val_batches=lambda: data.create_dataloader(args.data_dir, "val", num_workers=0, **loader_args),
+                                                               opened=train_data, **loader_args),
+            val_batches=lambda: data.create_dataloader(args.data_dir, "val", num_workers=0, opened=val_data,
+                                                       **loader_args),
             run_dir=run_dir, prefix=prefix, resume=(resume, checkpoint) if resume else None,
             sample=eval_sample(args, tokenizer, model.config.vocab_size, rt,
                                val_data.batch(np.array([0]))["input_ids"][0, :16].tolist()),
