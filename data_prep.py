@@ -30,9 +30,9 @@ DOWNLOAD_RECORD = "download.json"  # {"repo": ...}: which repo a download folder
 
 
 def check_download_folder(out, repo):
-    """Refuse an --out that holds anything but a download of the same repo, finished (DOWNLOAD_RECORD) or not
-    (huggingface_hub's .cache folder): its shard_00000.npy would be overwritten by another data set's. A
-    download can thus be rerun to finish or to add shards, and never mixes two data sets."""
+    """Refuse an --out that holds anything but a download of the same repo (DOWNLOAD_RECORD, written before
+    the first shard): its shard_00000.npy would be overwritten by another data set's. A download can thus be
+    rerun to finish or to add shards, and never mixes two data sets, even when the first was interrupted."""
     record = os.path.join(out, DOWNLOAD_RECORD)
     if os.path.isfile(record):
         try:
@@ -43,18 +43,21 @@ def check_download_folder(out, repo):
         if earlier != repo:
             raise PionError(f"--out {out} holds a download of {earlier or 'an unknown repo'}, not {repo}; choose a "
                             f"new --out")
-    elif not os.path.isdir(os.path.join(out, ".cache", "huggingface")):
+    else:
         check_new_folder(out)
 
 
 def download(repo, num_shards, out):
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import HFValidationError
     if num_shards < 1:
         raise PionError(f"--num_shards must be at least 1, got {num_shards}")
     check_download_folder(out, repo)
     names = [f"shard_{i:05d}.npy" for i in range(num_shards)]
     try:
+        HfApi().repo_info(repo, repo_type="dataset")  # reachable: only then is anything written
+        os.makedirs(out, exist_ok=True)
+        atomic_write(os.path.join(out, DOWNLOAD_RECORD), lambda f: f.write(json.dumps({"repo": repo}).encode()))
         snapshot_download(repo_id=repo, repo_type="dataset", allow_patterns=names + ["metadata.json"], local_dir=out)
     except (OSError, HFValidationError) as e:  # hub, network and disk errors are all OSErrors
         raise PionError(f"cannot download {repo}: {first_line(e)}")
@@ -62,7 +65,6 @@ def download(repo, num_shards, out):
     if missing:
         raise PionError(f"{repo} has no {missing[0]} ({len(missing)} of the {num_shards} shards asked for are "
                         f"missing); ask for fewer with --num_shards")
-    atomic_write(os.path.join(out, DOWNLOAD_RECORD), lambda f: f.write(json.dumps({"repo": repo}).encode()))
     rows = sum(len(open_shard(os.path.join(out, name))) for name in names)
     print(f"downloaded {num_shards} shard(s), {rows:,} rows, of {repo} to {out}")
     metadata = read_metadata(out)

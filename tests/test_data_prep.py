@@ -203,9 +203,16 @@ def fake_snapshot_download(repo_id, repo_type, allow_patterns, local_dir):
             np.save(os.path.join(local_dir, name), np.full((8, 4), 5, dtype=np.uint16))
 
 
-def test_download_refuses_a_folder_of_prepared_shards_and_leaves_it_as_it_was(tmp_path, monkeypatch):
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """The hub, offline: every repo exists and snapshot_download is fake_snapshot_download."""
     import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", lambda self, repo_id, repo_type: None)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    return huggingface_hub
+
+
+def test_download_refuses_a_folder_of_prepared_shards_and_leaves_it_as_it_was(tmp_path, fake_hub):
     (tmp_path / "mine").mkdir()
     np.save(tmp_path / "mine" / "shard_00000.npy", np.arange(16, dtype=np.uint16).reshape(4, 4))
     with pytest.raises(PionError, match=r"--out .*mine already exists and is not an empty folder"):
@@ -214,22 +221,37 @@ def test_download_refuses_a_folder_of_prepared_shards_and_leaves_it_as_it_was(tm
     assert sorted(os.listdir(tmp_path / "mine")) == ["shard_00000.npy"]
 
 
-def test_download_can_be_rerun_to_add_shards_of_the_same_repo(tmp_path, monkeypatch):
-    import huggingface_hub
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+def test_download_can_be_rerun_to_add_shards_of_the_same_repo(tmp_path, fake_hub):
     data_prep.main(["download", "--num_shards", "1", "--out", str(tmp_path / "mixed")])
     data_prep.main(["download", "--num_shards", "2", "--out", str(tmp_path / "mixed")])
     assert sorted(glob.glob(str(tmp_path / "mixed" / "shard_*.npy"))) == \
         [str(tmp_path / "mixed" / f"shard_0000{i}.npy") for i in range(2)]
 
 
-def test_download_refuses_a_download_of_another_repo(tmp_path, monkeypatch):
-    import huggingface_hub
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+def test_download_refuses_a_download_of_another_repo(tmp_path, fake_hub):
     data_prep.main(["download", "--num_shards", "1", "--out", str(tmp_path / "data"), "--repo", "someone/other"])
     with pytest.raises(PionError, match=r"holds a download of someone/other, not SuperGoatScriptGuy/PreprocessedMIXED"):
         data_prep.main(["download", "--num_shards", "2", "--out", str(tmp_path / "data")])
     assert not (tmp_path / "data" / "shard_00001.npy").exists()
+
+
+def test_an_interrupted_download_cannot_be_continued_under_another_repo(tmp_path, fake_hub, monkeypatch):
+    def first_shard_then_interrupted(repo_id, repo_type, allow_patterns, local_dir):
+        fake_snapshot_download(repo_id, repo_type, allow_patterns[:1], local_dir)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(fake_hub, "snapshot_download", first_shard_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data_prep.main(["download", "--num_shards", "2", "--out", str(tmp_path / "data"), "--repo", "someone/other"])
+    monkeypatch.setattr(fake_hub, "snapshot_download", fake_snapshot_download)
+    with pytest.raises(PionError, match=r"holds a download of someone/other, not SuperGoatScriptGuy/PreprocessedMIXED"):
+        data_prep.main(["download", "--num_shards", "2", "--out", str(tmp_path / "data")])
+    assert not (tmp_path / "data" / "shard_00001.npy").exists()
+
+
+def test_a_download_that_gets_nothing_leaves_no_folder(tmp_path):
+    result = run_data_prep("download", "--num_shards", "1", "--out", tmp_path / "out", "--repo", "not a repo name")
+    assert_one_line_error(result, "cannot download not a repo name")
+    assert os.listdir(tmp_path) == []
 
 
 def test_special_token_text_in_a_document_is_prepared_as_plain_text(tmp_path, tokenizer, tokenizer_path):
