@@ -215,7 +215,8 @@ def process_exists(pid):
 
 
 class Stopped(KeyboardInterrupt):
-    """SIGINT or SIGTERM, raised where prepare is, so that its staging folder is removed on the way out."""
+    """SIGINT or SIGTERM, raised where prepare is, so that its staging folder is removed on the way out (a
+    KeyboardInterrupt: no `except Exception` on the way takes it for an error of its own)."""
 
     def __init__(self, signum):
         super().__init__(signum)
