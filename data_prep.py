@@ -130,7 +130,9 @@ def hf_documents(name, split, text_field):
 # encodes many short texts faster than a few long ones (4K-char pieces: 2x the speed of 64K ones).
 PIECE_CHARS = 1 << 12
 READ_CHARS = 1 << 20  # a .txt file is read this much at a time
-BATCH_CHARS = 2 << 20  # text per encode_batch call (run on all cores); its encodings cost ~40x its size
+# Text per encode_batch call (run on all cores), in UTF-8 bytes: its encodings cost ~40x that, and bytes
+# follow the token count more closely than characters do (a Chinese character is 3 bytes and 1-3 tokens).
+BATCH_BYTES = 2 << 20
 # Where the byte-level pre-tokenizer (GPT-2's pattern, Pion's) always cuts, so BPE never merges across:
 # - before a space that follows a non-space and precedes a letter: the match holding the non-space ends at it
 #   (no alternative for a non-space crosses whitespace), and " word" starts the next;
@@ -253,7 +255,7 @@ def write_shards(tokenizer, documents, folder, seq_len, shard_rows):
     pieces = (piece for document in documents
               for piece in document_pieces([document] if isinstance(document, str) else document) if piece[0])
     with tqdm(desc="tokenizing", unit="tok", unit_scale=True) as bar:
-        while batch := take_chars(pieces, BATCH_CHARS):
+        while batch := take_batch(pieces, BATCH_BYTES):
             encodings = tokenizer.encode_batch([text for text, _ in batch], add_special_tokens=False)
             ids = np.fromiter(itertools.chain.from_iterable(e.ids + [EOS_ID] * is_last
                                                             for e, (_, is_last) in zip(encodings, batch)),
@@ -283,13 +285,13 @@ def write_shards(tokenizer, documents, folder, seq_len, shard_rows):
     return dict(total_tokens=n_tokens, n_rows=n_rows, n_shards=n_shards, n_documents=n_documents)
 
 
-def take_chars(pieces, max_chars):
-    """The next pieces, up to about max_chars characters of text (at least one piece)."""
-    batch, chars = [], 0
+def take_batch(pieces, max_bytes):
+    """The next pieces, up to about max_bytes bytes of UTF-8 text (at least one piece)."""
+    batch, size = [], 0
     for piece in pieces:
         batch.append(piece)
-        chars += len(piece[0])
-        if chars >= max_chars:
+        size += len(piece[0].encode("utf-8", "surrogatepass"))
+        if size >= max_bytes:
             break
     return batch
 

@@ -73,14 +73,14 @@ def reach_the_test(signum, frame):
 def test_a_signal_during_prepare_ends_it_in_one_line_leaving_nothing(tmp_path, tokenizer_path, monkeypatch, stop):
     lines = [json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(3000)]
     (tmp_path / "docs.jsonl").write_text("".join(lines))
-    take_chars, calls = data_prep.take_chars, []
+    take_batch, calls = data_prep.take_batch, []
 
-    def take_chars_then_signal(pieces, max_chars):  # after the first shards are in the staging folder
+    def take_batch_then_signal(pieces, max_bytes):  # after the first shards are in the staging folder
         calls.append(len(os.listdir(tmp_path)))
         if len(calls) == 3:
             os.kill(os.getpid(), stop)
-        return take_chars(pieces, 4096)
-    monkeypatch.setattr(data_prep, "take_chars", take_chars_then_signal)
+        return take_batch(pieces, 4096)
+    monkeypatch.setattr(data_prep, "take_batch", take_batch_then_signal)
     previous = signal.signal(stop, reach_the_test)
     try:
         result = run_data_prep("prepare", "--input", tmp_path / "docs.jsonl", "--out", tmp_path / "out",
