@@ -90,7 +90,8 @@ def test_a_signal_during_prepare_ends_it_in_one_line_leaving_nothing(tmp_path, t
         signal.signal(stop, previous)
     assert calls[2] == 2  # the staging folder was there
     assert result.returncode == 128 + stop and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == f"stopped by {stop.name}: nothing was written to {tmp_path / 'out'}"
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line == f"stopped by {stop.name}: nothing was written to {tmp_path / 'out'}"
     assert os.listdir(tmp_path) == ["docs.jsonl"]
 
 
