@@ -26,7 +26,7 @@ from tokenizer import load_tokenizer
 from trackers import add_logger_args
 from train_config import TrainConfig, add_benchmark_args, add_train_config_args
 from trainer import TrainingRun, train
-from validation import EvalSample, token_byte_lengths
+from validation import EvalSample, check_sample_tokens, token_byte_lengths
 
 PREFIX = "pion_sft"
 DEFAULTS = TrainConfig(max_steps=3000, lr=2e-5, min_lr=2e-6, warmup_steps=100, batch_size=8, grad_accum=4,
@@ -114,6 +114,7 @@ def finetune(args, config, rt):
         if config.seq_len > model.config.max_seq_len:
             raise PionError(f"--seq_len {config.seq_len} is larger than the model's max_seq_len "
                             f"{model.config.max_seq_len}")
+        check_sample_tokens(args.sample_tokens, model.config.max_seq_len)
         if resume and not is_sft_checkpoint(checkpointer.resumed):  # e.g. a pretraining checkpoint given as --resume
             raise PionError(f"{resume} is not a finetune.py checkpoint; to finetune it, pass it as --checkpoint")
 

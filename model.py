@@ -48,6 +48,9 @@ class PionConfig:
             value = getattr(self, name)
             if type(value) not in (int, float) or not value >= low or value == float("inf"):
                 raise PionError(f"bad model config: {name} must be a finite number >= {low}, got {value!r}")
+        for name in ("use_soft_cap", "tie_embeddings"):
+            if type(getattr(self, name)) is not bool:  # "no" or 0 would pass as what Python makes of them
+                raise PionError(f"bad model config: {name} must be true or false, got {getattr(self, name)!r}")
         if self.dropout >= 1 or self.rope_theta == 0:
             raise PionError(f"bad model config: need dropout < 1 and rope_theta > 0, got {self.dropout}, "
                             f"{self.rope_theta}")

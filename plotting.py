@@ -11,6 +11,7 @@ import os
 
 from cli import PionError
 from files import atomic_write
+from jsonl import jsonl_objects
 
 SMOOTHING = 0.9  # the progress bar's moving average of the loss, for runs of 100 logged steps or more
 # (panel title, the record key it shows); eval/... panels follow, one per metric the runs hold
@@ -19,24 +20,19 @@ PANELS = [("training loss", "loss"), ("validation loss", "val_loss"), ("validati
 
 
 def read_records(path):
-    """The records of a metrics.jsonl. A last line cut short by a crash is left out; any other line that is not
-    a JSON object is a PionError naming it."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    """The records of a metrics.jsonl (read by jsonl.py's rules). A last line cut short by a crash is left out;
+    any other line that is not a metrics record is a PionError naming it."""
     records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)  # also reads the bare NaN that older runs wrote
-        except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            if number == len(lines):
-                break
-            raise PionError(f"{path} line {number} is not a metrics record")
+    for number, record in jsonl_objects(path, torn_end_ok=True):  # also reads the bare NaN that older runs wrote
+        if not isinstance(record.get("step"), int) or not all(map(is_metric_value, record.values())):
+            raise PionError(f"{path}:{number} is not a metrics record")
         records.append(record)
     return records
+
+
+def is_metric_value(value):
+    """A number no tracker or plot can take (an integer beyond float's range: 400 digits) is not one."""
+    return not isinstance(value, int) or abs(value) < 2 ** 64
 
 
 def metrics_path(run):
@@ -45,6 +41,8 @@ def metrics_path(run):
     if not os.path.isfile(path):
         raise PionError(f"{run} is not a run folder: it holds no metrics.jsonl" if os.path.isdir(run)
                         else f"{run} does not exist")
+    if not path.endswith(".jsonl"):  # a checkpoint or a shard given as the run, an easy slip
+        raise PionError(f"{run} is not a run folder or a metrics.jsonl")
     return path
 
 

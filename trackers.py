@@ -47,6 +47,27 @@ def json_line(record):
     return json.dumps({key: finite_or_none(value) for key, value in record.items()}, allow_nan=False) + "\n"
 
 
+def read_tracker_state(path):
+    """trackers.json as Pion writes it: {"id": str, "open": [tracker, ...], "logged_through": {tracker: step}},
+    any key may be missing. Anything else is a PionError naming the file and what is wrong with it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        if not isinstance(state.get("id", ""), str):
+            raise ValueError('"id" is not a string')
+        if not isinstance(state.get("open", []), list) or not all(isinstance(t, str) for t in state.get("open", [])):
+            raise ValueError('"open" is not a list of tracker names')
+        logged_through = state.get("logged_through", {})
+        if not isinstance(logged_through, dict) or not all(
+                isinstance(step, int) and not isinstance(step, bool) and step >= 0 for step in logged_through.values()):
+            raise ValueError('"logged_through" is not an object of tracker names and steps')
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise PionError(f"cannot read {path} ({first_line(e)}): move it away to start new tracker runs")
+    return state
+
+
 class RunLog:
     """One run's metrics: write(**record) sends a step's record to each tracker, then appends it to
     metrics.jsonl. On other ranks than the main one (enabled=False) it does nothing.
@@ -67,15 +88,7 @@ class RunLog:
         records = plotting.read_records(self.path) if os.path.exists(self.path) else []
         logged = max((r["step"] for r in records), default=0)
         state_path = os.path.join(run_dir, "trackers.json")
-        state = {}
-        if resume_step and os.path.exists(state_path):
-            try:
-                with open(state_path, encoding="utf-8") as f:
-                    state = json.load(f)
-                if not isinstance(state, dict):
-                    raise ValueError("not a JSON object")
-            except (OSError, ValueError) as e:
-                raise PionError(f"cannot read {state_path} ({first_line(e)}): move it away to start new tracker runs")
+        state = read_tracker_state(state_path) if resume_step and os.path.exists(state_path) else {}
         # A resumed run replays the steps after its checkpoint bit for bit. Those that an earlier session already
         # sent to a tracker (up to the last line it wrote to metrics.jsonl, which follows the trackers) are not
         # sent again: wandb and trackio cannot take a step back.

@@ -22,7 +22,7 @@ from tokenizer import PAD_ID, load_tokenizer
 from trackers import add_logger_args
 from train_config import TrainConfig, add_benchmark_args, add_train_config_args, wsd_decay_start
 from trainer import TrainingRun, memory_test, train
-from validation import EvalSample, token_byte_lengths
+from validation import EvalSample, check_sample_tokens, token_byte_lengths
 
 DEFAULTS = TrainConfig(max_steps=100_000, lr=3e-4, min_lr=3e-5, warmup_steps=1000, batch_size=64, grad_accum=2,
                        save_interval=1000)
@@ -94,6 +94,7 @@ def run_memory_test(args, config, rt):
     """train.py's run, but two steps of random tokens into a temporary folder (trainer.memory_test): the same
     model, batch layout, tokenizer (for val_bpb and the eval sample) and saves."""
     model = pion.Pion(model_config(args, max_seq_len=max(config.seq_len, 2048)))
+    check_sample_tokens(args.sample_tokens, model.config.max_seq_len)
     tokenizer = load_tokenizer(args.tokenizer)
     rt.print(f"memory test: two training steps of Pion-{args.model_size}, batch {config.batch_size} x seq "
              f"{config.seq_len} x {config.grad_accum} micro-batches, with a checkpoint save, a validation and the "
@@ -125,6 +126,7 @@ def pretrain(args, config, rt):
         if config.seq_len > model.config.max_seq_len:
             raise PionError(f"--seq_len {config.seq_len} is larger than the model's max_seq_len "
                             f"{model.config.max_seq_len}")
+        check_sample_tokens(args.sample_tokens, model.config.max_seq_len)
 
         # Both splits are checked before step 1: bad validation data must not end a run at its first eval.
         train_data = data.PretrainData(args.data_dir, config.seq_len, "train")
@@ -143,8 +145,9 @@ def pretrain(args, config, rt):
         run = TrainingRun(
             train_batches=lambda start: data.create_dataloader(args.data_dir, "train", seed=config.seed,
                                                                start_sample=start, num_workers=args.num_workers,
-                                                               **loader_args),
-            val_batches=lambda: data.create_dataloader(args.data_dir, "val", num_workers=0, **loader_args),
+                                                               opened=train_data, **loader_args),
+            val_batches=lambda: data.create_dataloader(args.data_dir, "val", num_workers=0, opened=val_data,
+                                                       **loader_args),
             checkpointer=checkpointer,
             sample=eval_sample(args, tokenizer, model.config.vocab_size, rt,
                                val_data.batch(np.array([0]))["input_ids"][0, :16].tolist()),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cli import PionError
 from decoding import generate_text
 from loss import trained_targets
 from runtime import fsdp_param_dtype
@@ -101,6 +102,14 @@ class EvalSample:
         reply = generate_text(model, self.tokenizer, self.prompt, self.max_tokens, stop_strings=self.stop_strings,
                               turn=self.turn, cache_dtype=cache_dtype)[0]
         return f"{self.shown_prompt!r} -> {(reply.strip() if self.strip else reply)!r}"
+
+
+def check_sample_tokens(sample_tokens, max_seq_len):
+    """The trainers' --sample_tokens must leave the sample's prompt room in the model's context: refused before
+    step 1 and by its own name (decoding's own refusal names generate.py's --max_tokens), not at the first eval."""
+    if sample_tokens >= max_seq_len:
+        raise PionError(f"--sample_tokens {sample_tokens} leaves no room for a prompt in the model's max_seq_len "
+                        f"{max_seq_len}: lower --sample_tokens (0: no sample)")
 
 
 def sample_text(sample, model, wrapped, config, rt):

@@ -335,6 +335,16 @@ def test_an_existing_results_file_is_never_overwritten(tasks, tmp_path, tokenize
     assert (tmp_path / "out" / "results.json").read_text() == '{"earlier": "results"}'
 
 
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_an_output_path_that_cannot_be_a_folder_is_refused_before_evaluating(tasks, tmp_path, tokenizer_path, below):
+    (tmp_path / "file").write_text("mine")
+    output_path = tmp_path / "file" / below if below else tmp_path / "file"
+    result = run_eval("--checkpoint", tmp_path / "nope.pt", "--tasks", MC_TASK, "--include_path", tasks,
+                      "--tokenizer", tokenizer_path, "--output_path", output_path)
+    assert_one_line_error(result, f"{tmp_path / 'file'} is a file")  # not the missing checkpoint: it comes first
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def own_task(folder, yaml_text):
     """A folder holding one task YAML file of the user's own, over one multiple-choice row."""
     folder.mkdir()

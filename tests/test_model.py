@@ -25,6 +25,13 @@ def test_config_defaults_are_the_published_ones():
     assert (c.dropout, c.rope_theta, c.logit_cap, c.use_soft_cap, c.tie_embeddings) == (0.0, 10000.0, 30.0, True, True)
 
 
+@pytest.mark.parametrize("field", ["use_soft_cap", "tie_embeddings"])
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_a_boolean_field_takes_only_true_or_false(field, value):
+    with pytest.raises(PionError, match=f"bad model config: {field} must be true or false, got {value!r}"):
+        model.PionConfig(**{field: value})
+
+
 @pytest.mark.parametrize("size,expected", [
     ("nano", 28_742_016), ("micro", 59_563_008), ("small", 102_967_168),
     ("base", 164_461_312), ("large", 322_050_048), ("xl", 770_922_240)])

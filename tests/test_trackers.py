@@ -88,6 +88,14 @@ def test_resuming_drops_a_torn_last_line(tmp_path):
     assert [r["step"] for r in records(tmp_path)] == [1, 2, 3, 4]
 
 
+def test_resuming_over_a_metrics_jsonl_with_a_binary_block_is_one_line_naming_it(tmp_path):
+    write_steps(trackers.RunLog(str(tmp_path)), [1, 2])
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(b"\x00\xff\x93NUMPY\n" + trackers.json_line({"step": 3, "loss": 1.0}).encode())
+    with pytest.raises(trackers.PionError, match=f"{tmp_path / 'metrics.jsonl'}:3 is not UTF-8 text"):
+        trackers.RunLog(str(tmp_path), resume_step=2)
+
+
 def test_older_runs_bare_nan_is_rewritten_as_null_when_resuming(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": NaN}\n{"step": 2, "loss": 1.5}\n')
     trackers.RunLog(str(tmp_path), resume_step=2)
@@ -134,6 +142,16 @@ def test_a_tracker_that_is_not_installed_is_one_line_naming_the_pip_command(data
 def test_a_corrupt_tracker_state_is_one_line(tmp_path):
     (tmp_path / "trackers.json").write_text("{not json")
     with pytest.raises(trackers.PionError, match="cannot read .*trackers.json"):
+        trackers.RunLog(str(tmp_path), trackers=["tensorboard"], resume_step=3)
+
+
+@pytest.mark.parametrize("state, wrong", [('{"open": 5}', '"open"'), ('{"logged_through": []}', '"logged_through"'),
+                                          ('{"logged_through": {"wandb": "x"}}', '"logged_through"'),
+                                          ('{"id": 7}', '"id"')])
+def test_a_tracker_state_pion_did_not_write_is_one_line_naming_the_file_and_the_problem(tmp_path, state, wrong):
+    path = tmp_path / "trackers.json"
+    path.write_text(state)
+    with pytest.raises(trackers.PionError, match=f"cannot read {path} .*{wrong}"):
         trackers.RunLog(str(tmp_path), trackers=["tensorboard"], resume_step=3)
 
 

@@ -309,6 +309,12 @@ def test_memory_test_reports_peak_memory_and_exits_0(tokenizer_path, optimizer):
     assert "memory test" in result.stdout + result.stderr and "GB of" in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("run", [["--memory_test"], ["--data_dir", "unused"]])
+def test_a_sample_longer_than_the_context_is_refused_by_its_own_flag_before_step_1(tmp_path, tokenizer_path, run):
+    result = run_train([*run, "--save_dir", tmp_path, "--override", "max_seq_len=8", "--seq_len", "8"], tokenizer_path)
+    assert_error_line(result, "--sample_tokens 48 leaves no room for a prompt in the model's max_seq_len 8")
+
+
 @pytest.mark.slow
 def test_the_memory_test_peak_is_a_real_runs_peak_after_its_first_save(data_dir, tmp_path, tokenizer_path):
     """Pion-nano's full vocabulary, where AdamW's two state buffers are most of the memory. A run peaks after
