@@ -5,7 +5,6 @@ trackers.py writes metrics.jsonl; this module reads it back (read_records) and d
 matplotlib's object API and Agg canvas, never pyplot: drawing needs no display and changes no global
 backend, so a training run can draw between steps.
 """
-import json
 import math
 import os
 
