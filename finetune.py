@@ -17,14 +17,14 @@ import torch.distributed as dist
 
 from chat_template import CHAT_TURN, render_conversation
 from checkpoint import load_checkpoint
-from cli import (ArgumentParser, PionError, add_device_arg, dataclass_from_args, import_optional, non_negative_int,
-                 positive_int, run_cli)
+from cli import (ArgumentParser, PionError, add_device_arg, dataclass_from_args, non_negative_int, positive_int,
+                 run_cli)
 from runs import Checkpointer, is_sft_checkpoint, open_run_dir
 from runtime import Runtime, signal_exit_code
 from sft_data import collate, load_sft_splits, sft_batches
 from tokenizer import load_tokenizer
 from trackers import add_logger_args
-from train_config import TrainConfig, add_benchmark_args, add_train_config_args
+from train_config import TrainConfig, add_benchmark_args, add_train_config_args, benchmark_from_args
 from trainer import TrainingRun, train
 from validation import EvalSample, check_sample_tokens, token_byte_lengths
 
@@ -138,9 +138,7 @@ def finetune(args, config, rt):
             data_identity={"data": os.path.basename(args.data_file) if args.data_file else args.dataset,
                            "train_rows": len(train_rows), "pack": args.pack},
             token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size),
-            benchmark=import_optional("evaluation", "--eval_tasks", "lm-eval").benchmark_scorer(
-                args.eval_tasks, tokenizer, model.config.vocab_size, args.eval_limit, args.eval_include_path,
-                args.eval_batch_size) if args.eval_tasks else None,
+            benchmark=benchmark_from_args(args, tokenizer, model.config.vocab_size),
             loggers=args.logger, plot=True)
         state = train(model, config, rt, run)
         if state.finished:

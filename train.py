@@ -14,13 +14,12 @@ import numpy as np
 
 import data
 import model as pion
-from cli import (ArgumentParser, PionError, add_device_arg, dataclass_from_args, import_optional, non_negative_int,
-                 run_cli)
+from cli import ArgumentParser, PionError, add_device_arg, dataclass_from_args, non_negative_int, run_cli
 from runs import Checkpointer, check_same_model, open_run_dir
 from runtime import Runtime, signal_exit_code
 from tokenizer import PAD_ID, load_tokenizer
 from trackers import add_logger_args
-from train_config import TrainConfig, add_benchmark_args, add_train_config_args, wsd_decay_start
+from train_config import TrainConfig, add_benchmark_args, add_train_config_args, benchmark_from_args, wsd_decay_start
 from trainer import TrainingRun, memory_test, train
 from validation import EvalSample, check_sample_tokens, token_byte_lengths
 
@@ -153,9 +152,7 @@ def pretrain(args, config, rt):
                                val_data.batch(np.array([0]))["input_ids"][0, :16].tolist()),
             saved_with={"trainer": "pretrain"}, data_identity=train_data.identity(),
             token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size),
-            benchmark=import_optional("evaluation", "--eval_tasks", "lm-eval").benchmark_scorer(
-                args.eval_tasks, tokenizer, model.config.vocab_size, args.eval_limit, args.eval_include_path,
-                args.eval_batch_size) if args.eval_tasks else None,
+            benchmark=benchmark_from_args(args, tokenizer, model.config.vocab_size),
             loggers=args.logger, plot=True)
         state = train(model, config, rt, run)
         if state.finished:

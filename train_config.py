@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from cli import PionError, checked, non_negative_float, non_negative_int, positive_int
+from cli import PionError, checked, import_optional, non_negative_float, non_negative_int, positive_int
 
 fraction = checked(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
 
@@ -89,6 +89,15 @@ def add_benchmark_args(parser):
     parser.add_argument("--eval_batch_size", type=positive_int, default=16,
                         help="--eval_tasks: contexts per forward (a question's choices share one), as eval.py's "
                              "--batch_size; --batch_size is the training batch")
+
+
+def benchmark_from_args(args, tokenizer, vocab_size):
+    """The scorer of add_benchmark_args' flags (evaluation.benchmark_scorer: model -> scores), or None without
+    --eval_tasks: lm-eval is imported only then, as training needs none of it."""
+    if not args.eval_tasks:
+        return None
+    return import_optional("evaluation", "--eval_tasks", "lm-eval").benchmark_scorer(
+        args.eval_tasks, tokenizer, vocab_size, args.eval_limit, args.eval_include_path, args.eval_batch_size)
 
 
 def wsd_decay_start(max_steps, decay_frac):
