@@ -51,6 +51,7 @@ class GenerationRequest:
     seed: int = None
     on_update: Callable = None  # required: submit() refuses a request without one
     cancelled: bool = False  # set by cancel(): the engine frees the row before its next step
+    turn: object = None  # chat_template.CHAT_TURN for a chat reply: its content, without the turn's suffix
 
 
 @dataclass(eq=False)
@@ -60,7 +61,6 @@ class Running:
     stream: TextStream
     generator: torch.Generator
     position: int = 0  # the slot of the token after the one the row feeds next: slots 0..position-1 are in use
-    completion_tokens: int = 0
 
 
 def cache_rows(kv_cache, start, stop, length=None):
@@ -82,10 +82,12 @@ def sample_rows(logits, running):
 
 
 class BatchingEngine:
-    def __init__(self, model, tokenizer, max_batch=8, compile=False, stop_ids=(EOS_ID,)):
+    def __init__(self, model, tokenizer, max_batch=8, compile=False, stop_ids=(EOS_ID,), max_context=None):
+        """max_context: the most tokens (prompt and reply) a request may hold, which sizes the KV cache;
+        default and at most: the model's max_seq_len."""
         self.model, self.tokenizer, self.max_batch, self.stop_ids = model.eval(), tokenizer, max_batch, stop_ids
         self.device = model.embed.weight.device
-        self.max_seq_len = model.config.max_seq_len
+        self.max_seq_len = min(max_context or model.config.max_seq_len, model.config.max_seq_len)
         self.kv_cache = model.new_kv_cache(max_batch, self.max_seq_len)
         self.kv_cache.fused_projections = model.fuse_projections()  # the served weights never change
         # A compiled step keeps one shape (every row, busy or free); eager steps run over the rows in use.
@@ -150,7 +152,7 @@ class BatchingEngine:
         for slot, run in enumerate(self.rows):
             if run is not None:
                 self._free(slot)
-                self._send(run.request, Update("", "error", run.completion_tokens, f"{type(error).__name__}: {error}"))
+                self._send(run.request, Update("", "error", run.stream.tokens, f"{type(error).__name__}: {error}"))
 
     def _free(self, slot):
         # A free row in a step's view still decodes (one batch): at slot 0 it stays inside any view's slots.
@@ -177,7 +179,8 @@ class BatchingEngine:
         return True
 
     def _start(self, slot, request):
-        run = Running(request, TextStream(self.tokenizer, request.stop_strings),
+        run = Running(request, TextStream(self.tokenizer, request.stop_strings, self.stop_ids, request.max_tokens,
+                                          request.turn),
                       seeded_generator(self.device, request.seed), position=len(request.prompt_ids))
         start = time.perf_counter()
         try:
@@ -212,15 +215,8 @@ class BatchingEngine:
     def _accept(self, slot, token):
         """A row's new token: stream its text, end the row at a stop or its token budget, else feed it next."""
         run = self.rows[slot]
-        run.completion_tokens += 1
-        if token in self.stop_ids:
-            text, reason = run.stream.finish(token), "stop"
-        else:
-            text = run.stream.push(token)
-            reason = "stop" if run.stream.stopped else "length" if run.completion_tokens == run.request.max_tokens \
-                else None
-            if reason:
-                text += run.stream.finish()
+        text = run.stream.add(token)
+        reason = run.stream.finish_reason
         if reason:
             self._free(slot)  # at once: a waiting request can take it before the next step
         else:
@@ -228,7 +224,7 @@ class BatchingEngine:
             self.positions[slot, 0] = run.position
             run.position += 1
         if text or reason:
-            self._send(run.request, Update(text, reason, run.completion_tokens, stop_reason=run.stream.stop_reason))
+            self._send(run.request, Update(text, reason, run.stream.tokens, stop_reason=run.stream.stop_reason))
 
     def _send(self, request, update):
         try:

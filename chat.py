@@ -15,8 +15,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from chat_template import STOP_STRINGS, render_conversation, reply_content
-from checkpoint import load_model
+from chat_template import CHAT_TURN, render_conversation
+from checkpoint import base_model_note, load_model
 from quantize import quantize
 from tokenizer import load_tokenizer
 from cli import (ArgumentParser, PionError, add_inference_args, dataclass_from_args, run_cli, typed_lines,
@@ -134,16 +134,14 @@ def reply(session, conversation):
     prompt_ids = conversation_prompt(tokenizer, conversation, model.config.max_seq_len - session.max_tokens)
     columns = DecodeTimer(generate_tokens(model, prompt_ids, session.max_tokens, session.settings, session.generator,
                                           compile=session.compile), len(prompt_ids))
-    stream = TextStream(tokenizer, stop_strings=STOP_STRINGS)
+    stream = TextStream(tokenizer, turn=CHAT_TURN)
     for _, piece in stream_text(columns, [stream]):
         sys.stdout.write(piece)
         sys.stdout.flush()
     if not stream.text.endswith("\n"):
         print()
     print(columns.report(), file=sys.stderr)
-    # A reply is rendered as content + TURN_SUFFIX + <|endoftext|>: the suffix the model wrote to end its turn
-    # is not content.
-    return reply_content(stream.text, stream.stop_reason)
+    return stream.text  # the reply's content: the turn's suffix and what ended it are not part of it
 
 
 def parse_args(argv=None):
@@ -168,10 +166,9 @@ def main(argv=None):
         print(f"using {checkpoint}, the newest checkpoint under checkpoints/", file=sys.stderr)
     model, device, saved = load_model(checkpoint, args.device, args.dtype)
     model = quantize(model, args.quantize)
-    if saved.get("trainer") == "pretrain":
-        print(f"note: {checkpoint} is a pretrained base model, not instruction-tuned: it continues text rather "
-              f"than answering. Tune it for chat with: python finetune.py --checkpoint {checkpoint}",
-              file=sys.stderr)
+    note = base_model_note(checkpoint, saved)
+    if note:
+        print(note, file=sys.stderr)
     tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
     session = Session(model, tokenizer, dataclass_from_args(SamplingSettings, args), args.max_tokens,
                       seeded_generator(device, args.seed), args.compile)

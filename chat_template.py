@@ -6,7 +6,10 @@ A turn is "<|role|>\\n" + its content stripped of surrounding whitespace + "\\n"
 closed by <|endoftext|>, and "<|assistant|>\\n" asks the model for the next reply. The role markers are plain
 text to the tokenizer, not special tokens. Every rendering here is built from the constants below.
 """
+from collections import namedtuple
+
 from cli import PionError
+from loss import IGNORE_INDEX
 from tokenizer import EOS_ID
 
 ROLES = ("system", "user", "assistant")
@@ -16,12 +19,14 @@ SYSTEM_PREFIX, USER_PREFIX, ASSISTANT_PREFIX = (TURN_PREFIXES[role] for role in 
 TURN_SUFFIX = "\n"
 EOS_TEXT = "<|endoftext|>"  # EOS_ID as text, as the text and Jinja renderings write it after an assistant turn
 UNKNOWN_ROLE = "Pion chats have system, user and assistant turns, not "
-IGNORE_INDEX = -100  # the label of a token that is not trained
 
-# A reply ends at EOS_ID, or where the model starts writing the user's next turn: chat callers pass
-# STOP_STRINGS to decoding's generate_text / TextStream.
+# A reply ends at EOS_ID, or where the model starts writing the user's next turn; the TURN_SUFFIX before either
+# closes the turn and is not the reply's content. Chat callers pass CHAT_TURN to decoding's TextStream (or
+# generate_text), which applies this rule as it streams.
 USER_MARKER = USER_PREFIX.strip()
 STOP_STRINGS = (USER_MARKER,)
+ChatTurn = namedtuple("ChatTurn", "stop_strings suffix")
+CHAT_TURN = ChatTurn(STOP_STRINGS, TURN_SUFFIX)
 
 
 def render_conversation(tokenizer, messages, add_generation_prompt=False):
@@ -69,34 +74,6 @@ def render_text(messages, add_generation_prompt=False, continue_final_message=Fa
             return text
         text += TURN_SUFFIX + (EOS_TEXT if message["role"] == "assistant" else "")
     return text + (ASSISTANT_PREFIX if add_generation_prompt else "")
-
-
-def reply_content(text, stop_reason):
-    """A generated reply (or its tail) as content: without the TURN_SUFFIX the template ends an assistant turn
-    with, where the reply ended as a turn ends, at EOS_ID or one of STOP_STRINGS (stop_reason is
-    decoding.TextStream's). A reply cut by its token budget or a caller's stop string ends mid-turn: a "\\n"
-    at its end is one the model wrote."""
-    return text.removesuffix(TURN_SUFFIX) if stop_reason in (EOS_ID, *STOP_STRINGS) else text
-
-
-class SuffixTrimmer:
-    """Streams a chat reply without the template's TURN_SUFFIX at its end (as reply_content gives it whole): a
-    trailing piece that may be the suffix is held back until more text follows or the reply ends."""
-
-    def __init__(self):
-        self.held = ""
-
-    def push(self, text):
-        text = self.held + text
-        keep = next((n for n in range(min(len(text), len(TURN_SUFFIX)), 0, -1) if TURN_SUFFIX.startswith(text[-n:])), 0)
-        self.held = text[len(text) - keep:]
-        return text[:len(text) - keep]
-
-    def finish(self, stop_reason):
-        """The text held back, as content (reply_content: what ended the reply decides whether a suffix
-        there is the template's)."""
-        rest, self.held = self.held, ""
-        return reply_content(rest, stop_reason)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -2,12 +2,16 @@
 references, legacy pickled configs). A training run's checkpoints and their rules are runs.py's."""
 import dataclasses
 import os
+import pickle
+import pickletools
 import socket
 import urllib.parse
+import zipfile
 
 import torch
 
-from cli import DTYPES, PionError, atomic_write, first_line, pick_device
+from cli import DTYPES, PionError, first_line, pick_device
+from files import atomic_write
 from model import Pion, PionConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -22,11 +26,18 @@ def save_checkpoint(path, checkpoint):
     checkpoint = dict(checkpoint)
     if dataclasses.is_dataclass(checkpoint.get("config")):
         checkpoint["config"] = dataclasses.asdict(checkpoint["config"])
-    bad = [k for k, t in checkpoint["model"].items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = non_finite_tensor(checkpoint["model"])
     if bad:
-        raise PionError(f"refusing to save {path}: non-finite weights in {bad[0]}")
+        raise PionError(f"refusing to save {path}: non-finite weights in {bad}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, lambda f: torch.save(checkpoint, f), durable=True)
+
+
+def non_finite_tensor(state_dict):
+    """The name of the first tensor holding a NaN or an infinity, or None: such weights only ever give NaN
+    logits (empty replies, exports full of NaNs), so they are neither saved nor loaded."""
+    return next((name for name, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()),
+                None)
 
 
 def clean_state_dict(state_dict):
@@ -93,13 +104,33 @@ def read_checkpoint(path, map_location="cpu"):
     try:
         with torch.serialization.safe_globals([PionConfig]):
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        if "Unsupported global" in str(e):  # a pickle that names code to run: never loaded
-            raise PionError(f"refusing to load {path}: it pickles objects other than tensors and a PionConfig")
+    except pickle.UnpicklingError:  # weights_only's refusal, of what a pickle asks for or of bytes that are none
+        if is_pickle(path):
+            raise PionError(f"refusing to load {path}: it asks to run code (to build objects other than tensors "
+                            f"and a PionConfig), and Pion does not load such files")
+        raise PionError(f"{path} is not a readable checkpoint (truncated, corrupt or not a torch file)")
+    except Exception:
         raise PionError(f"{path} is not a readable checkpoint (truncated, corrupt or not a torch file)")
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model", checkpoint), dict):
         raise PionError(f"{path} is not a Pion checkpoint (expected a dict with a 'model' state dict)")
     return checkpoint
+
+
+def is_pickle(path):
+    """True when path holds a well-formed pickle (a torch archive's data.pkl, or a bare one): when
+    weights_only refuses such a file, it refused what the pickle asks to build, not unreadable bytes."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                pickled = archive.open(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+        else:
+            pickled = open(path, "rb")
+        with pickled:
+            for _ in pickletools.genops(pickled):  # raises on bytes that are no pickle
+                pass
+        return True
+    except Exception:
+        return False
 
 
 def load_checkpoint(path, map_location="cpu", **config_overrides):
@@ -111,6 +142,9 @@ def load_checkpoint(path, map_location="cpu", **config_overrides):
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PionError(f"{path} is not a Pion checkpoint (its 'model' entry is not a state dict)")
     state = clean_state_dict(state)
+    bad = non_finite_tensor(state)
+    if bad:
+        raise PionError(f"refusing to load {path}: its weights hold NaN or infinite values (in {bad})")
     config = checkpoint.get("config")
     if isinstance(config, PionConfig):
         config = dataclasses.asdict(PionConfig.from_dict(vars(config)))  # legacy pickles may lack new fields
@@ -135,6 +169,15 @@ def load_checkpoint(path, map_location="cpu", **config_overrides):
         model.lm_head.weight = model.embed.weight
     checkpoint["config"] = config
     return model, checkpoint
+
+
+def base_model_note(path, checkpoint):
+    """The note chat.py and serve.py print for a pretrained base model, which continues text rather than
+    answering chat messages; None for any other checkpoint."""
+    if checkpoint.get("trainer") == "pretrain":
+        return (f"note: {path} is a pretrained base model, not instruction-tuned: it continues text rather than "
+                f"answering. Tune it for chat with: python finetune.py --checkpoint {path}")
+    return None
 
 
 def load_model(path, device="auto", dtype=None):

@@ -1,11 +1,10 @@
 """The command-line kit every script shares: one-line errors, checked flag types, run recipes (--config), device
-and dtype choice, atomic file writes and the interactive prompt."""
+and dtype choice and the interactive prompt."""
 import argparse
-import contextlib
 import dataclasses
+import importlib
 import math
-import os
-import shutil
+import signal
 import sys
 import tomllib
 import warnings
@@ -18,12 +17,26 @@ class PionError(Exception):
 
 
 def run_cli(main):
-    """Run a script's main(); a PionError becomes one line on stderr and exit code 2, not a traceback."""
+    """Run a script's main(); a PionError becomes one line on stderr and exit code 2, not a traceback, and
+    Ctrl-C one line and the shell's code for it, 130 (every `finally` on the way out has removed what was
+    half-written)."""
     try:
         main()
     except PionError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+
+
+def exit_on_sigterm():
+    """Make SIGTERM end the process as Ctrl-C does, through every `finally` (which removes half-written
+    files), with one line and the shell's code for it, 143: by default it ends the process on the spot."""
+    def terminate(signum, frame):
+        print("terminated", file=sys.stderr)
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, terminate)
 
 
 def first_line(error):
@@ -146,15 +159,29 @@ def dataclass_from_args(cls, args, **values):
     return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **values})
 
 
+def import_optional(module, needed_by, package):
+    """`module`, which needs an optional package (lm-eval, matplotlib), imported only when a feature asks for it:
+    the rest never needs the package. Missing, a PionError saying what needs it and how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise PionError(f"{needed_by} needs {package} ({e}): pip install {package}")
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_model_args(parser):
     """The flags of every script that loads a model: tokenizer, device, dtype."""
     parser.add_argument("--tokenizer", default=None, help="tokenizer JSON (default: the Pion tokenizer, fetched once)")
-    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    add_device_arg(parser)
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="weights' dtype (default: bfloat16 on CUDA, float32 elsewhere)")
+
+
+def add_device_arg(parser):
+    """--device, the same in every script: pick_device reads it (an unknown or absent device is one line)."""
+    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
 
 
 def add_inference_args(parser):
@@ -177,81 +204,6 @@ def pick_device(name="auto"):
             (device.type == "mps" and not torch.backends.mps.is_available()):
         raise PionError(f"device {name} is not available on this machine")
     return device
-
-
-@contextlib.contextmanager
-def replaced_atomically(path):
-    """Yield a hidden temp path beside `path` (for a file or a folder), renamed to `path` when the block ends
-    without an error: a crash never leaves half a file or folder under the final name. An OSError (a full
-    disk, a read-only or missing folder) becomes one line naming `path`, and what was there is untouched."""
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except PionError:
-        raise  # already one line naming its own problem (a bad input read while writing, an inner write)
-    except OSError as e:
-        raise PionError(f"cannot write {path}: {e.strerror or first_line(e)}")
-    except Exception as e:
-        reason = write_failure(e)
-        if reason is None:
-            raise
-        raise PionError(f"cannot write {path}: {reason}")
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-        elif os.path.exists(tmp):
-            os.remove(tmp)
-
-
-# How the OS's write errors read once torch (RuntimeError) or safetensors (SafetensorError) have wrapped them
-# in exceptions of their own, without the OSError.
-WRITE_ERRORS = ("No space left on device", "File too large", "Disk quota exceeded", "Read-only file system",
-                "Input/output error", "file write failed", "(os error")
-
-
-def write_failure(error):
-    """Why a write failed, when `error` is a failed write that a library wrapped (an OSError in its chain, or
-    the OS's message in its text); None for any other error."""
-    cause = error
-    while cause is not None:
-        if isinstance(cause, OSError):
-            return cause.strerror or first_line(cause)
-        cause = cause.__cause__ or cause.__context__
-    text = first_line(error)
-    return text if any(marker in text for marker in WRITE_ERRORS) else None
-
-
-def atomic_write(path, write, durable=False):
-    """write(binary file) into a file that replaced_atomically renames to `path`. durable: fsync before the
-    rename (checkpoints)."""
-    with replaced_atomically(path) as tmp:
-        with open(tmp, "wb") as f:
-            write(f)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-
-
-def check_new_folder(out):
-    """Refuse an --out that holds anything: an export or a data set never overwrites what is there. Checked
-    before the slow work, and again by write_folder_atomically's rename."""
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise PionError(f"--out {out} already exists and is not an empty folder; choose a new path (nothing is "
-                        f"ever overwritten)")
-
-
-def write_folder_atomically(out, write):
-    """write(folder) into a staging folder that replaced_atomically renames to `out` (which must be new or an
-    empty folder). Returns what write returns."""
-    out = os.path.abspath(out)
-    with replaced_atomically(out) as staging:
-        os.makedirs(staging)
-        result = write(staging)
-        if os.path.isdir(out) and not os.listdir(out):
-            os.rmdir(out)  # empty: the rename puts the new folder there (and refuses one that filled up meanwhile)
-    return result
 
 
 def use_one_line_warnings(category):

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tokenizer import PAD_ID
 from cli import PionError, first_line
+from loss import IGNORE_INDEX
 
 VAL_FRACTION = 0.02  # the last ~2% of the rows of every shard are validation
 
@@ -97,7 +98,7 @@ class PretrainData:
 
     def batch(self, sample_indices):
         """{"input_ids", "labels"}: LongTensors (len(sample_indices), seq_len). labels are the same tokens
-        (the model shifts them itself) with padding set to -100, so it never counts in the loss."""
+        (the model shifts them itself) with padding set to IGNORE_INDEX, so it never counts in the loss."""
         shard = np.searchsorted(self.first_sample, sample_indices, side="right") - 1
         local = sample_indices - self.first_sample[shard]
         row = self.first_row[shard] + local // self.windows_per_row
@@ -106,7 +107,7 @@ class PretrainData:
         for i in np.lexsort((row, shard)):  # in file order: the reads move forward through each shard
             input_ids[i] = self.shards[shard[i]][row[i], col[i]:col[i] + self.seq_len]
         input_ids = torch.from_numpy(input_ids)
-        return {"input_ids": input_ids, "labels": input_ids.masked_fill(input_ids == PAD_ID, -100)}
+        return {"input_ids": input_ids, "labels": input_ids.masked_fill(input_ids == PAD_ID, IGNORE_INDEX)}
 
     def check_tokens(self, vocab_size):
         """Refuse token ids the model has no embedding for, and a split of padding alone (it would train at
@@ -194,19 +195,6 @@ class BatchStream(IterableDataset):
             yield self.data.batch(sample_indices)
 
 
-def check_token_ids(batches, vocab_size, data_dir):
-    """Pass batches through, refusing ids the model has no embedding for. This runs in the main process:
-    an error raised inside a DataLoader worker comes back wrapped in a multi-line traceback."""
-    for batch in batches:
-        low, high = (int(x) for x in torch.aminmax(batch["input_ids"]))
-        if high >= vocab_size:
-            raise PionError(f"token id {high} >= vocab_size {vocab_size} in {data_dir}: the data was tokenized "
-                            f"with a larger vocabulary than the model has")
-        if low < 0:
-            raise PionError(f"negative token id {low} in {data_dir}")
-        yield batch
-
-
 def ignore_stop_signals(worker_id):
     """DataLoader workers ignore SIGINT and SIGTERM: Ctrl-C, systemd's stop, Slurm's scancel and cloud
     preemption signal the whole process group, and a worker killed by one would crash the trainer before
@@ -217,18 +205,25 @@ def ignore_stop_signals(worker_id):
 
 
 def create_dataloader(data_dir, split, batch_size, seq_len, vocab_size, seed=42, start_sample=0,
-                      rank=0, world_size=1, num_workers=0, pin_memory=False):
+                      rank=0, world_size=1, num_workers=0, pin_memory=False, opened=None):
     """Iterator of {"input_ids": LongTensor (B, T), "labels": LongTensor (B, T)} for this rank.
     split="train": infinite, shuffled per (seed, epoch), begins at global sample index start_sample
-    (counted in samples over all ranks; train.py passes steps_done * batch_size * grad_accum * world_size).
+    (counted in samples over all ranks: a run's samples_seen, which the trainer passes on resume).
     split="val": one pass, fixed order (seed and start_sample are not used).
+
+    The split's token ids are checked against vocab_size here, once, a shard at a time (in the main process:
+    an error raised in a DataLoader worker comes back as a multi-line traceback), unless `opened` is the
+    split already opened as PretrainData and checked with check_tokens: then it is used as it is.
 
     Global batch g is samples [g*B*W, (g+1)*B*W) of the stream and rank r takes its r-th B, so W ranks
     with batch B see the same global batches as one rank with batch B*W."""
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or start_sample < 0 or num_workers < 0:
         raise PionError(f"bad loader settings: batch_size {batch_size}, rank {rank}, world_size {world_size}, "
                         f"start_sample {start_sample}, num_workers {num_workers}")
-    data = PretrainData(data_dir, seq_len, split)
+    data = opened
+    if data is None:
+        data = PretrainData(data_dir, seq_len, split)
+        data.check_tokens(vocab_size)
     global_batch = batch_size * world_size
     if split == "train":
         if data.n_samples < global_batch:
@@ -244,4 +239,4 @@ def create_dataloader(data_dir, split, batch_size, seq_len, vocab_size, seed=42,
     loader = DataLoader(BatchStream(data, global_batches, rank, batch_size), batch_size=None,
                         num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed),
                         worker_init_fn=ignore_stop_signals)
-    return check_token_ids(loader, vocab_size, data_dir)
+    return (batch for batch in loader)  # its workers start at the first batch asked for, not here

@@ -4,18 +4,24 @@ format (the shard format and the loader that reads it are data.py's).
     python data_prep.py download --num_shards 4 --out data/mixed     # the published (N, 2048) shards
     python data_prep.py prepare --input my_texts/ --out data/mine      # your own .txt / .jsonl files
 """
+import contextlib
+import glob
 import itertools
 import json
 import os
 import re
+import shutil
+import signal
+import sys
 
 import numpy as np
 from tqdm import tqdm
 
 from data import PretrainData, open_shard, read_metadata
+from jsonl import jsonl_objects
 from tokenizer import EOS_ID, PAD_ID, TOKENIZER_PATH, load_tokenizer
-from cli import (ArgumentParser, PionError, atomic_write, check_new_folder, first_line, is_unicode, positive_int,
-                 run_cli, write_folder_atomically)
+from cli import ArgumentParser, PionError, first_line, positive_int, run_cli
+from files import atomic_write, check_new_folder, write_folder_atomically
 
 DEFAULT_REPO = "SuperGoatScriptGuy/PreprocessedMIXED"
 
@@ -24,9 +30,9 @@ DOWNLOAD_RECORD = "download.json"  # {"repo": ...}: which repo a download folder
 
 
 def check_download_folder(out, repo):
-    """Refuse an --out that holds anything but a download of the same repo, finished (DOWNLOAD_RECORD) or not
-    (huggingface_hub's .cache folder): its shard_00000.npy would be overwritten by another data set's. A
-    download can thus be rerun to finish or to add shards, and never mixes two data sets."""
+    """Refuse an --out that holds anything but a download of the same repo (DOWNLOAD_RECORD, written before
+    the first shard): its shard_00000.npy would be overwritten by another data set's. A download can thus be
+    rerun to finish or to add shards, and never mixes two data sets, even when the first was interrupted."""
     record = os.path.join(out, DOWNLOAD_RECORD)
     if os.path.isfile(record):
         try:
@@ -37,18 +43,21 @@ def check_download_folder(out, repo):
         if earlier != repo:
             raise PionError(f"--out {out} holds a download of {earlier or 'an unknown repo'}, not {repo}; choose a "
                             f"new --out")
-    elif not os.path.isdir(os.path.join(out, ".cache", "huggingface")):
+    else:
         check_new_folder(out)
 
 
 def download(repo, num_shards, out):
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import HFValidationError
     if num_shards < 1:
         raise PionError(f"--num_shards must be at least 1, got {num_shards}")
     check_download_folder(out, repo)
     names = [f"shard_{i:05d}.npy" for i in range(num_shards)]
     try:
+        HfApi().repo_info(repo, repo_type="dataset")  # reachable: only then is anything written
+        os.makedirs(out, exist_ok=True)
+        atomic_write(os.path.join(out, DOWNLOAD_RECORD), lambda f: f.write(json.dumps({"repo": repo}).encode()))
         snapshot_download(repo_id=repo, repo_type="dataset", allow_patterns=names + ["metadata.json"], local_dir=out)
     except (OSError, HFValidationError) as e:  # hub, network and disk errors are all OSErrors
         raise PionError(f"cannot download {repo}: {first_line(e)}")
@@ -56,7 +65,6 @@ def download(repo, num_shards, out):
     if missing:
         raise PionError(f"{repo} has no {missing[0]} ({len(missing)} of the {num_shards} shards asked for are "
                         f"missing); ask for fewer with --num_shards")
-    atomic_write(os.path.join(out, DOWNLOAD_RECORD), lambda f: f.write(json.dumps({"repo": repo}).encode()))
     rows = sum(len(open_shard(os.path.join(out, name))) for name in names)
     print(f"downloaded {num_shards} shard(s), {rows:,} rows, of {repo} to {out}")
     metadata = read_metadata(out)
@@ -87,32 +95,20 @@ def file_documents(files, text_field):
     """Each .txt file is one document (read in chunks); each line of a .jsonl file is a JSON object with one in
     text_field."""
     for path in files:
-        try:
-            with open(path, encoding="utf-8") as f:
-                if path.endswith(".txt"):
-                    yield text_chunks(f, path)  # consumed before the next document is asked for
-                    continue
-                for line_number, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except ValueError:
-                        raise PionError(f"{path}:{line_number} is not valid JSON")
-                    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                        raise PionError(f"{path}:{line_number} has no text field {text_field!r} (see --text_field)")
-                    if not is_unicode(record[text_field]):
-                        raise PionError(f"{path}:{line_number}: its text holds a lone surrogate (an escape such as "
-                                        f"\\ud800 that is no Unicode character)")
-                    yield record[text_field]
-        except UnicodeDecodeError:
-            raise PionError(f"{path} is not UTF-8 text")
+        if path.endswith(".txt"):
+            yield text_chunks(path)  # consumed before the next document is asked for
+            continue
+        for line_number, record in jsonl_objects(path):
+            if not isinstance(record.get(text_field), str):
+                raise PionError(f"{path}:{line_number} has no text field {text_field!r} (see --text_field)")
+            yield record[text_field]
 
 
-def text_chunks(f, path):
+def text_chunks(path):
     """A file's text, READ_CHARS characters at a time: a 1 GB corpus file is never one string in memory."""
     try:
-        yield from iter(lambda: f.read(READ_CHARS), "")
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte order mark at the start is no text
+            yield from iter(lambda: f.read(READ_CHARS), "")
     except UnicodeDecodeError:
         raise PionError(f"{path} is not UTF-8 text")
 
@@ -134,22 +130,37 @@ def hf_documents(name, split, text_field):
 # encodes many short texts faster than a few long ones (4K-char pieces: 2x the speed of 64K ones).
 PIECE_CHARS = 1 << 12
 READ_CHARS = 1 << 20  # a .txt file is read this much at a time
-BATCH_CHARS = 2 << 20  # text per encode_batch call (run on all cores); its encodings cost ~40x its size
-# Where the byte-level pre-tokenizer (GPT-2's pattern, Pion's) always cuts: before a space that follows a
-# non-space and precedes a letter. The match holding the non-space ends at it (no alternative for a
-# non-space crosses whitespace), and " word" starts the next. BPE never merges across such a cut.
-SAFE_CUT = re.compile(r"(?<=\S) (?=[^\W\d_])")
+# Text per encode_batch call (run on all cores), in UTF-8 bytes: its encodings cost ~40x that, and bytes
+# follow the token count more closely than characters do (a Chinese character is 3 bytes and 1-3 tokens).
+BATCH_BYTES = 2 << 20
+# Where the byte-level pre-tokenizer (GPT-2's pattern, Pion's) always cuts, so BPE never merges across:
+# - before a space that follows a non-space and precedes a letter: the match holding the non-space ends at it
+#   (no alternative for a non-space crosses whitespace), and " word" starts the next;
+# - between a letter or digit and a following mark that is neither (text without spaces, as Chinese and
+#   Japanese are written, has one at most sentences): runs of letters or of digits end where their class does.
+SAFE_CUT = re.compile(r"(?<=\S) (?=[^\W\d_])|(?<=[^\W_])(?=[^\w\s])")
+# A run this long without a safe cut (no space nor punctuation) is cut anyway, at a character boundary: one
+# pre-token this long is no text anyone wants tokenized exactly, and kept whole it would grow without bound.
+MAX_PIECE_CHARS = 1 << 16
 
 
-def document_pieces(chunks, piece_chars=PIECE_CHARS):
-    """A document (its text in chunks) as (piece, is_last) of about piece_chars characters or more, cut only
-    at SAFE_CUT: the pieces' ids, joined, are the whole document's ids, whatever its length."""
+def document_pieces(chunks, piece_chars=PIECE_CHARS, max_piece_chars=MAX_PIECE_CHARS):
+    """A document (its text in chunks) as (piece, is_last) of about piece_chars characters or more, cut at
+    SAFE_CUT: the pieces' ids, joined, are the whole document's ids, whatever its length. Only a run of more
+    than max_piece_chars characters without a safe cut is cut elsewhere; memory stays flat either way."""
     buffer = ""
     for chunk in chunks:
         buffer, start = buffer + chunk, 0
-        while len(buffer) - start > piece_chars and (cut := SAFE_CUT.search(buffer, start + piece_chars)):
-            yield buffer[start:cut.start()], False
-            start = cut.start()
+        while len(buffer) - start > piece_chars:
+            cut = SAFE_CUT.search(buffer, start + piece_chars, start + max_piece_chars)
+            if cut:
+                end = cut.start()
+            elif len(buffer) - start > max_piece_chars:
+                end = start + max_piece_chars
+            else:
+                break  # the next chunk may hold the cut
+            yield buffer[start:end], False
+            start = end
         buffer = buffer[start:]
     yield buffer, True
 
@@ -164,6 +175,7 @@ def prepare(documents, out, source, seq_len=2048, tokenizer_path=None, shard_row
         raise PionError(f"--seq_len and --shard_rows must be positive, got {seq_len} and {shard_rows}")
     out = os.path.abspath(out)
     check_new_folder(out)
+    remove_stale_staging(out)
     tokenizer = load_tokenizer(tokenizer_path)
     if tokenizer.get_vocab_size() > 2 ** 16:
         raise PionError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, too many for uint16 shards")
@@ -180,6 +192,55 @@ def prepare(documents, out, source, seq_len=2048, tokenizer_path=None, shard_row
           f"{summary['n_rows']:,} rows of {seq_len} tokens in {summary['n_shards']} shard(s) to {out}")
 
 
+def remove_stale_staging(out):
+    """Remove the staging folders (.NAME.tmp<pid>) of earlier prepares into `out` whose process is gone: one
+    killed outright (SIGKILL, a lost machine) had no chance to. A staging folder of a live process is its own."""
+    directory, name = os.path.split(out)
+    for path in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.tmp*")):
+        pid = path.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not process_exists(int(pid))):
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)  # one we may not remove is no reason to refuse
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+
+
+def process_exists(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process is there
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised where prepare is, so that its staging folder is removed on the way out (a
+    KeyboardInterrupt: no `except Exception` on the way takes it for an error of its own)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_signals_raise():
+    """Within the block, SIGINT (Ctrl-C) and SIGTERM (kill, a job scheduler) raise Stopped once; a second
+    signal is ignored so that the cleanup it started runs to its end."""
+    def stop(signum, frame):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+        raise Stopped(signum)
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def write_shards(tokenizer, documents, folder, seq_len, shard_rows):
     """Tokenize and pack the documents into shard files in folder; returns the counts for metadata.json."""
     shard_tokens = shard_rows * seq_len
@@ -194,7 +255,7 @@ def write_shards(tokenizer, documents, folder, seq_len, shard_rows):
     pieces = (piece for document in documents
               for piece in document_pieces([document] if isinstance(document, str) else document) if piece[0])
     with tqdm(desc="tokenizing", unit="tok", unit_scale=True) as bar:
-        while batch := take_chars(pieces, BATCH_CHARS):
+        while batch := take_batch(pieces, BATCH_BYTES):
             encodings = tokenizer.encode_batch([text for text, _ in batch], add_special_tokens=False)
             ids = np.fromiter(itertools.chain.from_iterable(e.ids + [EOS_ID] * is_last
                                                             for e, (_, is_last) in zip(encodings, batch)),
@@ -224,13 +285,13 @@ def write_shards(tokenizer, documents, folder, seq_len, shard_rows):
     return dict(total_tokens=n_tokens, n_rows=n_rows, n_shards=n_shards, n_documents=n_documents)
 
 
-def take_chars(pieces, max_chars):
-    """The next pieces, up to about max_chars characters of text (at least one piece)."""
-    batch, chars = [], 0
+def take_batch(pieces, max_bytes):
+    """The next pieces, up to about max_bytes bytes of UTF-8 text (at least one piece)."""
+    batch, size = [], 0
     for piece in pieces:
         batch.append(piece)
-        chars += len(piece[0])
-        if chars >= max_chars:
+        size += len(piece[0].encode("utf-8", "surrogatepass"))
+        if size >= max_bytes:
             break
     return batch
 
@@ -271,7 +332,13 @@ def main(argv=None):
         else:
             documents = hf_documents(args.hf_dataset, args.hf_split, args.text_field)
             source = f"{args.hf_dataset}:{args.hf_split}"
-        prepare(documents, args.out, source, args.seq_len, args.tokenizer, args.shard_rows)
+        try:
+            with stop_signals_raise():
+                prepare(documents, args.out, source, args.seq_len, args.tokenizer, args.shard_rows)
+        except Stopped as stopped:
+            name = signal.Signals(stopped.signum).name
+            print(f"stopped by {name}: nothing was written to {args.out}", file=sys.stderr)
+            sys.exit(128 + stopped.signum)  # the shell's code for a process ended by that signal: 130, 143
 
 
 if __name__ == "__main__":

@@ -369,85 +369,105 @@ class StreamingDetokenizer:
 
 
 class TextStream:
-    """One row's streamed text, cut before the first stop string.
+    """One row's text, streamed from its tokens up to where the row ends: at one of stop_ids (not decoded), before
+    the first of stop_strings, or at its max_tokens-th token. add() takes each token and returns the text that
+    became final; `finish_reason` is then "stop" or "length" once the row has ended, and `stop_reason` the stop
+    id or string that ended it. `text` is everything released, the row's whole answer once it has ended.
 
-    Text that could be the beginning of a stop string is held back until it is known not to be one, so
-    no part of a stop string is ever released. `text` is everything released so far; after finish() it is
-    the row's whole answer, and `finished` is set."""
+    Text that could be the beginning of a stop string is held back until it is known not to be one, so no
+    part of a stop string is ever released. A chat `turn` (chat_template.CHAT_TURN) adds the stop strings that
+    end a turn, and drops the suffix the template closes a turn with where the reply ends as a turn ends (a
+    stop id or the turn's stop strings): text that could be that suffix is held back the same way, in the
+    same buffer, so the stream gives the reply's content and nothing after it."""
 
-    def __init__(self, tokenizer, stop_strings=()):
+    def __init__(self, tokenizer, stop_strings=(), stop_ids=(EOS_ID,), max_tokens=None, turn=None):
         self.detokenizer = StreamingDetokenizer(tokenizer)
-        self.stop_strings = [s for s in stop_strings if s]
-        self.pending = ""  # decoded but not released: it might start a stop string
-        self.stopped = False  # a stop string was seen
-        self.finished = False
-        # What ended the row: the stop string it was cut before, the stop id given to finish(), or None (it ran
-        # out of tokens). A chat reply ends its turn with "\n" only where the template ends it (chat_template.reply_content).
+        self.turn_stops = tuple(turn.stop_strings) if turn else ()
+        self.suffix = turn.suffix if turn else ""
+        self.stop_strings = [s for s in (*stop_strings, *self.turn_stops) if s]
+        # What the end of the held-back text may grow into: a stop string, or the turn's suffix and a turn's end.
+        self.could_become = self.stop_strings + ([self.suffix, *(self.suffix + s for s in self.turn_stops)]
+                                                 if self.suffix else [])
+        self.stop_ids, self.max_tokens = stop_ids, max_tokens
+        self.tokens = 0  # tokens added, the stop id included
+        self.pending = ""  # decoded but not released
         self.stop_reason = None
+        self.finish_reason = None
         self.text = ""
 
-    def push(self, token_id):
-        """Add one token; return the newly released text. Sets `stopped` once a stop string appears."""
-        return self._release(self.detokenizer.push(token_id))
+    @property
+    def finished(self):
+        return self.finish_reason is not None
 
-    def finish(self, stop_id=None):
-        """Release what was held back (no token follows). stop_id: the stop token that ended the row, if one did."""
-        self.stop_reason = stop_id if stop_id is not None else self.stop_reason
-        piece = self._release(self.detokenizer.flush())
-        rest, self.pending = self.pending, ""  # empty once stopped
+    def add(self, token_id):
+        """The row's next token -> the text it made final (often "", never part of a stop string)."""
+        self.tokens += 1
+        if token_id in self.stop_ids:
+            return self._end("stop", stop_id=token_id)
+        piece = self._release(self.detokenizer.push(token_id))
+        if self.stop_reason is not None:
+            return piece + self._end("stop")
+        if self.max_tokens is not None and self.tokens >= self.max_tokens:
+            return piece + self._end("length")
+        return piece
+
+    def finish(self):
+        """End the row where its tokens ran out; return the text held back until now."""
+        return "" if self.finished else self._end("length")
+
+    def _end(self, reason, stop_id=None):
+        piece = self._release(self.detokenizer.flush()) if self.stop_reason is None else ""
+        if self.stop_reason is None and stop_id is not None:
+            self.stop_reason = stop_id
+        rest, self.pending = self.pending, ""
+        if self.stop_reason is not None and (self.stop_reason in self.stop_ids or self.stop_reason in self.turn_stops):
+            rest = rest.removesuffix(self.suffix) if self.suffix else rest
+        self.finish_reason = "stop" if self.stop_reason is not None else reason
         self.text += rest
-        self.finished = True
         return piece + rest
 
     def _release(self, new_text):
-        if self.stopped:
-            return ""
         self.pending += new_text
         # A stop string can only start in `pending`: anything that could start one was held back.
         hits = [(i, s) for s in self.stop_strings if (i := self.pending.find(s)) >= 0]
         if hits:
-            self.stopped = True
             cut, self.stop_reason = min(hits)
-            piece, self.pending = self.pending[:cut], ""
-        else:
-            keep = self._partial_match_length()
-            piece, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+            self.pending = self.pending[:cut]  # released by _end, which knows whether a suffix ends it
+            return ""
+        keep = self._partial_match_length()
+        piece, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
         self.text += piece
         return piece
 
     def _partial_match_length(self):
-        """Length of the longest end of `pending` that is the beginning of a stop string."""
-        for n in range(min(len(self.pending), max(map(len, self.stop_strings), default=1) - 1), 0, -1):
-            if any(s.startswith(self.pending[-n:]) for s in self.stop_strings):
+        """Length of the longest end of `pending` that is the beginning of what it could become."""
+        for n in range(min(len(self.pending), max(map(len, self.could_become), default=1)), 0, -1):
+            if any(s.startswith(self.pending[-n:]) for s in self.could_become):
                 return n
         return 0
 
 
-def stream_text(columns, streams, stop_ids=(EOS_ID,)):
+def stream_text(columns, streams):
     """Feed generate_tokens' columns into one TextStream per row and yield (row, piece) as each row's text
-    becomes final. A row ends at a stop id or stop string; iteration ends once every row has."""
+    becomes final; iteration ends once every row has ended."""
     for column in host_columns(columns):
         for row, token in enumerate(column):
-            stream = streams[row]
-            if stream.finished:
-                continue
-            piece = stream.finish(token) if token in stop_ids else stream.push(token)
-            if stream.stopped and not stream.finished:
-                piece += stream.finish()
-            if piece:
-                yield row, piece
+            if not streams[row].finished:
+                piece = streams[row].add(token)
+                if piece:
+                    yield row, piece
         if all(stream.finished for stream in streams):
             return
     for row, stream in enumerate(streams):
-        piece = "" if stream.finished else stream.finish()
+        piece = stream.finish()
         if piece:
             yield row, piece
 
 
-def generate_text(model, tokenizer, prompts, max_new_tokens, settings=GREEDY, stop_strings=(), **kwargs):
-    """generate() with text out: one string per prompt, ending before its first stop string or stop token.
-    kwargs go to generate_tokens."""
-    streams = [TextStream(tokenizer, stop_strings) for _ in prompt_rows(prompts)]
+def generate_text(model, tokenizer, prompts, max_new_tokens, settings=GREEDY, stop_strings=(), turn=None, **kwargs):
+    """generate() with text out: one string per prompt, ending before its first stop string or stop token (a
+    chat reply's content, with turn=chat_template.CHAT_TURN). kwargs go to generate_tokens."""
+    streams = [TextStream(tokenizer, stop_strings, turn=turn) for _ in prompt_rows(prompts)]
     for _ in stream_text(generate_tokens(model, prompts, max_new_tokens, settings, **kwargs), streams):
         pass
     return [stream.text for stream in streams]

@@ -12,7 +12,8 @@ import json
 import os
 import sys
 
-from cli import ArgumentParser, PionError, add_model_args, atomic_write, positive_int, run_cli
+from cli import ArgumentParser, PionError, add_model_args, import_optional, positive_int, run_cli
+from files import atomic_write
 
 
 def parse_args(argv=None):
@@ -47,8 +48,11 @@ def validation_metrics(args, model, tokenizer, device):
     seq_len = args.seq_len or min(model.config.max_seq_len, data.PretrainData(args.data_dir, 1, "val").width)
     if seq_len > model.config.max_seq_len:
         raise PionError(f"--seq_len {seq_len} is larger than the model's max_seq_len {model.config.max_seq_len}")
-    batches = data.create_dataloader(args.data_dir, "val", args.batch_size, seq_len, model.config.vocab_size)
-    n_batches = -(-data.PretrainData(args.data_dir, seq_len, "val").n_samples // args.batch_size)
+    val_data = data.PretrainData(args.data_dir, seq_len, "val")
+    val_data.check_tokens(model.config.vocab_size)
+    batches = data.create_dataloader(args.data_dir, "val", args.batch_size, seq_len, model.config.vocab_size,
+                                     opened=val_data)
+    n_batches = -(-val_data.n_samples // args.batch_size)
     steps = min(args.eval_steps or n_batches, n_batches)
     from tqdm import tqdm
 
@@ -67,17 +71,14 @@ def main(argv=None):
     if args.output_path:
         check_new_results(args.output_path)  # before the slow part: a finished evaluation must have a place to go
     if tasks:
-        try:
-            import evaluation
-        except ImportError as e:
-            raise PionError(f"--tasks needs lm-evaluation-harness ({e}): pip install lm-eval")
+        evaluation = import_optional("evaluation", "--tasks", "lm-eval")
         manager = evaluation.task_manager(tasks, args.include_path)  # unknown names fail before the model loads
     from checkpoint import load_model
     from tokenizer import load_tokenizer
     model, device, _ = load_model(args.checkpoint, args.device, args.dtype)
     tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
     print(f"{args.checkpoint}: {model.count_parameters():,} parameters, "
-          f"{'soft-capped' if model.config.use_soft_cap else 'SDPA'} attention, on {device}", file=sys.stderr)
+          f"{'soft-capped' if model.config.soft_capped else 'SDPA'} attention, on {device}", file=sys.stderr)
 
     report = {}
     if args.data_dir:
@@ -106,10 +107,18 @@ def main(argv=None):
 
 
 def check_new_results(output_path):
-    """DIR/results.json, refused when it exists: an earlier evaluation's results are never overwritten."""
+    """DIR/results.json, refused when it exists (an earlier evaluation's results are never overwritten) or
+    when DIR cannot be made: its nearest existing folder must be a writable folder, not a file."""
     path = os.path.join(output_path, "results.json")
     if os.path.exists(path):
         raise PionError(f"{path} already exists; choose another --output_path (results are never overwritten)")
+    existing = os.path.abspath(output_path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise PionError(f"--output_path {output_path}: {existing} is a file, not a folder; choose a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PionError(f"--output_path {output_path}: cannot write into {existing} (permission denied)")
     return path
 
 

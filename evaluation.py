@@ -171,9 +171,9 @@ class PionLM(TemplateLM):
     def _batches(self, order, prefixes, members):
         """The groups in order, batch_size at a time, or fewer where a soft-capped model's attention scores
         would pass SCORE_BYTES: with a cache, soft-capped attention builds each row's whole (heads, T, S)
-        fp32 score matrix (model.softcapped_attention_block), which long few-shot contexts make large."""
+        fp32 score matrix (attention.softcapped_attention_block), which long few-shot contexts make large."""
         c = self.model.config
-        capped = c.use_soft_cap and c.logit_cap > 0
+        capped = c.soft_capped
         batch, used = [], 0
         for g in order:
             P, R = len(prefixes[g]), max(len(rest) for _, rest, _ in members[g])
@@ -281,19 +281,12 @@ class PionLM(TemplateLM):
         streams = [TextStream(self.tokenizer, until) for _ in prompts]
         for column in generate_tokens(self.model, prompts, max_new_tokens, settings, generator):
             for stream, token in zip(streams, column.tolist()):
-                if stream.finished:
-                    continue
-                if token == EOS_ID:
-                    stream.finish()
-                else:
-                    stream.push(token)
-                    if stream.stopped:
-                        stream.finish()
+                if not stream.finished:
+                    stream.add(token)
             if self._all_ranks_done(all(stream.finished for stream in streams)):
                 break
         for stream in streams:
-            if not stream.finished:  # max_new_tokens reached: release what was held back
-                stream.finish()
+            stream.finish()  # a row that ran out of tokens: release what was held back
         return [stream.text for stream in streams]
 
     def _all_ranks_done(self, done):
@@ -423,11 +416,11 @@ def metric_values(results):
 # Benchmarks during training
 
 
-def training_benchmarks(tasks, tokenizer, vocab_size, limit=None, include_path=None, batch_size=16):
-    """A TrainingRun's benchmark for --eval_tasks: model -> {"eval/<task>/<metric>": value} on rank 0 ({}
-    elsewhere). Task names and data are checked now, before training starts. Under torchrun each rank scores
-    its share of the requests. The harness seeds the global RNGs; they are restored after each run, so a
-    run with benchmarks trains exactly as one without."""
+def benchmark_scorer(tasks, tokenizer, vocab_size, limit=None, include_path=None, batch_size=16):
+    """A TrainingRun's benchmark for --eval_tasks (the trainers' flags, train_config.add_benchmark_args):
+    model -> {"eval/<task>/<metric>": value} on rank 0 ({} elsewhere). Task names and data are checked now,
+    before training starts. Under torchrun each rank scores its share of the requests. The harness seeds the
+    global RNGs; they are restored after each run, so a run with benchmarks trains exactly as one without."""
     names = [name.strip() for name in tasks.split(",") if name.strip()]
     if tokenizer.get_vocab_size() > vocab_size:
         raise PionError(f"--eval_tasks: the tokenizer's {tokenizer.get_vocab_size()} ids exceed the model's "

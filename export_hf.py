@@ -8,7 +8,9 @@ and/or as one GGUF file for llama.cpp, Ollama and LM Studio.
 
 The folder loads with AutoModelForCausalLM / AutoTokenizer (see hf_export.py for why it is exact).
 """
-from cli import DTYPES, ArgumentParser, run_cli
+import os
+
+from cli import DTYPES, ArgumentParser, exit_on_sigterm, run_cli
 from gguf_export import GGUF_TYPES, check_output, export_gguf
 from hf_export import export, push_to_hub
 
@@ -31,8 +33,11 @@ def main(argv=None):
         parser.error("give --out FOLDER, --gguf PATH, or both")
     if args.push_to_hub and not args.out:
         parser.error("--push_to_hub uploads the --out folder: give --out too")
+    if args.out and args.gguf and os.path.realpath(args.out) == os.path.realpath(args.gguf):
+        parser.error(f"--out and --gguf both name {args.out}: give the folder and the file a path each")
     if args.gguf:
         check_output(args.gguf, args.gguf_type)  # refuse a taken path before the (slow) folder export
+    exit_on_sigterm()  # a stopped export leaves no staging folder or file behind
     if args.out:
         export(args.checkpoint, args.out, args.tokenizer, args.allow_mismatch, args.dtype)
         print(f"wrote {args.out}: load it with AutoModelForCausalLM.from_pretrained({args.out!r})")

@@ -15,17 +15,18 @@ import sys
 
 import torch.distributed as dist
 
-from chat_template import STOP_STRINGS, render_conversation
+from chat_template import CHAT_TURN, render_conversation
 from checkpoint import load_checkpoint
-from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, positive_int, run_cli
-from runs import is_sft_checkpoint, open_run_dir
-from runtime import Runtime, seed_everything, signal_exit_code
+from cli import (ArgumentParser, PionError, add_device_arg, dataclass_from_args, non_negative_int, positive_int,
+                 run_cli)
+from runs import Checkpointer, is_sft_checkpoint, open_run_dir
+from runtime import Runtime, signal_exit_code
 from sft_data import collate, load_sft_splits, sft_batches
 from tokenizer import load_tokenizer
 from trackers import add_logger_args
-from train_config import TrainConfig, add_benchmark_args, add_train_config_args, benchmark_scorer
+from train_config import TrainConfig, add_benchmark_args, add_train_config_args, benchmark_from_args
 from trainer import TrainingRun, train
-from validation import EvalSample, token_byte_lengths
+from validation import EvalSample, check_sample_tokens, token_byte_lengths
 
 PREFIX = "pion_sft"
 DEFAULTS = TrainConfig(max_steps=3000, lr=2e-5, min_lr=2e-6, warmup_steps=100, batch_size=8, grad_accum=4,
@@ -52,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest in the save dir")
     p.add_argument("--tokenize_workers", type=non_negative_int, default=None,
                    help="processes that tokenize the data (default: by data size; 0 = this process)")
-    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto: cuda > mps > cpu")
+    add_device_arg(p)
     p.add_argument("--tokenizer", default=None, help="tokenizer JSON (default: the Pion tokenizer)")
     return p.parse_args(argv)
 
@@ -79,7 +80,7 @@ def eval_sample(args, tokenizer):
     prompt, _ = render_conversation(tokenizer, [{"role": "user", "content": args.sample_question}],
                                     add_generation_prompt=True)
     return EvalSample(tokenizer, prompt, args.sample_tokens, shown_prompt=args.sample_question,
-                      stop_strings=STOP_STRINGS, strip=True)
+                      turn=CHAT_TURN, strip=True)
 
 
 def load_data(args, config, tokenizer, rt):
@@ -102,21 +103,20 @@ def load_data(args, config, tokenizer, rt):
 def finetune(args, config, rt):
     run_dir = os.path.join(args.save_dir, "sft")
     with open_run_dir(run_dir, PREFIX, args.resume, lock=rt.is_main) as resume:  # locked until the run ends
-        seed_everything(config.seed)
+        checkpointer = Checkpointer(run_dir, PREFIX, rt, resume, config.seed)
         # A resumed run continues from its own checkpoint (weights, optimizer, RNG, data position);
         # --checkpoint only names where the run started.
         source = resume or args.checkpoint
-        model, checkpoint = load_checkpoint(source)
-        if model.config.use_soft_cap and args.refuse_soft_cap:
+        model = checkpointer.resumed_model() if resume else load_checkpoint(source)[0]
+        if model.config.soft_capped and args.refuse_soft_cap:
             raise PionError(f"{source} was trained with soft-capped attention (use_soft_cap=True); plain SDPA would "
                             f"change what it computes: drop --refuse_soft_cap")
         if config.seq_len > model.config.max_seq_len:
             raise PionError(f"--seq_len {config.seq_len} is larger than the model's max_seq_len "
                             f"{model.config.max_seq_len}")
-        if resume and not is_sft_checkpoint(checkpoint):  # e.g. a pretraining checkpoint given as --resume
+        check_sample_tokens(args.sample_tokens, model.config.max_seq_len)
+        if resume and not is_sft_checkpoint(checkpointer.resumed):  # e.g. a pretraining checkpoint given as --resume
             raise PionError(f"{resume} is not a finetune.py checkpoint; to finetune it, pass it as --checkpoint")
-        if not resume:
-            checkpoint = None  # a published checkpoint's optimizer state is not this run's: free it
 
         tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
         train_rows, val_rows = load_data(args, config, tokenizer, rt)
@@ -125,7 +125,7 @@ def finetune(args, config, rt):
         global_batch = config.batch_size * rt.world_size
         pad_to = config.seq_len if rt.device.type == "cuda" or config.compile else None
         rt.print(f"Pion SFT: {model.count_parameters():,} parameters on {rt.device} x {rt.world_size}, "
-                 f"{'soft-capped' if model.config.use_soft_cap else 'SDPA'} attention, {len(train_rows):,} train rows, "
+                 f"{'soft-capped' if model.config.soft_capped else 'SDPA'} attention, {len(train_rows):,} train rows, "
                  f"{global_batch * config.grad_accum:,} rows/step")
         rt.print(f"cosine schedule: warmup {config.warmup_steps}, lr {config.lr:g} to {config.min_lr:g} at step "
                  f"{config.max_steps}")
@@ -133,13 +133,12 @@ def finetune(args, config, rt):
             train_batches=lambda start: rank_slices(sft_batches(train_rows, global_batch, config.seed,
                                                                 start // global_batch, pad_to), rt),
             val_batches=lambda: val_batches(val_rows, config.batch_size, rt, pad_to),
-            run_dir=run_dir, prefix=PREFIX, resume=(resume, checkpoint) if resume else None,
+            checkpointer=checkpointer,
             sample=eval_sample(args, tokenizer), saved_with={"trainer": "sft", "source": args.checkpoint},
             data_identity={"data": os.path.basename(args.data_file) if args.data_file else args.dataset,
                            "train_rows": len(train_rows), "pack": args.pack},
             token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size),
-            benchmark=benchmark_scorer(args.eval_tasks, tokenizer, model.config.vocab_size, args.eval_limit,
-                                       args.eval_include_path, config.batch_size),
+            benchmark=benchmark_from_args(args, tokenizer, model.config.vocab_size),
             loggers=args.logger, plot=True)
         state = train(model, config, rt, run)
         if state.finished:

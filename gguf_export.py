@@ -15,7 +15,8 @@ import os
 from chat_template import CHAT_TEMPLATE
 from checkpoint import load_checkpoint
 from tokenizer import EOS_ID, PAD_ID, UNK_ID, load_tokenizer
-from cli import PionError, replaced_atomically
+from cli import PionError
+from files import replaced_atomically
 from hf_export import check_soft_cap, qwen3_state_dict
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -88,6 +89,8 @@ def add_hyperparameters(writer, pion_model, gguf_type):
     writer.add_name("Pion")
     writer.add_file_type(file_types[gguf_type])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if config.max_seq_len >= 2**32:
+        raise PionError(f"max_seq_len {config.max_seq_len} does not fit GGUF's context length (32 bits)")
     writer.add_context_length(config.max_seq_len)
     writer.add_embedding_length(config.d_model)
     writer.add_block_count(config.n_layers)

@@ -15,7 +15,8 @@ import torch
 from chat_template import CHAT_TEMPLATE
 from checkpoint import clean_state_dict, load_checkpoint
 from tokenizer import EOS_ID, PAD_ID, load_tokenizer
-from cli import DTYPES, PionError, check_new_folder, first_line, write_folder_atomically
+from cli import DTYPES, PionError, first_line
+from files import check_new_folder, write_folder_atomically
 
 
 def require_transformers():
@@ -24,10 +25,6 @@ def require_transformers():
     except ImportError:
         raise PionError("exporting to Hugging Face format needs transformers: pip install transformers")
     return transformers
-
-
-def is_soft_capped(config):
-    return bool(config.use_soft_cap and config.logit_cap > 0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -137,7 +134,7 @@ def export(checkpoint, out, tokenizer_path=None, allow_mismatch=False, dtype="fl
 
 def check_soft_cap(config, allow_mismatch, what, target):
     """A soft-capped model has no exact export: refuse it, or with allow_mismatch warn that its outputs change."""
-    if is_soft_capped(config):
+    if config.soft_capped:
         message = (f"{what} soft-caps its attention logits (cap * tanh(score / cap), cap {config.logit_cap:g}), "
                    f"which {target} does not do: the export drops the cap, so its outputs differ from Pion's")
         if not allow_mismatch:

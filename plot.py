@@ -4,10 +4,11 @@
     python plot.py runs/a/nano runs/b/nano --out compare.png         # two runs overlaid, named by their folders
 
 Reads each run folder's metrics.jsonl (train.py and finetune.py write it; train.py also redraws
-<run>/metrics.png at every eval). Needs matplotlib (pip install matplotlib).
+<run>/metrics.png at every eval).
 """
 import os
 
+import plotting
 from cli import ArgumentParser, PionError, run_cli
 
 
@@ -26,10 +27,6 @@ def main(argv=None):
     args = parse_args(argv)
     if os.path.exists(args.out) and not args.overwrite:
         raise PionError(f"--out {args.out} already exists; choose another path or pass --overwrite")
-    try:
-        import plotting
-    except ImportError as e:
-        raise PionError(f"plot.py needs matplotlib ({e}): pip install matplotlib")
     plotting.save_plot(args.runs, args.out)
     print(f"wrote {args.out}")
 

@@ -1,5 +1,6 @@
 """Pictures of training runs from their metrics.jsonl: loss (raw and smoothed), validation loss and bits per
 byte, learning rate, tokens/s and each eval/<task>/<metric>, against tokens seen, several runs overlaid.
+trackers.py writes metrics.jsonl; this module reads it back (read_records) and draws it.
 
 matplotlib's object API and Agg canvas, never pyplot: drawing needs no display and changes no global
 backend, so a training run can draw between steps.
@@ -7,16 +8,30 @@ backend, so a training run can draw between steps.
 import math
 import os
 
-from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter
-
-from cli import PionError, atomic_write
-from trackers import read_records
+from cli import PionError
+from files import atomic_write
+from jsonl import jsonl_objects
 
 SMOOTHING = 0.9  # the progress bar's moving average of the loss, for runs of 100 logged steps or more
 # (panel title, the record key it shows); eval/... panels follow, one per metric the runs hold
 PANELS = [("training loss", "loss"), ("validation loss", "val_loss"), ("validation bits per byte", "val_bpb"),
           ("learning rate", "lr"), ("tokens/s", "tokens_per_s")]
+
+
+def read_records(path):
+    """The records of a metrics.jsonl (read by jsonl.py's rules). A last line cut short by a crash is left out;
+    any other line that is not a metrics record is a PionError naming it."""
+    records = []
+    for number, record in jsonl_objects(path, torn_end_ok=True):  # also reads the bare NaN that older runs wrote
+        if not isinstance(record.get("step"), int) or not all(map(is_metric_value, record.values())):
+            raise PionError(f"{path}:{number} is not a metrics record")
+        records.append(record)
+    return records
+
+
+def is_metric_value(value):
+    """A number no tracker or plot can take (an integer beyond float's range: 400 digits) is not one."""
+    return not isinstance(value, int) or abs(value) < 2 ** 64
 
 
 def metrics_path(run):
@@ -25,6 +40,8 @@ def metrics_path(run):
     if not os.path.isfile(path):
         raise PionError(f"{run} is not a run folder: it holds no metrics.jsonl" if os.path.isdir(run)
                         else f"{run} does not exist")
+    if not path.endswith(".jsonl"):  # a checkpoint or a shard given as the run, an easy slip
+        raise PionError(f"{run} is not a run folder or a metrics.jsonl")
     return path
 
 
@@ -64,6 +81,11 @@ def smoothed(values, weight=None):
 def draw(runs):
     """A matplotlib Figure of [(name, records)]: one panel per metric any run holds. Each run is one color,
     its lines labelled with its name (the raw training loss: "<name> raw")."""
+    try:  # imported here: reading metrics (a resumed run trims its metrics.jsonl) needs no matplotlib
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import EngFormatter
+    except ImportError as e:
+        raise PionError(f"drawing needs matplotlib ({e}): pip install matplotlib")
     eval_keys = sorted({key for _, records in runs for r in records for key in r if key.startswith("eval/")})
     panels = [(title, key) for title, key in PANELS + [(key, key) for key in eval_keys]
               if any(series(records, key)[0] for _, records in runs)]

@@ -1,6 +1,7 @@
 """A training run's folder, checkpoints and state (TrainState), and the rules that keep them safe: one run per
 folder (a lock), nothing overwritten, which checkpoint a resume takes, what it must match (the model, the data,
-the optimizer state's shapes), what is pruned, and saving and restoring the optimizer and every rank's RNG."""
+the optimizer and its state's shapes), what is pruned. The Checkpointer is the one owner of a resume and of the
+saves: the weights, the optimizers' state (AdamW, Muon), every rank's RNG and the data position."""
 import contextlib
 import dataclasses
 import fcntl
@@ -14,9 +15,10 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
-from checkpoint import clean_state_dict, save_checkpoint
+from checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 from cli import PionError, first_line
-from runtime import gather_rng_states, set_rng_state
+from files import remove_leftovers
+from runtime import gather_rng_states, seed_everything, set_rng_state
 
 # ----------------------------------------------------------------------------------------------------
 # The step checkpoints of a training run: <prefix>_<step>.pt and <prefix>_final.pt in one folder
@@ -50,29 +52,26 @@ def open_run_dir(directory, prefix, resume, lock=True):
 
     resume: None (a new run), "auto" (the newest checkpoint in the folder, if any) or a path; yields the
     checkpoint to resume, or None. An OS lock on the folder (dropped by the kernel when the process dies,
-    even by kill -9) keeps a second run from writing into it. A new run never writes into a folder that
-    holds checkpoints, and a resumed one only into its own folder or an empty one: nothing is overwritten.
+    even by kill -9) keeps a second run from writing into it; the run removes the file when it ends. A new
+    run never writes into a folder that holds checkpoints, and a resumed one only into its own folder or an
+    empty one: nothing is overwritten.
     A run that fails before writing anything leaves no empty folder behind, nor the parents it created."""
     created = outermost_missing_folder(directory)
+    lock_path, held = os.path.join(directory, ".lock"), False
     try:
         os.makedirs(directory, exist_ok=True)
-        lock_file = open(os.path.join(directory, ".lock"), "a")
+        lock_file = open(lock_path, "a") if lock else contextlib.nullcontext()
     except OSError as e:
         raise PionError(f"cannot write to save dir {directory}: {e.strerror}")
     try:
-        with lock_file:
-            if lock:
-                try:
-                    fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise PionError(f"another run is writing to {directory} (it holds {directory}/.lock); wait "
-                                    f"for it to end or choose another --save_dir")
-                for stale in glob.glob(os.path.join(glob.escape(directory), f".{prefix}_*.pt.tmp*")):
-                    os.remove(stale)  # a save cut short by a crash: with the lock held, no one is writing it
-            yield resume_checkpoint(directory, prefix, resume)
+        if lock:
+            lock_file, held = lock_run_dir(lock_file, lock_path, directory), True
+            remove_leftovers(directory, f"{prefix}_*.pt", all_stale=True)  # saves a crash cut short
+        yield resume_checkpoint(directory, prefix, resume)
     except BaseException:
-        if created and os.listdir(directory) == [".lock"]:
-            os.remove(os.path.join(directory, ".lock"))
+        if held:
+            remove_lock(lock_path)
+        if created and not os.listdir(directory):
             path = os.path.abspath(directory)
             while True:  # the run's folder, then each parent this run created, while they are empty
                 if os.listdir(path):
@@ -82,6 +81,37 @@ def open_run_dir(directory, prefix, resume, lock=True):
                     break
                 path = os.path.dirname(path)
         raise
+    else:
+        if held:
+            remove_lock(lock_path)  # a run that ended leaves no lock file behind
+    finally:
+        if lock:
+            lock_file.close()
+
+
+def lock_run_dir(lock_file, lock_path, directory):
+    """lock_file, locked; or a PionError when another run holds it. A run that ends removes .lock while it
+    holds it: a lock taken on the removed file (opened just before) locks nothing, so it is taken again on the
+    file now at lock_path."""
+    while True:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.close()
+            raise PionError(f"another run is writing to {directory} (it holds {directory}/.lock); wait "
+                            f"for it to end or choose another --save_dir")
+        try:
+            if os.stat(lock_path).st_ino == os.fstat(lock_file.fileno()).st_ino:
+                return lock_file
+        except FileNotFoundError:
+            pass
+        lock_file.close()
+        lock_file = open(lock_path, "a")
+
+
+def remove_lock(lock_path):
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(lock_path)
 
 
 def outermost_missing_folder(directory):
@@ -150,26 +180,87 @@ class TrainState:
         return self.stopped_by is None
 
 
-def resumed_state(config, rt, run):
-    """The TrainState of run.resume's checkpoint (run: a trainer.TrainingRun), once the checkpoint is checked
-    against this run; and where the checkpoint now is (a finished run's _final.pt continued is kept under its
-    step's name)."""
-    path, checkpoint = run.resume
-    check_same_data(path, checkpoint, run.data_identity, config)
-    try:
-        state = TrainState(**{k: int(checkpoint.get(k, 0)) for k in ("step", "tokens_seen", "samples_seen")})
-    except (TypeError, ValueError):
-        raise PionError(f"{path} has a corrupt step or token count")
-    rt.print(f"resuming from {path} at step {state.step}")
-    warn_schedule_change(path, checkpoint, config, rt)
-    if state.step < config.max_steps:
-        if rt.distributed:
-            dist.barrier()  # every rank has opened the checkpoint before rank 0 renames it
-        if rt.is_main:
-            path = keep_final_as_step_checkpoint(path, run.run_dir, run.prefix, state.step)
-    return state, path
+class Checkpointer:
+    """The one owner of a run's checkpoints once open_run_dir has chosen the one to resume: it seeds the process,
+    reads that checkpoint once, checks it against this run before anything in the run folder changes, restores
+    the weights' optimizer state (AdamW's moments, Muon's momentum), each rank's RNG and the data position into
+    a TrainState, and saves the run's checkpoints.
 
+        checkpointer = Checkpointer(run_dir, prefix, rt, resume, seed)  # resume: a path, or None
+        model = checkpointer.resumed_model()  # when resuming: the checkpoint's weights
+        state = checkpointer.load(model, optimizers, config, contents)  # after the model is wrapped
+        checkpointer.save(state, final=False)
+    """
 
+    def __init__(self, run_dir, prefix, rt, resume=None, seed=0):
+        self.run_dir, self.prefix, self.rt = run_dir, prefix, rt
+        self.resume_path, self.resumed = resume, None  # the checkpoint to continue and, once read, its contents
+        self.last_path = None  # the newest checkpoint of this run
+        self.finished = False  # the resumed checkpoint ends a finished run: load() restored nothing
+        self.seed = seed
+        seed_everything(seed)  # the weights of a new model
+
+    def resumed_model(self):
+        """The resumed checkpoint's model (fp32, on the CPU); the rest of the file is kept for load()."""
+        model, self.resumed = load_checkpoint(self.resume_path)
+        return model
+
+    def load(self, model, optimizers, config, contents):
+        """The TrainState to start from. model (possibly wrapped) and optimizers (trainer.build_optimizer's list)
+        take the checkpoint's state; config is this run's TrainConfig and contents what its checkpoints record
+        besides the state (its "data" entry is compared with the checkpoint's). Every check that can refuse
+        runs before anything is restored; a new run seeds each rank's own stream (its dropout masks)."""
+        self.model, self.optimizers, self.config, self.contents = model, optimizers, config, contents
+        rt = self.rt
+        if self.resume_path is None:
+            torch.manual_seed(self.seed + 1_000_003 * rt.rank)
+            return TrainState()
+        path, checkpoint = self.resume_path, self.resumed
+        check_same_data(path, checkpoint, contents.get("data"), config)
+        try:
+            step = int(checkpoint.get("step", 0))
+            # Checkpoints from before data positions were saved: assume this run's batch layout.
+            samples = checkpoint.get("samples_seen", step * config.batch_size * config.grad_accum * rt.world_size)
+            state = TrainState(step, int(checkpoint.get("tokens_seen", 0)), int(samples))
+        except (TypeError, ValueError):
+            raise PionError(f"{path} has a corrupt step or token count")
+        self.finished = path.endswith("_final.pt") and state.step >= config.max_steps
+        if self.finished:
+            rt.print(f"{path} is the end of a finished run (step {state.step}, --max_steps {config.max_steps}): "
+                     f"nothing to train and nothing changed; pass a larger --max_steps to train it further")
+            return state
+        restore, warning = optimizer_state_to_restore(path, checkpoint, config)
+        if restore:
+            check_optimizer_state(path, checkpoint["optimizer"], model, optimizers)
+        rt.print(f"resuming from {path} at step {state.step}")
+        if warning:
+            rt.print(f"warning: {warning}")
+        warn_flag_changes(path, checkpoint, config, rt)
+        if restore:
+            restore_optimizer(path, checkpoint.pop("optimizer"), model, optimizers)  # popped: free the copy
+        restore_rng(path, checkpoint.get("rng"), rt)
+        self.last_path, self.resumed_step = path, state.step
+        return state
+
+    def begin(self):
+        """Every check passed and the run starts (trackers included): from here on it may change its folder. A
+        run continued from its own _final.pt would replace that file when it ends, so the finished run's model
+        is first kept under its step's name, as the step checkpoint it is."""
+        if self.last_path is not None and self.rt.is_main:
+            self.last_path = keep_final_as_step_checkpoint(self.last_path, self.run_dir, self.prefix,
+                                                           self.resumed_step)
+
+    def save(self, state, final):
+        """<prefix>_<step>.pt (with the optimizer state, to resume) or, final, <prefix>_final.pt (with it only
+        under --keep_final_optimizer), written by rank 0 with every rank's part; returns its path."""
+        contents = {"config": getattr(self.model, "module", self.model).config, "train_config":
+                    dataclasses.asdict(self.config), **self.contents, "step": state.step,
+                    "tokens_seen": state.tokens_seen, "samples_seen": state.samples_seen}
+        keep_optimizer = not final or self.config.keep_final_optimizer
+        path = os.path.join(self.run_dir, f"{self.prefix}_{'final' if final else state.step}.pt")
+        save_training_checkpoint(path, self.model, self.optimizers if keep_optimizer else None, self.rt, contents)
+        self.last_path = path
+        return path
 
 
 def training_checkpoint(model, optimizers, rt, contents):
@@ -194,24 +285,39 @@ def save_training_checkpoint(path, model, optimizers, rt, contents):
         dist.barrier()
 
 
-def restore_optimizer_and_rng(path, checkpoint, model, optimizers, rt):
-    """Resume: the optimizers' moments (into the wrapped model's, possibly sharded, state) and each rank's RNG.
+def optimizer_state_to_restore(path, checkpoint, config):
+    """(restore it?, a warning or None): a checkpoint records the optimizer that trained it (in its train_config;
+    AdamW before Muon existed). Continuing with the other one starts every parameter's state from zero, so it
+    is refused unless --allow_optimizer_change asks for it."""
+    saved = (checkpoint.get("train_config") or {}).get("optimizer", "adamw")
+    if saved != config.optimizer:
+        if not config.allow_optimizer_change:
+            raise PionError(f"{path} was trained with --optimizer {saved}, not {config.optimizer}: resume it with "
+                            f"--optimizer {saved}, or pass --allow_optimizer_change to start {config.optimizer} "
+                            f"from zero state")
+        return False, (f"{path} was trained with --optimizer {saved}: {config.optimizer}'s state (AdamW's moments, "
+                       f"Muon's momentum) starts from zero")
+    if "optimizer" not in checkpoint:
+        return False, (f"{path} holds no optimizer state (a _final.pt keeps it only with --keep_final_optimizer): "
+                       f"the optimizer's moments start again from zero")
+    return True, None
+
+
+def restore_optimizer(path, saved, model, optimizers):
+    """The optimizers' state (checked by check_optimizer_state) into the wrapped model's, possibly sharded, one.
     The hyperparameters stay this run's: loading a state dict also loads the saved groups' weight decay."""
-    if "optimizer" in checkpoint:
-        check_optimizer_state(path, checkpoint["optimizer"], model, optimizers)
-        param_groups = lambda: [group for optimizer in optimizers for group in optimizer.param_groups]
-        groups = [{k: v for k, v in group.items() if k != "params"} for group in param_groups()]
-        try:
-            set_optimizer_state_dict(model, optimizers, checkpoint["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        except Exception as e:
-            raise PionError(f"cannot restore the optimizer from {path} ({first_line(e)})")
-        for group, hyperparameters in zip(param_groups(), groups):  # loading replaced the group dicts
-            group.update(hyperparameters)
-    else:
-        rt.print(f"warning: {path} holds no optimizer state (a _final.pt keeps it only with --keep_final_optimizer):"
-                 f" the optimizer's moments start again from zero")
-    states = checkpoint.get("rng")
+    param_groups = lambda: [group for optimizer in optimizers for group in optimizer.param_groups]
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in param_groups()]
+    try:
+        set_optimizer_state_dict(model, optimizers, saved, options=StateDictOptions(full_state_dict=True))
+    except Exception as e:
+        raise PionError(f"cannot restore the optimizer from {path} ({first_line(e)})")
+    for group, hyperparameters in zip(param_groups(), groups):  # loading replaced the group dicts
+        group.update(hyperparameters)
+
+
+def restore_rng(path, states, rt):
+    """Each rank's RNG as the checkpoint's run had it (its dropout masks continue)."""
     if isinstance(states, dict):
         states = [states]  # checkpoints before per-rank states kept rank 0's alone
     if states:
@@ -264,19 +370,23 @@ def check_optimizer_state(path, saved, model, optimizers):
                        f"{tuple(param.shape)} {param.dtype}")
 
 
-SCHEDULE_FIELDS = ("max_steps", "lr", "min_lr", "warmup_steps", "schedule", "decay_frac", "weight_decay", "grad_clip",
-                   "batch_size", "grad_accum")
+RESUME_FLAGS = ("max_steps", "lr", "min_lr", "warmup_steps", "schedule", "decay_frac", "weight_decay", "muon_lr",
+                "grad_clip", "batch_size", "grad_accum", "seed")
 
 
-def warn_schedule_change(path, checkpoint, config, rt):
+def warn_flag_changes(path, checkpoint, config, rt):
     """Resuming with other schedule flags (a longer run, another lr) is how a run is extended, so it is allowed;
-    but it moves the learning rate from where the checkpoint's run had it, so it is said."""
-    saved = checkpoint.get("train_config") or {}
-    changed = [f"{key} {saved[key]} -> {getattr(config, key)}" for key in SCHEDULE_FIELDS
+    but it moves the learning rate from where the checkpoint's run had it, and another seed reorders the data
+    from the middle of an epoch on, so it is said."""
+    saved = checkpoint.get("train_config")
+    saved = saved if isinstance(saved, dict) else {}
+    changed = [f"{key} {saved[key]} -> {getattr(config, key)}" for key in RESUME_FLAGS
                if key in saved and saved[key] != getattr(config, key)]
     if changed:
+        reorder = "; the new seed also reorders the data from here on" if "seed" in saved and \
+            saved["seed"] != config.seed else ""
         rt.print(f"warning: resuming {path} with other training flags than its run's ({', '.join(changed)}); "
-                 f"the schedule from step {checkpoint.get('step', 0)} on follows the new ones")
+                 f"the schedule from step {checkpoint.get('step', 0)} on follows the new ones{reorder}")
 
 
 def check_same_data(path, checkpoint, data_identity, config):
@@ -285,6 +395,9 @@ def check_same_data(path, checkpoint, data_identity, config):
     saved = checkpoint.get("data")
     if saved is None or data_identity is None or config.allow_data_change:
         return
+    if not isinstance(saved, dict):
+        raise PionError(f"{path} has a corrupt 'data' entry (a {type(saved).__name__}, not what the data was): its "
+                        f"data cannot be checked; pass --allow_data_change to resume it anyway")
     # What both record: a checkpoint from before a field was added is compared on the fields it has.
     changed = []
     for key in sorted(set(saved) & set(data_identity)):

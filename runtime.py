@@ -13,12 +13,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cli import pick_device
+from cli import PionError, pick_device
 
 
 class Runtime:
     """Where and how this process runs the model: device, rank/world size under torchrun, autocast, and TF32
-    on CUDA. The training loop adds its own allocator setting (keep_freed_memory)."""
+    on CUDA. device: a --device value; "cuda" is cuda:LOCAL_RANK (one GPU per process under torchrun), and an
+    explicit cuda:N is that GPU. The training loop adds its own allocator setting (keep_freed_memory)."""
 
     def __init__(self, device="auto"):
         self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -27,7 +28,11 @@ class Runtime:
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.device = pick_device(device)
         if self.device.type == "cuda":
-            self.device = torch.device("cuda", self.local_rank)  # one GPU per process under torchrun
+            if self.device.index is None:
+                self.device = torch.device("cuda", self.local_rank)  # one GPU per process under torchrun
+            elif int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1:
+                raise PionError(f"--device {device} names one GPU for the {os.environ['LOCAL_WORLD_SIZE']} processes "
+                                f"torchrun starts on this machine; use --device cuda (each takes cuda:LOCAL_RANK)")
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -97,7 +102,7 @@ def prepare_model(model, config, rt):
             fully_shard(block, mp_policy=mp)
         return fully_shard(model, mp_policy=mp)
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+    return DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
 
 def gradient_sync(wrapped, sync):

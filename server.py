@@ -27,11 +27,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from batching import GenerationRequest
 from cli import is_unicode
 from decoding import SamplingSettings
-from chat_template import ROLES, STOP_STRINGS, SuffixTrimmer, render_conversation
+from chat_template import CHAT_TURN, ROLES, render_conversation
 
 CHAT_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_page.html")
 MAX_STOP_STRINGS = 4  # as OpenAI's API
@@ -52,7 +53,8 @@ class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-             405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error"}
+             405: "invalid_request_error", 413: "invalid_request_error", 431: "invalid_request_error",
+             503: "server_error"}
 
     def __init__(self, status, message, param=None, code=None):
         super().__init__(message)
@@ -79,10 +81,14 @@ async def read_json(request, max_bytes):
     if declared.isdigit() and int(declared) > max_bytes:
         raise APIError(413, f"the request body is over the limit of {max_bytes} bytes", code="request_too_large")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise APIError(413, f"the request body is over the limit of {max_bytes} bytes", code="request_too_large")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:
+                raise APIError(413, f"the request body is over the limit of {max_bytes} bytes",
+                               code="request_too_large")
+    except ClientDisconnect:  # a client that gave up mid-upload: normal, and nothing to log
+        raise APIError(400, "the client went away before sending its whole body", code="client_disconnected")
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -179,7 +185,7 @@ UNSUPPORTED = {"frequency_penalty": (0, None), "presence_penalty": (0, None), "l
                "response_format": ({"type": "text"}, None)}
 
 
-def generation_request(body, prompt_ids, stop, max_seq_len, limits):
+def generation_request(body, prompt_ids, stop, max_seq_len, limits, turn=None):
     """The sampling parameters of a request, checked against the limits and the context its prompt leaves."""
     if body.get("n", 1) != 1:
         raise APIError(400, "only n = 1 is supported", param="n", code="invalid_value")
@@ -204,7 +210,8 @@ def generation_request(body, prompt_ids, stop, max_seq_len, limits):
     settings = SamplingSettings(temperature=number(body, "temperature", 1.0, 0, 2),
                                 top_p=number(body, "top_p", 1.0, 0, 1, low_open=True),
                                 top_k=integer(body, "top_k", 0, 2**31) or 0)
-    return GenerationRequest(prompt_ids, max_tokens, settings, tuple(stop), integer(body, "seed", 0, 2**63 - 1))
+    return GenerationRequest(prompt_ids, max_tokens, settings, tuple(stop), integer(body, "seed", 0, 2**63 - 1),
+                             turn=turn)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -252,14 +259,13 @@ def server_sent_event(data):
 class Completion:
     """One request's answer in OpenAI's shape, a chat ("chat") or text ("text") completion, from its
     generation's Updates: one JSON object once it is over, or with "stream" in the body, server-sent events
-    as its text arrives. A chat reply is given without the template's turn suffix (SuffixTrimmer)."""
+    as its text arrives (a chat reply's content: the engine's TextStream leaves out the turn's suffix)."""
 
     def __init__(self, kind, body, model_name, prompt_tokens):
         self.kind, self.prompt_tokens = kind, prompt_tokens
         self.stream = body.get("stream", False)
         options = body.get("stream_options") or {}
         self.include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        self.trimmer = SuffixTrimmer() if kind == "chat" else None
         chat_object = "chat.completion.chunk" if self.stream else "chat.completion"
         self.head = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                      "object": chat_object if kind == "chat" else "text_completion",
@@ -276,10 +282,7 @@ class Completion:
         """An Update's text as the reply gives it; a failed generation is a 500."""
         if update.finish_reason == "error":
             raise APIError(500, f"generation failed: {update.error}", code="generation_failed")
-        if self.trimmer is None:
-            return update.text
-        text = self.trimmer.push(update.text)
-        return text + self.trimmer.finish(update.stop_reason) if update.finish_reason else text
+        return update.text
 
     async def whole(self, updates):
         text, last = [], None
@@ -339,11 +342,9 @@ class Completion:
 # The app
 
 
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
-
-
 def is_loopback(host):
-    """True for an address only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    """True for an address only this machine reaches: localhost, 127.0.0.0/8, ::1 (with or without the
+    brackets of a URL). The one rule for the address served on and for the Host names answered."""
     if host == "localhost":
         return True
     try:
@@ -371,9 +372,9 @@ class LoopbackHostsOnly:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
-            if host_name(host) not in LOOPBACK_HOSTS:
-                error = APIError(400, "this server answers only requests to localhost, 127.0.0.1 or [::1]",
-                                 param="Host", code="invalid_host")
+            if not is_loopback(host_name(host)):
+                error = APIError(400, "this server answers only requests to a loopback address (localhost, "
+                                 "127.x.x.x or [::1])", param="Host", code="invalid_host")
                 return await error.response()(scope, receive, send)
         return await self.app(scope, receive, send)
 
@@ -442,7 +443,7 @@ def create_app(engine, tokenizer, model_name="pion", api_key=None, limits=None, 
         body = await read_json(request, limits.max_body_bytes)
         messages = chat_messages(body, limits)
         prompt_ids, _ = render_conversation(tokenizer, messages, add_generation_prompt=True)
-        generation = generation_request(body, prompt_ids, [*STOP_STRINGS, *stop_strings(body)], max_seq_len, limits)
+        generation = generation_request(body, prompt_ids, stop_strings(body), max_seq_len, limits, turn=CHAT_TURN)
         return await complete(request, body, generation, "chat")
 
     @app.post("/v1/completions")
@@ -475,63 +476,115 @@ def create_app(engine, tokenizer, model_name="pion", api_key=None, limits=None, 
 # ----------------------------------------------------------------------------------------------------
 # Serving it with uvicorn
 
-# What one connection may hold, whoever sends it: uvicorn itself never times out a connection whose request
-# headers do not arrive, so thousands of such connections would use up the process's file descriptors.
+# What one connection may hold, whoever sends it: uvicorn itself never times out a request whose headers or
+# body do not arrive, so connections that trickle them in would fill MAX_CONNECTIONS and every other request
+# (/health included) would get 503.
 HEADER_TIMEOUT = 10.0     # seconds from a connection's start (or its previous response) to a request's headers
+BODY_TIMEOUT = 10.0       # seconds from a request's headers to its whole body, plus one per MIN_BODY_RATE bytes
+MIN_BODY_RATE = 10_000    # bytes/s: a body sent slower than this on average is cut off after BODY_TIMEOUT
 KEEP_ALIVE_TIMEOUT = 5.0  # an idle keep-alive connection is closed after this
 MAX_CONNECTIONS = 1000    # connections and requests beyond this get 503 at once (uvicorn's limit_concurrency)
-MAX_HEADER_BYTES = 16384  # request line and headers (h11's limit; more is a 400)
+MAX_HEADER_BYTES = 16384  # request line and headers: 431 (400 from h11 when they arrive in pieces)
 
 
-def uvicorn_config(app, header_timeout=HEADER_TIMEOUT, **kwargs):
-    """uvicorn's Config for the app: h11 with a deadline for request headers, a keep-alive timeout and a
-    connection cap."""
+def header_bytes(scope):
+    """The size of a request's request line and header lines as sent ("name: value" and CRLF each)."""
+    query = scope["query_string"]
+    request_line = len(scope["method"]) + len(scope["raw_path"]) + (len(query) + 1 if query else 0) + 11
+    return request_line + sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+
+
+class HeaderCap:
+    """ASGI middleware answering 431 to a request whose headers are over max_bytes. h11 holds the cap only
+    while headers arrive in pieces (its limit is on an incomplete event); one read can bring them all."""
+
+    def __init__(self, app, max_bytes):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and header_bytes(scope) > self.max_bytes:
+            error = APIError(431, f"the request's headers are over the limit of {self.max_bytes} bytes",
+                             code="headers_too_large")
+            return await error.response()(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def uvicorn_config(app, header_timeout=HEADER_TIMEOUT, body_timeout=BODY_TIMEOUT, min_body_rate=MIN_BODY_RATE,
+                   max_connections=MAX_CONNECTIONS, **kwargs):
+    """uvicorn's Config for the app: h11 with deadlines for a request's headers and body, a keep-alive
+    timeout, a connection cap and a header cap."""
     import uvicorn
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class HeaderDeadline(H11Protocol):
-        """h11 that closes a connection whose next request's headers have not all arrived header_timeout
-        seconds after it opened or after its previous response."""
+    class Deadlines(H11Protocol):
+        """h11 that closes a connection too slow to send its request: the headers are due header_timeout
+        seconds after the connection opened or answered its previous request, the body body_timeout seconds
+        after the headers plus a second per min_body_rate bytes it brought. While a request is being answered
+        nothing is due. One timer per connection, armed for the earliest deadline, which checks again when it
+        fires."""
 
         def connection_made(self, transport):
+            self._timer, self._request, self._idle_since = None, None, None
             super().connection_made(transport)
+            self._idle_since = self.loop.time()
+            self._arm()
+
+        def data_received(self, data):
+            if self._request is not None and self._request is self.cycle and self.cycle.more_body:
+                self._body_bytes += len(data)
+            super().data_received(data)
             self._arm()
 
         def on_response_complete(self):
+            self._idle_since = self.loop.time()
             super().on_response_complete()
             self._arm()
 
         def connection_lost(self, exc):
-            self._disarm()
+            if self._timer is not None:
+                self._timer.cancel()
             super().connection_lost(exc)
 
+        def _due(self):
+            """When what the client owes must have arrived; None while its request is answered."""
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:
+                return self._idle_since + header_timeout
+            if cycle is not self._request:  # uvicorn starts a new cycle when a request's headers are in
+                self._request, self._body_since, self._body_bytes = cycle, self.loop.time(), 0
+            if cycle.more_body:
+                return self._body_since + body_timeout + self._body_bytes / min_body_rate
+            return None
+
         def _arm(self):
-            self._disarm()
-            # uvicorn starts a new cycle when a request's headers are complete: the same cycle at the
-            # deadline means none came.
-            waiting_for = self.cycle
-            self._deadline = self.loop.call_later(
-                header_timeout, lambda: self.cycle is waiting_for and not self.transport.is_closing()
-                and self.transport.close())
+            due = self._due()  # also notes a new request's start
+            if due is None or self.transport.is_closing() or (self._timer is not None and self._timer.when() <= due):
+                return  # a timer that fires earlier checks again then
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_at(due, self._expire)
 
-        def _disarm(self):
-            if getattr(self, "_deadline", None) is not None:
-                self._deadline.cancel()
-                self._deadline = None
+        def _expire(self):
+            self._timer = None
+            due = self._due()
+            if due is not None and self.loop.time() >= due:
+                self.transport.close()
+            else:
+                self._arm()
 
-    return uvicorn.Config(app, http=HeaderDeadline, timeout_keep_alive=KEEP_ALIVE_TIMEOUT,
-                          limit_concurrency=MAX_CONNECTIONS, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+    return uvicorn.Config(HeaderCap(app, MAX_HEADER_BYTES), http=Deadlines, timeout_keep_alive=KEEP_ALIVE_TIMEOUT,
+                          limit_concurrency=max_connections, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                           log_level="warning", **kwargs)
 
 
 @contextlib.contextmanager
-def serving_in_thread(app, host="127.0.0.1", header_timeout=HEADER_TIMEOUT):
+def serving_in_thread(app, host="127.0.0.1", **connection_limits):
     """uvicorn serving app on a free port of host from a background thread (tests, benchmarks): yields the
-    base URL, and stops the server on exit."""
+    base URL, and stops the server on exit. connection_limits: uvicorn_config's (header_timeout, ...)."""
     import uvicorn
     sock = socket.socket()
     sock.bind((host, 0))
-    server = uvicorn.Server(uvicorn_config(app, header_timeout))
+    server = uvicorn.Server(uvicorn_config(app, **connection_limits))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

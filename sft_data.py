@@ -6,16 +6,17 @@ only assistant replies, their "\\n" and the <|endoftext|> after them are learned
 `python sft_data.py --data_file F` shows one rendered row with the trained text between « and ».
 """
 import itertools
-import json
 import os
 from collections import Counter
 
 import numpy as np
 import torch
 
-from chat_template import IGNORE_INDEX, render_conversation
+from chat_template import render_conversation
+from jsonl import jsonl_objects
+from loss import IGNORE_INDEX
 from tokenizer import PAD_ID, load_tokenizer
-from cli import ArgumentParser, PionError, first_line, is_unicode, positive_int, run_cli
+from cli import ArgumentParser, PionError, first_line, positive_int, run_cli
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}  # OpenHermes 2.5 uses these
 OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -105,21 +106,11 @@ def load_conversations(data_file=None, dataset="teknium/OpenHermes-2.5"):
 
 
 def check_jsonl_rows(path):
-    """Refuse, naming the line, a JSONL line that is not a JSON object, or that holds a lone surrogate (an
-    escape such as \\ud800, which no tokenizer takes): datasets' own errors do not say where."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except (ValueError, RecursionError):
-                raise PionError(f"{path}:{number} is not valid JSON")
-            if not isinstance(row, dict):
-                raise PionError(f"{path}:{number} is not a JSON object (a line holds one conversation)")
-            if not is_unicode(json.dumps(row, ensure_ascii=False)):
-                raise PionError(f"{path}:{number} holds a lone surrogate (an escape such as \\ud800 that is no "
-                                f"Unicode character)")
+    """Refuse a bad JSONL line by its number (jsonl.py's rules: UTF-8, a JSON object, no lone surrogate) before
+    datasets reads the file: its own errors do not say where, and some come as a traceback mid-tokenizing.
+    datasets then parses the file again, as it alone can: into Arrow columns whose types unify all rows'."""
+    for _ in jsonl_objects(path):
+        pass
 
 
 def load_sft_splits(tokenizer, seq_len, data_file=None, dataset="teknium/OpenHermes-2.5", pack=False,

@@ -7,7 +7,8 @@ import os
 import sys
 import urllib.request
 
-from cli import PionError, atomic_write, first_line
+from cli import PionError, first_line
+from files import atomic_write
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

@@ -1,5 +1,6 @@
 """Where a training run's metrics go: <run_dir>/metrics.jsonl always, plus each experiment tracker chosen with
---logger (TensorBoard, Weights & Biases, trackio) and, optionally, a <run_dir>/metrics.png redrawn at each eval.
+--logger (TensorBoard, Weights & Biases, trackio) and, optionally, a <run_dir>/metrics.png redrawn at each eval
+(plotting.py reads metrics.jsonl back and draws it).
 
 Only the process that writes checkpoints (global rank 0) opens any of them. A resumed run continues the same
 tracker run: its id is kept in <run_dir>/trackers.json, and no step reaches a tracker twice.
@@ -11,7 +12,9 @@ import math
 import os
 import secrets
 
-from cli import PionError, atomic_write, first_line
+import plotting
+from cli import PionError, first_line
+from files import atomic_write
 
 # --logger NAME -> (module to import, what to pip install)
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
@@ -44,25 +47,25 @@ def json_line(record):
     return json.dumps({key: finite_or_none(value) for key, value in record.items()}, allow_nan=False) + "\n"
 
 
-def read_records(path):
-    """The records of a metrics.jsonl. A last line cut short by a crash is left out; any other line that is not
-    a JSON object is a PionError naming it."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)  # also reads the bare NaN that older runs wrote
-        except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            if number == len(lines):
-                break
-            raise PionError(f"{path} line {number} is not a metrics record")
-        records.append(record)
-    return records
+def read_tracker_state(path):
+    """trackers.json as Pion writes it: {"id": str, "open": [tracker, ...], "logged_through": {tracker: step}},
+    any key may be missing. Anything else is a PionError naming the file and what is wrong with it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        if not isinstance(state.get("id", ""), str):
+            raise ValueError('"id" is not a string')
+        if not isinstance(state.get("open", []), list) or not all(isinstance(t, str) for t in state.get("open", [])):
+            raise ValueError('"open" is not a list of tracker names')
+        logged_through = state.get("logged_through", {})
+        if not isinstance(logged_through, dict) or not all(
+                isinstance(step, int) and not isinstance(step, bool) and step >= 0 for step in logged_through.values()):
+            raise ValueError('"logged_through" is not an object of tracker names and steps')
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise PionError(f"cannot read {path} ({first_line(e)}): move it away to start new tracker runs")
+    return state
 
 
 class RunLog:
@@ -80,17 +83,12 @@ class RunLog:
         self.trackers, self.sent, self.undrawn = [], (None, set()), False
         if not enabled:
             return
-        logged = self._keep_records_through(resume_step)
+        # Everything that can refuse (an unreadable metrics.jsonl or trackers.json, a tracker that cannot start)
+        # runs before anything in the run folder is written: a refused run changes nothing there.
+        records = plotting.read_records(self.path) if os.path.exists(self.path) else []
+        logged = max((r["step"] for r in records), default=0)
         state_path = os.path.join(run_dir, "trackers.json")
-        state = {}
-        if resume_step and os.path.exists(state_path):
-            try:
-                with open(state_path, encoding="utf-8") as f:
-                    state = json.load(f)
-                if not isinstance(state, dict):
-                    raise ValueError("not a JSON object")
-            except (OSError, ValueError) as e:
-                raise PionError(f"cannot read {state_path} ({first_line(e)}): move it away to start new tracker runs")
+        state = read_tracker_state(state_path) if resume_step and os.path.exists(state_path) else {}
         # A resumed run replays the steps after its checkpoint bit for bit. Those that an earlier session already
         # sent to a tracker (up to the last line it wrote to metrics.jsonl, which follows the trackers) are not
         # sent again: wandb and trackio cannot take a step back.
@@ -99,8 +97,6 @@ class RunLog:
             logged_through[tracker] = max(logged_through.get(tracker, 0), logged)
         trackers = list(dict.fromkeys(trackers))  # --logger wandb twice is one wandb run
         state = {"id": state.get("id") or secrets.token_hex(4), "open": trackers, "logged_through": logged_through}
-        if trackers or os.path.exists(state_path):  # a run that never used a tracker has no state file
-            atomic_write(state_path, lambda f: f.write(json.dumps(state).encode()))
         name = f"{os.path.basename(os.path.normpath(run_dir))}-{state['id']}"
         kinds = {"tensorboard": TensorBoard, "wandb": WandB, "trackio": Trackio}
         for tracker in trackers:
@@ -111,16 +107,13 @@ class RunLog:
             except Exception as e:  # a tracker that cannot start (bad credentials, a full disk) stops the run now
                 self.close()
                 raise PionError(f"--logger {tracker} could not start: {first_line(e)}")
-
-    def _keep_records_through(self, step):
-        """Drop metrics.jsonl's lines past `step`; returns the highest step the file held."""
-        if not os.path.exists(self.path):
-            return 0
-        records = read_records(self.path)
-        kept = [r for r in records if r["step"] <= step]
-        # Rewritten through a temp file: a crash now leaves the old file. Also drops a torn last line.
-        atomic_write(self.path, lambda f: f.writelines(json_line(record).encode() for record in kept))
-        return max((r["step"] for r in records), default=0)
+        if trackers or os.path.exists(state_path):  # a run that never used a tracker has no state file
+            atomic_write(state_path, lambda f: f.write(json.dumps(state).encode()))
+        if os.path.exists(self.path):
+            # Only the lines up to the resumed step stay (rewritten through a temp file: a crash now leaves the
+            # old file); also drops a torn last line.
+            kept = [r for r in records if r["step"] <= resume_step]
+            atomic_write(self.path, lambda f: f.writelines(json_line(record).encode() for record in kept))
 
     def write(self, **record):
         if not self.enabled:
@@ -145,12 +138,9 @@ class RunLog:
             return
         self.undrawn = False
         try:
-            import plotting
             plotting.save_plot([os.path.dirname(self.path)], self.plot_path)
         except Exception as e:
-            reason = "matplotlib is not installed (pip install matplotlib)" if isinstance(e, ImportError) \
-                else first_line(e)
-            self.say(f"warning: no {self.plot_path}: {reason}; training goes on without it")
+            self.say(f"warning: no {self.plot_path}: {first_line(e)}; training goes on without it")
             self.plot_path = None
 
     def close(self):

@@ -14,16 +14,15 @@ import numpy as np
 
 import data
 import model as pion
-from checkpoint import load_checkpoint
-from cli import ArgumentParser, PionError, dataclass_from_args, non_negative_int, run_cli
-from runs import check_same_model, open_run_dir
-from runtime import Runtime, seed_everything, signal_exit_code
+from cli import ArgumentParser, PionError, add_device_arg, dataclass_from_args, non_negative_int, run_cli
+from runs import Checkpointer, check_same_model, open_run_dir
+from runtime import Runtime, signal_exit_code
 from tokenizer import PAD_ID, load_tokenizer
 from trackers import add_logger_args
-from train_config import (TrainConfig, add_benchmark_args, add_train_config_args, benchmark_scorer, with_default_lr,
-                          wsd_decay_start)
+from train_config import (TrainConfig, add_benchmark_args, add_train_config_args, benchmark_from_args,
+                          with_default_lr, wsd_decay_start)
 from trainer import TrainingRun, memory_test, train
-from validation import EvalSample, token_byte_lengths
+from validation import EvalSample, check_sample_tokens, token_byte_lengths
 
 DEFAULTS = TrainConfig(max_steps=100_000, lr=None, min_lr=None, warmup_steps=1000, batch_size=64, grad_accum=2,
                        save_interval=1000)  # lr, min_lr: train_config.default_lr's rule for the model and batch
@@ -41,8 +40,6 @@ def parse_args(argv=None):
     add_train_config_args(p, DEFAULTS, LR_HELP)
     add_benchmark_args(p)
     add_logger_args(p)
-    p.add_argument("--decay_frac", type=float, default=DEFAULTS.decay_frac,
-                   help="WSD: fraction of max_steps spent decaying")
     p.add_argument("--no_soft_cap", action="store_true",
                    help="plain SDPA attention without logit soft-capping: soft-capping costs about a quarter of a "
                         "GPU step's throughput and did not change the loss at small scale, where QK-norm already "
@@ -52,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--save_dir", default="checkpoints", help="checkpoints go to SAVE_DIR/MODEL_SIZE/")
     p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest in the save dir")
     p.add_argument("--num_workers", type=non_negative_int, default=4, help="data loader processes")
-    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto: cuda > mps > cpu")
+    add_device_arg(p)
     p.add_argument("--tokenizer", default=None, help="tokenizer JSON for the eval samples (default: the Pion one)")
     p.add_argument("--sample_prompt", default=None,
                    help="prompt of the sample at each eval (default: the first 16 tokens of the validation data)")
@@ -60,8 +57,6 @@ def parse_args(argv=None):
     p.add_argument("--memory_test", action="store_true",
                    help="run two real training steps and their saves, report peak memory, exit")
     args = p.parse_args(argv)
-    if not 0 <= args.decay_frac <= 1:
-        p.error("--decay_frac must be between 0 and 1")
     if not args.memory_test and args.data_dir is None:
         p.error("--data_dir is required (see `python data_prep.py --help` to get data)")
     return args
@@ -107,6 +102,7 @@ def run_memory_test(args, config, rt):
     """train.py's run, but two steps of random tokens into a temporary folder (trainer.memory_test): the same
     model, batch layout, tokenizer (for val_bpb and the eval sample) and saves."""
     model = pion.Pion(model_config(args, max_seq_len=max(config.seq_len, 2048)))
+    check_sample_tokens(args.sample_tokens, model.config.max_seq_len)
     tokenizer = load_tokenizer(args.tokenizer)
     rt.print(f"memory test: two training steps of Pion-{args.model_size}, batch {config.batch_size} x seq "
              f"{config.seq_len} x {config.grad_accum} micro-batches, with a checkpoint save, a validation and the "
@@ -129,18 +125,16 @@ def pretrain(args, config, rt):
     run_dir = os.path.join(args.save_dir, args.model_size)
     prefix = f"pion_{args.model_size}"
     with open_run_dir(run_dir, prefix, args.resume, lock=rt.is_main) as resume:  # locked until the run ends
-        seed_everything(config.seed)
+        checkpointer = Checkpointer(run_dir, prefix, rt, resume, config.seed)
         if resume:
-            model, checkpoint = load_checkpoint(resume)
+            model = checkpointer.resumed_model()
             check_same_model(resume, model.config, model_config(args))
-            # Checkpoints from before data positions were saved: assume this run's batch layout.
-            checkpoint.setdefault("samples_seen", checkpoint.get("step", 0) * config.batch_size * config.grad_accum
-                                  * rt.world_size)
         else:
             model = pion.Pion(model_config(args))
         if config.seq_len > model.config.max_seq_len:
             raise PionError(f"--seq_len {config.seq_len} is larger than the model's max_seq_len "
                             f"{model.config.max_seq_len}")
+        check_sample_tokens(args.sample_tokens, model.config.max_seq_len)
 
         # Both splits are checked before step 1: bad validation data must not end a run at its first eval.
         train_data = data.PretrainData(args.data_dir, config.seq_len, "train")
@@ -159,15 +153,15 @@ def pretrain(args, config, rt):
         run = TrainingRun(
             train_batches=lambda start: data.create_dataloader(args.data_dir, "train", seed=config.seed,
                                                                start_sample=start, num_workers=args.num_workers,
-                                                               **loader_args),
-            val_batches=lambda: data.create_dataloader(args.data_dir, "val", num_workers=0, **loader_args),
-            run_dir=run_dir, prefix=prefix, resume=(resume, checkpoint) if resume else None,
+                                                               opened=train_data, **loader_args),
+            val_batches=lambda: data.create_dataloader(args.data_dir, "val", num_workers=0, opened=val_data,
+                                                       **loader_args),
+            checkpointer=checkpointer,
             sample=eval_sample(args, tokenizer, model.config.vocab_size, rt,
                                val_data.batch(np.array([0]))["input_ids"][0, :16].tolist()),
             saved_with={"trainer": "pretrain"}, data_identity=train_data.identity(),
             token_bytes=token_byte_lengths(tokenizer, model.config.vocab_size),
-            benchmark=benchmark_scorer(args.eval_tasks, tokenizer, model.config.vocab_size, args.eval_limit,
-                                       args.eval_include_path, config.batch_size),
+            benchmark=benchmark_from_args(args, tokenizer, model.config.vocab_size),
             loggers=args.logger, plot=True)
         state = train(model, config, rt, run)
         if state.finished:

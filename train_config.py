@@ -1,17 +1,20 @@
 """How to train: TrainConfig (the schedule, batch layout, intervals and performance switches of a run, each
 field documented once and its flag derived from it), the learning-rate schedules it describes, and the
-benchmark flags both trainers share."""
+benchmark flags both trainers share (evaluation.benchmark_scorer reads them)."""
 import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
 
-from cli import PionError, non_negative_float, non_negative_int, positive_int
+from cli import PionError, checked, import_optional, non_negative_float, non_negative_int, positive_int
+
+fraction = checked(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
 
 
 def setting(help, default=dataclasses.MISSING, flag_type=None, flag=None, **flag_options):
     """A TrainConfig field documented once: `help` is also its command-line flag's help (add_train_config_args).
-    flag_type checks the flag's value; flag names it when it is not --<field> (False: no flag)."""
+    flag_type checks the flag's value; flag names it when it is not --<field> (False: no flag; "wsd": a flag
+    only for a trainer whose schedule is WSD)."""
     return dataclasses.field(default=default, metadata=dict(help=help, type=flag_type, flag=flag, options=flag_options))
 
 
@@ -27,7 +30,7 @@ class TrainConfig:
     seq_len: int = setting("tokens per training sequence", 2048, positive_int)
     schedule: str = setting('"wsd" (warmup, constant, linear decay) or "cosine": each trainer sets its own', "wsd",
                             flag=False)
-    decay_frac: float = setting("WSD: the fraction of max_steps spent decaying", 0.2, flag=False)  # train.py's own
+    decay_frac: float = setting("WSD: the fraction of max_steps spent decaying", 0.2, fraction, flag="wsd")
     weight_decay: float = setting("decoupled weight decay of the matrices (not of the norm weights)", 0.1,
                                   non_negative_float)
     optimizer: str = setting('"adamw", or "muon": torch.optim.Muon on the hidden matrices (--muon_lr) and AdamW '
@@ -50,6 +53,8 @@ class TrainConfig:
     seed: int = setting("seeds the weights, the data order and dropout", 42, non_negative_int)
     allow_data_change: bool = setting("resume although the data differs from the checkpoint's (its sample order "
                                       "then changes)", False)
+    allow_optimizer_change: bool = setting("resume with another --optimizer than the checkpoint's (its state then "
+                                           "starts from zero)", False)
     keep_final_optimizer: bool = setting("keep the optimizer state in the _final checkpoint too (only to train "
                                          "further from it; it triples the file); step checkpoints always keep it, "
                                          "to resume", False)
@@ -57,18 +62,20 @@ class TrainConfig:
 
 def add_train_config_args(parser, defaults, helps=None):
     """A flag per TrainConfig field, defaulting to `defaults` (a TrainConfig) and helped by the field's own text
-    or by helps[field name]. A switch that is on by default is turned off by its named flag (--no_...)."""
+    or by helps[field name]. A switch that is on by default is turned off by its named flag (--no_...). A WSD
+    setting is a flag only where defaults.schedule is WSD (finetune.py's cosine has no use for it)."""
     for field in dataclasses.fields(TrainConfig):
         meta = field.metadata
         help = (helps or {}).get(field.name, meta["help"])
-        if meta["flag"] is False:
+        if meta["flag"] is False or (meta["flag"] == "wsd" and defaults.schedule != "wsd"):
             continue
+        flag = None if meta["flag"] == "wsd" else meta["flag"]
         default = getattr(defaults, field.name)
         if field.type == "bool" or field.type is bool:
             action = "store_false" if default else "store_true"
-            parser.add_argument(meta["flag"] or f"--{field.name}", dest=field.name, action=action, help=help)
+            parser.add_argument(flag or f"--{field.name}", dest=field.name, action=action, help=help)
         else:
-            parser.add_argument(meta["flag"] or f"--{field.name}", dest=field.name, type=meta["type"], default=default,
+            parser.add_argument(flag or f"--{field.name}", dest=field.name, type=meta["type"], default=default,
                                 help=help, **meta["options"])
 
 
@@ -80,18 +87,18 @@ def add_benchmark_args(parser):
                         help="examples per task at each eval (default: all)")
     parser.add_argument("--eval_include_path", default=None,
                         help="folder of task YAML files of your own for --eval_tasks (default: none)")
+    parser.add_argument("--eval_batch_size", type=positive_int, default=16,
+                        help="--eval_tasks: contexts per forward (a question's choices share one), as eval.py's "
+                             "--batch_size; --batch_size is the training batch")
 
 
-def benchmark_scorer(tasks, tokenizer, vocab_size, limit, include_path, batch_size):
-    """model -> {"eval/<task>/<metric>": value} for --eval_tasks, or None without them. lm_eval is imported
-    only then: training needs none of it."""
-    if not tasks:
+def benchmark_from_args(args, tokenizer, vocab_size):
+    """The scorer of add_benchmark_args' flags (evaluation.benchmark_scorer: model -> scores), or None without
+    --eval_tasks: lm-eval is imported only then, as training needs none of it."""
+    if not args.eval_tasks:
         return None
-    try:
-        import evaluation
-    except ImportError as e:
-        raise PionError(f"--eval_tasks needs lm-evaluation-harness ({e}): pip install lm-eval")
-    return evaluation.training_benchmarks(tasks, tokenizer, vocab_size, limit, include_path, batch_size)
+    return import_optional("evaluation", "--eval_tasks", "lm-eval").benchmark_scorer(
+        args.eval_tasks, tokenizer, vocab_size, args.eval_limit, args.eval_include_path, args.eval_batch_size)
 
 
 # default_lr's reference point: the best AdamW peak lr of Pion's recipe measured at d_model 64 and 128 and 4,096

@@ -1,10 +1,9 @@
 """The training loop that pretraining (train.py) and SFT (finetune.py) share: the optimizer, one optimizer
 step, train(model, config, rt, run) by a TrainConfig on a TrainingRun, and the memory test. The process
 (device, ranks, autocast, the model's wrapping, RNG) is runtime.py's; the run's checkpoints, TrainState and
-resume rules runs.py's; validation and the eval sample validation.py's."""
+resume (runs.Checkpointer) runs.py's; validation and the eval sample validation.py's."""
 import contextlib
 import math
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -16,9 +15,10 @@ from tqdm import tqdm
 
 from cli import PionError, human_count
 from hardware import gpu_peak_flops, training_flops_per_token
+from loss import trained_targets
 from runtime import (StopSignal, gradient_sync, host_memory_peak, host_memory_total, keep_freed_memory,
                      prepare_model)
-from runs import TrainState, prune_checkpoints, restore_optimizer_and_rng, resumed_state, save_training_checkpoint
+from runs import Checkpointer, prune_checkpoints
 from train_config import fit_schedule, learning_rate, lr_scale
 from trackers import RunLog
 from validation import evaluate, sample_text
@@ -66,7 +66,7 @@ def train_step(model, optimizers, batches, rt, grad_accum, grad_clip, lr_scale):
     # The model returns each micro-batch's mean loss. Weighting it by its share of the step's trained
     # tokens makes the gradient the true token mean over the whole global step, however padding is
     # spread over micro-batches and ranks (DDP and FSDP average gradients over ranks: hence world_size).
-    counts = [int((batch["labels"][:, 1:] != -100).sum()) for batch in micro_batches]
+    counts = [int(trained_targets(batch["labels"]).sum()) for batch in micro_batches]
     step_tokens = max(rt.all_reduce(sum(counts)), 1)
     loss_sum = torch.zeros((), device=rt.device)
     for micro, (batch, count) in enumerate(zip(micro_batches, counts)):
@@ -97,14 +97,12 @@ class TrainingRun:
     """What train() trains on and where it writes, besides the model, its TrainConfig and the Runtime."""
     train_batches: Callable  # samples_seen -> this rank's training batches, after the samples already seen
     val_batches: Callable  # () -> a fresh validation pass; both give {"input_ids", "labels"} of this rank
-    run_dir: str  # checkpoints <prefix>_<step>.pt and <prefix>_final.pt, and metrics.jsonl
-    prefix: str
-    resume: Optional[tuple] = None  # (path, checkpoint dict) of the run to continue: state, optimizer moments, RNG
+    checkpointer: Checkpointer  # the run folder's checkpoints (and metrics.jsonl): the one to resume, and saves
     saved_with: dict = field(default_factory=dict)  # extra entries of every checkpoint (which trainer wrote it)
     data_identity: Optional[dict] = None  # what the data is (shards, sample count): saved, compared on resume
     token_bytes: Optional[torch.Tensor] = None  # each id's UTF-8 length (validation.token_byte_lengths): val_bpb
     sample: Optional[Callable] = None  # a validation.EvalSample: model, cache_dtype -> printed at each eval
-    benchmark: Optional[Callable] = None  # train_config.benchmark_scorer's: model -> scores, at each eval
+    benchmark: Optional[Callable] = None  # evaluation.benchmark_scorer's: model -> scores, at each eval
     loggers: tuple = ()  # trackers (trackers.TRACKERS) that get every metrics line besides metrics.jsonl
     plot: bool = False  # redraw run_dir/metrics.png at each eval
 
@@ -115,18 +113,12 @@ def train(model, config, rt, run):
     config = fit_schedule(config, rt)
     if rt.device.type == "cpu":
         keep_freed_memory()  # the steps free and reallocate the same large buffers
-    if run.resume is not None:
-        state, last_path = resumed_state(config, rt, run)
-    else:
-        state, last_path = TrainState(), None
-        torch.manual_seed(config.seed + 1_000_003 * rt.rank)  # each rank its own dropout masks
     wrapped = prepare_model(model, config, rt)
     optimizers = build_optimizer(wrapped, config, rt)
-    if run.resume is not None:
-        path, checkpoint = run.resume
-        restore_optimizer_and_rng(path, checkpoint, wrapped, optimizers, rt)
-        checkpoint.pop("optimizer", None)  # restored: free the copy
-    loop = Loop(model, wrapped, optimizers, config, rt, run, state, last_path)
+    state = run.checkpointer.load(wrapped, optimizers, config, {"data": run.data_identity, **run.saved_with})
+    if run.checkpointer.finished:
+        return state
+    loop = Loop(model, wrapped, optimizers, config, rt, run, state)
     try:
         return loop.train()
     finally:
@@ -137,21 +129,22 @@ class Loop:
     """The steps of one train() call: train() steps until max_steps, a stop signal or too many non-finite
     steps, and hands each step's work to step, log, validate and save."""
 
-    def __init__(self, model, wrapped, optimizers, config, rt, run, state, last_path):
+    def __init__(self, model, wrapped, optimizers, config, rt, run, state):
         self.model, self.wrapped, self.optimizers = model, wrapped, optimizers
         self.config, self.rt, self.run, self.state = config, rt, run, state
+        self.checkpointer = checkpointer = run.checkpointer
         self.samples_per_step = config.batch_size * config.grad_accum * rt.world_size
-        self.metrics = RunLog(run.run_dir, rt.is_main, run.loggers, resume_step=state.step, plot=run.plot,
+        self.metrics = RunLog(checkpointer.run_dir, rt.is_main, run.loggers, resume_step=state.step, plot=run.plot,
                               say=rt.print, config={"model": asdict(model.config), "train": asdict(config),
                                                     "data": run.data_identity, "world_size": rt.world_size,
                                                     **run.saved_with})
+        checkpointer.begin()  # every check has passed: from here on the run may change its folder
         self.stop = StopSignal()
         self.batches = iter(run.train_batches(state.samples_seen))
         self.flops_per_token = training_flops_per_token(model, config.seq_len)
         self.peak_flops = gpu_peak_flops(rt.device)
-        self.bar = tqdm(total=config.max_steps, initial=state.step, desc=run.prefix, unit="step", dynamic_ncols=True,
-                        disable=not rt.is_main)
-        self.last_path = last_path  # the newest checkpoint of this run
+        self.bar = tqdm(total=config.max_steps, initial=state.step, desc=checkpointer.prefix, unit="step",
+                        dynamic_ncols=True, disable=not rt.is_main)
         # The newest checkpoint saved before the latest streak of non-finite steps began (set when one begins):
         # finite weights can already be untrainable then, so pruning keeps this one and the stop message names it.
         self.last_good = None
@@ -175,7 +168,7 @@ class Loop:
         if self.bad_steps:
             raise PionError(f"the last {self.bad_steps} steps had non-finite losses: the final model is not saved; "
                             f"{self.good_checkpoint()}")
-        self.save("final")
+        self.save(final=True)
         return state
 
     def step(self):
@@ -187,7 +180,7 @@ class Loop:
                                              config.grad_clip, lr_scale(config, state.step))
         if not math.isfinite(loss):
             if self.bad_steps == 0:
-                self.last_good = self.last_path
+                self.last_good = self.checkpointer.last_path
             self.bad_steps += 1
             self.rt.print(f"warning: non-finite loss at step {state.step + 1}, step skipped "
                           f"({self.bad_steps} in a row)")
@@ -244,21 +237,15 @@ class Loop:
             self.rt.print(f"warning: not saving step {self.state.step}: its loss was not finite; "
                           f"{self.good_checkpoint()}")
             return
-        self.save(str(self.state.step))
+        self.save()
         if self.rt.is_main:
-            prune_checkpoints(self.run.run_dir, self.run.prefix, self.config.keep_last, keep=self.last_good)
+            prune_checkpoints(self.checkpointer.run_dir, self.checkpointer.prefix, self.config.keep_last,
+                              keep=self.last_good)
 
-    def save(self, name):
-        run, state, config = self.run, self.state, self.config
-        contents = {"config": self.model.config, "train_config": asdict(config), "data": run.data_identity,
-                    **run.saved_with, "step": state.step, "tokens_seen": state.tokens_seen,
-                    "samples_seen": state.samples_seen}
-        keep_optimizer = name != "final" or config.keep_final_optimizer
-        self.last_path = os.path.join(run.run_dir, f"{run.prefix}_{name}.pt")
+    def save(self, final=False):
         with self.shown_on_the_bar("saving"):
-            save_training_checkpoint(self.last_path, self.wrapped, self.optimizers if keep_optimizer else None, self.rt,
-                                     contents)
-        self.last_saved = state.step
+            self.checkpointer.save(self.state, final)
+        self.last_saved = self.state.step
 
     def stop_early(self):
         """A stop signal: save this step (unless its loss was not finite) and return the state."""
@@ -271,7 +258,7 @@ class Loop:
         self.rt.print(f"{state.stopped_by} received: saving step {step} and exiting; continue the run with "
                       f"the same command and --resume auto")
         if self.last_saved != step:
-            self.save(str(step))
+            self.save()
         return state
 
     def good_checkpoint(self):
@@ -281,11 +268,11 @@ class Loop:
     @contextlib.contextmanager
     def shown_on_the_bar(self, what):
         """A pause of the steps (an eval, a save: seconds to minutes) says what it is on the progress line."""
-        self.bar.set_description_str(f"{self.run.prefix} ({what})")
+        self.bar.set_description_str(f"{self.checkpointer.prefix} ({what})")
         try:
             yield
         finally:
-            self.bar.set_description_str(self.run.prefix)
+            self.bar.set_description_str(self.checkpointer.prefix)
 
     def close(self):
         self.bar.close()
@@ -296,7 +283,7 @@ class Loop:
 def memory_test(model, config, rt, token_bytes=None, sample=None):
     """A run's first steps at its batch, accumulation and precision, for their peak memory: train() on random
     tokens into a temporary folder, removed after: a step, a checkpoint save, a second step (the first to hold
-    AdamW's moments through its backward: a run's peak), a validation (token_bytes, sample) and the final save.
+    the optimizer's state through its backward: a run's peak), a validation (token_bytes, sample) and the final save.
     Returns (peak, total) bytes of the device and of host memory, where checkpoints are gathered (the same
     figures on the CPU), or None when it ran out of memory."""
     config = replace(config, max_steps=2, warmup_steps=0, decay_frac=0.5, save_interval=1, keep_last=None,
@@ -308,8 +295,8 @@ def memory_test(model, config, rt, token_bytes=None, sample=None):
             yield {"input_ids": ids, "labels": ids}
 
     with tempfile.TemporaryDirectory(prefix="pion_memory_test_") as run_dir:
-        run = TrainingRun(random_batches, random_batches, run_dir, "memory_test", token_bytes=token_bytes,
-                          sample=sample)
+        run = TrainingRun(random_batches, random_batches, Checkpointer(run_dir, "memory_test", rt, seed=config.seed),
+                          token_bytes=token_bytes, sample=sample)
         try:
             train(model, config, rt, run)
         except torch.OutOfMemoryError:

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cli import PionError
 from decoding import generate_text
+from loss import trained_targets
 from runtime import fsdp_param_dtype
 
 
@@ -56,24 +58,28 @@ def evaluate(model, batches, rt, steps, token_bytes=None):
     batches = iter(batches)
     if token_bytes is not None:
         token_bytes = token_bytes.to(rt.device)  # once, not per batch
-    loss_sum, tokens, n_bytes = 0.0, 0, 0
+    # The sums stay on the device until the end: reading one back each batch would make the host wait for
+    # every forward instead of queueing the next.
+    loss_sum = torch.zeros((), device=rt.device)
+    tokens = torch.zeros((), dtype=torch.long, device=rt.device)
+    n_bytes = torch.zeros((), dtype=torch.long, device=rt.device)
     for _ in range(steps):
         batch = next(batches, None)
         if not rt.all_reduce(float(batch is not None), dist.ReduceOp.MIN):
             break
         labels = batch["labels"].to(rt.device)
-        targets = labels[:, 1:]
-        count = int((targets != -100).sum())
+        trained = trained_targets(labels)
+        count = trained.sum()
         with rt.autocast():
-            loss_sum += model(batch["input_ids"].to(rt.device), labels=labels)["loss"].item() * count
+            loss_sum += model(batch["input_ids"].to(rt.device), labels=labels)["loss"].float() * count
         tokens += count
-        if token_bytes is not None:
-            n_bytes += int(token_bytes[targets[targets != -100]].sum())
+        if token_bytes is not None:  # masked, not indexed by the mask: a boolean index would wait for its size
+            n_bytes += (token_bytes[labels[:, 1:].clamp(min=0)] * trained).sum()
     model.train(was_training)
-    loss_sum = rt.all_reduce(loss_sum)
-    metrics = {"val_loss": loss_sum / max(rt.all_reduce(tokens), 1)}
+    loss_sum = rt.all_reduce(loss_sum.item())
+    metrics = {"val_loss": loss_sum / max(rt.all_reduce(tokens.item()), 1)}
     if token_bytes is not None:
-        metrics["val_bpb"] = bits_per_byte(loss_sum, rt.all_reduce(n_bytes))
+        metrics["val_bpb"] = bits_per_byte(loss_sum, rt.all_reduce(n_bytes.item()))
     return metrics
 
 
@@ -81,19 +87,29 @@ def evaluate(model, batches, rt, steps, token_bytes=None):
 class EvalSample:
     """The greedy continuation of a fixed prompt printed at each eval: greedy and seedless, so it draws nothing
     from the RNG that a resumed run must reproduce. Shown as `shown_prompt` -> the reply, which stops at
-    `max_tokens`, a stop token or one of `stop_strings` (and with strip, loses its surrounding whitespace)."""
+    `max_tokens`, a stop token or one of `stop_strings` (a chat reply at its turn's end, with turn
+    chat_template.CHAT_TURN; and with strip, loses its surrounding whitespace)."""
     tokenizer: object
     prompt: list  # token ids
     max_tokens: int
     shown_prompt: str  # what the prompt stands for (a chat prompt's question, not its template)
     stop_strings: tuple = ()
     strip: bool = False
+    turn: object = None
 
     def __call__(self, model, cache_dtype=None):
         """"'prompt' -> 'reply'": both quoted, so a reply's whitespace and where the prompt ends both show."""
         reply = generate_text(model, self.tokenizer, self.prompt, self.max_tokens, stop_strings=self.stop_strings,
-                              cache_dtype=cache_dtype)[0]
+                              turn=self.turn, cache_dtype=cache_dtype)[0]
         return f"{self.shown_prompt!r} -> {(reply.strip() if self.strip else reply)!r}"
+
+
+def check_sample_tokens(sample_tokens, max_seq_len):
+    """The trainers' --sample_tokens must leave the sample's prompt room in the model's context: refused before
+    step 1 and by its own name (decoding's own refusal names generate.py's --max_tokens), not at the first eval."""
+    if sample_tokens >= max_seq_len:
+        raise PionError(f"--sample_tokens {sample_tokens} leaves no room for a prompt in the model's max_seq_len "
+                        f"{max_seq_len}: lower --sample_tokens (0: no sample)")
 
 
 def sample_text(sample, model, wrapped, config, rt):

@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import hardware  # noqa: E402
+from loss import chunked_cross_entropy  # noqa: E402
 import model as pion  # noqa: E402
 import runtime  # noqa: E402
 import train_config  # noqa: E402
@@ -175,9 +176,9 @@ def loss_variants(bench):
         return F.cross_entropy((h.to(torch.bfloat16) @ w.to(torch.bfloat16).T).float(), y)
 
     variants = {
-        "pion compiled chunks 4096": lambda h, w, y: pion.chunked_cross_entropy(h, w, y, 4096, fused=True),
-        "pion compiled chunks 8192": lambda h, w, y: pion.chunked_cross_entropy(h, w, y, 8192, fused=True),
-        "pion CPU-tuned chunks": lambda h, w, y: pion.chunked_cross_entropy(h, w, y, 512, fused=False),
+        "pion compiled chunks 4096": lambda h, w, y: chunked_cross_entropy(h, w, y, 4096, fused=True),
+        "pion compiled chunks 8192": lambda h, w, y: chunked_cross_entropy(h, w, y, 8192, fused=True),
+        "pion CPU-tuned chunks": lambda h, w, y: chunked_cross_entropy(h, w, y, 512, fused=False),
         "whole vocabulary, compiled": torch.compile(whole_vocabulary),
     }
     if bench.device.type == "cuda":

@@ -27,7 +27,7 @@ from tokenizer import PAD_ID, load_tokenizer  # noqa: E402
 import cli  # noqa: E402
 import decoding  # noqa: E402
 import model  # noqa: E402
-from chat_template import TURN_SUFFIX, USER_MARKER, render_conversation  # noqa: E402
+from chat_template import CHAT_TURN, render_conversation  # noqa: E402
 
 REAL_VOCAB = dict(vocab_size=50258, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=128)
 
@@ -214,7 +214,7 @@ def scripted_reply(tokens, seconds_per_step=0.0):
     """A token source for the engine that writes `tokens` (again and again) whatever the model says."""
     def sample_rows(logits, running):
         time.sleep(seconds_per_step)
-        return [tokens[run.completion_tokens % len(tokens)] for run in running]
+        return [tokens[run.stream.tokens % len(tokens)] for run in running]
     return sample_rows
 
 
@@ -257,9 +257,8 @@ def chat_prompt(tokenizer, messages=MESSAGES):
 def expected_reply(model, tokenizer, messages, max_tokens, stop=(), settings=decoding.GREEDY, seed=None):
     """generate_text's reply as chat.py takes it: stopped at <|user|>, without the turn's suffix."""
     generator = decoding.seeded_generator("cpu", seed) if seed is not None else None
-    text = decoding.generate_text(model, tokenizer, [chat_prompt(tokenizer, messages)], max_tokens, settings,
-                                  [USER_MARKER, *stop], generator=generator)[0]
-    return text.removesuffix(TURN_SUFFIX)
+    return decoding.generate_text(model, tokenizer, [chat_prompt(tokenizer, messages)], max_tokens, settings, stop,
+                                  turn=CHAT_TURN, generator=generator)[0]
 
 
 def streamed(chunks):

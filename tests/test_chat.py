@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import chat
-from chat_template import STOP_STRINGS, render_conversation
+from chat_template import CHAT_TURN, render_conversation
 import decoding
 from tokenizer import EOS_ID
 from conftest import ROOT, run_in_process
@@ -77,28 +77,13 @@ def session(model=None, tokenizer=None, **settings):
     return chat.Session(model, tokenizer, SamplingSettings(**settings), max_tokens=100)
 
 
-@pytest.mark.slow
-def test_a_compiled_reply_equals_the_eager_one(tiny_checkpoint, tokenizer, capsys):
-    conversation = chat.Conversation(turns=[user("Hello there")])
-    eager = chat.reply(session(tiny_checkpoint[1], tokenizer, temperature=0), conversation)
-    compiled = session(tiny_checkpoint[1], tokenizer, temperature=0)
-    compiled.compile = True
-    assert chat.reply(compiled, conversation) == eager
-
-
-def test_a_reply_cut_by_the_token_limit_keeps_its_final_newline(tiny_chat_model, tokenizer, monkeypatch, capsys):
-    # The template ends a turn with "\n" then <|endoftext|> (or the user's next turn): only there is the
-    # "\n" the template's, and left out of the reply. A reply cut mid-turn keeps the "\n" the model wrote.
-    line = tokenizer.encode("Hello there\n").ids
-    conversation = chat.Conversation(turns=[user("Hi")])
-    for written, max_tokens, expected in [(line + [EOS_ID], 100, "Hello there"),
-                                          (tokenizer.encode("Hello there\n<|user|>").ids, 100, "Hello there"),
-                                          (line, len(line), "Hello there\n")]:
-        tokens = iter(written)
-        monkeypatch.setattr(decoding, "sample_next_token", lambda *args: torch.tensor([next(tokens)]))
-        s = session(tiny_chat_model, tokenizer, temperature=0)
-        s.max_tokens = max_tokens
-        assert chat.reply(s, conversation) == expected
+def test_a_reply_is_its_turn_s_content(tiny_chat_model, tokenizer, monkeypatch, capsys):
+    # Where a reply ends, and which "\n" is the template's, is decoding.TextStream's rule with
+    # chat_template.CHAT_TURN (tests/test_decoding.py): here, that chat.py's reply is that content.
+    tokens = iter(tokenizer.encode("Hello there\n").ids + [EOS_ID])
+    monkeypatch.setattr(decoding, "sample_next_token", lambda *args: torch.tensor([next(tokens)]))
+    assert chat.reply(session(tiny_chat_model, tokenizer, temperature=0), chat.Conversation(turns=[user("Hi")])) == \
+        "Hello there"
 
 
 def test_commands_change_settings_and_bad_values_change_nothing(capsys):
@@ -198,7 +183,7 @@ def test_a_terminal_session(checkpoint, tiny_chat_model, tokenizer, tokenizer_pa
         first = [user("Hello there")]
         assert prompt_tokens(child) == len(render_conversation(tokenizer, first, add_generation_prompt=True)[0])
         first_reply = generate_text(tiny_chat_model, tokenizer, render_conversation(tokenizer, first, True)[0], 8,
-                                    stop_strings=STOP_STRINGS)[0].removesuffix("\n")
+                                    turn=CHAT_TURN)[0]
         child.sendline("And then?")
         second = first + [assistant(first_reply), user("And then?")]
         assert prompt_tokens(child) == len(render_conversation(tokenizer, second, add_generation_prompt=True)[0])

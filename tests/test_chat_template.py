@@ -6,7 +6,7 @@ import os
 import pytest
 
 import chat_template
-from chat_template import EOS_TEXT, STOP_STRINGS, SuffixTrimmer, render_conversation, render_text, reply_content
+from chat_template import EOS_TEXT, STOP_STRINGS, render_conversation, render_text
 from cli import PionError
 from conftest import CHAT, ROOT, trained_spans
 from tokenizer import EOS_ID
@@ -245,33 +245,3 @@ def test_the_modelfile_spells_the_turns_in_go_template_syntax():
 def test_the_export_docs_show_the_generated_modelfile():
     with open(os.path.join(ROOT, "docs", "export.md"), encoding="utf-8") as f:
         assert "\n```\n" + chat_template.ollama_modelfile("./pion.gguf") + "```\n" in f.read()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Where a reply ends
-
-
-@pytest.mark.parametrize("stop_reason", [EOS_ID, "<|user|>"])
-def test_a_reply_that_ends_its_turn_loses_the_turn_suffix(stop_reason):
-    assert reply_content("Blue.\n", stop_reason) == "Blue."
-    assert reply_content("Blue.\n\n", stop_reason) == "Blue.\n"  # only the template's one newline
-
-
-@pytest.mark.parametrize("stop_reason", [None, "END"])
-def test_a_reply_cut_by_its_budget_or_a_caller_s_stop_string_keeps_its_newline(stop_reason):
-    assert reply_content("Blue.\n", stop_reason) == "Blue.\n"
-
-
-@pytest.mark.parametrize("stop_reason", [EOS_ID, "<|user|>", None, "END"])
-@pytest.mark.parametrize("reply", ["Blue.\n", "Blue.\n\n", "One\ntwo\n", "\n", "no newline"])
-def test_a_streamed_reply_trimmed_piece_by_piece_is_the_whole_reply_s_content(reply, stop_reason):
-    for cut in range(len(reply) + 1):  # every split into two pieces, empty ones included
-        trimmer = SuffixTrimmer()
-        streamed = trimmer.push(reply[:cut]) + trimmer.push(reply[cut:]) + trimmer.finish(stop_reason)
-        assert streamed == reply_content(reply, stop_reason)
-
-
-def test_the_trimmer_holds_back_only_what_may_be_the_turn_suffix():
-    trimmer = SuffixTrimmer()
-    assert trimmer.push("Blue.\n") == "Blue."
-    assert trimmer.push("Green") == "\nGreen"

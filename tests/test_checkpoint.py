@@ -142,18 +142,38 @@ def test_mismatched_shapes_are_one_clear_line(tmp_path):
 
 
 class Exploit:
+    """A pickle that calls `call` on the path in $PION_EXPLOIT_MARK when it is loaded."""
+    call = pathlib.Path.touch
+
     def __reduce__(self):
-        return (pathlib.Path.touch, (pathlib.Path(os.environ["PION_EXPLOIT_MARK"]),))
+        return (type(self).call, (pathlib.Path(os.environ["PION_EXPLOIT_MARK"]),))
 
 
-def test_a_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
+class BlockedModuleExploit(Exploit):
+    call = os.makedirs  # a module torch's weights_only unpickler blocks outright (words its refusal otherwise)
+
+
+@pytest.mark.parametrize("exploit", [Exploit, BlockedModuleExploit])
+def test_a_pickle_that_runs_code_is_refused_as_asking_to_run_code(tmp_path, monkeypatch, exploit):
     mark = tmp_path / "pwned"
     monkeypatch.setenv("PION_EXPLOIT_MARK", str(mark))
     path = tmp_path / "evil.pt"
-    torch.save({"model": tiny_model().state_dict(), "config": Exploit()}, path)
-    with pytest.raises(PionError, match="refusing to load"):
+    torch.save({"model": tiny_model().state_dict(), "config": exploit()}, path)
+    with pytest.raises(PionError, match="refusing to load .* it asks to run code"):
         load_checkpoint(path)
     assert not mark.exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite_are_refused_at_load_naming_the_tensor(tmp_path, value):
+    m = tiny_model()
+    state = m.state_dict()
+    state["layers.1.attn.v_proj.weight"][3, 4] = value
+    path = tmp_path / "poisoned.pt"
+    torch.save({"model": state, "config": m.config}, path)  # not save_checkpoint, which refuses to write it
+    with pytest.raises(PionError, match="NaN or infinite values \\(in layers.1.attn.v_proj.weight\\)") as e:
+        load_checkpoint(path)
+    assert "\n" not in str(e.value)
 
 
 def test_random_bytes_are_called_unreadable_not_a_pickle_of_code(tmp_path):

@@ -2,6 +2,7 @@
 import argparse
 import glob
 import os
+import sys
 import tomllib
 
 import pytest
@@ -70,18 +71,6 @@ def test_token_counts_read_well_at_every_scale():
     assert [cli.human_count(n) for n in (512, 12_345, 4_500_000, 2_100_000_000)] == ["512", "12.3k", "4.5M", "2.1B"]
 
 
-def test_an_input_error_raised_while_writing_keeps_its_own_line(tmp_path):
-    """A PionError from reading an input inside a write (here raised while handling the OSError that caused
-    it) names that input, not the file being written."""
-    with pytest.raises(cli.PionError, match="^cannot read the dataset: offline$"):
-        with cli.replaced_atomically(str(tmp_path / "out")):
-            try:
-                raise OSError("network unreachable")
-            except OSError:
-                raise cli.PionError("cannot read the dataset: offline")
-    assert os.listdir(tmp_path) == []
-
-
 # ---------------------------------------------------------------------------------------------------
 # Run recipes: --config FILE.toml
 
@@ -138,10 +127,30 @@ RECIPE_SCRIPTS = {"train": train.parse_args, "finetune": finetune.parse_args}
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(__file__)),
                                                                  "configs", "*.toml"))))
 def test_every_recipe_in_configs_is_read_by_its_script(path):
-    """configs/<script>_<run>.toml: each file's keys are flags of the script its name starts with."""
+    """configs/<script>_<run>.toml: each file's keys are flags of the script its name starts with, and the
+    recipe parses as the same flags written out on the command line."""
     script = os.path.basename(path).split("_")[0]
     with open(path, "rb") as f:
-        keys = tomllib.load(f)
-    args = RECIPE_SCRIPTS[script](["--config", path])
-    for key, value in keys.items():
-        assert getattr(args, key.removeprefix("no_"), None) == (not value if key.startswith("no_") else value)
+        recipe = tomllib.load(f)
+    flags = []
+    for key, value in recipe.items():
+        if isinstance(value, bool):
+            flags += [f"--{key}"] if value else []
+        else:
+            flags += [item for one in (value if isinstance(value, list) else [value]) for item in (f"--{key}", str(one))]
+    from_file = vars(RECIPE_SCRIPTS[script](["--config", path]))
+    from_flags = vars(RECIPE_SCRIPTS[script](flags))
+    assert {**from_file, "config": None} == from_flags
+
+
+def test_ctrl_c_is_one_line_and_the_shells_exit_code_130():
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    result = run_in_process(interrupted, [])
+    assert (result.returncode, result.stderr) == (130, "interrupted\n")
+
+def test_a_missing_optional_package_is_one_line_naming_what_needs_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # importing it -> ImportError
+    monkeypatch.delitem(sys.modules, "evaluation", raising=False)
+    with pytest.raises(cli.PionError, match=r"^--eval_tasks needs lm-eval \(.*\): pip install lm-eval$"):
+        cli.import_optional("evaluation", "--eval_tasks", "lm-eval")

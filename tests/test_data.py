@@ -193,13 +193,19 @@ def test_val_is_one_pass_in_file_order(tmp_path):
     assert batches == [last_rows[0:3], last_rows[3:6], last_rows[6:]]
 
 
-def test_token_id_beyond_vocab_raises_pion_error_in_the_main_process(tmp_path):
+def test_a_token_id_beyond_vocab_is_refused_when_the_loader_opens_the_data_before_any_batch(tmp_path):
     shard = np.full((4, 4), 7, dtype=np.int32)
     shard[2, 1] = VOCAB_SIZE + 5
-    batches = loader(write_shards(tmp_path, shard, shard), batch_size=3, num_workers=1)
-    with pytest.raises(PionError, match=f"token id {VOCAB_SIZE + 5} >= vocab_size {VOCAB_SIZE} in ") as error:
-        next(batches)
+    with pytest.raises(PionError, match=f"token id {VOCAB_SIZE + 5} in .* outside the model's vocabulary") as error:
+        loader(write_shards(tmp_path, shard, shard), batch_size=3, num_workers=1)
     assert "\n" not in str(error.value)
+
+
+def test_a_loader_given_the_opened_split_uses_it_without_opening_the_data_again(tmp_path, monkeypatch):
+    opened = data.PretrainData(numbered_shards(tmp_path / "d", 2, rows=10, width=4), 4)
+    monkeypatch.setattr(data, "PretrainData", None)  # opening again would fail
+    batches = loader(str(tmp_path / "d"), batch_size=2, opened=opened)
+    assert next(batches)["input_ids"].shape == (2, 4)
 
 
 def test_the_data_identity_notices_a_shard_rewritten_under_the_same_name_and_shape(tmp_path):

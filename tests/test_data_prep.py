@@ -1,6 +1,8 @@
 import glob
 import json
 import os
+import signal
+import subprocess
 
 import numpy as np
 import pytest
@@ -59,6 +61,52 @@ def test_a_prepare_that_fails_midway_leaves_no_data_set(tmp_path, tokenizer_path
     assert sorted(os.listdir(tmp_path)) == ["docs.jsonl"]  # no out folder, no staging folder left behind
 
 
+class SignalReachedTheTest(Exception):
+    pass
+
+
+def reach_the_test(signum, frame):
+    raise SignalReachedTheTest(signum)  # rather than end pytest itself
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_prepare_ends_it_in_one_line_leaving_nothing(tmp_path, tokenizer_path, monkeypatch, stop):
+    lines = [json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(3000)]
+    (tmp_path / "docs.jsonl").write_text("".join(lines))
+    take_batch, calls = data_prep.take_batch, []
+
+    def take_batch_then_signal(pieces, max_bytes):  # after the first shards are in the staging folder
+        calls.append(len(os.listdir(tmp_path)))
+        if len(calls) == 3:
+            os.kill(os.getpid(), stop)
+        return take_batch(pieces, 4096)
+    monkeypatch.setattr(data_prep, "take_batch", take_batch_then_signal)
+    previous = signal.signal(stop, reach_the_test)
+    try:
+        result = run_data_prep("prepare", "--input", tmp_path / "docs.jsonl", "--out", tmp_path / "out",
+                               "--seq_len", 64, "--shard_rows", 4, "--tokenizer", tokenizer_path)
+        assert signal.getsignal(stop) is reach_the_test  # prepare gave the process its handler back
+    finally:
+        signal.signal(stop, previous)
+    assert calls[2] == 2  # the staging folder was there
+    assert result.returncode == 128 + stop and "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line == f"stopped by {stop.name}: nothing was written to {tmp_path / 'out'}"
+    assert os.listdir(tmp_path) == ["docs.jsonl"]
+
+
+def test_prepare_removes_staging_folders_of_killed_prepares_not_those_of_live_ones(tmp_path, tokenizer_path):
+    (tmp_path / "a.txt").write_text("some text " * 50)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for pid in (gone.pid, os.getppid()):
+        (tmp_path / f".out.tmp{pid}").mkdir()
+        (tmp_path / f".out.tmp{pid}" / "shard_00000.npy").write_bytes(b"half a shard")
+    data_prep.main(["prepare", "--input", str(tmp_path / "a.txt"), "--out", str(tmp_path / "out"), "--seq_len", "8",
+                    "--tokenizer", tokenizer_path])
+    assert sorted(os.listdir(tmp_path)) == [f".out.tmp{os.getppid()}", "a.txt", "out"]
+
+
 @pytest.mark.parametrize("out", ["/proc/pion-data", "a.txt/out"])  # a kernel folder; under a file
 def test_prepare_into_an_unwritable_place_is_one_line(tmp_path, tokenizer_path, out):
     (tmp_path / "a.txt").write_text("some text " * 500)
@@ -91,6 +139,28 @@ def test_a_long_document_is_tokenized_in_pieces_that_give_the_whole_texts_ids(to
     assert "".join(piece for piece, _ in pieces) == text
     ids = [i for piece, _ in pieces for i in tokenizer.encode(piece, add_special_tokens=False).ids]
     assert ids == tokenizer.encode(text, add_special_tokens=False).ids
+
+
+# Chinese and Japanese as they are written: no spaces, a mark at the end of each clause.
+CJK_TEXT = "".join(f"我们今天学习第{i}课的中文语法和词汇{'。' if i % 3 else '，'}日本語の文章は空白なしで書かれます{i % 10}！"
+                   for i in range(300))
+
+
+def test_text_without_spaces_is_cut_into_small_pieces_that_give_the_whole_texts_ids(tokenizer):
+    chunks = [CJK_TEXT[i:i + 50] for i in range(0, len(CJK_TEXT), 50)]
+    pieces = list(data_prep.document_pieces(chunks, piece_chars=97))
+    assert "".join(piece for piece, _ in pieces) == CJK_TEXT
+    assert len(pieces) > 50 and max(len(piece) for piece, _ in pieces) < 2 * 97
+    ids = [i for piece, _ in pieces for i in tokenizer.encode(piece, add_special_tokens=False).ids]
+    assert ids == tokenizer.encode(CJK_TEXT, add_special_tokens=False).ids
+
+
+def test_a_run_without_any_safe_cut_is_cut_at_max_piece_chars(tokenizer):
+    text = "字" * 10_000  # one pre-token: no space, no punctuation
+    pieces = list(data_prep.document_pieces([text[i:i + 300] for i in range(0, len(text), 300)], piece_chars=97,
+                                            max_piece_chars=1000))
+    assert [len(piece) for piece, _ in pieces] == [1000] * 10
+    assert [last for _, last in pieces] == [False] * 9 + [True]
 
 
 def test_prepare_refuses_text_too_short_for_two_rows(tmp_path, tokenizer_path):
@@ -134,9 +204,16 @@ def fake_snapshot_download(repo_id, repo_type, allow_patterns, local_dir):
             np.save(os.path.join(local_dir, name), np.full((8, 4), 5, dtype=np.uint16))
 
 
-def test_download_refuses_a_folder_of_prepared_shards_and_leaves_it_as_it_was(tmp_path, monkeypatch):
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """The hub, offline: every repo exists and snapshot_download is fake_snapshot_download."""
     import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", lambda self, repo_id, repo_type: None)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    return huggingface_hub
+
+
+def test_download_refuses_a_folder_of_prepared_shards_and_leaves_it_as_it_was(tmp_path, fake_hub):
     (tmp_path / "mine").mkdir()
     np.save(tmp_path / "mine" / "shard_00000.npy", np.arange(16, dtype=np.uint16).reshape(4, 4))
     with pytest.raises(PionError, match=r"--out .*mine already exists and is not an empty folder"):
@@ -145,22 +222,37 @@ def test_download_refuses_a_folder_of_prepared_shards_and_leaves_it_as_it_was(tm
     assert sorted(os.listdir(tmp_path / "mine")) == ["shard_00000.npy"]
 
 
-def test_download_can_be_rerun_to_add_shards_of_the_same_repo(tmp_path, monkeypatch):
-    import huggingface_hub
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+def test_download_can_be_rerun_to_add_shards_of_the_same_repo(tmp_path, fake_hub):
     data_prep.main(["download", "--num_shards", "1", "--out", str(tmp_path / "mixed")])
     data_prep.main(["download", "--num_shards", "2", "--out", str(tmp_path / "mixed")])
     assert sorted(glob.glob(str(tmp_path / "mixed" / "shard_*.npy"))) == \
         [str(tmp_path / "mixed" / f"shard_0000{i}.npy") for i in range(2)]
 
 
-def test_download_refuses_a_download_of_another_repo(tmp_path, monkeypatch):
-    import huggingface_hub
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+def test_download_refuses_a_download_of_another_repo(tmp_path, fake_hub):
     data_prep.main(["download", "--num_shards", "1", "--out", str(tmp_path / "data"), "--repo", "someone/other"])
     with pytest.raises(PionError, match=r"holds a download of someone/other, not SuperGoatScriptGuy/PreprocessedMIXED"):
         data_prep.main(["download", "--num_shards", "2", "--out", str(tmp_path / "data")])
     assert not (tmp_path / "data" / "shard_00001.npy").exists()
+
+
+def test_an_interrupted_download_cannot_be_continued_under_another_repo(tmp_path, fake_hub, monkeypatch):
+    def first_shard_then_interrupted(repo_id, repo_type, allow_patterns, local_dir):
+        fake_snapshot_download(repo_id, repo_type, allow_patterns[:1], local_dir)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(fake_hub, "snapshot_download", first_shard_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data_prep.main(["download", "--num_shards", "2", "--out", str(tmp_path / "data"), "--repo", "someone/other"])
+    monkeypatch.setattr(fake_hub, "snapshot_download", fake_snapshot_download)
+    with pytest.raises(PionError, match=r"holds a download of someone/other, not SuperGoatScriptGuy/PreprocessedMIXED"):
+        data_prep.main(["download", "--num_shards", "2", "--out", str(tmp_path / "data")])
+    assert not (tmp_path / "data" / "shard_00001.npy").exists()
+
+
+def test_a_download_that_gets_nothing_leaves_no_folder(tmp_path):
+    result = run_data_prep("download", "--num_shards", "1", "--out", tmp_path / "out", "--repo", "not a repo name")
+    assert_one_line_error(result, "cannot download not a repo name")
+    assert os.listdir(tmp_path) == []
 
 
 def test_special_token_text_in_a_document_is_prepared_as_plain_text(tmp_path, tokenizer, tokenizer_path):
@@ -179,4 +271,21 @@ def test_prepare_names_a_jsonl_line_whose_text_holds_a_lone_surrogate(tmp_path, 
     (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"text": "broken \\ud800 text"}\n')
     result = run_data_prep("prepare", "--input", tmp_path / "a.jsonl", "--out", tmp_path / "out",
                            "--tokenizer", tokenizer_path)
-    assert_one_line_error(result, f"{tmp_path / 'a.jsonl'}:2: its text holds a lone surrogate", after_progress=True)
+    assert_one_line_error(result, f"{tmp_path / 'a.jsonl'}:2 holds a lone surrogate", after_progress=True)
+
+
+def test_prepare_names_a_jsonl_line_that_is_not_utf8(tmp_path, tokenizer_path):
+    (tmp_path / "a.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "broken \xff\xfe text"}\n')
+    result = run_data_prep("prepare", "--input", tmp_path / "a.jsonl", "--out", tmp_path / "out",
+                           "--tokenizer", tokenizer_path)
+    assert_one_line_error(result, f"{tmp_path / 'a.jsonl'}:2 is not UTF-8 text", after_progress=True)
+
+
+@pytest.mark.parametrize("name, text", [("a.jsonl", '{"text": "a first document"}\n'), ("a.txt", "a first document")])
+def test_prepare_reads_a_file_that_starts_with_a_byte_order_mark_as_its_text_alone(tmp_path, tokenizer,
+                                                                                   tokenizer_path, name, text):
+    (tmp_path / name).write_text("\ufeff" + text, encoding="utf-8")
+    data_prep.main(["prepare", "--input", str(tmp_path / name), "--out", str(tmp_path / "out"), "--seq_len", "2",
+                    "--tokenizer", tokenizer_path])
+    tokens = np.load(tmp_path / "out" / "shard_00000.npy").ravel().tolist()
+    assert tokens[:tokens.index(EOS_ID)] == tokenizer.encode("a first document").ids

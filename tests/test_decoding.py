@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 
+from chat_template import CHAT_TURN
 from conftest import ROOT, run_script, tiny_model
 from decoding import SamplingSettings
 from tokenizer import EOS_ID, PAD_ID
@@ -217,6 +218,54 @@ def test_a_stop_string_ends_the_row_and_no_part_of_it_is_shown(monkeypatch, toke
     assert not any("<" in piece for piece in shown)  # the partial match was held back, then dropped
     stop_ends = next(i for i in range(len(ids)) if "<|user|>" in tokenizer.decode(ids[:i + 1]))
     assert len(calls) == stop_ends + 1  # stopped at the stop string's last token
+
+
+class CharacterTokenizer:
+    """Each id is one character: streams can be fed text exactly, split anywhere."""
+
+    def decode(self, ids):
+        return "".join(map(chr, ids))
+
+
+def streamed_reply(text, end=EOS_ID, stop_strings=(), max_tokens=None, turn=CHAT_TURN):
+    """(pieces the stream released, the stream) after feeding `text` then `end` (a stop id, or None: no more)."""
+    stream = decoding.TextStream(CharacterTokenizer(), stop_strings, max_tokens=max_tokens, turn=turn)
+    pieces = [stream.add(ord(c)) for c in text if not stream.finished]
+    pieces.append(stream.add(end) if end is not None and not stream.finished else stream.finish())
+    return pieces, stream
+
+
+@pytest.mark.parametrize("ending", ["", "<|user|>\nmore"])
+def test_a_chat_reply_that_ends_its_turn_loses_the_turn_suffix_only(ending):
+    assert streamed_reply("Blue.\n" + ending)[1].text == "Blue."
+    assert streamed_reply("Blue.\n\n" + ending)[1].text == "Blue.\n"  # only the template's one newline
+
+
+def test_a_chat_reply_cut_by_its_budget_or_a_caller_s_stop_string_keeps_its_newline():
+    assert streamed_reply("Blue.\n", end=None, max_tokens=6)[1].text == "Blue.\n"
+    _, stream = streamed_reply("Blue.\nEND", stop_strings=["END"])
+    assert (stream.text, stream.finish_reason, stream.stop_reason) == ("Blue.\n", "stop", "END")
+
+
+@pytest.mark.parametrize("end", [EOS_ID, None])
+@pytest.mark.parametrize("text", ["Blue.\n", "Blue.\n\n", "One\ntwo\n", "\n", "no newline", "a\n<|us", "x\n<|user|>"])
+def test_a_chat_reply_streamed_piece_by_piece_is_its_whole_content(text, end):
+    pieces, stream = streamed_reply(text, end)
+    assert "".join(pieces) == stream.text and stream.finished
+    assert not any("<|user|>".startswith(piece) and piece.startswith("<") for piece in pieces if piece)
+
+
+def test_the_stream_holds_back_only_what_may_be_the_turn_suffix():
+    stream = decoding.TextStream(CharacterTokenizer(), turn=CHAT_TURN)
+    assert "".join(stream.add(ord(c)) for c in "Blue.\n") == "Blue."
+    assert "".join(stream.add(ord(c)) for c in "Green") == "\nGreen"
+
+
+def test_a_row_ends_at_its_token_budget_with_the_stop_id_counted():
+    pieces, stream = streamed_reply("abcdef", end=None, max_tokens=3, turn=None)
+    assert (stream.text, stream.finish_reason, stream.tokens) == ("abc", "length", 3)
+    _, stream = streamed_reply("ab", turn=None)
+    assert (stream.text, stream.finish_reason, stream.stop_reason, stream.tokens) == ("ab", "stop", EOS_ID, 3)
 
 
 def test_text_that_only_looks_like_a_stop_string_is_released(monkeypatch, tokenizer):

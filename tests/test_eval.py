@@ -335,6 +335,16 @@ def test_an_existing_results_file_is_never_overwritten(tasks, tmp_path, tokenize
     assert (tmp_path / "out" / "results.json").read_text() == '{"earlier": "results"}'
 
 
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_an_output_path_that_cannot_be_a_folder_is_refused_before_evaluating(tasks, tmp_path, tokenizer_path, below):
+    (tmp_path / "file").write_text("mine")
+    output_path = tmp_path / "file" / below if below else tmp_path / "file"
+    result = run_eval("--checkpoint", tmp_path / "nope.pt", "--tasks", MC_TASK, "--include_path", tasks,
+                      "--tokenizer", tokenizer_path, "--output_path", output_path)
+    assert_one_line_error(result, f"{tmp_path / 'file'} is a file")  # not the missing checkpoint: it comes first
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def own_task(folder, yaml_text):
     """A folder holding one task YAML file of the user's own, over one multiple-choice row."""
     folder.mkdir()
@@ -487,3 +497,15 @@ def test_finetuning_logs_val_bpb_and_benchmark_scores(tasks, tmp_path, tokenizer
     with open(tmp_path / "ck" / "sft" / "metrics.jsonl") as f:
         (record,) = [r for r in map(json.loads, f) if "val_loss" in r]
     assert record["step"] == 2 and record["val_bpb"] > 0 and f"eval/{MC_TASK}/acc" in record
+
+
+def test_the_harness_during_training_gets_eval_batch_size_not_the_training_batch(shards, tmp_path, tokenizer_path,
+                                                                                  monkeypatch):
+    import evaluation
+    from conftest import run_train
+    asked = []
+    monkeypatch.setattr(evaluation, "benchmark_scorer", lambda *args: asked.append(args[-1]))
+    result = run_train([*REAL_VOCAB_TINY, "--data_dir", shards, "--save_dir", tmp_path, "--max_steps", 1,
+                        "--eval_tasks", MC_TASK, "--eval_batch_size", 3], tokenizer_path)
+    assert result.returncode == 0, result.stderr
+    assert asked == [3]

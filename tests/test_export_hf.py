@@ -1,8 +1,10 @@
 """export_hf.py: the exported folder loads in transformers and computes what Pion computes."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -205,3 +207,35 @@ def limit_file_size(max_bytes):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel ends the process instead of failing the write
         resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
     return limit
+
+
+def test_the_same_path_for_out_and_gguf_is_refused_before_loading_anything(tmp_path):
+    line = one_error_line(run_export_cli("--checkpoint", tmp_path / "no-such.pt", "--out", tmp_path / "x",
+                                         "--gguf", tmp_path / "x"))
+    assert "--out and --gguf both name" in line
+    assert os.listdir(tmp_path) == []
+
+
+# The export with its tokenizer files held back for a minute, once the weights are in the staging folder.
+SLOW_EXPORT = ("import sys, time, cli, export_hf, hf_export\n"
+               "hf_export.write_tokenizer = lambda *args: time.sleep(60)\n"
+               "cli.run_cli(lambda: export_hf.main(sys.argv[1:]))\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop, code, line", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_an_export_stopped_by_a_signal_ends_in_one_line_and_leaves_nothing(tmp_path, tokenizer_path, stop, code, line):
+    save_tiny_checkpoint(tmp_path / "tiny.pt", use_soft_cap=False)
+    process = subprocess.Popen([sys.executable, "-c", SLOW_EXPORT, "--checkpoint", tmp_path / "tiny.pt", "--out",
+                                tmp_path / "hf", "--tokenizer", tokenizer_path], cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    staging = tmp_path / f".hf.tmp{process.pid}"
+    deadline = time.monotonic() + 120
+    while not (staging / "model.safetensors").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(stop)
+    _, stderr = process.communicate(timeout=60)
+    assert (process.returncode, stderr) == (code, line + "\n")
+    assert os.listdir(tmp_path) == ["tiny.pt"]

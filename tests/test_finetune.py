@@ -113,7 +113,7 @@ def test_assistant_tokens_are_learned_and_the_masked_tokens_are_not(files, train
 
 
 def test_the_finetuned_checkpoint_is_saved_under_save_dir_sft_and_loads(files, trained):
-    assert sorted(os.listdir(trained.sft)) == [".lock", "metrics.jsonl", "metrics.png", f"pion_sft_{MID_STEP}.pt",
+    assert sorted(os.listdir(trained.sft)) == ["metrics.jsonl", "metrics.png", f"pion_sft_{MID_STEP}.pt",
                                            "pion_sft_final.pt"]
     model, checkpoint = load_checkpoint(trained.sft / "pion_sft_final.pt")
     base, _ = load_checkpoint(files.base)
@@ -166,6 +166,18 @@ def test_resuming_from_a_mid_run_checkpoint_reproduces_the_rest_of_the_run(files
             assert value == pytest.approx(losses(original, key)[step], abs=1e-6), (key, step)
 
 
+def test_muon_finetunes_and_its_checkpoints_refuse_to_resume_with_adamw(files, tokenizer_path, tmp_path):
+    short = [*TRAINING_FLAGS, "--max_steps", "4", "--eval_interval", "2", "--save_interval", "2",
+             "--sample_tokens", "0"]
+    result = finetune(files, tokenizer_path, tmp_path, *short, "--optimizer", "muon")
+    assert result.returncode == 0, result.stderr[-3000:]
+    mid = tmp_path / "sft" / "pion_sft_2.pt"
+    assert load_checkpoint(mid)[1]["train_config"]["optimizer"] == "muon"
+    os.remove(tmp_path / "sft" / "pion_sft_final.pt")
+    line = one_error_line(finetune(files, tokenizer_path, tmp_path, *short, "--resume", "auto"))
+    assert "trained with --optimizer muon, not adamw" in line and "--allow_optimizer_change" in line
+
+
 def test_openai_json_trains_exactly_like_sharegpt_jsonl(files, tokenizer_path, trained, tmp_path):
     # Warmup lrs do not depend on max_steps, so the first steps must match the ShareGPT run's (4 steps: the
     # 3 warmup steps must fit in the run, or the warmup is shortened).
@@ -201,6 +213,16 @@ def test_each_rank_trains_on_its_own_rows_of_every_global_batch():
 def test_refuse_soft_cap_on_a_soft_capped_checkpoint_is_refused(files, tokenizer_path, tmp_path):
     line = one_error_line(finetune(files, tokenizer_path, tmp_path, *TRAINING_FLAGS, "--refuse_soft_cap"))
     assert line.startswith(f"error: {files.base} was trained with soft-capped attention") and "--refuse_soft_cap" in line
+
+
+def test_refuse_soft_cap_lets_a_cap_of_0_through_as_the_plain_attention_it_is(files, tokenizer_path, tmp_path):
+    """use_soft_cap with logit_cap 0 caps nothing: the model's attention is plain SDPA, which it says."""
+    config = PionConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=128, logit_cap=0.0)
+    torch.save({"model": Pion(config).state_dict(), "config": config}, tmp_path / "uncapped.pt")
+    result = finetune(files, tokenizer_path, tmp_path, *TRAINING_FLAGS, "--max_steps", "1", "--refuse_soft_cap",
+                      checkpoint=str(tmp_path / "uncapped.pt"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "SDPA attention" in result.stdout
 
 
 def test_a_missing_data_file_is_one_line(files, tokenizer_path, tmp_path):

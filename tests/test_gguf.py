@@ -279,6 +279,14 @@ def test_export_gguf_names_the_soft_capped_checkpoint_it_refuses(tmp_path, token
     assert not (tmp_path / "capped.gguf").exists()
 
 
+def test_a_context_length_gguf_cannot_hold_is_one_line_and_leaves_no_file(tmp_path, tokenizer_path):
+    save_tiny_checkpoint(tmp_path / "huge.pt", use_soft_cap=False, max_seq_len=10**12)
+    with pytest.raises(PionError) as excinfo:
+        export_gguf(str(tmp_path / "huge.pt"), str(tmp_path / "huge.gguf"), tokenizer_path)
+    assert "max_seq_len 1000000000000" in one_line(excinfo)
+    assert os.listdir(tmp_path) == ["huge.pt"]
+
+
 def test_export_gguf_refuses_an_existing_path_before_loading_anything(tmp_path):
     (tmp_path / "taken.gguf").write_text("mine")
     with pytest.raises(PionError, match="already exists"):

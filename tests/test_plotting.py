@@ -1,14 +1,13 @@
 """plot.py and plotting.py: pictures of runs from their metrics.jsonl."""
 import json
 import os
+import sys
 
 import pytest
 
-pytest.importorskip("matplotlib")
-
-import plot  # noqa: E402  (after the skip: both need matplotlib)
-import plotting  # noqa: E402
-from conftest import assert_one_line_error, run_in_process  # noqa: E402
+import plot
+import plotting
+from conftest import assert_one_line_error, run_in_process
 
 
 def write_run(folder, scale=1.0, evals=True):
@@ -95,7 +94,7 @@ def test_plot_py_never_overwrites_an_existing_file_unless_asked(tmp_path):
 
 
 @pytest.mark.parametrize("contents, message", [(None, "no metrics.jsonl"), ("", "no metrics yet"),
-                                               ('not json\n{"step": 1}\n', "line 1 is not a metrics record"),
+                                               ('not json\n{"step": 1}\n', "metrics.jsonl:1 is not valid JSON"),
                                                ('{"step": 1, "loss": 2.0}\n', "no metric with tokens_seen")])
 def test_a_folder_without_usable_metrics_is_one_line(tmp_path, contents, message):
     run = tmp_path / "run"
@@ -103,6 +102,31 @@ def test_a_folder_without_usable_metrics_is_one_line(tmp_path, contents, message
     if contents is not None:
         (run / "metrics.jsonl").write_text(contents)
     assert_one_line_error(run_in_process(plot.main, [run, "--out", tmp_path / "out.png"]), message)
+
+
+@pytest.mark.parametrize("name", ["pion_nano_3.pt", "shard_00000.npy"])
+def test_a_file_that_is_no_metrics_jsonl_given_as_the_run_is_one_line(tmp_path, name):
+    (tmp_path / name).write_bytes(b"\x93NUMPY\x01\x00v\x00{'descr': '<u2'}" if name.endswith(".npy") else
+                                  b"PK\x03\x04\x14\x00\x00\x08\x08\x00\xa4\x8b")
+    assert_one_line_error(run_in_process(plot.main, [tmp_path / name, "--out", tmp_path / "out.png"]),
+                          f"{tmp_path / name} is not a run folder or a metrics.jsonl")
+
+
+@pytest.mark.parametrize("line, message", [(b"\x00\xff\xfe\x80 binary block", ":9 is not UTF-8 text"),
+                                           (b'{"step": 9, "loss": 1%s}' % (b"0" * 400), ":9 is not a metrics record"),
+                                           (b'{"step": 9, "loss": 1%s}' % (b"0" * 5000), ":9 is not valid JSON")])
+def test_a_metrics_line_that_is_not_utf8_or_whose_number_no_plot_takes_is_one_line(tmp_path, line, message):
+    run = write_run(tmp_path / "run", evals=False)
+    with open(os.path.join(run, "metrics.jsonl"), "ab") as f:
+        f.write(line + b"\n{\"step\": 10, \"loss\": 1.0, \"tokens_seen\": 5120}\n")
+    assert_one_line_error(run_in_process(plot.main, [run, "--out", tmp_path / "out.png"]), message)
+
+
+def test_a_metrics_jsonl_that_starts_with_a_byte_order_mark_is_read(tmp_path):
+    run = write_run(tmp_path / "run")
+    text = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    (tmp_path / "run" / "metrics.jsonl").write_bytes(b"\xef\xbb\xbf" + text)
+    assert drawn(plotting.draw(plotting.load_runs([run])))["training loss"][run] == 8
 
 
 def test_a_missing_run_is_one_line(tmp_path):
@@ -113,3 +137,10 @@ def test_a_missing_run_is_one_line(tmp_path):
 def test_an_out_that_is_not_a_png_is_one_line(tmp_path):
     assert_one_line_error(run_in_process(plot.main, [write_run(tmp_path / "run"), "--out", tmp_path / "x.jpg"]),
                           "must be a .png")
+
+
+def test_without_matplotlib_plot_py_says_how_to_get_it_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # importing it -> ImportError
+    result = run_in_process(plot.main, [write_run(tmp_path / "run"), "--out", tmp_path / "out.png"])
+    assert_one_line_error(result, "pip install matplotlib")
+    assert not os.path.exists(tmp_path / "out.png")

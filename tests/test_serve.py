@@ -2,6 +2,7 @@
 real process answering the openai client), and the chat page it serves, in a real headless browser."""
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +17,8 @@ except ImportError:
     import httpx
 
 import serve
-from conftest import ROOT, assert_one_line_error, long_context_pion, run_in_process, scripted_reply, serving
+from conftest import (ROOT, assert_one_line_error, long_context_pion, run_in_process, save_tiny_checkpoint,
+                      scripted_reply, serving)
 from model import Linear
 from quantize import Int8Linear
 from server import create_app
@@ -63,9 +65,9 @@ def test_serve_defaults_to_localhost_and_reads_the_key_from_the_environment(monk
     assert (args.host, args.port, args.max_batch, args.api_key) == ("127.0.0.1", 8000, 8, "from-env")
 
 
-def apps_served(monkeypatch, checkpoint_path, tokenizer_path, *flags):
+def apps_served(monkeypatch, checkpoint_path, tokenizer_path, *flags, output=None):
     """serve.main up to the point of serving (it returns instead): the arguments it gave create_app, as
-    (engine, tokenizer, name, api_key, limits) per call."""
+    (engine, tokenizer, name, api_key, limits) per call. output: a list that gets what it printed."""
     import uvicorn
     calls = []
     monkeypatch.setattr(serve, "create_app", lambda *args, **kwargs: calls.append(args) or create_app(*args, **kwargs))
@@ -73,6 +75,8 @@ def apps_served(monkeypatch, checkpoint_path, tokenizer_path, *flags):
     result = run_in_process(serve.main, ["--checkpoint", checkpoint_path, "--tokenizer", tokenizer_path,
                                          "--port", 0, "--device", "cpu", *flags])
     assert result.returncode == 0, result.stderr
+    if output is not None:
+        output.append(result.stderr)
     return calls
 
 
@@ -88,24 +92,77 @@ def test_default_max_tokens_is_the_reply_length_of_requests_that_name_none(tiny_
     assert [limits.default_max_tokens for *_, limits in calls] == [7]
 
 
-@pytest.mark.slow
-def test_serve_py_serves_a_checkpoint_until_interrupted(tiny_checkpoint, tokenizer_path):
+def test_a_non_ascii_api_key_is_refused_in_one_line(monkeypatch):
+    monkeypatch.delenv("PION_API_KEY", raising=False)
+    result = run_in_process(serve.main, ["--checkpoint", "x.pt", "--api_key", "clé-secrète"])
+    assert_one_line_error(result, "--api_key must be ASCII")
+
+
+def test_a_context_too_large_for_memory_is_refused_in_one_line_naming_max_context(tmp_path, tokenizer_path):
+    save_tiny_checkpoint(tmp_path / "huge.pt", max_seq_len=10**12)
+    result = run_in_process(serve.main, ["--checkpoint", tmp_path / "huge.pt", "--tokenizer", tokenizer_path,
+                                         "--port", 0, "--device", "cpu"])
+    assert_one_line_error(result, "pass a smaller --max_context")
+
+
+def test_max_context_sizes_the_cache_and_bounds_the_requests(tmp_path, tokenizer_path, monkeypatch):
+    save_tiny_checkpoint(tmp_path / "huge.pt", max_seq_len=10**12)
+    [(engine, *_)] = apps_served(monkeypatch, tmp_path / "huge.pt", tokenizer_path, "--max_context", 100)
+    assert engine.max_seq_len == 100 and engine.kv_cache.k[0].shape[2] == 100
+
+
+def test_serving_a_base_model_says_it_is_not_instruction_tuned(tmp_path, tokenizer_path, monkeypatch):
+    pion = save_tiny_checkpoint(tmp_path / "base.pt")
+    import checkpoint
+    checkpoint.save_checkpoint(str(tmp_path / "base.pt"), {"model": pion.state_dict(), "config": pion.config,
+                                                           "trainer": "pretrain"})
+    output = []
+    apps_served(monkeypatch, tmp_path / "base.pt", tokenizer_path, output=output)
+    assert "is a pretrained base model, not instruction-tuned" in output[0]
+
+
+def wait_until_serving(process, port):
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return client, client.models.list()
+        except openai.APIConnectionError:
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
+            time.sleep(0.2)
+
+
+def free_port():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_serve_py_in_one_line_with_exit_code_130(tiny_checkpoint, tokenizer_path):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", tiny_checkpoint[0], "--tokenizer",
+                                tokenizer_path, "--port", str(port)], cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        wait_until_serving(process, port)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert stderr.splitlines()[-1] == "interrupted" and "Traceback" not in stderr
+
+
+@pytest.mark.slow
+def test_serve_py_serves_a_checkpoint_until_interrupted(tiny_checkpoint, tokenizer_path):
+    port = free_port()
     process = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", tiny_checkpoint[0], "--tokenizer",
                                 tokenizer_path, "--port", str(port), "--max_batch", "2"], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                models = client.models.list()
-                break
-            except openai.APIConnectionError:
-                assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
-                time.sleep(0.2)
+        client, models = wait_until_serving(process, port)
         assert [m.id for m in models.data] == ["tiny"]
         assert client.completions.create(model="tiny", prompt="Hi", max_tokens=4).usage.completion_tokens <= 4
     finally:

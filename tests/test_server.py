@@ -45,13 +45,10 @@ def test_a_reply_ends_before_a_stop_string_with_finish_reason_stop(client, refer
     assert streamed(chunks)[:2] == (expected, "stop")
 
 
-def test_a_chat_reply_cut_by_max_tokens_or_a_stop_string_keeps_its_final_newline(pion, tokenizer):
-    # The template ends a turn with "\n" then <|endoftext|> (or the user's next turn): only there is the
-    # "\n" the template's, and dropped. A reply cut mid-turn keeps the "\n" the model wrote.
-    line = tokenizer.encode("Hello there\n").ids
-    cases = [(line + [EOS_ID], {}, ("Hello there", "stop")),
-             (tokenizer.encode("Hello there\n<|user|>").ids, {}, ("Hello there", "stop")),
-             (line, {"max_tokens": len(line)}, ("Hello there\n", "length")),
+def test_a_chat_reply_is_its_turn_s_content_whole_or_streamed(pion, tokenizer):
+    # Which "\n" is the template's is decoding.TextStream's rule (tests/test_decoding.py); here, that the
+    # server gives that content, whole and streamed, for a turn's end and for a caller's stop string.
+    cases = [(tokenizer.encode("Hello there\n").ids + [EOS_ID], {}, ("Hello there", "stop")),
              (tokenizer.encode("Hello there\nEND").ids, {"stop": "END"}, ("Hello there\n", "stop"))]
     with serving(pion, tokenizer) as (url, engine):
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
@@ -347,3 +344,107 @@ def test_the_server_caps_connections_and_times_out_idle_ones():
     config = uvicorn_config(None)
     assert config.limit_concurrency == MAX_CONNECTIONS and config.timeout_keep_alive == KEEP_ALIVE_TIMEOUT
     assert config.h11_max_incomplete_event_size == MAX_HEADER_BYTES
+
+
+def closed_by_server(sock):
+    """True once the server has closed sock (a read gives b"" or the connection is reset)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(4096) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionError:
+        return True
+
+
+BODY_HEADERS = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n")
+
+
+def test_connections_that_trickle_their_bodies_are_closed_and_the_server_answers_others(pion, tokenizer):
+    engine = BatchingEngine(pion, tokenizer, 1).start()
+    app = create_app(engine, tokenizer, "tiny")
+    try:
+        with serving_in_thread(app, body_timeout=0.5, min_body_rate=100, max_connections=4) as url:
+            port = int(url.rsplit(":", 1)[1])
+            slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+            for sock in slow:
+                sock.sendall(BODY_HEADERS % 1000 + b'{"prompt": "')
+            started, open_ = time.monotonic(), list(slow)
+            while open_ and time.monotonic() - started < 10:  # 10 bytes/s each, under the 100 asked for
+                for sock in open_:
+                    try:
+                        sock.sendall(b"a")
+                    except ConnectionError:
+                        pass
+                time.sleep(0.1)
+                open_ = [sock for sock in open_ if not closed_by_server(sock)]
+            assert not open_ and time.monotonic() - started < 5
+            assert httpx.get(url + "/health").status_code == 200  # not 503: their slots are free again
+            for sock in slow:
+                sock.close()
+    finally:
+        engine.close()
+
+
+def test_a_body_sent_slowly_but_above_the_minimum_rate_is_read_whole(pion, tokenizer):
+    body = json.dumps({"prompt": "Hi" + " " * 500, "max_tokens": 2}).encode()
+    engine = BatchingEngine(pion, tokenizer, 1).start()
+    try:
+        with serving_in_thread(create_app(engine, tokenizer, "tiny"), body_timeout=1.0, min_body_rate=200) as url:
+            with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as sock:
+                sock.sendall(BODY_HEADERS % len(body))
+                for i in range(0, len(body), 100):  # 250 bytes/s, for longer than body_timeout
+                    time.sleep(0.4)
+                    sock.sendall(body[i:i + 100])
+                sock.settimeout(30)
+                assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    finally:
+        engine.close()
+
+
+def test_an_upload_the_client_abandons_logs_no_traceback(server):
+    import logging
+    records = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    try:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", int(server[0].rsplit(":", 1)[1]))) as sock:
+                sock.sendall(BODY_HEADERS % 1000 + b'{"prompt": "')
+                time.sleep(0.1)
+        deadline = time.monotonic() + 1
+        while not records and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(server[0] + "/health").status_code == 200
+    finally:
+        logger.removeHandler(handler)
+    assert [r for r in records if r.exc_info or r.levelno >= logging.ERROR] == []
+
+
+@pytest.mark.parametrize("size", [20_000, 60_000])
+def test_headers_over_the_cap_are_refused_when_they_arrive_in_one_piece(server, size):
+    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * size + b"\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", int(server[0].rsplit(":", 1)[1]))) as sock:
+        sock.sendall(request)
+        sock.settimeout(10)
+        status = sock.recv(4096).split(b"\r\n")[0]
+    assert status in (b"HTTP/1.1 431 Request Header Fields Too Large", b"HTTP/1.1 400 Bad Request")
+
+
+def test_headers_just_under_the_cap_are_answered(server):
+    filler = MAX_HEADER_BYTES - 200
+    response = httpx.get(server[0] + "/health", headers={"X-Filler": "a" * filler})
+    assert response.status_code == 200
+
+
+def test_a_keyless_server_on_any_loopback_address_answers_its_own_address(pion, tokenizer):
+    engine = BatchingEngine(pion, tokenizer, 1).start()
+    try:
+        with serving_in_thread(create_app(engine, tokenizer, "tiny", host="127.0.0.2"), host="127.0.0.2") as url:
+            assert httpx.get(url + "/health").status_code == 200
+            assert httpx.get(url + "/health", headers={"Host": "attacker.example"}).status_code == 400
+    finally:
+        engine.close()

@@ -285,7 +285,7 @@ def test_a_jsonl_line_that_is_not_an_object_is_named_by_its_number(tmp_path, tok
     (tmp_path / "bad.jsonl").write_text("\n".join(rows) + "\n")
     result = run_cli(tmp_path, "--data_file", str(tmp_path / "bad.jsonl"), "--tokenizer", tokenizer_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == f"error: {tmp_path / 'bad.jsonl'}:3 is not a JSON object (a line holds one conversation)"
+    assert result.stderr.strip() == f"error: {tmp_path / 'bad.jsonl'}:3 is not a JSON object"
 
 
 def test_a_jsonl_row_with_a_lone_surrogate_is_named_by_its_number(tmp_path, tokenizer_path):
@@ -295,6 +295,22 @@ def test_a_jsonl_row_with_a_lone_surrogate_is_named_by_its_number(tmp_path, toke
     result = run_cli(tmp_path, "--data_file", str(tmp_path / "bad.jsonl"), "--tokenizer", tokenizer_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().startswith(f"error: {tmp_path / 'bad.jsonl'}:2 holds a lone surrogate")
+
+
+def test_a_jsonl_row_that_is_not_utf8_is_named_by_its_number(tmp_path, tokenizer_path):
+    rows = [json.dumps(sharegpt(c)).encode() for c in CONVERSATIONS[:3]]
+    rows.insert(2, b'{"messages": [{"role": "user", "content": "h\xff\xfei"}, {"role": "assistant", "content": "ok"}]}')
+    (tmp_path / "bad.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+    result = run_cli(tmp_path, "--data_file", str(tmp_path / "bad.jsonl"), "--tokenizer", tokenizer_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: {tmp_path / 'bad.jsonl'}:3 is not UTF-8 text"
+
+
+def test_a_jsonl_file_that_starts_with_a_byte_order_mark_is_read(tmp_path, tokenizer):
+    rows = [json.dumps(sharegpt(c)) for c in CONVERSATIONS]
+    (tmp_path / "bom.jsonl").write_bytes("\ufeff".encode() + "\n".join(rows).encode() + b"\n")
+    train, _ = sft_data.load_sft_splits(tokenizer, 256, data_file=str(tmp_path / "bom.jsonl"), val_fraction=0)
+    assert len(train) == len(CONVERSATIONS)
 
 
 @pytest.mark.parametrize("flags", [["--max_samples", "0"], ["--seq_len", "-1"]])

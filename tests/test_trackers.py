@@ -88,6 +88,14 @@ def test_resuming_drops_a_torn_last_line(tmp_path):
     assert [r["step"] for r in records(tmp_path)] == [1, 2, 3, 4]
 
 
+def test_resuming_over_a_metrics_jsonl_with_a_binary_block_is_one_line_naming_it(tmp_path):
+    write_steps(trackers.RunLog(str(tmp_path)), [1, 2])
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(b"\x00\xff\x93NUMPY\n" + trackers.json_line({"step": 3, "loss": 1.0}).encode())
+    with pytest.raises(trackers.PionError, match=f"{tmp_path / 'metrics.jsonl'}:3 is not UTF-8 text"):
+        trackers.RunLog(str(tmp_path), resume_step=2)
+
+
 def test_older_runs_bare_nan_is_rewritten_as_null_when_resuming(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": NaN}\n{"step": 2, "loss": 1.5}\n')
     trackers.RunLog(str(tmp_path), resume_step=2)
@@ -134,6 +142,16 @@ def test_a_tracker_that_is_not_installed_is_one_line_naming_the_pip_command(data
 def test_a_corrupt_tracker_state_is_one_line(tmp_path):
     (tmp_path / "trackers.json").write_text("{not json")
     with pytest.raises(trackers.PionError, match="cannot read .*trackers.json"):
+        trackers.RunLog(str(tmp_path), trackers=["tensorboard"], resume_step=3)
+
+
+@pytest.mark.parametrize("state, wrong", [('{"open": 5}', '"open"'), ('{"logged_through": []}', '"logged_through"'),
+                                          ('{"logged_through": {"wandb": "x"}}', '"logged_through"'),
+                                          ('{"id": 7}', '"id"')])
+def test_a_tracker_state_pion_did_not_write_is_one_line_naming_the_file_and_the_problem(tmp_path, state, wrong):
+    path = tmp_path / "trackers.json"
+    path.write_text(state)
+    with pytest.raises(trackers.PionError, match=f"cannot read {path} .*{wrong}"):
         trackers.RunLog(str(tmp_path), trackers=["tensorboard"], resume_step=3)
 
 
@@ -287,14 +305,12 @@ def test_trackio_continues_the_same_run_without_repeating_a_step(data_dir, tmp_p
 
 
 def test_a_training_run_draws_metrics_png_at_its_evals(data_dir, tmp_path, tokenizer_path):
-    pytest.importorskip("matplotlib")
     run_train(tmp_path, data_dir, tokenizer_path)
     with open(tmp_path / "nano" / "metrics.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_end_of_a_run_redraws_metrics_png_with_the_lines_since_its_last_eval(tmp_path):
-    pytest.importorskip("matplotlib")
     log = trackers.RunLog(str(tmp_path), plot=True)
     write_steps(log, [1, 2])
     assert not os.path.exists(tmp_path / "metrics.png")  # drawn at evals, not at every line
@@ -303,7 +319,6 @@ def test_the_end_of_a_run_redraws_metrics_png_with_the_lines_since_its_last_eval
 
 
 def test_a_plot_that_fails_warns_once_and_training_goes_on(data_dir, tmp_path, tokenizer_path, monkeypatch):
-    pytest.importorskip("matplotlib")
     import plotting
 
     def broken(*args):
@@ -316,7 +331,7 @@ def test_a_plot_that_fails_warns_once_and_training_goes_on(data_dir, tmp_path, t
 
 
 def test_without_matplotlib_a_run_says_how_to_get_its_picture_once(data_dir, tmp_path, tokenizer_path, monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "plotting", None)  # import plotting -> ImportError
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib.figure", None)  # importing it -> ImportError
     result = run_train(tmp_path, data_dir, tokenizer_path)
     assert result.stdout.count("pip install matplotlib") == 1
     assert not os.path.exists(tmp_path / "nano" / "metrics.png")

@@ -1,8 +1,119 @@
-"""train_config.default_lr and with_default_lr: the peak learning rate a run gets when it names none."""
+"""train_config.py: TrainConfig's flags derived from its fields, the learning-rate schedules (WSD, cosine)
+with the warmup fitted to the run, and the peak learning rate a run gets when it names none."""
+import argparse
+import dataclasses
+import types
+
 import pytest
 
 import model
-from train_config import REFERENCE_LR, REFERENCE_TOKENS, REFERENCE_WIDTH, TrainConfig, default_lr, with_default_lr
+from cli import PionError
+from train_config import (REFERENCE_LR, REFERENCE_TOKENS, REFERENCE_WIDTH, TrainConfig, add_train_config_args,
+                          cosine_lr, default_lr, fit_schedule, learning_rate, with_default_lr, wsd_lr)
+
+RUN = dict(max_steps=100, lr=1.0, min_lr=0.1, warmup_steps=10)
+
+
+def parser_with_flags(defaults):
+    parser = argparse.ArgumentParser()
+    add_train_config_args(parser, defaults)
+    return parser
+
+
+def said():
+    """A stand-in Runtime whose print lines are kept: (rt, lines)."""
+    lines = []
+    return types.SimpleNamespace(print=lines.append), lines
+
+
+# ---------------------------------------------------------------------------------------------------
+# Flags
+
+
+def test_every_field_with_a_flag_gets_its_help_and_its_default_from_the_trainer():
+    parser = parser_with_flags(TrainConfig(**RUN, batch_size=3))
+    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    flagged = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata["flag"] is not False]
+    assert sorted(actions) == sorted(flagged)
+    assert all(actions[f.name].help == f.metadata["help"] for f in dataclasses.fields(TrainConfig) if f.name in actions)
+    assert parser.parse_args([]).batch_size == 3 and parser.parse_args(["--batch_size", "5"]).batch_size == 5
+
+
+def test_a_switch_on_by_default_is_turned_off_by_its_named_flag():
+    parser = parser_with_flags(TrainConfig(**RUN))
+    assert parser.parse_args([]).gradient_checkpointing is True
+    assert parser.parse_args(["--no_gradient_checkpointing"]).gradient_checkpointing is False
+    assert parser.parse_args(["--compile"]).compile is True
+
+
+def test_a_flag_value_out_of_range_is_refused():
+    parser = parser_with_flags(TrainConfig(**RUN))
+    parser.error = lambda message: (_ for _ in ()).throw(ValueError(message))
+    with pytest.raises(ValueError, match="--batch_size.*positive integer"):
+        parser.parse_args(["--batch_size", "0"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schedules
+
+
+def test_wsd_schedule_warms_up_holds_then_decays_over_the_last_fifth():
+    lr = [wsd_lr(s, 1.0, 0.1, warmup_steps=10, max_steps=100, decay_frac=0.2) for s in range(100)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)
+    assert all(x == 1.0 for x in lr[10:80])
+    assert all(a > b for a, b in zip(lr[80:], lr[81:]))
+    assert lr[99] == pytest.approx(0.1)
+
+
+def test_wsd_decay_length_is_rounded_not_truncated():
+    lr = [wsd_lr(s, 1.0, 0.0, warmup_steps=0, max_steps=10, decay_frac=0.29) for s in range(10)]
+    assert lr[6] == 1.0 and lr[7] < 1.0  # 2.9 decay steps round to 3: the decay starts at step 7
+
+
+def test_cosine_schedule_warms_up_then_falls_to_min_lr_at_the_last_step():
+    lr = [cosine_lr(s, 1.0, 0.1, warmup_steps=10, max_steps=100) for s in range(101)]
+    assert lr[9] == pytest.approx(1.0) and lr[10] == pytest.approx(1.0)
+    assert lr[55] == pytest.approx(0.55)  # halfway through the cosine: halfway between lr and min_lr
+    assert all(a > b for a, b in zip(lr[10:100], lr[11:101])) and lr[100] == pytest.approx(0.1)
+
+
+def test_the_config_names_the_schedule_its_learning_rate_follows():
+    wsd, cosine = TrainConfig(**RUN, schedule="wsd"), TrainConfig(**RUN, schedule="cosine")
+    assert learning_rate(wsd, 50) == wsd_lr(50, 1.0, 0.1, 10, 100, 0.2) == 1.0
+    assert learning_rate(cosine, 50) == cosine_lr(50, 1.0, 0.1, 10, 100) < 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fitting the warmup to the run
+
+
+def test_a_warmup_that_fits_is_kept_and_nothing_is_said():
+    rt, lines = said()
+    config = TrainConfig(**RUN)
+    assert fit_schedule(config, rt) == config and lines == []
+
+
+def test_a_warmup_longer_than_the_run_shrinks_to_a_tenth_of_it_out_loud():
+    rt, lines = said()
+    assert fit_schedule(TrainConfig(**{**RUN, "warmup_steps": 500}), rt).warmup_steps == 10
+    assert lines == ["warning: warmup of 500 steps does not fit in max_steps 100; using 10 warmup steps instead"]
+
+
+def test_a_warmup_running_into_the_wsd_decay_is_refused_but_not_under_cosine():
+    rt, _ = said()
+    with pytest.raises(PionError, match="runs into the decay, which starts at step 50 of 100"):
+        fit_schedule(TrainConfig(**{**RUN, "warmup_steps": 60}, decay_frac=0.5), rt)
+    assert fit_schedule(TrainConfig(**{**RUN, "warmup_steps": 60}, decay_frac=0.5, schedule="cosine"), rt)
+
+
+def test_a_decay_too_short_for_one_step_is_said():
+    rt, lines = said()
+    fit_schedule(TrainConfig(**{**RUN, "warmup_steps": 0}, decay_frac=0.001), rt)
+    assert lines == ["warning: decay_frac 0.001 of 100 steps is no step: the lr never decays"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The default learning rate
 
 
 class Width:

@@ -1,6 +1,8 @@
 """trainer.py: the optimizer, one optimizer step, the loop's logs, saves and non-finite steps, the memory test."""
+import itertools
 import os
 import re
+import shutil
 import tempfile
 
 import numpy as np
@@ -9,6 +11,7 @@ import torch
 
 import checkpoint
 import model
+import runs
 import runtime
 import train_config
 import trainer
@@ -54,6 +57,24 @@ def test_each_optimizer_follows_the_schedule_from_its_own_peak():
     assert {g["lr"] for g in adamw.param_groups} == {0.5e-3} and {g["lr"] for g in muon.param_groups} == {0.01}
 
 
+def test_muon_with_gradient_accumulation_steps_as_one_big_batch():
+    """The same 4 rows as one batch or as 2 micro-batches of 2: the same gradient, so the same update (up to the
+    rounding of Muon's bf16 orthogonalization)."""
+    ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    updates = []
+    for micro_batches in ([ids], [ids[:2], ids[2:]]):
+        torch.manual_seed(0)
+        m = model.Pion(model.PionConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32))
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        optimizers = trainer.build_optimizer(m, muon_config(), runtime.Runtime("cpu"))
+        batches = iter({"input_ids": b, "labels": b} for b in micro_batches)
+        trainer.train_step(m, optimizers, batches, runtime.Runtime("cpu"), len(micro_batches), 1.0, 1.0)
+        updates.append({n: p.detach() - before[n] for n, p in m.named_parameters()})
+    one, accumulated = updates
+    for name in one:
+        assert (one[name] - accumulated[name]).norm() <= 1e-2 * one[name].norm(), name
+
+
 def test_muon_with_fsdp_is_refused_in_one_line():
     m = model.Pion(model.PionConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32))
     with pytest.raises(PionError, match="--optimizer muon does not run with --fsdp"):
@@ -79,9 +100,9 @@ def test_a_non_finite_step_changes_no_weight():
 
 
 def random_batches(samples_seen=0):
-    generator = torch.Generator().manual_seed(samples_seen)
-    while True:
-        ids = torch.randint(3, 512, (4, 32), generator=generator)
+    """Batches of 4 random rows, each drawn from its own position in the stream: a resumed run gets the same."""
+    for index in itertools.count(samples_seen // 4):
+        ids = torch.randint(3, 512, (4, 32), generator=torch.Generator().manual_seed(index))
         yield {"input_ids": ids, "labels": ids}
 
 
@@ -92,11 +113,11 @@ def train_tiny(run_dir, resume=None, **settings):
     config = train_config.TrainConfig(**{"max_steps": 6, "lr": 3e-3, "min_lr": 3e-5, "warmup_steps": 2,
                                          "batch_size": 4, "grad_accum": 2, "seq_len": 32, "log_interval": 1,
                                          "eval_interval": 3, "eval_steps": 2, "save_interval": 3, **settings})
-    run = trainer.TrainingRun(random_batches, random_batches, str(run_dir), "pion_nano",
-                              resume=(str(resume), checkpoint.load_checkpoint(resume)[1]) if resume else None,
-                              saved_with={"trainer": "pretrain"})
-    return trainer.train(tiny_model(vocab_size=512, d_model=32, n_heads=4, d_ff=64), config, runtime.Runtime("cpu"),
-                         run)
+    rt = runtime.Runtime("cpu")
+    checkpointer = runs.Checkpointer(str(run_dir), "pion_nano", rt, str(resume) if resume else None, config.seed)
+    model = checkpointer.resumed_model() if resume else tiny_model(vocab_size=512, d_model=32, n_heads=4, d_ff=64)
+    run = trainer.TrainingRun(random_batches, random_batches, checkpointer, saved_with={"trainer": "pretrain"})
+    return trainer.train(model, config, rt, run)
 
 
 def record_mallopt_calls(monkeypatch):
@@ -148,6 +169,18 @@ def test_a_resumed_run_prunes_the_checkpoint_it_resumed_from_like_any_other(tmp_
     train_tiny(tmp_path, max_steps=3, save_interval=1, keep_last=1, keep_final_optimizer=True)
     train_tiny(tmp_path, resume=tmp_path / "pion_nano_final.pt", max_steps=6, save_interval=1, keep_last=1)
     assert saved(tmp_path) == ["pion_nano_5.pt", "pion_nano_final.pt"]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_run_stopped_and_resumed_ends_with_the_weights_of_the_unbroken_run(tmp_path, optimizer):
+    """The run stops after its step-3 checkpoint (a copy of it in a folder of its own) and is resumed from it."""
+    train_tiny(tmp_path / "unbroken", optimizer=optimizer)
+    os.makedirs(tmp_path / "stopped")
+    shutil.copy(tmp_path / "unbroken" / "pion_nano_3.pt", tmp_path / "stopped")
+    train_tiny(tmp_path / "stopped", resume=tmp_path / "stopped" / "pion_nano_3.pt", optimizer=optimizer)
+    unbroken = checkpoint.read_checkpoint(tmp_path / "unbroken" / "pion_nano_final.pt")["model"]
+    resumed = checkpoint.read_checkpoint(tmp_path / "stopped" / "pion_nano_final.pt")["model"]
+    assert all(torch.equal(unbroken[name], resumed[name]) for name in unbroken)
 
 
 def test_the_final_checkpoint_keeps_the_optimizer_only_when_asked(tmp_path):

@@ -55,6 +55,23 @@ def test_val_bpb_is_the_summed_loss_in_bits_over_the_target_bytes(tokenizer):
     assert metrics["val_loss"] == pytest.approx(float(nats) / int((targets != -100).sum()), rel=1e-5)
 
 
+def test_evaluate_reads_its_sums_back_from_the_device_once_not_per_batch(tokenizer, monkeypatch):
+    pion = tiny_pion()
+    batch = {"input_ids": torch.randint(3, 50000, (2, 12)), "labels": torch.randint(3, 50000, (2, 12))}
+    lengths = validation.token_byte_lengths(tokenizer, 50258)
+    reads = []
+    for name in ("item", "tolist", "__int__", "__float__"):
+        read = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, read=read, name=name: reads.append(name) or read(t, *a))
+
+    def reads_over(n_batches):
+        reads.clear()
+        validation.evaluate(pion, [batch] * n_batches, runtime.Runtime("cpu"), n_batches, lengths)
+        return len(reads)
+
+    assert reads_over(4) == reads_over(1) <= 3
+
+
 def test_eval_data_dir_reports_val_loss_and_bpb(tmp_path, tokenizer, tokenizer_path):
     import data
     import eval as eval_script
