@@ -135,6 +135,8 @@ def pretrain(args, config, rt):
             raise PionError(f"--seq_len {config.seq_len} is larger than the model's max_seq_len "
                             f"{model.config.max_seq_len}")
         check_sample_tokens(args.sample_tokens, model.config.max_seq_len)
+        config = with_default_lr(config, model.config, rt.world_size, rt.print,
+                                 resumed=checkpointer.resumed.get("train_config") if resume else None)
 
         # Both splits are checked before step 1: bad validation data must not end a run at its first eval.
         train_data = data.PretrainData(args.data_dir, config.seq_len, "train")
@@ -174,8 +176,8 @@ def main(argv=None):
     config = dataclass_from_args(TrainConfig, args, schedule="wsd")
     rt = Runtime(args.device)
     try:
-        config = with_default_lr(config, model_config(args), rt.world_size, rt.print)
         if args.memory_test:
+            config = with_default_lr(config, model_config(args), rt.world_size, rt.print)
             if not run_memory_test(args, config, rt):
                 sys.exit(1)
             return

@@ -125,16 +125,23 @@ def default_lr(model_config, tokens_per_step):
     return float(f"{lr:.2g}")
 
 
-def with_default_lr(config, model_config, world_size, say):
-    """config with the lr and min_lr it was not given: default_lr of the model and the run's tokens per step,
-    and a tenth of the peak; says the values it picked."""
+def with_default_lr(config, model_config, world_size, say, resumed=None):
+    """config with the lr and min_lr it was not given, said aloud: a resumed run's own (resumed: the train_config
+    its checkpoint saved), as a rule that changed since must not move a run's learning rate; else default_lr of
+    the model and the run's tokens per step, and a tenth of the peak."""
     if config.lr is not None and config.min_lr is not None:
         return config
-    tokens_per_step = config.batch_size * config.grad_accum * world_size * config.seq_len
-    lr = config.lr if config.lr is not None else default_lr(model_config, tokens_per_step)
-    min_lr = config.min_lr if config.min_lr is not None else float(f"{lr / 10:.2g}")
-    say(f"learning rate {lr:.3g} to {min_lr:.3g} (d_model {model_config.d_model}, {tokens_per_step:,} tokens a step; "
-        f"--lr and --min_lr set them)")
+    saved = resumed if isinstance(resumed, dict) else {}
+    is_rate = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf
+    if config.lr is None and is_rate(saved.get("lr")) and is_rate(saved.get("min_lr")):
+        lr, min_lr = saved["lr"], config.min_lr if config.min_lr is not None else saved["min_lr"]
+        source = "the resumed run's"
+    else:
+        tokens_per_step = config.batch_size * config.grad_accum * world_size * config.seq_len
+        lr = config.lr if config.lr is not None else default_lr(model_config, tokens_per_step)
+        min_lr = config.min_lr if config.min_lr is not None else float(f"{lr / 10:.2g}")
+        source = f"d_model {model_config.d_model}, {tokens_per_step:,} tokens a step"
+    say(f"learning rate {lr:.3g} to {min_lr:.3g} ({source}; --lr and --min_lr set them)")
     return dataclasses.replace(config, lr=lr, min_lr=min_lr)
 
 

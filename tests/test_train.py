@@ -16,8 +16,8 @@ import torch
 import checkpoint
 from tokenizer import PAD_ID
 import train
-from conftest import (ROOT, TINY_MODEL_FLAGS, assert_one_line_error as assert_error_line, run_train, train_argv,
-                      write_shards)
+from conftest import (ROOT, TINY_MODEL_FLAGS, assert_one_line_error as assert_error_line, run_in_process, run_train,
+                      train_argv, write_shards)
 
 @pytest.fixture
 def data_dir(tmp_path):
@@ -119,6 +119,18 @@ def test_resuming_with_other_schedule_flags_names_each_change(data_dir, tmp_path
     assert more.returncode == 0, more.stderr
     assert re.search(r"warning: resuming .* \(max_steps 6 -> 9, lr 0\.003 -> 0\.001, min_lr 0\.0003 -> 0\.0001\)",
                      more.stdout + more.stderr)
+
+
+def test_a_resume_without_lr_flags_keeps_the_checkpoint_s_learning_rate(data_dir, tmp_path, tokenizer_path):
+    first = run_train(["--data_dir", data_dir, "--save_dir", tmp_path / "a"], tokenizer_path)
+    assert first.returncode == 0, first.stderr
+    argv = [flag for flag in train_argv(["--data_dir", data_dir, "--save_dir", tmp_path / "b", "--resume",
+                                         tmp_path / "a" / "nano" / "pion_nano_3.pt"], tokenizer_path)
+            if flag not in ("--lr", "3e-3")]
+    resumed = run_in_process(train.main, argv)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "learning rate 0.003 to " in resumed.stdout and "the resumed run's" in resumed.stdout
+    assert "other training flags" not in resumed.stdout + resumed.stderr
 
 
 def test_a_resumed_run_decays_weights_by_its_own_weight_decay_flag(data_dir, tmp_path, tokenizer_path):

@@ -165,6 +165,16 @@ def test_with_default_lr_keeps_what_was_given():
     assert with_default_lr(given, Width(384), 1, said.append) is given and len(said) == 1
 
 
+def test_a_resumed_run_keeps_its_own_learning_rate_when_none_is_given():
+    """A run trained before the rule (or under another batch) must not jump to a new lr at resume."""
+    said = []
+    config = TrainConfig(max_steps=10, lr=None, min_lr=None, warmup_steps=0)
+    resumed = with_default_lr(config, Width(384), 1, said.append, resumed={"lr": 3e-4, "min_lr": 3e-5})
+    assert (resumed.lr, resumed.min_lr) == (3e-4, 3e-5) and "the resumed run's" in said[0]
+    given = TrainConfig(max_steps=10, lr=2e-3, min_lr=None, warmup_steps=0)
+    assert with_default_lr(given, Width(384), 1, said.append, resumed={"lr": 3e-4, "min_lr": 3e-5}).min_lr == 2e-4
+
+
 def test_the_train_py_help_names_the_rule(capsys):
     import train
     with pytest.raises(SystemExit):
