@@ -213,7 +213,7 @@ def test_q8_0_quantizes_matrices_and_keeps_norms_f32(exported, read_exported):
     assert os.path.getsize(exported("q8_0")) < 0.5 * os.path.getsize(exported("f32"))
 
 
-def test_q4_0_holds_the_weights_pion_int4_decodes_with(pion, exported, read_exported):
+def test_q4_0_holds_the_weights_pion_int4_decodes_with(pion, read_exported):
     reader, fields = read_exported("q4_0")
     assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_0
     tensors = {t.name: t for t in reader.tensors}
@@ -224,7 +224,7 @@ def test_q4_0_holds_the_weights_pion_int4_decodes_with(pion, exported, read_expo
         assert tensor.tensor_type.name == "Q4_0"
         stored = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(layer.weight.shape)
         assert np.array_equal(stored, layer.weight.numpy())
-    assert os.path.getsize(exported("q4_0")) < 0.6 * os.path.getsize(exported("q8_0"))
+        assert tensor.n_bytes == layer.weight.numel() // 32 * 18  # 4.5 bits a weight: 32 nibbles and an fp16 scale
 
 
 def test_tokenizer_metadata_is_pion_byte_level_bpe_padded_to_the_embedding_rows(read_exported, tokenizer):
