@@ -203,12 +203,15 @@ def llama_cpp_decoder(pion, gguf_type, prompt, folder):
     llm = llama_cpp.Llama(path, n_ctx=LONG_PROMPT_TOKENS + 1, n_batch=LONG_PROMPT_TOKENS, n_threads=threads,
                           n_threads_batch=threads, verbose=False)  # logits of the last position only
 
+    def next_token():  # without logits_all, llm.scores is not filled: read the last position's logits
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))))
+
     def decode(n):
         llm.reset()
         llm.eval(prompt)
         new = []
         for _ in range(n):
-            new.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            new.append(next_token())
             if len(new) < n:
                 llm.eval(new[-1:])
         return new
@@ -216,7 +219,7 @@ def llama_cpp_decoder(pion, gguf_type, prompt, folder):
     def prefill():
         llm.reset()
         llm.eval(long_prompt)
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return next_token()
     return decode, prefill, llm
 
 
