@@ -7,9 +7,9 @@ as int8 or 4-bit integers with scales, and multiply through ATen's CPU kernels f
           `export_hf.py --gguf_type q4_0` file, so Pion and llama.cpp run the same model.
 
 Batch-1 decoding multiplies one row by every weight. ATen's int8- and int4-weight kernels
-(torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu) read the packed weights as they are and are
-vectorized for bfloat16 rows (with fp32 rows they run a slow scalar loop), so the few rows of a decode step
-are rounded to bf16 for the product (llama.cpp rounds them to 8 bits) and its result comes back in the
+(torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu) read the packed weights as they are and
+are fast for bfloat16 rows only (with fp32 rows they measured several times slower than fp32), so the few
+rows of a decode step are rounded to bf16 for the product (llama.cpp rounds them to 8 bits) and its result comes back in the
 model's dtype. Those kernels work row by row, so a long prompt instead multiplies a bf16 copy of the weight,
 made per call (never stored), with the bf16 matrix product, which uses the CPU's bf16 matrix units.
 Norms, the KV cache and the embedding lookup keep the model's dtype.
@@ -118,7 +118,8 @@ class Int4Linear(nn.Module):
     def forward(self, x):
         rows = x.reshape(-1, self.in_features).bfloat16()
         if len(rows) <= FEW_ROWS:
-            y = torch._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scales_and_zeros)[:, :self.out_features]
+            y = torch._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scales_and_zeros)
+            y = y[:, :self.out_features]  # less the padding
         else:
             y = F.linear(rows, self.weight.bfloat16())
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)

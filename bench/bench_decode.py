@@ -204,7 +204,8 @@ def llama_cpp_decoder(pion, gguf_type, prompt, folder):
                           n_threads_batch=threads, verbose=False)  # logits of the last position only
 
     def next_token():  # without logits_all, llm.scores is not filled: read the last position's logits
-        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))))
+        logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),))))
 
     def decode(n):
         llm.reset()
@@ -243,7 +244,7 @@ def local_inference(pion, prompt, runs):
     import llama_cpp
     from quantize import quantize
     load_before = os.getloadavg()
-    models = {"fp32": pion, "int8": quantize(copy.deepcopy(pion), "int8"), "int4": quantize(copy.deepcopy(pion), "int4")}
+    models = {"fp32": pion, **{method: quantize(copy.deepcopy(pion), method) for method in ("int8", "int4")}}
     long_prompt = bench_prompt(LONG_PROMPT_TOKENS)
     decoders = {name: pion_decoder(m, prompt) for name, m in models.items()}
     prefills = {name: (lambda m=m: generate(m, long_prompt, 1, stop_ids=())) for name, m in models.items()}
@@ -277,9 +278,11 @@ def local_inference(pion, prompt, runs):
     print(f"Pion int8 / Pion fp32 decode {results['int8_vs_fp32']:.2f}x (target >= {TARGET_INT8_VS_FP32:.2f}x) "
           f"{verdict(results['int8_vs_fp32'], TARGET_INT8_VS_FP32)}")
     for name, _, llama in LOCAL_DECODERS[1:3]:
-        for what, measured, target in (("decode", rates, TARGET_VS_LLAMA), ("prefill", prefilled, TARGET_PREFILL_VS_LLAMA)):
+        for what, measured, target in (("decode", rates, TARGET_VS_LLAMA),
+                                       ("prefill", prefilled, TARGET_PREFILL_VS_LLAMA)):
             ratio = results[f"{name}_{what}_vs_{llama}"] = measured[name] / measured[llama]
-            print(f"Pion {name} / llama.cpp {llama[6:]} {what} {ratio:.2f}x (target >= {target:.2f}x) {verdict(ratio, target)}")
+            print(f"Pion {name} / llama.cpp {llama[6:]} {what} {ratio:.2f}x (target >= {target:.2f}x) "
+                  f"{verdict(ratio, target)}")
     return results
 
 
