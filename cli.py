@@ -172,11 +172,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def add_model_args(parser):
-    """The flags of every script that loads a model: tokenizer, device, dtype."""
+    """The flags of every script that loads a model: tokenizer, device, dtype, quantize (quantize.quantize
+    applies it to checkpoint.load_model's model)."""
     parser.add_argument("--tokenizer", default=None, help="tokenizer JSON (default: the Pion tokenizer, fetched once)")
     add_device_arg(parser)
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="weights' dtype (default: bfloat16 on CUDA, float32 elsewhere)")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                        help="CPU inference with int8 weights (a scale per output channel) or int4 (llama.cpp's "
+                        "Q4_0: a scale per 32 weights); see quantize.py")
 
 
 def add_device_arg(parser):
@@ -185,11 +189,9 @@ def add_device_arg(parser):
 
 
 def add_inference_args(parser):
-    """The flags of every script that decodes with a model: add_model_args's, compile and quantize."""
+    """The flags of every script that decodes with a model: add_model_args's and compile."""
     add_model_args(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile the per-token decode step")
-    parser.add_argument("--quantize", choices=["int8"], default=None,
-                        help="int8: int8 weights with a scale per output channel (quantize.py); fastest with --compile")
 
 
 def pick_device(name="auto"):

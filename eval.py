@@ -75,7 +75,9 @@ def main(argv=None):
         manager = evaluation.task_manager(tasks, args.include_path)  # unknown names fail before the model loads
     from checkpoint import load_model
     from tokenizer import load_tokenizer
+    from quantize import quantize
     model, device, _ = load_model(args.checkpoint, args.device, args.dtype)
+    model = quantize(model, args.quantize)
     tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
     print(f"{args.checkpoint}: {model.count_parameters():,} parameters, "
           f"{'soft-capped' if model.config.soft_capped else 'SDPA'} attention, on {device}", file=sys.stderr)

@@ -27,7 +27,8 @@ def main(argv=None):
     parser.add_argument("--gguf", metavar="PATH", default=None,
                         help="also (or instead) write one .gguf file for llama.cpp, Ollama, LM Studio")
     parser.add_argument("--gguf_type", choices=GGUF_TYPES, default="f32",
-                        help="weight type in the .gguf file (q8_0: 8-bit, about a quarter of f32's size)")
+                        help="weight type in the .gguf file (q8_0: 8-bit, about a quarter of f32's size; "
+                        "q4_0: 4-bit, about an eighth, the weights of --quantize int4)")
     args = parser.parse_args(argv)
     if not args.out and not args.gguf:
         parser.error("give --out FOLDER, --gguf PATH, or both")

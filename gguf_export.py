@@ -7,7 +7,7 @@ K weights are stored as they are: llama.cpp applies rotate-half (NeoX) RoPE to q
 so they need none of the permutation llama.cpp's `llama` architecture wants.
 
     from gguf_export import write_gguf
-    write_gguf(pion_model, load_tokenizer(), "pion-small.gguf", gguf_type="q8_0")
+    write_gguf(pion_model, load_tokenizer(), "pion-small.gguf", gguf_type="q8_0")   # or f32, f16, q4_0
 """
 import json
 import os
@@ -19,7 +19,7 @@ from cli import PionError
 from files import replaced_atomically
 from hf_export import check_soft_cap, qwen3_state_dict
 
-GGUF_TYPES = ("f32", "f16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 ARCH = "qwen3"
 
 
@@ -53,16 +53,18 @@ def gguf_tensor_names(state_dict, n_layers):
 
 def encode_tensor(array, gguf_type):
     """(data, ggml type) for one float32 numpy array. Norm gains (1-D) stay f32, as llama.cpp's converter
-    keeps them: its kernels expect f32 there. A matrix whose rows do not split into q8_0's 32-value blocks
-    falls back to f16, again as the converter does."""
+    keeps them: its kernels expect f32 there. A matrix whose rows do not split into q8_0's or q4_0's 32-value
+    blocks falls back to f16, again as the converter does. q4_0 quantizes by the rule `--quantize int4` uses
+    (quantize.py), so llama.cpp reads the weights Pion's int4 decodes with."""
     gguf = require_gguf()
     types = gguf.GGMLQuantizationType
     if array.ndim == 1 or gguf_type == "f32":
         return array, types.F32
     if gguf_type == "f16":
         return array.astype("float16"), types.F16
+    block_type = {"q8_0": types.Q8_0, "q4_0": types.Q4_0}[gguf_type]
     try:
-        return gguf.quants.quantize(array, types.Q8_0), types.Q8_0
+        return gguf.quants.quantize(array, block_type), block_type
     except gguf.QuantError:
         return array.astype("float16"), types.F16
 
@@ -85,7 +87,7 @@ def add_hyperparameters(writer, pion_model, gguf_type):
     gguf = require_gguf()
     config = pion_model.config
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
     writer.add_name("Pion")
     writer.add_file_type(file_types[gguf_type])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -191,7 +193,8 @@ def check_output(path, gguf_type):
 
 def write_gguf(pion_model, tokenizer, path, gguf_type="f32", allow_mismatch=False):
     """Write `pion_model` (a model.Pion) and `tokenizer` (tokenizers.Tokenizer) as one GGUF file at `path`,
-    which must not exist yet. gguf_type: f32, f16 or q8_0 (8-bit blocks, about a quarter of f32's size).
+    which must not exist yet. gguf_type: f32, f16, q8_0 (8-bit blocks, about a quarter of f32's size) or
+    q4_0 (4-bit blocks, about an eighth).
     Returns the path."""
     require_gguf()
     check_output(path, gguf_type)

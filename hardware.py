@@ -88,10 +88,11 @@ def training_flops_per_token(model, seq_len):
 
 
 def parameter_bytes(model):
-    """The weights' bytes: parameters (a tied weight counts once) and buffers (int8 weights and their scales,
+    """The weights' bytes: parameters (a tied weight counts once) and buffers (int8/int4 weights and their scales,
     see quantize.py). With --quantize int8 the fp32 embedding counts whole though a step looks up one row."""
-    # The fused projection weights (Pion.fuse_projections) are read instead of the parameters they copy.
-    buffers = [b for name, b in model.named_buffers() if not name.endswith("fused_weight")]
+    # The fused projection weights (Pion.fuse_projections) are read instead of the parameters they copy; int4's
+    # plain nibbles only by long prompts (quantize.Int4Linear).
+    buffers = [b for name, b in model.named_buffers() if not name.endswith(("fused_weight", "nibbles"))]
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *buffers])
 
 

@@ -11,7 +11,9 @@ and eager with eager.
 Decoding one token reads every weight once (the tied embedding once too: the lm_head multiplies by all
 of it, the lookup reads one row), so tokens/s <= copy bandwidth / parameter bytes.
 Targets: Pion >= 2x transformers' default generate(), and >= 0.60 of the bound. Exit code 0 either way.
-    python bench/bench_decode.py [--runs 5]
+Then (alone with --local_only) local inference: Pion fp32, --quantize int8 and int4 against llama.cpp's q8_0
+and q4_0 files of the same weights, decoding and a 512-token prefill (targets: >= 1.0x and >= 0.8x llama.cpp).
+    python bench/bench_decode.py [--runs 5] [--local_only] [--threads N]
 """
 import argparse
 import dataclasses
@@ -112,11 +114,14 @@ def main(argv=None):
     """Print the table; return the measurements (bench/run_all.py reads vs_hf and of_bound)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="timed rounds (the best of each measure counts)")
-    parser.add_argument("--local_only", action="store_true", help="only the int8/bf16/llama.cpp table")
+    parser.add_argument("--local_only", action="store_true", help="only the int8/int4/llama.cpp table")
+    parser.add_argument("--threads", type=int, default=None, help="torch's and llama.cpp's threads (default: torch's)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: Pion-small bf16 on the GPU (cuda_main); --dry_run runs that code on the CPU")
     parser.add_argument("--dry_run", action="store_true", help="with --device cuda: a tiny fp32 model on the CPU")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda":
         return cuda_main(args)
     if args.local_only:
@@ -171,75 +176,114 @@ def main(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Local inference (issue #16): int8 and bf16 weights, and llama.cpp on the GGUF export of the same model
+# Local inference (issues #16, #34): int8 and int4 weights, and llama.cpp on the GGUF export of the same model
 
-TARGET_INT8_VS_FP32, TARGET_INT8_VS_LLAMA_Q8 = 1.8, 1.0
+TARGET_INT8_VS_FP32, TARGET_VS_LLAMA, TARGET_PREFILL_VS_LLAMA = 1.8, 1.0, 0.8
+LONG_PROMPT_TOKENS = 512  # the prefill timed: a chat's first token waits for it
+LOCAL_DECODERS = [("fp32", "Pion fp32, compiled", None), ("int8", "Pion --quantize int8, compiled", "llama_q8_0"),
+                  ("int4", "Pion --quantize int4, compiled", "llama_q4_0"), ("llama_q8_0", "llama.cpp q8_0 GGUF", None),
+                  ("llama_q4_0", "llama.cpp q4_0 GGUF", None)]  # (name, label, the llama.cpp file it is set against)
 
 
-def bench_prompt():
-    """The prompt of every decoder: PROMPT_TOKENS seeded random ids."""
-    return torch.randint(3, 50000, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
+def bench_prompt(n=PROMPT_TOKENS):
+    """The prompt of every decoder: n seeded random ids."""
+    return torch.randint(3, 50000, (n,), generator=torch.Generator().manual_seed(0)).tolist()
 
 
 def llama_cpp_decoder(pion, gguf_type, prompt, folder):
-    """Greedy decoding by llama.cpp (llama-cpp-python) of pion exported as gguf_type, on torch's thread
-    count, token by token with the argmax of its logits, as tests/test_gguf.py drives it."""
+    """(decode(n), prefill(), the Llama to close): greedy decoding by llama.cpp (llama-cpp-python) of pion
+    exported as gguf_type, on torch's thread count, token by token with the argmax of its logits, as
+    tests/test_gguf.py drives it; prefill reads the long prompt in one batch, as llama-cli does."""
     import llama_cpp
     import numpy as np
     from tokenizer import load_tokenizer
     from gguf_export import write_gguf
     path = write_gguf(pion, load_tokenizer(), os.path.join(folder, f"pion-{gguf_type}.gguf"), gguf_type)
-    threads = torch.get_num_threads()
-    llm = llama_cpp.Llama(path, n_ctx=PROMPT_TOKENS + NEW_TOKENS + 1, n_batch=PROMPT_TOKENS, n_threads=threads,
-                          n_threads_batch=threads, logits_all=True, verbose=False)
+    threads, long_prompt = torch.get_num_threads(), bench_prompt(LONG_PROMPT_TOKENS)
+    llm = llama_cpp.Llama(path, n_ctx=LONG_PROMPT_TOKENS + 1, n_batch=LONG_PROMPT_TOKENS, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)  # logits of the last position only
+
+    def next_token():  # without logits_all, llm.scores is not filled: read the last position's logits
+        logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),))))
 
     def decode(n):
         llm.reset()
         llm.eval(prompt)
         new = []
         for _ in range(n):
-            new.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            new.append(next_token())
             if len(new) < n:
                 llm.eval(new[-1:])
         return new
-    return decode, llm
+
+    def prefill():
+        llm.reset()
+        llm.eval(long_prompt)
+        return next_token()
+    return decode, prefill, llm
+
+
+def prefill_rates(prefills, runs):
+    """name -> prompt tokens/s of the LONG_PROMPT_TOKENS-token prefill (with its first token), best of runs,
+    the prefills taking turns in every round."""
+    for prefill in prefills.values():
+        prefill()  # warm up
+    best = {name: float("inf") for name in prefills}
+    for _ in range(runs):
+        for name, prefill in prefills.items():
+            best[name] = min(best[name], seconds(prefill))
+    return {name: LONG_PROMPT_TOKENS / t for name, t in best.items()}
 
 
 def local_inference(pion, prompt, runs):
-    """Pion fp32, int8 and bf16 weights, all compiled, against llama.cpp's f32 and q8_0 on the same weights;
+    """Pion fp32, int8 and int4, compiled, against llama.cpp's q8_0 and q4_0 files of the same weights;
     measured together (decode_rates interleaves them), so fp32 is re-measured as this table's baseline."""
     import copy
     import tempfile
     import llama_cpp
     from quantize import quantize
-    int8 = quantize(copy.deepcopy(pion), "int8")
-    bf16 = copy.deepcopy(pion).to(torch.bfloat16)
-    int8_bytes = sum(b.numel() * b.element_size() for name, b in int8.named_buffers() if name.endswith("int8_weight"))
+    load_before = os.getloadavg()
+    models = {"fp32": pion, **{method: quantize(copy.deepcopy(pion), method) for method in ("int8", "int4")}}
+    long_prompt = bench_prompt(LONG_PROMPT_TOKENS)
+    decoders = {name: pion_decoder(m, prompt) for name, m in models.items()}
+    prefills = {name: (lambda m=m: generate(m, long_prompt, 1, stop_ids=())) for name, m in models.items()}
     with tempfile.TemporaryDirectory() as folder:
-        llama_f32, llm_f32 = llama_cpp_decoder(pion, "f32", prompt, folder)
-        llama_q8, llm_q8 = llama_cpp_decoder(pion, "q8_0", prompt, folder)
-        decoders = {"fp32": pion_decoder(pion, prompt), "int8": pion_decoder(int8, prompt),
-                    "bf16": pion_decoder(bf16, prompt), "llama_f32": llama_f32, "llama_q8_0": llama_q8}
+        llms = []
+        for gguf_type in ("q8_0", "q4_0"):
+            decode, prefill, llm = llama_cpp_decoder(pion, gguf_type, prompt, folder)
+            decoders[f"llama_{gguf_type}"], prefills[f"llama_{gguf_type}"] = decode, prefill
+            llms.append(llm)
         tokens = {name: decode(NEW_TOKENS) for name, decode in decoders.items()}
         rates, _ = decode_rates(decoders, runs)
-        llm_f32.close()
-        llm_q8.close()
+        prefilled = prefill_rates(prefills, runs)
+        for llm in llms:
+            llm.close()
+    load_after = os.getloadavg()
     agree = {name: sum(a == b for a, b in zip(tokens[name], tokens["fp32"])) for name in tokens}
     print(f"\nlocal inference: Pion-small compiled (generate(compile=True)) vs llama.cpp {llama_cpp.__version__} "
           f"(llama-cpp-python) on the GGUF export, {torch.get_num_threads()} threads each, batch 1 greedy, CPU; "
-          f"int8 weights {int8_bytes / 1e6:.0f} MB")
-    print(f"  {'decoder':44} {'tok/s':>7} {'vs fp32':>8} {'vs q8_0':>8} {'tokens = fp32':>14}")
-    for name, label in [("fp32", "Pion fp32, compiled"), ("int8", "Pion --quantize int8, compiled"),
-                        ("bf16", "Pion --dtype bfloat16, compiled"), ("llama_f32", "llama.cpp f32 GGUF"),
-                        ("llama_q8_0", "llama.cpp q8_0 GGUF")]:
-        print(f"  {label:44} {rates[name]:7.1f} {rates[name] / rates['fp32']:7.2f}x "
-              f"{rates[name] / rates['llama_q8_0']:7.2f}x {agree[name]:>9}/{NEW_TOKENS}")
-    int8_vs_fp32, int8_vs_q8 = rates["int8"] / rates["fp32"], rates["int8"] / rates["llama_q8_0"]
-    print(f"Pion int8 / Pion fp32 {int8_vs_fp32:.2f}x (target >= {TARGET_INT8_VS_FP32:.2f}x) "
-          f"{verdict(int8_vs_fp32, TARGET_INT8_VS_FP32)}")
-    print(f"Pion int8 / llama.cpp q8_0 {int8_vs_q8:.2f}x (target >= {TARGET_INT8_VS_LLAMA_Q8:.2f}x) "
-          f"{verdict(int8_vs_q8, TARGET_INT8_VS_LLAMA_Q8)}")
-    return {"int8_vs_fp32": int8_vs_fp32, "int8_vs_llama_q8_0": int8_vs_q8, "local_tokens_per_second": rates}
+          f"{PROMPT_TOKENS}-token prompt + {NEW_TOKENS} tokens, and a {LONG_PROMPT_TOKENS}-token prefill")
+    print(f"machine: {os.cpu_count()} cores, load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
+          f"(this benchmark included)")
+    print(f"  {'decoder':34} {'decode tok/s':>12} {'vs fp32':>8} {'vs llama':>9} {'prefill tok/s':>14} "
+          f"{'vs llama':>9} {'tokens = fp32':>14}")
+    for name, label, llama in LOCAL_DECODERS:
+        versus = f"{rates[name] / rates[llama]:8.2f}x" if llama else f"{'':9}"
+        prefill_versus = f"{prefilled[name] / prefilled[llama]:8.2f}x" if llama else f"{'':9}"
+        print(f"  {label:34} {rates[name]:12.1f} {rates[name] / rates['fp32']:7.2f}x {versus} {prefilled[name]:14.1f} "
+              f"{prefill_versus} {agree[name]:>10}/{NEW_TOKENS}")
+    results = {"int8_vs_fp32": rates["int8"] / rates["fp32"], "local_tokens_per_second": rates,
+               "local_prefill_tokens_per_second": prefilled}
+    print(f"Pion int8 / Pion fp32 decode {results['int8_vs_fp32']:.2f}x (target >= {TARGET_INT8_VS_FP32:.2f}x) "
+          f"{verdict(results['int8_vs_fp32'], TARGET_INT8_VS_FP32)}")
+    for name, _, llama in LOCAL_DECODERS[1:3]:
+        for what, measured, target in (("decode", rates, TARGET_VS_LLAMA),
+                                       ("prefill", prefilled, TARGET_PREFILL_VS_LLAMA)):
+            ratio = results[f"{name}_{what}_vs_{llama}"] = measured[name] / measured[llama]
+            print(f"Pion {name} / llama.cpp {llama[6:]} {what} {ratio:.2f}x (target >= {target:.2f}x) "
+                  f"{verdict(ratio, target)}")
+    return results
 
 
 

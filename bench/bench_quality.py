@@ -1,12 +1,12 @@
-"""What int8 weights cost in quality, on a trained checkpoint: perplexity on held-out text and greedy agreement
-with fp32, both models loaded as generate.py loads them (checkpoint.load_model, fp32 on the CPU).
+"""What int8 and int4 weights cost in quality, on a trained checkpoint: perplexity on held-out text and greedy
+agreement with fp32, each model loaded as generate.py loads it (checkpoint.load_model, fp32 on the CPU).
 
 Defaults fit the README's CPU quickstart, which trains Pion-nano on the repo's top-level *.py: the held-out
 text is then tests/*.py (code it never saw). Greedy agreement: 10 prompts of 32 tokens taken from the
-held-out text, 128 new tokens each, decoded by int8 and by fp32; counted two ways: position by position
-(one flipped near-tie changes the rest of a continuation) and teacher-forced along fp32's path (int8's
-next-token choice after each prefix of fp32's continuation, as tests/test_quantize.py checks).
-Targets: int8 perplexity within 1% of fp32, agreement >= 90%. Exit code 0 either way.
+held-out text, 128 new tokens each, decoded by the quantized model and by fp32; counted two ways: position by
+position (one flipped near-tie changes the rest of a continuation) and teacher-forced along fp32's path (the
+quantized model's next-token choice after each prefix of fp32's continuation, as tests/test_quantize.py checks).
+Targets: perplexity within 1% of fp32 for int8, 5% for int4; agreement >= 90%. Exit code 0 either way.
     python bench/bench_quality.py [--checkpoint checkpoints/nano/pion_nano_final.pt] [--text FILE ...]
 """
 import argparse
@@ -27,7 +27,7 @@ from decoding import generate  # noqa: E402
 from quantize import quantize  # noqa: E402
 
 PROMPTS, PROMPT_TOKENS, NEW_TOKENS, WINDOW = 10, 32, 128, 256
-TARGET_PPL_RATIO, TARGET_AGREEMENT = 1.01, 0.90
+TARGET_PPL_RATIO, TARGET_AGREEMENT = {"int8": 1.01, "int4": 1.05}, 0.90
 
 
 @torch.inference_mode()
@@ -62,32 +62,30 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     fp32, _, _ = load_model(args.checkpoint, "cpu")
-    int8 = quantize(load_model(args.checkpoint, "cpu")[0], "int8")
     tokenizer = load_tokenizer(None, fp32.config.vocab_size)
     text = "".join(open(path, encoding="utf-8").read() for path in args.text)
     ids = torch.tensor(tokenizer.encode(text).ids[:args.max_tokens])
-    ppl_fp32, ppl_int8 = perplexity(fp32, ids), perplexity(int8, ids)
-
     step = (len(ids) - PROMPT_TOKENS) // PROMPTS
     prompts = [ids[i * step:i * step + PROMPT_TOKENS].tolist() for i in range(PROMPTS)]
     ours = generate(fp32, prompts, NEW_TOKENS, stop_ids=())  # one batch: each row decodes as it would alone
-    theirs = generate(int8, prompts, NEW_TOKENS, stop_ids=())
+    ppl_fp32 = perplexity(fp32, ids)
     total = PROMPTS * NEW_TOKENS
-    free = sum(a == b for row_a, row_b in zip(ours, theirs) for a, b in zip(row_a, row_b)) / total
-    forced = teacher_forced_agreement(int8, prompts, ours) / total
-    distinct = len({t for row in ours for t in row})
-
-    ratio = ppl_int8 / ppl_fp32
-    print(f"int8 vs fp32 on {args.checkpoint} ({fp32.count_parameters():,} params), CPU")
-    print(f"held-out text: {len(args.text)} file(s), {len(ids) // WINDOW * WINDOW} tokens in windows of {WINDOW}")
-    print(f"perplexity fp32 {ppl_fp32:.3f}, int8 {ppl_int8:.3f}: ratio {ratio:.4f} (target <= {TARGET_PPL_RATIO}) "
-          f"{'PASS' if ratio <= TARGET_PPL_RATIO else 'FAIL'}")
-    print(f"greedy, {PROMPTS} prompts x {NEW_TOKENS} tokens ({distinct} distinct tokens in fp32's output): "
-          f"position by position {free:.1%} {verdict(free)}, teacher-forced {forced:.1%} {verdict(forced)} "
-          f"(target >= {TARGET_AGREEMENT:.0%})")
-    return {"ppl_fp32": ppl_fp32, "ppl_int8": ppl_int8, "ppl_ratio": ratio, "greedy_agreement": free,
-            "teacher_forced_agreement": forced}
-
+    print(f"int8 and int4 vs fp32 on {args.checkpoint} ({fp32.count_parameters():,} params), CPU")
+    print(f"held-out text: {len(args.text)} file(s), {len(ids) // WINDOW * WINDOW} tokens in windows of {WINDOW}; "
+          f"greedy: {PROMPTS} prompts x {NEW_TOKENS} tokens ({len({t for row in ours for t in row})} distinct "
+          f"tokens in fp32's output); perplexity fp32 {ppl_fp32:.3f}")
+    results = {"ppl_fp32": ppl_fp32}
+    for method, target in TARGET_PPL_RATIO.items():
+        quantized = quantize(load_model(args.checkpoint, "cpu")[0], method)
+        ratio = perplexity(quantized, ids) / ppl_fp32
+        theirs = generate(quantized, prompts, NEW_TOKENS, stop_ids=())
+        free = sum(a == b for row_a, row_b in zip(ours, theirs) for a, b in zip(row_a, row_b)) / total
+        forced = teacher_forced_agreement(quantized, prompts, ours) / total
+        print(f"{method}: perplexity {ratio * ppl_fp32:.3f}, ratio {ratio:.4f} (target <= {target}) "
+              f"{'PASS' if ratio <= target else 'FAIL'}; greedy agreement position by position {free:.1%} "
+              f"{verdict(free)}, teacher-forced {forced:.1%} {verdict(forced)} (target >= {TARGET_AGREEMENT:.0%})")
+        results[method] = {"ppl_ratio": ratio, "greedy_agreement": free, "teacher_forced_agreement": forced}
+    return results
 
 if __name__ == "__main__":
     run_cli(main)

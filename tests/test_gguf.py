@@ -1,6 +1,7 @@
 """gguf_export.py: llama.cpp loads the .gguf as qwen3, tokenizes like Pion and decodes what Pion decodes.
 
 The file checks need only the gguf package; the llama.cpp ones skip without llama-cpp-python."""
+import copy
 import os
 from contextlib import closing, contextmanager
 
@@ -12,6 +13,7 @@ from tokenizer import EOS_ID, PAD_ID, UNK_ID
 from cli import PionError
 from conftest import save_tiny_checkpoint, tiny_pion
 from gguf_export import export_gguf, write_gguf
+from quantize import quantize
 from chat_template import CHAT_TEMPLATE
 from conftest import CHAT
 
@@ -158,6 +160,21 @@ def test_smaller_types_predict_pion_next_token_almost_always(gguf_type, pion, to
     assert agree >= 0.9 * 64, f"{gguf_type}: {agree}/64 next tokens agree"
 
 
+def test_llama_cpp_q4_0_predicts_pion_int4s_greedy_tokens(pion, tokenizer, load_llama):
+    # The q4_0 file holds exactly the weights of --quantize int4 (checked below); llama.cpp also rounds its
+    # activations to 8 bits and the embedding rows it looks up to 4 (Pion's int4 looks them up in fp32),
+    # so teacher-forced along Pion int4's own greedy path, as q8_0 above.
+    int4 = quantize(copy.deepcopy(pion), "int4")
+    agree = 0
+    for text in PROMPTS:
+        prompt = tokenizer.encode(text).ids
+        ids = prompt + pion_greedy(int4, prompt, 32)
+        assert len(set(ids[len(prompt):])) > 5  # a real continuation, not one token repeated
+        predicted = llama_next_token_predictions(load_llama("q4_0"), ids[:-1])[len(prompt) - 1:]
+        agree += sum(p == t for p, t in zip(predicted, ids[len(prompt):]))
+    assert agree >= 0.9 * 64, f"q4_0: {agree}/64 next tokens agree"
+
+
 def test_untied_lm_head_is_written_as_output_and_used(tokenizer, tmp_path):
     pion = tiny_pion(use_soft_cap=False, tie_embeddings=False)
     path = write_gguf(pion, tokenizer, str(tmp_path / "untied.gguf"))
@@ -194,6 +211,20 @@ def test_q8_0_quantizes_matrices_and_keeps_norms_f32(exported, read_exported):
     assert types["token_embd.weight"] == types["blk.0.ffn_down.weight"] == "Q8_0"
     assert types["blk.0.attn_q_norm.weight"] == types["output_norm.weight"] == "F32"
     assert os.path.getsize(exported("q8_0")) < 0.5 * os.path.getsize(exported("f32"))
+
+
+def test_q4_0_holds_the_weights_pion_int4_decodes_with(pion, read_exported):
+    reader, fields = read_exported("q4_0")
+    assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_0
+    tensors = {t.name: t for t in reader.tensors}
+    assert tensors["blk.0.attn_q_norm.weight"].tensor_type.name == "F32"
+    int4 = quantize(copy.deepcopy(pion), "int4")
+    for name, layer in [("blk.0.ffn_down.weight", int4.layers[0].ffn.w2), ("token_embd.weight", int4.lm_head)]:
+        tensor = tensors[name]
+        assert tensor.tensor_type.name == "Q4_0"
+        stored = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(layer.weight.shape)
+        assert np.array_equal(stored, layer.weight.numpy())
+        assert tensor.n_bytes == layer.weight.numel() // 32 * 18  # 4.5 bits a weight: 32 nibbles and an fp16 scale
 
 
 def test_tokenizer_metadata_is_pion_byte_level_bpe_padded_to_the_embedding_rows(read_exported, tokenizer):
@@ -323,7 +354,7 @@ def test_an_existing_output_path_is_refused_and_left_alone(pion, tokenizer, tmp_
 def test_an_unknown_gguf_type_is_refused(pion, tokenizer, tmp_path):
     with pytest.raises(PionError) as excinfo:
         write_gguf(pion, tokenizer, str(tmp_path / "x.gguf"), gguf_type="q4_k")
-    assert "f32, f16, q8_0" in one_line(excinfo)
+    assert "f32, f16, q8_0, q4_0" in one_line(excinfo)
 
 
 def test_a_missing_folder_is_refused(pion, tokenizer, tmp_path):
