@@ -1,5 +1,5 @@
 """Pion's chat template, defined once: the turns the published SFT checkpoint was trained on, rendered as
-token ids (fine-tuning, chat.py, server.py), as text (evaluation.py), as Jinja (the transformers and GGUF
+token ids (fine-tuning, chat.py, server.py), as text (harness.py), as Jinja (the transformers and GGUF
 exports) and as an Ollama Modelfile; and where a generated reply ends.
 
 A turn is "<|role|>\\n" + its content stripped of surrounding whitespace + "\\n"; an assistant turn is then
@@ -61,7 +61,7 @@ def render_conversation(tokenizer, messages, add_generation_prompt=False):
 
 def render_text(messages, add_generation_prompt=False, continue_final_message=False):
     """The conversation as the text CHAT_TEMPLATE renders in transformers, <|endoftext|> written as EOS_TEXT:
-    what lm-evaluation-harness tokenizes (evaluation.PionLM.apply_chat_template).
+    what lm-evaluation-harness tokenizes (harness.PionLM.apply_chat_template).
 
     continue_final_message ends the text right after the last message's content, as transformers'
     option of that name does: a reply begun for the model to continue, with no suffix and no end of text."""
@@ -85,7 +85,7 @@ def jinja_string(text):
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
-# For transformers' apply_chat_template and llama.cpp (hf_export.py and gguf_export.py write it into the
+# For transformers' apply_chat_template and llama.cpp (transformers_format.py and gguf_format.py write it into the
 # exports). transformers passes eos_token; Jinja's `trim` is Python's str.strip.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"

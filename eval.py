@@ -6,7 +6,7 @@ per byte on a pretraining data set.
     python eval.py --checkpoint checkpoints/nano/pion_nano_final.pt --data_dir data/mixed
 
 Tasks are the harness's (`lm_eval ls tasks`) or YAML files of your own in --include_path. The scoring is
-evaluation.py's; needs `pip install lm-eval` (requirements-dev.txt) for --tasks.
+harness.py's; needs `pip install lm-eval` (requirements-dev.txt) for --tasks.
 """
 import json
 import os
@@ -43,7 +43,7 @@ def parse_args(argv=None):
 def validation_metrics(args, model, tokenizer, device):
     """Val loss and bpb over the val split of a pretraining data dir, as the trainer computes them."""
     import data
-    from runtime import Runtime
+    from process import Runtime
     from validation import evaluate, token_byte_lengths
     seq_len = args.seq_len or min(model.config.max_seq_len, data.PretrainData(args.data_dir, 1, "val").width)
     if seq_len > model.config.max_seq_len:
@@ -71,8 +71,8 @@ def main(argv=None):
     if args.output_path:
         check_new_results(args.output_path)  # before the slow part: a finished evaluation must have a place to go
     if tasks:
-        evaluation = import_optional("evaluation", "--tasks", "lm-eval")
-        manager = evaluation.task_manager(tasks, args.include_path)  # unknown names fail before the model loads
+        harness = import_optional("harness", "--tasks", "lm-eval")
+        manager = harness.task_manager(tasks, args.include_path)  # unknown names fail before the model loads
     from checkpoint import load_model
     from tokenizer import load_tokenizer
     from quantize import quantize
@@ -89,8 +89,8 @@ def main(argv=None):
               f"bpb {report['validation']['val_bpb']:.4f}")
     if tasks:
         from lm_eval.utils import handle_non_serializable, make_table
-        lm = evaluation.PionLM(model, tokenizer, batch_size=args.batch_size, tokenizer_path=args.tokenizer)
-        results = evaluation.run_tasks(lm, tasks, manager, limit=args.limit, num_fewshot=args.num_fewshot,
+        lm = harness.PionLM(model, tokenizer, batch_size=args.batch_size, tokenizer_path=args.tokenizer)
+        results = harness.run_tasks(lm, tasks, manager, limit=args.limit, num_fewshot=args.num_fewshot,
                                        apply_chat_template=args.apply_chat_template)
         results["config"]["model"] = args.checkpoint
         print(make_table(results))

@@ -6,13 +6,13 @@ and/or as one GGUF file for llama.cpp, Ollama and LM Studio.
         --dtype bfloat16 --push_to_hub YOU/pion-small
     python export_hf.py --checkpoint checkpoints/pion_small_final.pt --gguf pion-small.gguf --gguf_type q8_0
 
-The folder loads with AutoModelForCausalLM / AutoTokenizer (see hf_export.py for why it is exact).
+The folder loads with AutoModelForCausalLM / AutoTokenizer (see transformers_format.py for why it is exact).
 """
 import os
 
 from cli import DTYPES, ArgumentParser, exit_on_sigterm, run_cli
-from gguf_export import GGUF_TYPES, check_output, export_gguf
-from hf_export import export, push_to_hub
+from gguf_format import GGUF_TYPES, check_output, export_gguf
+from transformers_format import export, push_to_hub
 
 
 def main(argv=None):

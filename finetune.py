@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 8 finetune.py --checkpoint ... [--fsdp]
 
 Saves save_dir/sft/pion_sft_<step>.pt and pion_sft_final.pt, which chat.py and generate.py load. The loop is
-trainer.py's (precision and signals runtime.py's, checkpoints and resume rules runs.py's, metrics
+trainer.py's (precision and signals process.py's, checkpoints and resume rules runs.py's, metrics
 trackers.py's); this script adds the chat data, a cosine schedule and a sample answer at each eval.
 """
 import contextlib
@@ -20,7 +20,7 @@ from checkpoint import load_checkpoint
 from cli import (ArgumentParser, PionError, add_device_arg, dataclass_from_args, non_negative_int, positive_int,
                  run_cli)
 from runs import Checkpointer, is_sft_checkpoint, open_run_dir
-from runtime import Runtime, signal_exit_code
+from process import Runtime, signal_exit_code
 from sft_data import collate, load_sft_splits, sft_batches
 from tokenizer import load_tokenizer
 from trackers import add_logger_args

@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 from cli import PionError, first_line
 from files import remove_leftovers
-from runtime import gather_rng_states, seed_everything, set_rng_state
+from process import gather_rng_states, seed_everything, set_rng_state
 
 # ----------------------------------------------------------------------------------------------------
 # The step checkpoints of a training run: <prefix>_<step>.pt and <prefix>_final.pt in one folder

@@ -3,7 +3,7 @@
     python train.py --model_size nano --data_dir data/mixed
     torchrun --nproc_per_node 8 train.py --model_size small --data_dir data/mixed [--fsdp]
 
-The loop is trainer.py's, the process and precision runtime.py's, checkpoints and resume rules runs.py's;
+The loop is trainer.py's, the process and precision process.py's, checkpoints and resume rules runs.py's;
 this script picks the model and the data.
 """
 import json
@@ -16,7 +16,7 @@ import data
 import model as pion
 from cli import ArgumentParser, PionError, add_device_arg, dataclass_from_args, non_negative_int, run_cli
 from runs import Checkpointer, check_same_model, open_run_dir
-from runtime import Runtime, signal_exit_code
+from process import Runtime, signal_exit_code
 from tokenizer import PAD_ID, load_tokenizer
 from trackers import add_logger_args
 from train_config import (TrainConfig, add_benchmark_args, add_train_config_args, benchmark_from_args,

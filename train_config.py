@@ -1,6 +1,6 @@
 """How to train: TrainConfig (the schedule, batch layout, intervals and performance switches of a run, each
 field documented once and its flag derived from it), the learning-rate schedules it describes, and the
-benchmark flags both trainers share (evaluation.benchmark_scorer reads them)."""
+benchmark flags both trainers share (harness.benchmark_scorer reads them)."""
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -93,11 +93,11 @@ def add_benchmark_args(parser):
 
 
 def benchmark_from_args(args, tokenizer, vocab_size):
-    """The scorer of add_benchmark_args' flags (evaluation.benchmark_scorer: model -> scores), or None without
+    """The scorer of add_benchmark_args' flags (harness.benchmark_scorer: model -> scores), or None without
     --eval_tasks: lm-eval is imported only then, as training needs none of it."""
     if not args.eval_tasks:
         return None
-    return import_optional("evaluation", "--eval_tasks", "lm-eval").benchmark_scorer(
+    return import_optional("harness", "--eval_tasks", "lm-eval").benchmark_scorer(
         args.eval_tasks, tokenizer, vocab_size, args.eval_limit, args.eval_include_path, args.eval_batch_size)
 
 

@@ -1,6 +1,6 @@
 """The training loop that pretraining (train.py) and SFT (finetune.py) share: the optimizer, one optimizer
 step, train(model, config, rt, run) by a TrainConfig on a TrainingRun, and the memory test. The process
-(device, ranks, autocast, the model's wrapping, RNG) is runtime.py's; the run's checkpoints, TrainState and
+(device, ranks, autocast, the model's wrapping, RNG) is process.py's; the run's checkpoints, TrainState and
 resume (runs.Checkpointer) runs.py's; validation and the eval sample validation.py's."""
 import contextlib
 import math
@@ -16,7 +16,7 @@ from tqdm import tqdm
 from cli import PionError, human_count
 from hardware import gpu_peak_flops, training_flops_per_token
 from loss import trained_targets
-from runtime import (StopSignal, gradient_sync, host_memory_peak, host_memory_total, keep_freed_memory,
+from process import (StopSignal, gradient_sync, host_memory_peak, host_memory_total, keep_freed_memory,
                      prepare_model)
 from runs import Checkpointer, prune_checkpoints
 from train_config import fit_schedule, learning_rate, lr_scale
@@ -102,7 +102,7 @@ class TrainingRun:
     data_identity: Optional[dict] = None  # what the data is (shards, sample count): saved, compared on resume
     token_bytes: Optional[torch.Tensor] = None  # each id's UTF-8 length (validation.token_byte_lengths): val_bpb
     sample: Optional[Callable] = None  # a validation.EvalSample: model, cache_dtype -> printed at each eval
-    benchmark: Optional[Callable] = None  # evaluation.benchmark_scorer's: model -> scores, at each eval
+    benchmark: Optional[Callable] = None  # harness.benchmark_scorer's: model -> scores, at each eval
     loggers: tuple = ()  # trackers (trackers.TRACKERS) that get every metrics line besides metrics.jsonl
     plot: bool = False  # redraw run_dir/metrics.png at each eval
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from cli import PionError
 from decoding import generate_text
 from loss import trained_targets
-from runtime import fsdp_param_dtype
+from process import fsdp_param_dtype
 
 
 def byte_level_alphabet():

@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import model  # noqa: E402
-from hf_export import qwen3_config, qwen3_state_dict  # noqa: E402
+from transformers_format import qwen3_config, qwen3_state_dict  # noqa: E402
 from cli import run_cli  # noqa: E402
 from decoding import generate  # noqa: E402
 
@@ -197,7 +197,7 @@ def llama_cpp_decoder(pion, gguf_type, prompt, folder):
     import llama_cpp
     import numpy as np
     from tokenizer import load_tokenizer
-    from gguf_export import write_gguf
+    from gguf_format import write_gguf
     path = write_gguf(pion, load_tokenizer(), os.path.join(folder, f"pion-{gguf_type}.gguf"), gguf_type)
     threads, long_prompt = torch.get_num_threads(), bench_prompt(LONG_PROMPT_TOKENS)
     llm = llama_cpp.Llama(path, n_ctx=LONG_PROMPT_TOKENS + 1, n_batch=LONG_PROMPT_TOKENS, n_threads=threads,

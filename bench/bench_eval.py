@@ -1,4 +1,4 @@
-"""Multiple-choice evaluation speed on CPU: Pion's lm-evaluation-harness model (evaluation.PionLM) against the
+"""Multiple-choice evaluation speed on CPU: Pion's lm-evaluation-harness model (harness.PionLM) against the
 harness's own `hf` backend on the same model exported to transformers, same task, same batch size.
 
 Pion-nano without soft-capping (so both compute the same thing), fp32, random seeded weights; a local
@@ -24,8 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import checkpoint  # noqa: E402
-import evaluation  # noqa: E402
-import hf_export  # noqa: E402
+import harness  # noqa: E402
+import transformers_format  # noqa: E402
 import model  # noqa: E402
 from cli import run_cli  # noqa: E402
 
@@ -72,7 +72,7 @@ metric_list:
 def run(lm, manager):
     """(seconds, results) of the whole harness pipeline on the task."""
     start = time.perf_counter()
-    results = evaluation.run_tasks(lm, [TASK], manager, log_samples=True, bootstrap_iters=0)
+    results = harness.run_tasks(lm, [TASK], manager, log_samples=True, bootstrap_iters=0)
     return time.perf_counter() - start, results
 
 
@@ -101,10 +101,10 @@ def main(argv=None):
         torch.manual_seed(0)
         pion = model.get_model("nano", use_soft_cap=False).eval()
         checkpoint.save_checkpoint(os.path.join(tmp, "nano.pt"), {"model": pion.state_dict(), "config": pion.config})
-        folder = hf_export.export(os.path.join(tmp, "nano.pt"), os.path.join(tmp, "hf"), args.tokenizer)
+        folder = transformers_format.export(os.path.join(tmp, "nano.pt"), os.path.join(tmp, "hf"), args.tokenizer)
         write_task(tmp, args.examples)
-        manager = evaluation.task_manager([TASK], tmp)
-        ours = evaluation.PionLM(pion, args.tokenizer, batch_size=args.batch_size, progress=False)
+        manager = harness.task_manager([TASK], tmp)
+        ours = harness.PionLM(pion, args.tokenizer, batch_size=args.batch_size, progress=False)
         theirs = HFLM(pretrained=folder, device="cpu", batch_size=args.batch_size, dtype="float32")
         pion_seconds, hf_seconds = float("inf"), float("inf")
         for _ in range(args.runs):  # alternate, so that a shared machine's load hits both alike
@@ -123,7 +123,7 @@ def main(argv=None):
           f"fp32 CPU, batch {args.batch_size}, best of {args.runs}")
     print(f"machine: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
           f"load average {load_before:.2f} before, {load_after:.2f} after")
-    print(f"  Pion (evaluation.PionLM)   {args.examples / pion_seconds:7.1f} examples/s ({pion_seconds:.1f} s)")
+    print(f"  Pion (harness.PionLM)   {args.examples / pion_seconds:7.1f} examples/s ({pion_seconds:.1f} s)")
     print(f"  harness hf backend         {args.examples / hf_seconds:7.1f} examples/s ({hf_seconds:.1f} s)")
     print(f"scores identical: {'yes' if identical else 'NO'} (acc {accuracies[0][0]:.4f} vs {accuracies[1][0]:.4f}, "
           f"acc_norm {accuracies[0][1]:.4f} vs {accuracies[1][1]:.4f}, largest log-likelihood gap {worst:.1e} nats)")

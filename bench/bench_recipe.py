@@ -41,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import model as pion  # noqa: E402
-import runtime  # noqa: E402
+import process  # noqa: E402
 import train_config  # noqa: E402
 import trainer  # noqa: E402
 from cli import human_count  # noqa: E402
@@ -235,9 +235,9 @@ def peer_optimizer(model, lr):
 def train_run(run, args, data, parameters):
     """Train one run on data.train; returns its records (plotting.draw's format: training steps and evaluations
     against tokens_seen) and its mean step time in seconds."""
-    rt = runtime.Runtime(args.device)
+    rt = process.Runtime(args.device)
     if rt.device.type == "cpu":
-        runtime.keep_freed_memory()  # as trainer.train does
+        process.keep_freed_memory()  # as trainer.train does
     steps, warmup = len(data.train), max(1, len(data.train) // 10)
     config = train_config.TrainConfig(max_steps=steps, lr=run.lr, min_lr=run.lr / 10, warmup_steps=warmup,
                                       batch_size=args.batch_size, seq_len=args.seq_len,
@@ -249,7 +249,7 @@ def train_run(run, args, data, parameters):
         model = peer_model(args, data.vocab_size).to(rt.device)
         optimizers = peer_optimizer(model, run.lr)
     else:
-        model = runtime.prepare_model(pion.Pion(pion_config(args, data.vocab_size, parameters,
+        model = process.prepare_model(pion.Pion(pion_config(args, data.vocab_size, parameters,
                                                             use_soft_cap=run.soft_cap)), config, rt)
         optimizers = trainer.build_optimizer(model, config, rt)
     batches = iter({"input_ids": ids, "labels": ids} for ids in data.train)

@@ -4,7 +4,7 @@ identical shape, eager and compiled, plus the data loader's throughput against w
 fp32, nano shape (hidden 384, 6 layers, 6:2 heads, head_dim 64, intermediate 1024, vocab 50258, tied
 embeddings), seq_len 256, batch 8, soft-capping off, no gradient checkpointing, SDPA on both sides, and the
 same optimizer: trainer.build_optimizer's fused AdamW, decay on the matrices, none on the 1-D norm weights,
-and the same process settings: both call runtime.keep_freed_memory() first, as a training run does, so glibc
+and the same process settings: both call process.keep_freed_memory() first, as a training run does, so glibc
 keeps freed memory for reuse on both sides. Left at glibc's default, transformers' step faults in 1.8 GB
 of fresh pages for its full-vocab logits and their gradients every step and takes ~16% longer (Pion's: 0.28 GB,
 ~3.5%): a cost of the allocator, which either side's users can avoid, so both are measured without it.
@@ -83,30 +83,30 @@ def measure(build, compile_model, steps):
 def pion_variant(steps, optimizer="adamw"):
     import torch
     import model
-    import runtime
+    import process
     import trainer
 
     def build():
         torch.manual_seed(0)
         config = step_settings(steps, optimizer=optimizer)
-        m = runtime.prepare_model(model.get_model("nano", use_soft_cap=False), config, rt)
+        m = process.prepare_model(model.get_model("nano", use_soft_cap=False), config, rt)
         optimizers = trainer.build_optimizer(m, config, rt)
         ids = torch.randint(0, m.config.vocab_size, (BATCH, SEQ_LEN))
         batches = iter(lambda: {"input_ids": ids, "labels": ids}, None)
         return m, lambda: trainer.train_step(m, optimizers, batches, rt, 1, 1.0, 1.0)
 
-    rt = runtime.Runtime("cpu")
-    runtime.keep_freed_memory()  # as trainer.train does
-    measure(build, lambda m: runtime.prepare_model(m, step_settings(steps, compile=True), rt), steps)
+    rt = process.Runtime("cpu")
+    process.keep_freed_memory()  # as trainer.train does
+    measure(build, lambda m: process.prepare_model(m, step_settings(steps, compile=True), rt), steps)
 
 
 def hf_variant(steps):
     import torch
     from transformers import Qwen3ForCausalLM
     import model
-    import runtime
+    import process
     import trainer
-    from hf_export import qwen3_config
+    from transformers_format import qwen3_config
 
     def build():
         torch.manual_seed(0)
@@ -123,8 +123,8 @@ def hf_variant(steps):
             optimizer.zero_grad(set_to_none=True)
         return m, step
 
-    rt = runtime.Runtime("cpu")
-    runtime.keep_freed_memory()  # Pion's process settings, as the Pion side has them
+    rt = process.Runtime("cpu")
+    process.keep_freed_memory()  # Pion's process settings, as the Pion side has them
     measure(build, lambda m: m.compile(), steps)
 
 

@@ -33,10 +33,10 @@ sys.path.insert(0, ROOT)
 import hardware  # noqa: E402
 from loss import chunked_cross_entropy  # noqa: E402
 import model as pion  # noqa: E402
-import runtime  # noqa: E402
+import process  # noqa: E402
 import train_config  # noqa: E402
 import trainer  # noqa: E402
-from hf_export import qwen3_config  # noqa: E402
+from transformers_format import qwen3_config  # noqa: E402
 
 TINY = dict(vocab_size=1000, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=128)
 TARGET_SPEEDUP, TARGET_MFU, TARGET_MFU_SOFTCAP, TARGET_MEMORY, TARGET_MUON = 1.3, 0.40, 0.36, 0.7, 1.05
@@ -79,9 +79,9 @@ def step_settings(bench, checkpointing=False, optimizer="adamw"):
 
 def pion_step(bench, config, checkpointing=False, optimizer="adamw"):
     """One trainer.train_step of Pion with train.py --compile's setup; returns the loss."""
-    rt = runtime.Runtime(str(bench.device))
+    rt = process.Runtime(str(bench.device))
     settings = step_settings(bench, checkpointing, optimizer)
-    model = runtime.prepare_model(pion.Pion(config), settings, rt)
+    model = process.prepare_model(pion.Pion(config), settings, rt)
     optimizers = trainer.build_optimizer(model, settings, rt)
     ids = torch.randint(0, config.vocab_size, (bench.batch, bench.seq))
     batches = itertools.repeat({"input_ids": ids, "labels": ids})
@@ -94,7 +94,7 @@ def transformers_step(bench, config):
     qwen = qwen3_config(config)
     qwen._attn_implementation = "sdpa"
     model = Qwen3ForCausalLM(qwen).to(bench.device)
-    rt = runtime.Runtime(str(bench.device))
+    rt = process.Runtime(str(bench.device))
     [optimizer] = trainer.build_optimizer(model, step_settings(bench), rt)  # Pion's AdamW
     model.compile()
     ids = torch.randint(0, config.vocab_size, (bench.batch, bench.seq), device=bench.device)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import model as pion
-import runtime
+import process
 import train_config
 import trainer
 from decoding import generate
@@ -81,13 +81,13 @@ def check_settings(target, **fields):
 
 def fixed_batch_trainer(target, model, config, ids, autocast=None):
     """The model prepared as train.py prepares it (device, checkpointing, compile, fused AdamW), training on
-    the one batch `ids` -> (runtime, step): step(lr) is one trainer.train_step at learning rate lr (config.lr
+    the one batch `ids` -> (process, step): step(lr) is one trainer.train_step at learning rate lr (config.lr
     its peak) -> (loss, grad norm, tokens).
-    autocast: a context factory replacing the runtime's (e.g. bf16 autocast on the CPU)."""
-    rt = runtime.Runtime(str(target.device))
+    autocast: a context factory replacing the process's (e.g. bf16 autocast on the CPU)."""
+    rt = process.Runtime(str(target.device))
     if autocast is not None:
         rt.autocast = autocast
-    wrapped = runtime.prepare_model(model, config, rt)
+    wrapped = process.prepare_model(model, config, rt)
     optimizers = trainer.build_optimizer(wrapped, config, rt)
     batches = itertools.repeat({"input_ids": ids, "labels": ids})
     return rt, lambda lr: trainer.train_step(wrapped, optimizers, batches, rt, 1, config.grad_clip, lr / config.lr)
@@ -297,9 +297,9 @@ def next_difference(a, b):
 
 
 def export_logit_difference(model, tokenizer, folder):
-    """hf_export's folder of a soft-cap-free Pion, loaded by transformers: the largest |logit difference|."""
+    """transformers_format's folder of a soft-cap-free Pion, loaded by transformers: the largest |logit difference|."""
     import transformers
-    from hf_export import write_folder
+    from transformers_format import write_folder
     transformers.utils.logging.disable_progress_bar()  # one table, no loading bars
     write_folder(model, tokenizer, folder, torch.float32)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

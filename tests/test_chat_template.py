@@ -38,11 +38,11 @@ PUBLISHED_JINJA = (
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(tokenizer, tmp_path_factory):
-    """The transformers tokenizer hf_export writes (with CHAT_TEMPLATE), loaded as AutoTokenizer loads it."""
+    """The transformers tokenizer transformers_format writes (with CHAT_TEMPLATE), loaded as AutoTokenizer loads it."""
     transformers = pytest.importorskip("transformers")
-    import hf_export
+    import transformers_format
     folder = tmp_path_factory.mktemp("hf_tokenizer")
-    hf_export.write_tokenizer(tokenizer, folder, max_len=128)
+    transformers_format.write_tokenizer(tokenizer, folder, max_len=128)
     return transformers.AutoTokenizer.from_pretrained(folder)
 
 
@@ -111,7 +111,7 @@ def test_generation_prompt_appends_the_masked_assistant_prefix(tokenizer):
 
 
 # ----------------------------------------------------------------------------------------------------
-# As text (what evaluation.PionLM gives lm-evaluation-harness)
+# As text (what harness.PionLM gives lm-evaluation-harness)
 
 
 def test_text_renders_the_sft_conversation():

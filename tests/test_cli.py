@@ -151,6 +151,6 @@ def test_ctrl_c_is_one_line_and_the_shells_exit_code_130():
 
 def test_a_missing_optional_package_is_one_line_naming_what_needs_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # importing it -> ImportError
-    monkeypatch.delitem(sys.modules, "evaluation", raising=False)
+    monkeypatch.delitem(sys.modules, "harness", raising=False)
     with pytest.raises(cli.PionError, match=r"^--eval_tasks needs lm-eval \(.*\): pip install lm-eval$"):
-        cli.import_optional("evaluation", "--eval_tasks", "lm-eval")
+        cli.import_optional("harness", "--eval_tasks", "lm-eval")

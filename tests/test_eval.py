@@ -1,4 +1,4 @@
-"""evaluation.py / eval.py: Pion as an lm-evaluation-harness model, offline, on tasks the tests write.
+"""harness.py / eval.py: Pion as an lm-evaluation-harness model, offline, on tasks the tests write.
 
 The harness's own `hf` backend on the exported (capless) model is the reference: same requests, same
 log-likelihoods, same accuracies."""
@@ -21,8 +21,8 @@ import torch.nn.functional as F  # noqa: E402
 lm_eval = pytest.importorskip("lm_eval")
 
 import chat_template  # noqa: E402
-import evaluation  # noqa: E402
-import hf_export  # noqa: E402
+import harness  # noqa: E402
+import transformers_format  # noqa: E402
 from tokenizer import EOS_ID  # noqa: E402
 from conftest import ROOT, assert_one_line_error, run_in_process, save_tiny_checkpoint, tiny_pion  # noqa: E402
 
@@ -98,7 +98,7 @@ def tasks(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def manager(tasks):
-    return evaluation.task_manager([MC_TASK, GEN_TASK], tasks)
+    return harness.task_manager([MC_TASK, GEN_TASK], tasks)
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +107,11 @@ def exported(tmp_path_factory, tokenizer_path, tokenizer):
     a small test tokenizer's (a fresh clone's) decodes to nothing, and generations would be empty."""
     tmp = tmp_path_factory.mktemp("export")
     pion = save_tiny_checkpoint(tmp / "tiny.pt", use_soft_cap=False, vocab_size=tokenizer.get_vocab_size())
-    return pion, str(tmp / "tiny.pt"), hf_export.export(str(tmp / "tiny.pt"), str(tmp / "hf"), tokenizer_path)
+    return pion, str(tmp / "tiny.pt"), transformers_format.export(str(tmp / "tiny.pt"), str(tmp / "hf"), tokenizer_path)
 
 
 def evaluate(lm, manager, tasks=(MC_TASK, GEN_TASK)):
-    return evaluation.run_tasks(lm, list(tasks), manager, log_samples=True)
+    return harness.run_tasks(lm, list(tasks), manager, log_samples=True)
 
 
 def responses(results, task):
@@ -140,7 +140,7 @@ def hf_results(hf_lm, manager):
 
 @pytest.fixture(scope="module")
 def pion_results(exported, manager, tokenizer_path):
-    return evaluate(evaluation.PionLM(exported[0], tokenizer_path, batch_size=4), manager)
+    return evaluate(harness.PionLM(exported[0], tokenizer_path, batch_size=4), manager)
 
 
 def test_log_likelihoods_match_the_hf_backend_on_the_exported_model(pion_results, hf_results):
@@ -181,8 +181,8 @@ def test_a_soft_capped_model_is_scored_with_its_cap(tokenizer):
     pairs = [("Question: which colour is the sky?\nAnswer:", " blue"), ("", "Hello world"),
              ("The river runs past the", " old stone mill and the forest")]
     requests = [lm_eval.api.instance.Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
-    scores = evaluation.PionLM(capped, tokenizer).loglikelihood(requests, disable_tqdm=True)
-    capless_scores = evaluation.PionLM(capless, tokenizer).loglikelihood(requests, disable_tqdm=True)
+    scores = harness.PionLM(capped, tokenizer).loglikelihood(requests, disable_tqdm=True)
+    capless_scores = harness.PionLM(capless, tokenizer).loglikelihood(requests, disable_tqdm=True)
     for (context, continuation), (ll, _), (ll_capless, _) in zip(pairs, scores, capless_scores):
         if context:
             context_ids = tokenizer.encode(context).ids
@@ -194,7 +194,7 @@ def test_a_soft_capped_model_is_scored_with_its_cap(tokenizer):
 
 
 def test_long_soft_capped_contexts_run_in_smaller_batches_with_the_same_scores(tokenizer, monkeypatch):
-    lm = evaluation.PionLM(tiny_pion(), tokenizer, batch_size=8, progress=False)
+    lm = harness.PionLM(tiny_pion(), tokenizer, batch_size=8, progress=False)
     rows = mc_rows(4, seed=3)[1:]  # without the over-long question, whose truncation differs per choice
     requests = [lm_eval.api.instance.Instance("loglikelihood", {}, (f"Question: {row['question']}\nAnswer:", " " + c),
                                               i) for i, row in enumerate(rows) for c in row["choices"]]
@@ -202,7 +202,7 @@ def test_long_soft_capped_contexts_run_in_smaller_batches_with_the_same_scores(t
     batch_sizes = []
     score_batch = lm._score_batch
     lm._score_batch = lambda prefixes, scored: (batch_sizes.append(len(prefixes)), score_batch(prefixes, scored))[1]
-    monkeypatch.setattr(evaluation, "SCORE_BYTES", 1)  # every batch over budget: one question at a time
+    monkeypatch.setattr(harness, "SCORE_BYTES", 1)  # every batch over budget: one question at a time
     one_by_one = lm.loglikelihood(requests, disable_tqdm=True)
     assert set(batch_sizes) == {1} and len(batch_sizes) == len(rows)  # one prefix per question
     for (ll, greedy), (ll_one, greedy_one) in zip(batched, one_by_one):
@@ -217,7 +217,7 @@ def test_only_the_scored_positions_reach_the_vocabulary_projection(exported, tok
     try:
         pairs = [("one two three four five six", " seven eight"), ("a b c d", " e")]
         requests = [lm_eval.api.instance.Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
-        evaluation.PionLM(pion, tokenizer).loglikelihood(requests, disable_tqdm=True)
+        harness.PionLM(pion, tokenizer).loglikelihood(requests, disable_tqdm=True)
     finally:
         del pion.logits
     assert sum(projected_rows) == len(tokenizer.encode(" seven eight").ids) + len(tokenizer.encode(" e").ids)
@@ -227,7 +227,7 @@ def test_rolling_log_likelihood_sums_every_token_once_after_eos(tokenizer):
     pion = tiny_pion(max_seq_len=16)
     text = " ".join(WORDS * 2)  # longer than 16 tokens: several windows
     request = lm_eval.api.instance.Instance("loglikelihood_rolling", {}, (text,), 0)
-    (total,) = evaluation.PionLM(pion, tokenizer).loglikelihood_rolling([request], disable_tqdm=True)
+    (total,) = harness.PionLM(pion, tokenizer).loglikelihood_rolling([request], disable_tqdm=True)
     ids = tokenizer.encode(text).ids
     assert len(ids) > 16
     # The harness's windows: the first predicts 16 tokens after EOS; each later one the next (up to) 16
@@ -242,7 +242,7 @@ def test_rolling_log_likelihood_sums_every_token_once_after_eos(tokenizer):
 
 
 def test_the_harness_gets_the_template_of_chat_template_py(tokenizer):
-    lm = evaluation.PionLM(tiny_pion(), tokenizer)
+    lm = harness.PionLM(tiny_pion(), tokenizer)
     chat = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."},
             {"role": "user", "content": "Count to 3."}]
     assert lm.apply_chat_template(chat) == chat_template.render_text(chat, add_generation_prompt=True)
@@ -252,7 +252,7 @@ def test_the_harness_gets_the_template_of_chat_template_py(tokenizer):
 def test_chat_template_trims_each_turn_as_the_hf_backend_does(hf_lm, tokenizer):
     """The harness's system prompt (a task's description) ends in "\\n\\n" and its turns in their delimiters;
     SFT training and the exported template strip them, so no blank line comes before the next turn."""
-    lm = evaluation.PionLM(tiny_pion(), tokenizer)
+    lm = harness.PionLM(tiny_pion(), tokenizer)
     chat = [{"role": "system", "content": "Answer with one word.\n\n"}, {"role": "user", "content": " Sky? "},
             {"role": "assistant", "content": "Blue.\n\n"}, {"role": "user", "content": "Grass?\n"}]
     assert lm.apply_chat_template(chat) == hf_lm.apply_chat_template(chat)
@@ -261,7 +261,7 @@ def test_chat_template_trims_each_turn_as_the_hf_backend_does(hf_lm, tokenizer):
 def test_chat_template_ends_at_a_gen_prefix_as_the_hf_backend_does(hf_lm, tokenizer):
     """With a task's gen_prefix the harness asks for no generation prompt and puts the prefix in a last
     assistant turn; the hf backend continues that turn, so the choices follow the prefix, not an end of text."""
-    lm = evaluation.PionLM(tiny_pion(), tokenizer)
+    lm = harness.PionLM(tiny_pion(), tokenizer)
     chat = [{"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "Answer: blue"},
             {"role": "user", "content": "Grass?"}, {"role": "assistant", "content": "Answer:"}]
     assert lm.apply_chat_template(chat, add_generation_prompt=False) == \
@@ -274,7 +274,7 @@ def test_scoring_runs_in_inference_mode_and_puts_a_training_model_back_in_train_
     seen = []
     model.layers[0].register_forward_hook(
         lambda block, args, out: seen.append((block.training, torch.is_inference_mode_enabled())))
-    lm = evaluation.PionLM(model, tokenizer, progress=False)
+    lm = harness.PionLM(model, tokenizer, progress=False)
     lm._loglikelihood_tokens([(None, [5, 6, 7], [8, 9])])
     assert model.training and seen and all(mode == (False, True) for mode in seen)
 
@@ -283,13 +283,13 @@ def test_the_harness_builds_pion_from_its_registered_name(exported, tokenizer_pa
     from lm_eval.api.registry import get_model
     lm = get_model("pion").create_from_arg_string(f"checkpoint={exported[1]},tokenizer={tokenizer_path}",
                                                   {"batch_size": 4, "device": "cpu", "max_batch_size": None})
-    assert isinstance(lm, evaluation.PionLM) and lm.batch_size == 4 and lm.max_length == 128
+    assert isinstance(lm, harness.PionLM) and lm.batch_size == 4 and lm.max_length == 128
     assert str(lm.device) == "cpu" and not lm.model.training
 
 
 def test_apply_chat_template_prompts_with_the_sft_turns(manager, tokenizer):
-    lm = evaluation.PionLM(tiny_pion(), tokenizer, progress=False)
-    results = evaluation.run_tasks(lm, [MC_TASK], manager, limit=2, apply_chat_template=True, log_samples=True)
+    lm = harness.PionLM(tiny_pion(), tokenizer, progress=False)
+    results = harness.run_tasks(lm, [MC_TASK], manager, limit=2, apply_chat_template=True, log_samples=True)
     context = results["samples"][MC_TASK][0]["arguments"][0][0]
     assert context.startswith("<|user|>\nQuestion:") and context.endswith("\n<|assistant|>\n")
 
@@ -501,10 +501,10 @@ def test_finetuning_logs_val_bpb_and_benchmark_scores(tasks, tmp_path, tokenizer
 
 def test_the_harness_during_training_gets_eval_batch_size_not_the_training_batch(shards, tmp_path, tokenizer_path,
                                                                                   monkeypatch):
-    import evaluation
+    import harness
     from conftest import run_train
     asked = []
-    monkeypatch.setattr(evaluation, "benchmark_scorer", lambda *args: asked.append(args[-1]))
+    monkeypatch.setattr(harness, "benchmark_scorer", lambda *args: asked.append(args[-1]))
     result = run_train([*REAL_VOCAB_TINY, "--data_dir", shards, "--save_dir", tmp_path, "--max_steps", 1,
                         "--eval_tasks", MC_TASK, "--eval_batch_size", 3], tokenizer_path)
     assert result.returncode == 0, result.stderr

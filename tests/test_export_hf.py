@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import chat_template
-import hf_export
+import transformers_format
 from tokenizer import EOS_ID, PAD_ID
 import model
 import export_hf
@@ -26,7 +26,7 @@ def exported(tmp_path_factory, tokenizer_path):
     """(pion, folder): a tiny Pion without soft-capping and its export."""
     tmp = tmp_path_factory.mktemp("export")
     pion = save_tiny_checkpoint(tmp / "tiny.pt", use_soft_cap=False)
-    folder = hf_export.export(str(tmp / "tiny.pt"), str(tmp / "hf"), tokenizer_path)
+    folder = transformers_format.export(str(tmp / "tiny.pt"), str(tmp / "hf"), tokenizer_path)
     return pion, folder
 
 
@@ -100,7 +100,7 @@ def test_greedy_generation_matches_ours_token_for_token(exported, hf_model, toke
 def test_untied_lm_head_is_exported_as_its_own_tensor(tmp_path, tokenizer_path):
     pion = save_tiny_checkpoint(tmp_path / "untied.pt", use_soft_cap=False, tie_embeddings=False)
     assert pion.lm_head.weight is not pion.embed.weight
-    folder = hf_export.export(str(tmp_path / "untied.pt"), str(tmp_path / "hf"), tokenizer_path)
+    folder = transformers_format.export(str(tmp_path / "untied.pt"), str(tmp_path / "hf"), tokenizer_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     assert not hf.config.tie_word_embeddings
     input_ids = torch.randint(0, 50000, (1, 16), generator=torch.Generator().manual_seed(2))
@@ -110,7 +110,7 @@ def test_untied_lm_head_is_exported_as_its_own_tensor(tmp_path, tokenizer_path):
 
 def test_bfloat16_export_stores_bfloat16_weights(tmp_path, tokenizer_path):
     save_tiny_checkpoint(tmp_path / "tiny.pt", use_soft_cap=False)
-    folder = hf_export.export(str(tmp_path / "tiny.pt"), str(tmp_path / "hf"), tokenizer_path, dtype="bfloat16")
+    folder = transformers_format.export(str(tmp_path / "tiny.pt"), str(tmp_path / "hf"), tokenizer_path, dtype="bfloat16")
     with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
         assert {f.get_tensor(name).dtype for name in f.keys()} == {torch.bfloat16}
     assert json.load(open(os.path.join(folder, "config.json")))["dtype"] == "bfloat16"
@@ -158,7 +158,7 @@ def test_soft_capped_checkpoint_is_refused_with_one_line_and_exit_2(tmp_path):
 
 def test_soft_capped_checkpoint_exports_with_allow_mismatch_and_a_warning(tmp_path, tokenizer_path, capsys):
     save_tiny_checkpoint(tmp_path / "capped.pt", use_soft_cap=True, logit_cap=30.0)
-    folder = hf_export.export(str(tmp_path / "capped.pt"), str(tmp_path / "hf"), tokenizer_path, allow_mismatch=True)
+    folder = transformers_format.export(str(tmp_path / "capped.pt"), str(tmp_path / "hf"), tokenizer_path, allow_mismatch=True)
     assert "warning:" in capsys.readouterr().err
     assert json.load(open(os.path.join(folder, "config.json")))["model_type"] == "qwen3"
 
@@ -169,13 +169,13 @@ def test_a_non_empty_out_dir_is_refused_and_left_alone(tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(model.PionError, match="not an empty folder"):
-        hf_export.export(str(tmp_path / "tiny.pt"), str(out))
+        transformers_format.export(str(tmp_path / "tiny.pt"), str(out))
     assert os.listdir(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
 
 
 def test_pushing_while_offline_is_one_line(exported, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
-    code = f"import hf_export, cli; cli.run_cli(lambda: hf_export.push_to_hub({exported[1]!r}, 'someone/pion'))"
+    code = f"import transformers_format, cli; cli.run_cli(lambda: transformers_format.push_to_hub({exported[1]!r}, 'someone/pion'))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     line = one_error_line(result)
@@ -184,7 +184,7 @@ def test_pushing_while_offline_is_one_line(exported, tmp_path):
 
 def test_qwen3_state_dict_refuses_a_tensor_it_does_not_know():
     with pytest.raises(model.PionError, match="no Qwen3 counterpart"):
-        hf_export.qwen3_state_dict({"layers.0.attn.bias": torch.zeros(1)})
+        transformers_format.qwen3_state_dict({"layers.0.attn.bias": torch.zeros(1)})
 
 
 def test_a_full_disk_during_the_export_is_one_line_and_leaves_nothing(exported, tmp_path, tokenizer_path):
@@ -217,8 +217,8 @@ def test_the_same_path_for_out_and_gguf_is_refused_before_loading_anything(tmp_p
 
 
 # The export with its tokenizer files held back for a minute, once the weights are in the staging folder.
-SLOW_EXPORT = ("import sys, time, cli, export_hf, hf_export\n"
-               "hf_export.write_tokenizer = lambda *args: time.sleep(60)\n"
+SLOW_EXPORT = ("import sys, time, cli, export_hf, transformers_format\n"
+               "transformers_format.write_tokenizer = lambda *args: time.sleep(60)\n"
                "cli.run_cli(lambda: export_hf.main(sys.argv[1:]))\n")
 
 

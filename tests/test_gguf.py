@@ -1,4 +1,4 @@
-"""gguf_export.py: llama.cpp loads the .gguf as qwen3, tokenizes like Pion and decodes what Pion decodes.
+"""gguf_format.py: llama.cpp loads the .gguf as qwen3, tokenizes like Pion and decodes what Pion decodes.
 
 The file checks need only the gguf package; the llama.cpp ones skip without llama-cpp-python."""
 import copy
@@ -12,7 +12,7 @@ import torch
 from tokenizer import EOS_ID, PAD_ID, UNK_ID
 from cli import PionError
 from conftest import save_tiny_checkpoint, tiny_pion
-from gguf_export import export_gguf, write_gguf
+from gguf_format import export_gguf, write_gguf
 from quantize import quantize
 from chat_template import CHAT_TEMPLATE
 from conftest import CHAT
@@ -383,11 +383,11 @@ def test_a_tokenizer_larger_than_the_model_is_refused_and_leaves_no_file(tokeniz
 
 def test_a_gguf_write_that_fails_midway_leaves_no_file(pion, tokenizer, tmp_path, monkeypatch):
     import errno
-    import gguf_export
+    import gguf_format
 
     def full_disk(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(gguf_export, "add_tensors", full_disk)
+    monkeypatch.setattr(gguf_format, "add_tensors", full_disk)
     with pytest.raises(PionError, match="cannot write .*No space left on device"):
         write_gguf(pion, tokenizer, str(tmp_path / "out.gguf"))
     assert os.listdir(tmp_path) == []

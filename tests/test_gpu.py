@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import hardware
-import runtime
+import process
 import train_config
 import trainer
 from attention import SoftCappedAttention, flex_softcap_attention
@@ -100,7 +100,7 @@ def test_bf16_autocast_training_steps_on_the_cpu_give_finite_falling_losses():
 def test_the_optimizer_is_fused_adamw_and_steps_like_the_per_parameter_loop():
     models = [tiny_model(), tiny_model()]
     config = train_config.TrainConfig(max_steps=1, lr=1e-2, min_lr=0, warmup_steps=0, weight_decay=0.1)
-    [fused] = trainer.build_optimizer(models[0], config, runtime.Runtime("cpu"))
+    [fused] = trainer.build_optimizer(models[0], config, process.Runtime("cpu"))
     loop = torch.optim.AdamW([{"params": [p for p in models[1].parameters() if p.dim() >= 2], "weight_decay": 0.1},
                               {"params": [p for p in models[1].parameters() if p.dim() < 2], "weight_decay": 0.0}],
                              lr=1e-2, betas=(0.9, 0.95), foreach=False)
@@ -120,20 +120,20 @@ def test_the_optimizer_is_fused_adamw_and_steps_like_the_per_parameter_loop():
 def test_fsdp_compute_dtype_is_bf16_on_cuda_and_fp32_elsewhere_unless_set():
     config = train_config.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0)
     on = {kind: types.SimpleNamespace(device=torch.device(kind)) for kind in ("cuda", "cpu")}
-    assert runtime.fsdp_param_dtype(config, on["cuda"]) == torch.bfloat16
-    assert runtime.fsdp_param_dtype(config, on["cpu"]) == torch.float32
+    assert process.fsdp_param_dtype(config, on["cuda"]) == torch.bfloat16
+    assert process.fsdp_param_dtype(config, on["cpu"]) == torch.float32
     config.fsdp_param_dtype = "bfloat16"
-    assert runtime.fsdp_param_dtype(config, on["cpu"]) == torch.bfloat16
+    assert process.fsdp_param_dtype(config, on["cpu"]) == torch.bfloat16
 
 
 SHARDED_SAMPLE = """
 import os, sys; sys.path[:0] = [{root!r}, os.path.join({root!r}, 'bench')]
-import itertools, torch, gpu_checks, runtime, train_config, trainer, validation
+import itertools, torch, gpu_checks, process, train_config, trainer, validation
 from decoding import generate
-rt = runtime.Runtime("cpu")
+rt = process.Runtime("cpu")
 model = gpu_checks.new_model("tiny")
 config = train_config.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0, fsdp=True, fsdp_param_dtype="bfloat16")
-wrapped = runtime.prepare_model(model, config, rt)
+wrapped = process.prepare_model(model, config, rt)
 optimizer = trainer.build_optimizer(wrapped, config, rt)
 ids = torch.randint(0, 512, (2, 16))
 trainer.train_step(wrapped, optimizer, itertools.repeat({{"input_ids": ids, "labels": ids}}), rt, 1, 1.0, 1.0)
@@ -162,12 +162,12 @@ def test_a_bf16_sharded_model_samples_after_a_training_step_on_two_gloo_processe
 
 ROPE_UNDER_FSDP = """
 import os, sys; sys.path[:0] = [{root!r}, os.path.join({root!r}, 'bench')]
-import itertools, torch, gpu_checks, runtime, train_config, trainer
-rt = runtime.Runtime("cpu")
+import itertools, torch, gpu_checks, process, train_config, trainer
+rt = process.Runtime("cpu")
 model = gpu_checks.new_model("tiny")
 config = train_config.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0, fsdp=True, fsdp_param_dtype="bfloat16",
                              gradient_checkpointing=True)
-wrapped = runtime.prepare_model(model, config, rt)
+wrapped = process.prepare_model(model, config, rt)
 seen = []
 model.layers[0].register_forward_pre_hook(lambda block, args: seen.append(args[1].dtype))  # after FSDP's own hook
 ids = torch.randint(0, 512, (2, 16))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import runs
-import runtime
+import process
 import train_config
 import trainer
 from cli import PionError
@@ -29,7 +29,7 @@ def batches():
 def saved_step(run_dir, contents=None, final=False, **settings):
     """A checkpoint of a tiny run after one optimizer step, saved by its Checkpointer; -> its path."""
     os.makedirs(run_dir, exist_ok=True)
-    rt, run_config = runtime.Runtime("cpu"), config(**settings)
+    rt, run_config = process.Runtime("cpu"), config(**settings)
     checkpointer = runs.Checkpointer(str(run_dir), PREFIX, rt, seed=run_config.seed)
     model = tiny_model()
     optimizers = trainer.build_optimizer(model, run_config, rt)
@@ -41,7 +41,7 @@ def saved_step(run_dir, contents=None, final=False, **settings):
 
 def resume(path, contents=None, **settings):
     """A Checkpointer resuming `path` into its own folder: -> (checkpointer, model, optimizers, state)."""
-    rt, run_config = runtime.Runtime("cpu"), config(**settings)
+    rt, run_config = process.Runtime("cpu"), config(**settings)
     checkpointer = runs.Checkpointer(os.path.dirname(path), PREFIX, rt, path, run_config.seed)
     model = checkpointer.resumed_model()
     optimizers = trainer.build_optimizer(model, run_config, rt)
@@ -194,7 +194,7 @@ def test_a_refused_resume_leaves_the_model_and_the_optimizer_as_they_were(tmp_pa
     contents = torch.load(path, weights_only=False)
     del contents["optimizer"]["state"]["norm.weight"]["exp_avg"]
     torch.save(contents, path)
-    rt, run_config = runtime.Runtime("cpu"), config()
+    rt, run_config = process.Runtime("cpu"), config()
     checkpointer = runs.Checkpointer(str(tmp_path), PREFIX, rt, str(path), run_config.seed)
     model = checkpointer.resumed_model()
     optimizers = trainer.build_optimizer(model, run_config, rt)

@@ -12,7 +12,7 @@ import torch
 import checkpoint
 import model
 import runs
-import runtime
+import process
 import train_config
 import trainer
 from cli import PionError
@@ -25,7 +25,7 @@ from conftest import tiny_model
 def test_norm_weights_get_no_weight_decay():
     m = model.Pion(model.PionConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32))
     [opt] = trainer.build_optimizer(m, train_config.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0,
-                                                                weight_decay=0.1), runtime.Runtime("cpu"))
+                                                                weight_decay=0.1), process.Runtime("cpu"))
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     norms = [p for n, p in m.named_parameters() if "norm" in n]
     assert norms and not any(id(p) in decayed for p in norms)
@@ -39,7 +39,7 @@ def muon_config(**settings):
 
 def test_muon_takes_the_hidden_matrices_and_adamw_the_embedding_and_norms():
     m = model.Pion(model.PionConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32))
-    adamw, muon = trainer.build_optimizer(m, muon_config(), runtime.Runtime("cpu"))
+    adamw, muon = trainer.build_optimizer(m, muon_config(), process.Runtime("cpu"))
     assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
     hidden = [p for n, p in m.named_parameters() if p.dim() == 2 and n != "embed.weight"]
@@ -50,9 +50,9 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_embedding_and_norms():
 
 def test_each_optimizer_follows_the_schedule_from_its_own_peak():
     m = model.Pion(model.PionConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32))
-    optimizers = trainer.build_optimizer(m, muon_config(), runtime.Runtime("cpu"))
+    optimizers = trainer.build_optimizer(m, muon_config(), process.Runtime("cpu"))
     ids = torch.randint(0, 64, (2, 8))
-    trainer.train_step(m, optimizers, iter([{"input_ids": ids, "labels": ids}]), runtime.Runtime("cpu"), 1, 1.0, 0.5)
+    trainer.train_step(m, optimizers, iter([{"input_ids": ids, "labels": ids}]), process.Runtime("cpu"), 1, 1.0, 0.5)
     adamw, muon = optimizers
     assert {g["lr"] for g in adamw.param_groups} == {0.5e-3} and {g["lr"] for g in muon.param_groups} == {0.01}
 
@@ -66,9 +66,9 @@ def test_muon_with_gradient_accumulation_steps_as_one_big_batch():
         torch.manual_seed(0)
         m = model.Pion(model.PionConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32))
         before = {n: p.detach().clone() for n, p in m.named_parameters()}
-        optimizers = trainer.build_optimizer(m, muon_config(), runtime.Runtime("cpu"))
+        optimizers = trainer.build_optimizer(m, muon_config(), process.Runtime("cpu"))
         batches = iter({"input_ids": b, "labels": b} for b in micro_batches)
-        trainer.train_step(m, optimizers, batches, runtime.Runtime("cpu"), len(micro_batches), 1.0, 1.0)
+        trainer.train_step(m, optimizers, batches, process.Runtime("cpu"), len(micro_batches), 1.0, 1.0)
         updates.append({n: p.detach() - before[n] for n, p in m.named_parameters()})
     one, accumulated = updates
     for name in one:
@@ -78,18 +78,18 @@ def test_muon_with_gradient_accumulation_steps_as_one_big_batch():
 def test_muon_with_fsdp_is_refused_in_one_line():
     m = model.Pion(model.PionConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32))
     with pytest.raises(PionError, match="--optimizer muon does not run with --fsdp"):
-        trainer.build_optimizer(m, muon_config(fsdp=True), runtime.Runtime("cpu"))
+        trainer.build_optimizer(m, muon_config(fsdp=True), process.Runtime("cpu"))
 
 
 def test_a_non_finite_step_changes_no_weight():
     m = model.Pion(model.PionConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32))
     opt = trainer.build_optimizer(m, train_config.TrainConfig(max_steps=1, lr=1e-3, min_lr=0, warmup_steps=0),
-                                  runtime.Runtime("cpu"))
+                                  process.Runtime("cpu"))
     with torch.no_grad():
         m.layers[0].ffn.w1.weight[0, 0] = float("inf")
     before = {n: p.clone() for n, p in m.named_parameters()}
     ids = torch.randint(0, 64, (2, 8))
-    loss, _, _ = trainer.train_step(m, opt, iter([{"input_ids": ids, "labels": ids}]), runtime.Runtime("cpu"), 1, 1.0,
+    loss, _, _ = trainer.train_step(m, opt, iter([{"input_ids": ids, "labels": ids}]), process.Runtime("cpu"), 1, 1.0,
                                     1.0)
     assert not np.isfinite(loss)
     assert all(torch.equal(before[n], p) for n, p in m.named_parameters())
@@ -113,7 +113,7 @@ def train_tiny(run_dir, resume=None, **settings):
     config = train_config.TrainConfig(**{"max_steps": 6, "lr": 3e-3, "min_lr": 3e-5, "warmup_steps": 2,
                                          "batch_size": 4, "grad_accum": 2, "seq_len": 32, "log_interval": 1,
                                          "eval_interval": 3, "eval_steps": 2, "save_interval": 3, **settings})
-    rt = runtime.Runtime("cpu")
+    rt = process.Runtime("cpu")
     checkpointer = runs.Checkpointer(str(run_dir), "pion_nano", rt, str(resume) if resume else None, config.seed)
     model = checkpointer.resumed_model() if resume else tiny_model(vocab_size=512, d_model=32, n_heads=4, d_ff=64)
     run = trainer.TrainingRun(random_batches, random_batches, checkpointer, saved_with={"trainer": "pretrain"})
@@ -127,7 +127,7 @@ def record_mallopt_calls(monkeypatch):
         def mallopt(self, option, value):
             calls.append((option, value))
             return 1
-    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.setattr(process.ctypes, "CDLL", lambda name: Libc())
     return calls
 
 
@@ -144,7 +144,7 @@ def test_a_cpu_run_asks_glibc_to_keep_freed_memory(tmp_path, monkeypatch):
 def test_a_runtime_alone_leaves_the_allocator_as_it_is(monkeypatch):
     """eval.py and the benchmarks make a Runtime without training: glibc keeps its own settings."""
     calls = record_mallopt_calls(monkeypatch)
-    runtime.Runtime("cpu")
+    process.Runtime("cpu")
     assert calls == []
 
 
@@ -245,6 +245,6 @@ def test_repeated_non_finite_losses_stop_the_run_without_saving(tmp_path, capsys
 def test_the_memory_test_trains_in_a_temporary_folder_it_removes(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     config = train_config.TrainConfig(max_steps=1000, lr=1e-3, min_lr=0, warmup_steps=100, batch_size=2, seq_len=16)
-    (used, total), (host_used, host_total) = trainer.memory_test(tiny_model(), config, runtime.Runtime("cpu"))
+    (used, total), (host_used, host_total) = trainer.memory_test(tiny_model(), config, process.Runtime("cpu"))
     assert 0 < used < total and 0 < host_used < host_total
     assert os.listdir(tmp_path) == []

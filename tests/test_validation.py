@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import runtime
+import process
 import validation
 from tokenizer import EOS_ID, PAD_ID
 from conftest import run_in_process, save_tiny_checkpoint, tiny_pion
@@ -44,7 +44,7 @@ def test_val_bpb_is_the_summed_loss_in_bits_over_the_target_bytes(tokenizer):
     labels[0, 1:4] = -100  # a masked prompt, as in SFT
     lengths = validation.token_byte_lengths(tokenizer, 50258)
     metrics = validation.evaluate(pion, [{"input_ids": input_ids[:2], "labels": labels[:2]},
-                                {"input_ids": input_ids[2:], "labels": labels[2:]}], runtime.Runtime("cpu"), 10, lengths)
+                                {"input_ids": input_ids[2:], "labels": labels[2:]}], process.Runtime("cpu"), 10, lengths)
     with torch.no_grad():
         logits = pion(input_ids)["logits"][:, :-1]
     targets = labels[:, 1:]
@@ -66,7 +66,7 @@ def test_evaluate_reads_its_sums_back_from_the_device_once_not_per_batch(tokeniz
 
     def reads_over(n_batches):
         reads.clear()
-        validation.evaluate(pion, [batch] * n_batches, runtime.Runtime("cpu"), n_batches, lengths)
+        validation.evaluate(pion, [batch] * n_batches, process.Runtime("cpu"), n_batches, lengths)
         return len(reads)
 
     assert reads_over(4) == reads_over(1) <= 3
@@ -87,7 +87,7 @@ def test_eval_data_dir_reports_val_loss_and_bpb(tmp_path, tokenizer, tokenizer_p
     assert "val loss" in result.stdout and "bpb" in result.stdout
     saved = json.load(open(tmp_path / "out" / "results.json"))["validation"]
     batches = data.create_dataloader(str(tmp_path / "data"), "val", 3, 32, 50258)
-    expected = validation.evaluate(pion, batches, runtime.Runtime("cpu"), 100, validation.token_byte_lengths(tokenizer, 50258))
+    expected = validation.evaluate(pion, batches, process.Runtime("cpu"), 100, validation.token_byte_lengths(tokenizer, 50258))
     assert saved["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
     assert saved["val_bpb"] == pytest.approx(expected["val_bpb"], rel=1e-5)
 

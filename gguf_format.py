@@ -1,12 +1,12 @@
 """Export a Pion model as one GGUF file: llama.cpp (llama-cli, llama-server, llama-cpp-python and the apps
 built on it) loads it as its `qwen3` architecture, with the tokenizer and the chat template inside.
 
-Pion without attention soft-capping is Qwen3 (see hf_export.py), so the export renames tensors into
+Pion without attention soft-capping is Qwen3 (see transformers_format.py), so the export renames tensors into
 transformers' Qwen3 names and from there into llama.cpp's (the `gguf` package's own name map). Qwen3's Q and
 K weights are stored as they are: llama.cpp applies rotate-half (NeoX) RoPE to qwen3, which is what Pion does,
 so they need none of the permutation llama.cpp's `llama` architecture wants.
 
-    from gguf_export import write_gguf
+    from gguf_format import write_gguf
     write_gguf(pion_model, load_tokenizer(), "pion-small.gguf", gguf_type="q8_0")   # or f32, f16, q4_0
 """
 import json
@@ -17,7 +17,7 @@ from checkpoint import load_checkpoint
 from tokenizer import EOS_ID, PAD_ID, UNK_ID, load_tokenizer
 from cli import PionError
 from files import replaced_atomically
-from hf_export import check_soft_cap, qwen3_state_dict
+from transformers_format import check_soft_cap, qwen3_state_dict
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 ARCH = "qwen3"
