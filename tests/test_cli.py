@@ -150,7 +150,8 @@ def test_ctrl_c_is_one_line_and_the_shells_exit_code_130():
     assert (result.returncode, result.stderr) == (130, "interrupted\n")
 
 def test_a_missing_optional_package_is_one_line_naming_what_needs_it(monkeypatch):
-    monkeypatch.setitem(sys.modules, "lm_eval", None)  # importing it -> ImportError
+    for name in [name for name in sys.modules if name.split(".")[0] == "lm_eval"] + ["lm_eval"]:
+        monkeypatch.setitem(sys.modules, name, None)  # importing it, or a part imported before -> ImportError
     monkeypatch.delitem(sys.modules, "harness", raising=False)
     with pytest.raises(cli.PionError, match=r"^--eval_tasks needs lm-eval \(.*\): pip install lm-eval$"):
         cli.import_optional("harness", "--eval_tasks", "lm-eval")
