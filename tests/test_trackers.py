@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import struct
+import time
 
 import pytest
 
@@ -219,8 +220,16 @@ def wandb_records(path):
             yield record
 
 
-def wandb_runs(run_dir):
-    """{run id: {"config": {...}, "history": [rows]}} of every offline wandb session of a run."""
+def wandb_runs(run_dir, wait_seconds=30):
+    """{run id: {"config": {...}, "history": [rows]}} of every offline wandb session of a run. wandb-core, a
+    process of its own, may still be writing a finished run's file: it is read again until a run is in it."""
+    deadline = time.monotonic() + wait_seconds
+    while not (runs := wandb_runs_written(run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return runs
+
+
+def wandb_runs_written(run_dir):
     runs = {}
     for path in sorted(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))):
         for record in wandb_records(path):
