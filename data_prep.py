@@ -5,12 +5,10 @@ format (the shard format and the loader that reads it are data.py's).
     python data_prep.py prepare --input my_texts/ --out data/mine      # your own .txt / .jsonl files
 """
 import contextlib
-import glob
 import itertools
 import json
 import os
 import re
-import shutil
 import signal
 import sys
 
@@ -170,12 +168,12 @@ def prepare(documents, out, source, seq_len=2048, tokenizer_path=None, shard_row
     shard_rows rows per uint16 shard; the final partial row is padded with PAD_ID.
 
     Everything is written into a hidden staging folder beside `out`, which is renamed to `out` only when
-    it is complete: a failed or interrupted prepare leaves no partial data set that training could take."""
+    it is complete: a failed or interrupted prepare leaves no partial data set that training could take, and
+    the staging folder of one that was killed outright goes when the next one writes (files.remove_leftovers)."""
     if seq_len < 1 or shard_rows < 1:
         raise PionError(f"--seq_len and --shard_rows must be positive, got {seq_len} and {shard_rows}")
     out = os.path.abspath(out)
     check_new_folder(out)
-    remove_stale_staging(out)
     tokenizer = load_tokenizer(tokenizer_path)
     if tokenizer.get_vocab_size() > 2 ** 16:
         raise PionError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, too many for uint16 shards")
@@ -190,30 +188,6 @@ def prepare(documents, out, source, seq_len=2048, tokenizer_path=None, shard_row
     summary = write_folder_atomically(out, write)
     print(f"wrote {summary['total_tokens']:,} tokens from {summary['n_documents']:,} documents as "
           f"{summary['n_rows']:,} rows of {seq_len} tokens in {summary['n_shards']} shard(s) to {out}")
-
-
-def remove_stale_staging(out):
-    """Remove the staging folders (.NAME.tmp<pid>) of earlier prepares into `out` whose process is gone: one
-    killed outright (SIGKILL, a lost machine) had no chance to. A staging folder of a live process is its own."""
-    directory, name = os.path.split(out)
-    for path in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.tmp*")):
-        pid = path.rsplit(".tmp", 1)[1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not process_exists(int(pid))):
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)  # one we may not remove is no reason to refuse
-            else:
-                with contextlib.suppress(OSError):
-                    os.remove(path)
-
-
-def process_exists(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process is there
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 class Stopped(KeyboardInterrupt):

@@ -42,7 +42,9 @@ def remove_leftovers(directory, name_pattern, all_stale=False):
     them with all_stale (the caller holds the folder's lock: no one else is writing there)."""
     for leftover in glob.glob(os.path.join(glob.escape(directory), f".{name_pattern}.tmp*")):
         pid = leftover.rsplit(".tmp", 1)[1]
-        if all_stale or (pid.isdigit() and not process_exists(int(pid))):
+        # Our own pid's is a leftover too: it was written before this write began, by an earlier process that had
+        # the same id.
+        if all_stale or (pid.isdigit() and (int(pid) == os.getpid() or not process_exists(int(pid)))):
             if os.path.isdir(leftover):
                 shutil.rmtree(leftover, ignore_errors=True)  # another run may be removing it too
             else:

@@ -95,3 +95,12 @@ def test_a_write_removes_the_leftovers_of_killed_writers_of_its_path_only(tmp_pa
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_a_leftover_with_this_process_s_own_id_is_an_earlier_process_s_and_goes(tmp_path):
+    """Process ids are reused: a temporary under our id that exists before our write began is not ours."""
+    reused = tmp_path / f".out.tmp{os.getpid()}"
+    reused.mkdir()
+    (reused / "shard_00000.npy").write_bytes(b"half a shard")
+    write_folder_atomically(str(tmp_path / "out"), lambda folder: None)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
