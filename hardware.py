@@ -88,12 +88,18 @@ def training_flops_per_token(model, seq_len):
 
 
 def parameter_bytes(model):
-    """The weights' bytes: parameters (a tied weight counts once) and buffers (int8/int4 weights and their scales,
-    see quantize.py). With --quantize int8 the fp32 embedding counts whole though a step looks up one row."""
+    """The weights' bytes: parameters and buffers (int8/int4 weights and their scales, see quantize.py), each
+    stored tensor once (a tied weight, and quantized layers that view a fused layer's buffers). With --quantize
+    int8 the fp32 embedding counts whole though a step looks up one row."""
     # The fused projection weights (Pion.fuse_projections) are read instead of the parameters they copy; int4's
-    # plain nibbles only by long prompts (quantize.Int4Linear).
-    buffers = [b for name, b in model.named_buffers() if not name.endswith(("fused_weight", "nibbles"))]
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *buffers])
+    # nibbles only by long prompts where ATen's packing of them is there for the decode steps (quantize.Int4Linear).
+    packed = {name.rsplit(".", 1)[0] for name, _ in model.named_buffers() if name.endswith(".packed")}
+    storages = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        owner, _, leaf = name.rpartition(".")
+        if leaf != "fused_weight" and not (leaf == "nibbles" and owner in packed):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 def kv_cache_bytes(config, batch_size, cache_len, dtype):

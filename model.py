@@ -166,25 +166,29 @@ FUSED_PROJECTION_DEVICES = ("cuda",)
 FUSED_PROJECTION_MIN_ROWS = 256
 
 
-def linear_group(x, layers, fused_weight=None):
+def linear_group(x, layers, fused=None):
     """x through several bias-free Linear layers that all read it, as one product where that pays: with
-    fused_weight, their weights already concatenated (decoding, see Pion.fuse_projections); on CUDA for a
-    block of rows (training, prefill), with the weights concatenated here: one launch and larger tiles
-    instead of several, and under torch.compile the concatenation fuses with autocast's cast of the weights,
-    which happens anyway. The parameters stay separate, so checkpoints and exports keep their tensor names."""
-    if fused_weight is None and x.device.type in FUSED_PROJECTION_DEVICES \
+    fused, their weights already concatenated (decoding, see Pion.fuse_projections) or one quantized layer
+    for all of them (quantize.py); on CUDA for a block of rows (training, prefill), with the weights
+    concatenated here: one launch and larger tiles instead of several, and under torch.compile the
+    concatenation fuses with autocast's cast of the weights, which happens anyway. The parameters stay
+    separate, so checkpoints and exports keep their tensor names."""
+    if fused is None and x.device.type in FUSED_PROJECTION_DEVICES \
             and x.numel() // x.shape[-1] >= FUSED_PROJECTION_MIN_ROWS \
             and all(type(m) is Linear for m in layers):
-        fused_weight = torch.cat([m.weight for m in layers])
-    if fused_weight is None:
+        fused = torch.cat([m.weight for m in layers])
+    if fused is None:
         return [m(x) for m in layers]
-    return F.linear(x, fused_weight).split([m.out_features for m in layers], dim=-1)
+    product = fused(x) if isinstance(fused, nn.Module) else F.linear(x, fused)
+    return product.split([m.out_features for m in layers], dim=-1)
 
 
-def fused_weight_of(module, kv_cache):
-    """module's concatenated projection weight when this forward may use it: on the cache path of a
-    generation that refreshed them (KVCache.fused_projections), never in training."""
-    return module.fused_weight if kv_cache is not None and kv_cache.fused_projections else None
+def fused_projection(module, kv_cache):
+    """module's fused projection (its fused_layer, else its concatenated fused_weight) when this forward may
+    use it: on the cache path of a generation that made them (KVCache.fused_projections), never in training."""
+    if kv_cache is None or not kv_cache.fused_projections:
+        return None
+    return module.fused_layer if module.fused_layer is not None else module.fused_weight
 
 
 class SwiGLU(nn.Module):
@@ -194,9 +198,10 @@ class SwiGLU(nn.Module):
         self.w2 = Linear(d_ff, d_model)  # down
         self.w3 = Linear(d_model, d_ff)  # up
         self.register_buffer("fused_weight", None, persistent=False)  # [w1; w3] for decoding (fuse_projections)
+        self.fused_layer = None  # or quantize.py's one quantized layer for w1 and w3
 
     def forward(self, x, kv_cache=None):
-        gate, up = linear_group(x, (self.w1, self.w3), fused_weight_of(self, kv_cache))
+        gate, up = linear_group(x, (self.w1, self.w3), fused_projection(self, kv_cache))
         return self.w2(F.silu(gate) * up)
 
 
@@ -250,11 +255,12 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd)
         self.k_norm = RMSNorm(hd)
         self.register_buffer("fused_weight", None, persistent=False)  # [q; k; v] for decoding (fuse_projections)
+        self.fused_layer = None  # or quantize.py's one quantized layer for q, k and v
 
     def forward(self, x, cos, sin, kv_cache=None, input_pos=None):
         B, T, _ = x.shape
         c, hd = self.config, self.config.head_dim
-        q, k, v = linear_group(x, (self.q_proj, self.k_proj, self.v_proj), fused_weight_of(self, kv_cache))
+        q, k, v = linear_group(x, (self.q_proj, self.k_proj, self.v_proj), fused_projection(self, kv_cache))
         q, k, v = q.view(B, T, c.n_heads, hd), k.view(B, T, c.n_kv_heads, hd), v.view(B, T, c.n_kv_heads, hd)
         # QK-norm before RoPE: it bounds the logits; rotating first would normalize rotated vectors.
         q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)
@@ -312,15 +318,22 @@ class Pion(nn.Module):
         p = self.embed.weight
         return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, p.device, dtype or p.dtype)
 
+    def projection_groups(self):
+        """(owner, layers) for each group of projections that read the same input: q/k/v, and gate/up."""
+        return [(layer.attn, (layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj)) for layer in self.layers] \
+            + [(layer.ffn, (layer.ffn.w1, layer.ffn.w3)) for layer in self.layers]
+
     @torch.no_grad()
     def fuse_projections(self):
         """Make or refresh, from the current weights, each block's concatenated q/k/v and gate/up weights, so a
         decode step runs 4 products per block instead of 7 (a one-row product costs its launch more than
         its bytes). They are copies (non-persistent buffers: not in checkpoints), used only on the cache path
-        of a KVCache whose fused_projections is set, by the caller that refreshed them. Returns whether they
-        exist: only on FUSED_PROJECTION_DEVICES with plain weights (not int8, not sharded), where they pay."""
-        groups = [(layer.attn, (layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj)) for layer in self.layers]
-        groups += [(layer.ffn, (layer.ffn.w1, layer.ffn.w3)) for layer in self.layers]
+        of a KVCache whose fused_projections is set, by the caller that refreshed them. Returns whether fused
+        projections exist: on FUSED_PROJECTION_DEVICES with plain weights (not sharded), where they pay, and
+        where quantize.py fused the quantized layers (their weights never change)."""
+        groups = self.projection_groups()
+        if all(owner.fused_layer is not None for owner, _ in groups):
+            return True
         if not all(type(m) is Linear and type(m.weight) is nn.Parameter and m.weight.device.type in FUSED_PROJECTION_DEVICES
                    for _, layers in groups for m in layers):
             return False

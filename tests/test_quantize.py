@@ -44,7 +44,8 @@ def test_an_all_zero_row_stays_zero():
 def test_every_linear_and_the_tied_output_projection_become_int8_while_the_embedding_stays(models):
     fp32, int8 = models
     assert not any(isinstance(m, Linear) for m in int8.modules())
-    assert sum(isinstance(m, Int8Linear) for m in int8.modules()) == 7 * fp32.config.n_layers + 1
+    layers = [name for name, m in int8.named_modules() if isinstance(m, Int8Linear) and "fused_layer" not in name]
+    assert len(layers) == 7 * fp32.config.n_layers + 1
     assert isinstance(int8.lm_head, Int8Linear) and int8.lm_head.int8_weight.shape == fp32.embed.weight.shape
     assert int8.embed.weight.dtype == torch.float32 and torch.equal(int8.embed.weight, fp32.embed.weight)
 
@@ -119,7 +120,7 @@ def test_int4_logits_are_fp32s_with_the_weights_rounded_to_q4_0(models):
     rounded = copy.deepcopy(fp32)
     with torch.no_grad():
         for name, layer in int4.named_modules():
-            if isinstance(layer, Int4Linear):
+            if isinstance(layer, Int4Linear) and "fused_layer" not in name:  # the fused layers view these
                 rounded.get_submodule(name).weight.copy_(layer.weight)
         rounded.embed.weight.copy_(int4.embed.weight)
     assert torch.equal(int4.embed.weight, int4.lm_head.weight)  # the lookup reads what q4_0 stores, as llama.cpp
@@ -128,7 +129,8 @@ def test_int4_logits_are_fp32s_with_the_weights_rounded_to_q4_0(models):
         expected, got = rounded(ids)["logits"], int4(ids)["logits"]
         step = int4(ids[:, :1])["logits"]  # one row: the int4 kernel's path
     assert (got - expected).norm() <= 0.02 * expected.norm()
-    assert (step - expected[:, :1]).norm() <= 0.02 * expected[:, :1].norm()
+    # The kernel also rounds the row to int8 in blocks of 32, as llama.cpp's q4_0 product does.
+    assert (step - expected[:, :1]).norm() <= 0.03 * expected[:, :1].norm()
 
 
 @pytest.mark.slow
