@@ -51,26 +51,29 @@ def cpu_flags():
 
 
 @functools.cache
-def cpu_kernels():
+def cpu_kernels(source=KERNEL_SOURCE, flags=("-march=native",)):
     """Whether quantize_cpu.cpp's torch.ops.pion.int8_linear and int4_linear are loaded: built with the C++
-    compiler torch.compile uses, for this CPU, once (the build is kept in ~/.cache/pion/kernels and reused).
-    False on CPUs without AVX2 (such as ARM), or when the build fails, with a warning: ATen's kernels run."""
+    compiler torch.compile uses, for this CPU (flags), once: the build is kept in ~/.cache/pion/kernels under
+    a name from the CPU's flags, torch's version and the source, so it is reused only where it fits. False
+    on CPUs without AVX2 (such as ARM) or when the build fails, with a warning: ATen's kernels run instead."""
     if platform.machine().lower() not in ("x86_64", "amd64") \
             or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return False
     from torch.utils import cpp_extension
-    tag = hashlib.sha256((cpu_flags() + torch.__version__).encode()).hexdigest()[:12]
-    name = f"pion_quantize_cpu_{tag}"
-    folder = os.path.join(os.path.expanduser("~"), ".cache", "pion", "kernels", name)
+    with open(source, "rb") as f:
+        fingerprint = f.read() + repr((cpu_flags(), torch.__version__, flags)).encode()
+    name = f"pion_quantize_cpu_{hashlib.sha256(fingerprint).hexdigest()[:12]}"
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.path.join(cache, "pion", "kernels", name)
     os.makedirs(folder, exist_ok=True)
     if not os.path.exists(os.path.join(folder, f"{name}.so")):
         print("building quantize_cpu.cpp's int8/int4 kernels for this CPU (once, about 30 s)", file=sys.stderr)
     try:
-        cpp_extension.load(name, [KERNEL_SOURCE], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"], build_directory=folder, is_python_module=False)
+        cpp_extension.load(name, [source], extra_cflags=["-O3", *flags, "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           build_directory=folder, is_python_module=False)
     except Exception as e:  # no compiler, no ninja, a compiler error: the ATen kernels still work
-        warnings.warn(f"could not build quantize_cpu.cpp ({str(e).strip().splitlines()[-1] if str(e).strip() else e!r}); "
-                      "--quantize uses ATen's slower kernels")
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        warnings.warn(f"could not build {os.path.basename(source)} ({reason}); --quantize uses ATen's slower kernels")
         return False
     for op in ("pion::int8_linear", "pion::int4_linear"):  # output shapes, for torch.compile
         torch.library.register_fake(op)(lambda x, weight, scale: x.new_empty(x.shape[0], weight.shape[0],

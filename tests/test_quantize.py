@@ -9,7 +9,8 @@ from cli import PionError
 from conftest import assert_one_line_error, run_in_process, tiny_pion
 from decoding import generate
 from model import Linear
-from quantize import Int4Linear, Int8Linear, quantize, quantize_blocks_int4, quantize_rows_int8
+import quantize as quantize_module
+from quantize import Int4Linear, Int8Linear, cpu_kernels, quantize, quantize_blocks_int4, quantize_rows_int8
 from generate import main as generate_main
 
 PROMPTS = [[464, 2068, 7586, 21831], [7454, 2402, 257, 640, 11], [4299, 277, 7, 87, 2599], [50, 1000, 20000]]
@@ -189,3 +190,144 @@ def test_the_bytes_a_decode_step_reads_count_the_int8_weights():
     int8 = quantize(tiny_model(), "int8")
     assert 0 < hardware.parameter_bytes(int8) < hardware.parameter_bytes(fp32)
     assert hardware.parameter_bytes(int8) > sum(p.numel() * p.element_size() for p in int8.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------
+# quantize_cpu.cpp: the few-row kernels, and ATen's kernels where they cannot be built
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels(), reason="quantize_cpu.cpp does not build on this machine")
+
+
+def rows_as_int8_blocks(x):
+    """The kernels' rounding of activation rows: int8 in blocks of 32, each scaled by its largest |value| / 127
+    -> (q (M, K / 32, 32), d (M, K / 32, 1))."""
+    blocks = x.view(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    q = torch.round(blocks * torch.where(amax > 0, 127 / amax, 0.0))
+    return q, amax / 127
+
+
+def int8_reference(x, weight, scale):
+    q, d = rows_as_int8_blocks(x)
+    w = weight.float().view(weight.shape[0], -1, 32)
+    return torch.einsum("mbk,nbk,mb->mn", q, w, d[..., 0]) * scale
+
+
+def int4_reference(x, q4, d4):
+    q, d = rows_as_int8_blocks(x)
+    w = (q4.float() - 8).view(q4.shape[0], -1, 32)
+    return torch.einsum("mbk,nbk,mb,nb->mn", q, w, d[..., 0], d4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(4, 1, 64), (37, 3, 96), (20, 2, 256)], ids=["1 row", "3 rows, odd blocks", "2 rows"])
+def test_the_int8_kernel_multiplies_rows_rounded_to_int8_blocks_by_the_int8_weights(shape):
+    # Row counts that are not a multiple of 4 and block counts that are odd or not a multiple of 4 take
+    # every path: several rows at a time, one at a time, 512-bit steps and the 256-bit tail.
+    n, m, k = shape
+    weight, scale = quantize_rows_int8(torch.randn(n, k))
+    x = torch.randn(m, k)
+    x[0, :32] = 0  # an all-zero block
+    torch.testing.assert_close(torch.ops.pion.int8_linear(x, weight, scale), int8_reference(x, weight, scale),
+                               rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(4, 1, 64), (37, 3, 160), (20, 2, 256)], ids=["1 row", "3 rows, 5 blocks", "2 rows"])
+def test_the_int4_kernel_multiplies_rows_rounded_to_int8_blocks_by_the_q4_0_weights(shape):
+    n, m, k = shape
+    q, d = quantize_blocks_int4(torch.randn(n, k))
+    x = torch.randn(m, k)
+    got = torch.ops.pion.int4_linear(x, quantize_module.q4_0_nibbles(q), d)
+    torch.testing.assert_close(got, int4_reference(x, q, d), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_bf16_rows_go_through_the_kernels_as_their_fp32_values():
+    weight, scale = quantize_rows_int8(torch.randn(8, 64))
+    x = torch.randn(1, 64).bfloat16()
+    assert torch.equal(torch.ops.pion.int8_linear(x, weight, scale), torch.ops.pion.int8_linear(x.float(), weight, scale))
+
+
+AVX2_BUILD = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import quantize
+assert quantize.cpu_kernels(flags=("-march=haswell",))  # AVX2 and FMA: no AVX-512, no VNNI
+torch.manual_seed(0)
+x = torch.randn(3, 160)
+w8, s8 = quantize.quantize_rows_int8(torch.randn(37, 160))
+q4, d4 = quantize.quantize_blocks_int4(torch.randn(37, 160))
+torch.save([torch.ops.pion.int8_linear(x, w8, s8), torch.ops.pion.int4_linear(x, quantize.q4_0_nibbles(q4), d4)], {out!r})
+"""
+
+
+@pytest.mark.slow
+@needs_kernels
+def test_the_avx2_build_computes_what_the_native_build_does(tmp_path):
+    # This machine runs one build per process (each registers torch.ops.pion), so the AVX2 one runs apart.
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("no AVX2")
+    out = tmp_path / "avx2.pt"
+    result = subprocess.run([sys.executable, "-c", AVX2_BUILD.format(root=ROOT, out=str(out))], capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    int8, int4 = torch.load(out)
+    torch.manual_seed(0)
+    x = torch.randn(3, 160)
+    w8, s8 = quantize_rows_int8(torch.randn(37, 160))
+    q4, d4 = quantize_blocks_int4(torch.randn(37, 160))
+    torch.testing.assert_close(int8, torch.ops.pion.int8_linear(x, w8, s8), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(int4, torch.ops.pion.int4_linear(x, quantize_module.q4_0_nibbles(q4), d4),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_kernel_build_that_fails_warns_once_and_leaves_atens_kernels(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    if platform_has_no_kernels():
+        pytest.skip("not an x86 CPU with AVX2: no build is tried")
+    with pytest.warns(UserWarning, match="could not build broken.cpp.*ATen"):
+        assert cpu_kernels(source=str(broken)) is False
+
+
+def platform_has_no_kernels():
+    import platform
+    return platform.machine().lower() not in ("x86_64", "amd64") \
+        or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")
+
+
+def test_without_the_kernels_the_layers_multiply_through_atens(monkeypatch):
+    monkeypatch.setattr(quantize_module, "cpu_kernels", lambda: False)
+    w = torch.randn(48, 64)
+    x = torch.randn(1, 64)
+    for layer in (Int8Linear(w), Int4Linear(w)):
+        assert not layer.use_kernels
+        expected = x @ layer.weight.T
+        assert (layer(x) - expected).norm() <= 0.01 * expected.norm()
+    assert hasattr(Int4Linear(w), "packed")  # ATen's own int4 packing
+
+
+def test_without_the_kernels_projections_stay_unfused(monkeypatch):
+    monkeypatch.setattr(quantize_module, "cpu_kernels", lambda: False)
+    int8 = quantize(tiny_pion(), "int8")
+    assert all(owner.fused_layer is None for owner, _ in int8.projection_groups())
+    assert not int8.fuse_projections()
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_fused_layer_gives_its_layers_outputs_side_by_side_from_their_own_buffers(method):
+    m = quantize(tiny_pion(), method)
+    assert m.fuse_projections()
+    x = torch.randn(1, 1, m.config.d_model)
+    for owner, layers in m.projection_groups():
+        assert torch.equal(owner.fused_layer(x), torch.cat([layer(x) for layer in layers], -1))
+        for name, buffer in owner.fused_layer.named_buffers():  # the layers view the fused layer's rows
+            assert all(getattr(layer, name).untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+                       for layer in layers)
