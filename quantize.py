@@ -154,8 +154,8 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """A bias-free linear layer with Q4_0 weights: 4-bit values, one fp16 scale per 32 inputs, as nibbles in
-    Q4_0's order, which quantize_cpu.cpp reads. Without those kernels it keeps a second copy of the values in
+    """A bias-free linear layer with Q4_0 weights: 4-bit values, one fp16 scale per 32 inputs (4.5 bits a
+    weight), as nibbles in Q4_0's order, which quantize_cpu.cpp reads. Without those kernels it keeps a second copy of the values in
     the packing of ATen's int4 kernel (which depends on the CPU's vector width) for decode steps."""
 
     def __init__(self, weight):
@@ -167,7 +167,7 @@ class Int4Linear(nn.Module):
         self.use_kernels = cpu_kernels()
         q, d = quantize_blocks_int4(weight)
         self.register_buffer("nibbles", q4_0_nibbles(q))
-        self.register_buffer("scale", d)
+        self.register_buffer("scale", d.half())  # exact: Q4_0's scales are fp16
         if not self.use_kernels:
             padded = -self.out_features % 16  # ATen's kernel packs output channels 16 at a time
             padded_d = F.pad(d, (0, 0, 0, padded))
@@ -179,7 +179,7 @@ class Int4Linear(nn.Module):
     @property
     def weight(self):
         """The dequantized weight in fp32, as llama.cpp reads it from the q4_0 file."""
-        return dequantize_blocks_int4(q4_0_values(self.nibbles), self.scale)
+        return dequantize_blocks_int4(q4_0_values(self.nibbles), self.scale.float())
 
     def forward(self, x):
         rows = x.reshape(-1, self.in_features)

@@ -8,7 +8,7 @@
 // scaled and added up in fp32 lanes, summed across lanes once per output.
 //
 //   int8_linear(x (M, K), weight (N, K) int8, scale (N) fp32)             y = x w^T scale: per output row
-//   int4_linear(x (M, K), nibbles (N, K / 2) uint8, scale (N, K / 32) fp32)  Q4_0: w = (q - 8) * d per block
+//   int4_linear(x (M, K), nibbles (N, K / 2) uint8, scale (N, K / 32) fp16)  Q4_0: w = (q - 8) * d per block
 //
 // x is fp32 or bf16, K a multiple of 32; y is (M, N) fp32. int4 nibbles are Q4_0's layout: in block b, byte j
 // holds q[32b + j] in its low half and q[32b + j + 16] in its high half.
@@ -117,7 +117,7 @@ inline void int8_rows(const int8_t* w, int64_t K, const int8_t* q, const float* 
 // activation row, into out[ROWS]. q_split is the activation row with each group of four blocks reordered
 // as the nibbles unpack: the four blocks' first 16 values, then their last 16 (see split_groups).
 template <int ROWS>
-inline void int4_rows(const uint8_t* nibbles, const float* scale, int64_t K, const int8_t* q, const int8_t* q_split,
+inline void int4_rows(const uint8_t* nibbles, const at::Half* scale, int64_t K, const int8_t* q, const int8_t* q_split,
                       const float* d, const float* s, float* out) {
   const int64_t blocks = K / BLOCK;
   int64_t b = 0;
@@ -139,7 +139,7 @@ inline void int4_rows(const uint8_t* nibbles, const float* scale, int64_t K, con
         const __m512i w_low = _mm512_and_si512(packed, low_half);
         const __m512i w_high = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_half);
         const __m512i sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w_low, x_low), w_high, x_high);
-        const __m128 ws = _mm_loadu_ps(scale + r * blocks + b);
+        const __m128 ws = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scale + r * blocks + b)));
         const __m512 scales = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(ws, dx)));
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scales, acc[r]);
         offsets[r] = _mm_fmadd_ps(ws, sx, offsets[r]);
@@ -161,7 +161,7 @@ inline void int4_rows(const uint8_t* nibbles, const float* scale, int64_t K, con
       const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(nibbles + r * K / 2 + b * BLOCK / 2));
       const __m256i wq = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low_half),
                                           _mm_and_si128(packed, low_half));
-      const float ws = scale[r * blocks + b];
+      const float ws = static_cast<float>(scale[r * blocks + b]);
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8_s8(wq, x)), _mm256_set1_ps(ws * d[b]), acc[r]);
       offset[r] += ws * s[b];
     }
@@ -232,12 +232,12 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& nibbles, const at::Tensor& scale) {
   const int64_t M = x.size(0), N = nibbles.size(0), K = nibbles.size(1) * 2, blocks = K / BLOCK;
   check(x, nibbles, K, "int4_linear");
-  TORCH_CHECK(nibbles.scalar_type() == at::kByte && scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
-              scale.size(0) == N && scale.size(1) == blocks, "int4_linear: uint8 nibbles and an fp32 scale per block");
+  TORCH_CHECK(nibbles.scalar_type() == at::kByte && scale.scalar_type() == at::kHalf && scale.is_contiguous() &&
+              scale.size(0) == N && scale.size(1) == blocks, "int4_linear: uint8 nibbles and an fp16 scale per block");
   const QuantizedRows r = quantize_rows(x, M, K, true);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const uint8_t* w = nibbles.data_ptr<uint8_t>();
-  const float* ws = scale.data_ptr<float>();
+  const at::Half* ws = scale.data_ptr<at::Half>();
   float* out = y.data_ptr<float>();
   at::parallel_for(0, N, OUTPUTS_PER_TASK, [&](int64_t begin, int64_t end) {
     float sums[4];

@@ -238,7 +238,7 @@ def test_the_int4_kernel_multiplies_rows_rounded_to_int8_blocks_by_the_q4_0_weig
     n, m, k = shape
     q, d = quantize_blocks_int4(torch.randn(n, k))
     x = torch.randn(m, k)
-    got = torch.ops.pion.int4_linear(x, quantize_module.q4_0_nibbles(q), d)
+    got = torch.ops.pion.int4_linear(x, quantize_module.q4_0_nibbles(q), d.half())
     torch.testing.assert_close(got, int4_reference(x, q, d), rtol=1e-5, atol=1e-5)
 
 
@@ -258,7 +258,7 @@ torch.manual_seed(0)
 x = torch.randn(3, 160)
 w8, s8 = quantize.quantize_rows_int8(torch.randn(37, 160))
 q4, d4 = quantize.quantize_blocks_int4(torch.randn(37, 160))
-torch.save([torch.ops.pion.int8_linear(x, w8, s8), torch.ops.pion.int4_linear(x, quantize.q4_0_nibbles(q4), d4)], {out!r})
+torch.save([torch.ops.pion.int8_linear(x, w8, s8), torch.ops.pion.int4_linear(x, quantize.q4_0_nibbles(q4), d4.half())], {out!r})
 """
 
 
@@ -282,7 +282,7 @@ def test_the_avx2_build_computes_what_the_native_build_does(tmp_path):
     w8, s8 = quantize_rows_int8(torch.randn(37, 160))
     q4, d4 = quantize_blocks_int4(torch.randn(37, 160))
     torch.testing.assert_close(int8, torch.ops.pion.int8_linear(x, w8, s8), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(int4, torch.ops.pion.int4_linear(x, quantize_module.q4_0_nibbles(q4), d4),
+    torch.testing.assert_close(int4, torch.ops.pion.int4_linear(x, quantize_module.q4_0_nibbles(q4), d4.half()),
                                rtol=1e-5, atol=1e-5)
 
 
