@@ -11,8 +11,8 @@ each costs little arithmetic. On x86 CPUs with AVX2, quantize_cpu.cpp's kernels 
 use, see cpu_kernels) do what llama.cpp does: they round the few rows of a decode step to int8 in blocks of
 32 and multiply int8 by int8 (VNNI where the CPU has it). Elsewhere, or if the build fails, ATen's
 weight-only kernels (torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu) take the rows in bf16.
-Fused like Pion.fuse_projections, each block's q/k/v and gate/up products are one call (quantize's
-fused_layer), whose buffers the separate layers view. A long prompt multiplies a bf16 copy of each weight,
+Where the kernels run, each block's q/k/v and gate/up products are one call, as Pion.fuse_projections makes
+them on a GPU: one quantized layer (the block's fused_layer, see fuse) whose buffers the separate layers view. A long prompt multiplies a bf16 copy of each weight,
 made per call (never stored), with the bf16 matrix product, which uses the CPU's matrix units. Norms, the KV
 cache and the embedding lookup keep the model's dtype.
 

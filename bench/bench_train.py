@@ -153,6 +153,19 @@ def flops_per_token():
         return hardware.training_flops_per_token(model.get_model("nano", use_soft_cap=False), SEQ_LEN)
 
 
+def newton_schulz_flops():
+    """FLOPs per optimizer step of torch.optim.Muon's orthogonalization of nano's hidden matrices (those
+    trainer.build_optimizer gives it: the 2-D weights but the tied embedding): ns_steps iterations, each
+    X X^T, its square and that times X, with X's shorter side m first: 4 m^2 n + 2 m^3."""
+    import torch
+    import model
+    ns_steps = torch.optim.Muon([torch.zeros(2, 2)]).defaults["ns_steps"]
+    with torch.device("meta"):
+        nano = model.get_model("nano", use_soft_cap=False)
+    shapes = [sorted(p.shape) for name, p in nano.named_parameters() if p.dim() == 2 and name != "embed.weight"]
+    return sum(ns_steps * (4 * m * m * n + 2 * m ** 3) for m, n in shapes)
+
+
 def main(steps=8, rounds=2):
     import os
     load_before = os.getloadavg()[0]
@@ -193,6 +206,15 @@ def main(steps=8, rounds=2):
     at_train_py = 1 + muon_s / (TRAIN_PY_TOKENS_PER_STEP / best["pion", "eager"])
     print(f"  Muon adds {muon_s * 1e3:.0f} ms per optimizer step (eager): {muon:.3f}x this step, {at_train_py:.3f}x "
           f"a step of train.py's {TRAIN_PY_TOKENS_PER_STEP:,} tokens at this speed")
+    # What no implementation of Muon's 5 Newton-Schulz iterations can go below: their products alone at the
+    # machine's bf16 matmul peak (torch.optim.Muon runs them in bf16).
+    import torch
+    import hardware
+    ns_flops, bf16_peak = newton_schulz_flops(), hardware.matmul_peak_flops(dtype=torch.bfloat16)
+    floor = 1 + ns_flops / bf16_peak / (BATCH * SEQ_LEN / best["pion", "eager"])
+    print(f"  Muon's Newton-Schulz products: {ns_flops / 1e9:.0f} GFLOP per optimizer step; at this machine's bf16 "
+          f"matmul peak ({bf16_peak / 1e9:.0f} GFLOP/s, 2048^3) they alone make the step {floor:.3f}x AdamW's: "
+          f"the floor for any Muon at this {BATCH * SEQ_LEN:,}-token step")
     checks = [(f"speed, eager vs eager        {speed['eager']:.2f}x", speed["eager"] >= TARGET_SPEED, f">= {TARGET_SPEED}x"),
               (f"speed, compiled vs compiled  {speed['compiled']:.2f}x", speed["compiled"] >= TARGET_SPEED,
                f">= {TARGET_SPEED}x"),
@@ -204,7 +226,7 @@ def main(steps=8, rounds=2):
     for text, ok, target in checks:
         print(f"  {text} (target {target}) {'PASS' if ok else 'FAIL'}")
     return {"speed_ratio": speed["eager"], "compiled_speed_ratio": speed["compiled"], "memory_ratio": memory,
-            "loader_ratio": feed, "muon_ratio": muon, "of_peak": of_peak["pion", "compiled"], "eager_of_peak": of_peak["pion", "eager"],
+            "loader_ratio": feed, "muon_ratio": muon, "muon_floor": floor, "of_peak": of_peak["pion", "compiled"], "eager_of_peak": of_peak["pion", "eager"],
             "pass": all(ok for _, ok, _ in checks)}
 
 

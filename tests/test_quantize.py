@@ -219,27 +219,28 @@ def int4_reference(x, q4, d4):
     return torch.einsum("mbk,nbk,mb,nb->mn", q, w, d[..., 0], d4)
 
 
+def kernel_arguments(method, n, k):
+    """(the weight arguments of torch.ops.pion.<method>_linear for a random (n, k) weight, the same product
+    computed in torch for rows x)."""
+    if method == "int8":
+        weight, scale = quantize_rows_int8(torch.randn(n, k))
+        return (weight, scale), lambda x: int8_reference(x, weight, scale)
+    q, d = quantize_blocks_int4(torch.randn(n, k))
+    return (quantize_module.q4_0_nibbles(q), d.half()), lambda x: int4_reference(x, q, d)
+
+
 @needs_kernels
-@pytest.mark.parametrize("shape", [(4, 1, 64), (37, 3, 96), (20, 2, 256)], ids=["1 row", "3 rows, odd blocks", "2 rows"])
-def test_the_int8_kernel_multiplies_rows_rounded_to_int8_blocks_by_the_int8_weights(shape):
-    # Row counts that are not a multiple of 4 and block counts that are odd or not a multiple of 4 take
-    # every path: several rows at a time, one at a time, 512-bit steps and the 256-bit tail.
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("shape", [(4, 1, 64), (37, 3, 160), (20, 2, 256)], ids=["1 row", "3 rows, 5 blocks", "2 rows"])
+def test_a_kernel_multiplies_rows_rounded_to_int8_blocks_by_its_weights(method, shape):
+    # Output counts that are not a multiple of 4 and block counts that are odd or not a multiple of 4 take
+    # every path: several outputs at a time and one at a time, 512-bit steps and the 256-bit tail.
     n, m, k = shape
-    weight, scale = quantize_rows_int8(torch.randn(n, k))
+    arguments, reference = kernel_arguments(method, n, k)
     x = torch.randn(m, k)
     x[0, :32] = 0  # an all-zero block
-    torch.testing.assert_close(torch.ops.pion.int8_linear(x, weight, scale), int8_reference(x, weight, scale),
-                               rtol=1e-5, atol=1e-5)
-
-
-@needs_kernels
-@pytest.mark.parametrize("shape", [(4, 1, 64), (37, 3, 160), (20, 2, 256)], ids=["1 row", "3 rows, 5 blocks", "2 rows"])
-def test_the_int4_kernel_multiplies_rows_rounded_to_int8_blocks_by_the_q4_0_weights(shape):
-    n, m, k = shape
-    q, d = quantize_blocks_int4(torch.randn(n, k))
-    x = torch.randn(m, k)
-    got = torch.ops.pion.int4_linear(x, quantize_module.q4_0_nibbles(q), d.half())
-    torch.testing.assert_close(got, int4_reference(x, q, d), rtol=1e-5, atol=1e-5)
+    got = getattr(torch.ops.pion, f"{method}_linear")(x, *arguments)
+    torch.testing.assert_close(got, reference(x), rtol=1e-5, atol=1e-5)
 
 
 @needs_kernels
