@@ -59,6 +59,12 @@ def decoded_perplexity(model, ids):
     return torch.tensor(total / (windows.numel() - len(windows))).exp().item()
 
 
+def greedy(model, prompts):
+    """Each prompt's greedy continuation, decoded alone as a chat user's is: batch 1, whose steps take the
+    quantized kernels' path (a batch of more than quantize.FEW_ROWS rows would multiply in bf16)."""
+    return [generate(model, prompt, NEW_TOKENS, stop_ids=())[0] for prompt in prompts]
+
+
 @torch.inference_mode()
 def teacher_forced_agreement(model, prompts, continuations):
     """Tokens of each continuation that model predicts (argmax) after the prompt and the continuation before it."""
@@ -85,7 +91,7 @@ def main(argv=None):
     ids = torch.tensor(tokenizer.encode(text).ids[:args.max_tokens])
     step = (len(ids) - PROMPT_TOKENS) // PROMPTS
     prompts = [ids[i * step:i * step + PROMPT_TOKENS].tolist() for i in range(PROMPTS)]
-    ours = generate(fp32, prompts, NEW_TOKENS, stop_ids=())  # one batch: each row decodes as it would alone
+    ours = greedy(fp32, prompts)
     ppl_fp32, decoded_fp32 = perplexity(fp32, ids), decoded_perplexity(fp32, ids)
     total = PROMPTS * NEW_TOKENS
     print(f"int8 and int4 vs fp32 on {args.checkpoint} ({fp32.count_parameters():,} params), CPU")
@@ -97,7 +103,7 @@ def main(argv=None):
         quantized = quantize(load_model(args.checkpoint, "cpu")[0], method)
         ratio = perplexity(quantized, ids) / ppl_fp32
         decoded_ratio = decoded_perplexity(quantized, ids) / decoded_fp32
-        theirs = generate(quantized, prompts, NEW_TOKENS, stop_ids=())
+        theirs = greedy(quantized, prompts)
         free = sum(a == b for row_a, row_b in zip(ours, theirs) for a, b in zip(row_a, row_b)) / total
         forced = teacher_forced_agreement(quantized, prompts, ours) / total
         print(f"{method}: perplexity {ratio * ppl_fp32:.3f}, ratio {ratio:.4f} (target <= {target}) "
