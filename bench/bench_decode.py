@@ -242,7 +242,7 @@ def local_inference(pion, prompt, runs):
     import copy
     import tempfile
     import llama_cpp
-    from quantize import quantize
+    from quantize import cpu_kernels, quantize
     load_before = os.getloadavg()
     models = {"fp32": pion, **{method: quantize(copy.deepcopy(pion), method) for method in ("int8", "int4")}}
     long_prompt = bench_prompt(LONG_PROMPT_TOKENS)
@@ -266,6 +266,10 @@ def local_inference(pion, prompt, runs):
           f"{PROMPT_TOKENS}-token prompt + {NEW_TOKENS} tokens, and a {LONG_PROMPT_TOKENS}-token prefill")
     print(f"machine: {os.cpu_count()} cores, load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
           f"(this benchmark included)")
+    # What the llama.cpp build uses: a portable (AVX2) build multiplies int8 without VNNI, a native one with it.
+    cpu_line = next((line for line in llama_cpp.llama_print_system_info().decode().split("\n") if "AVX" in line), "?")
+    print(f"llama.cpp build: {' '.join(cpu_line.split())}; Pion: "
+          f"{'quantize_cpu.cpp built with -march=native' if cpu_kernels() else 'ATen kernels (quantize_cpu.cpp not built)'}")
     print(f"  {'decoder':34} {'decode tok/s':>12} {'vs fp32':>8} {'vs llama':>9} {'prefill tok/s':>14} "
           f"{'vs llama':>9} {'tokens = fp32':>14}")
     for name, label, llama in LOCAL_DECODERS:
