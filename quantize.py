@@ -12,9 +12,10 @@ use, see cpu_kernels) do what llama.cpp does: they round the few rows of a decod
 32 and multiply int8 by int8 (VNNI where the CPU has it). Elsewhere, or if the build fails, ATen's
 weight-only kernels (torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu) take the rows in bf16.
 Where the kernels run, each block's q/k/v and gate/up products are one call, as Pion.fuse_projections makes
-them on a GPU: one quantized layer (the block's fused_layer, see fuse) whose buffers the separate layers view. A long prompt multiplies a bf16 copy of each weight,
-made per call (never stored), with the bf16 matrix product, which uses the CPU's matrix units. Norms, the KV
-cache and the embedding lookup keep the model's dtype.
+them on a GPU: one quantized layer (the block's fused_layer, see fuse) whose buffers the separate layers
+view. A long prompt multiplies a bf16 copy of each weight, made per call (never stored), with the bf16
+matrix product, which uses the CPU's matrix units. Norms, the KV cache and the embedding lookup keep the
+model's dtype.
 
     model = quantize(model, "int4")   # in place; the decoding scripts call it on checkpoint.load_model's model
 """
@@ -127,9 +128,10 @@ class Int8Linear(nn.Module):
         int8_weight, scale = quantize_rows_int8(weight)
         self.register_buffer("int8_weight", int8_weight)
         self.register_buffer("scale", scale)
-        # ATen's kernel wants the rows' dtype; a buffer, since inductor's lowering of the kernel fails on a
-        # scale converted inside the compiled step.
-        self.register_buffer("kernel_scale", scale.bfloat16())
+        if not self.use_kernels:
+            # ATen's kernel wants the rows' dtype; a buffer, since inductor's lowering of the kernel fails on a
+            # scale converted inside the compiled step.
+            self.register_buffer("kernel_scale", scale.bfloat16())
 
     @property
     def weight(self):
@@ -155,8 +157,9 @@ class Int8Linear(nn.Module):
 
 class Int4Linear(nn.Module):
     """A bias-free linear layer with Q4_0 weights: 4-bit values, one fp16 scale per 32 inputs (4.5 bits a
-    weight), as nibbles in Q4_0's order, which quantize_cpu.cpp reads. Without those kernels it keeps a second copy of the values in
-    the packing of ATen's int4 kernel (which depends on the CPU's vector width) for decode steps."""
+    weight), as nibbles in Q4_0's order, which quantize_cpu.cpp reads. Without those kernels it keeps a
+    second copy of the values in the packing of ATen's int4 kernel (which depends on the CPU's vector width)
+    for decode steps."""
 
     def __init__(self, weight):
         super().__init__()
@@ -172,7 +175,8 @@ class Int4Linear(nn.Module):
             padded = -self.out_features % 16  # ATen's kernel packs output channels 16 at a time
             padded_d = F.pad(d, (0, 0, 0, padded))
             scales_and_zeros = torch.stack([padded_d, torch.zeros_like(padded_d)], -1)
-            self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(F.pad(q.int(), (0, 0, 0, padded)), 1))
+            packed = torch._convert_weight_to_int4pack_for_cpu(F.pad(q.int(), (0, 0, 0, padded)), 1)
+            self.register_buffer("packed", packed)
             # (blocks, out, 2): the kernel computes (q - 8) * scale + zero; Q4_0 has no zero
             self.register_buffer("scales_and_zeros", scales_and_zeros.transpose(0, 1).contiguous().bfloat16())
 

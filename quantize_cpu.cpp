@@ -138,7 +138,8 @@ inline void int4_rows(const uint8_t* nibbles, const at::Half* scale, int64_t K, 
         const __m512i packed = _mm512_loadu_si512(nibbles + r * K / 2 + b * BLOCK / 2);
         const __m512i w_low = _mm512_and_si512(packed, low_half);
         const __m512i w_high = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_half);
-        const __m512i sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w_low, x_low), w_high, x_high);
+        const __m512i low_sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w_low, x_low);
+        const __m512i sums = _mm512_dpbusd_epi32(low_sums, w_high, x_high);
         const __m128 ws = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scale + r * blocks + b)));
         const __m512 scales = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(ws, dx)));
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scales, acc[r]);

@@ -268,8 +268,8 @@ def local_inference(pion, prompt, runs):
           f"(this benchmark included)")
     # What the llama.cpp build uses: a portable (AVX2) build multiplies int8 without VNNI, a native one with it.
     cpu_line = next((line for line in llama_cpp.llama_print_system_info().decode().split("\n") if "AVX" in line), "?")
-    print(f"llama.cpp build: {' '.join(cpu_line.split())}; Pion: "
-          f"{'quantize_cpu.cpp built with -march=native' if cpu_kernels() else 'ATen kernels (quantize_cpu.cpp not built)'}")
+    pion_kernels = "quantize_cpu.cpp built with -march=native" if cpu_kernels() else "ATen's (quantize_cpu.cpp not built)"
+    print(f"llama.cpp build: {' '.join(cpu_line.split())}; Pion's kernels: {pion_kernels}")
     print(f"  {'decoder':34} {'decode tok/s':>12} {'vs fp32':>8} {'vs llama':>9} {'prefill tok/s':>14} "
           f"{'vs llama':>9} {'tokens = fp32':>14}")
     for name, label, llama in LOCAL_DECODERS:

@@ -108,7 +108,8 @@ def main(argv=None):
         forced = teacher_forced_agreement(quantized, prompts, ours) / total
         print(f"{method}: perplexity {ratio * ppl_fp32:.3f}, ratio {ratio:.4f} (target <= {target}) "
               f"{'PASS' if ratio <= target else 'FAIL'}; decoded {decoded_ratio * decoded_fp32:.3f}, ratio "
-              f"{decoded_ratio:.4f} {'PASS' if decoded_ratio <= target else 'FAIL'}; greedy agreement position by position {free:.1%} "
+              f"{decoded_ratio:.4f} {'PASS' if decoded_ratio <= target else 'FAIL'}; "
+              f"greedy agreement position by position {free:.1%} "
               f"{verdict(free)}, teacher-forced {forced:.1%} {verdict(forced)} (target >= {TARGET_AGREEMENT:.0%})")
         results[method] = {"ppl_ratio": ratio, "decoded_ppl_ratio": decoded_ratio, "greedy_agreement": free,
                            "teacher_forced_agreement": forced}

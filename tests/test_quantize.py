@@ -247,7 +247,8 @@ def test_a_kernel_multiplies_rows_rounded_to_int8_blocks_by_its_weights(method, 
 def test_bf16_rows_go_through_the_kernels_as_their_fp32_values():
     weight, scale = quantize_rows_int8(torch.randn(8, 64))
     x = torch.randn(1, 64).bfloat16()
-    assert torch.equal(torch.ops.pion.int8_linear(x, weight, scale), torch.ops.pion.int8_linear(x.float(), weight, scale))
+    assert torch.equal(torch.ops.pion.int8_linear(x, weight, scale),
+                       torch.ops.pion.int8_linear(x.float(), weight, scale))
 
 
 AVX2_BUILD = """
@@ -259,7 +260,8 @@ torch.manual_seed(0)
 x = torch.randn(3, 160)
 w8, s8 = quantize.quantize_rows_int8(torch.randn(37, 160))
 q4, d4 = quantize.quantize_blocks_int4(torch.randn(37, 160))
-torch.save([torch.ops.pion.int8_linear(x, w8, s8), torch.ops.pion.int4_linear(x, quantize.q4_0_nibbles(q4), d4.half())], {out!r})
+int8 = torch.ops.pion.int8_linear(x, w8, s8)
+torch.save([int8, torch.ops.pion.int4_linear(x, quantize.q4_0_nibbles(q4), d4.half())], {out!r})
 """
 
 
