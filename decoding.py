@@ -132,19 +132,15 @@ def decode_step(model, kv_cache, tokens, input_pos):
     return model.logits(model.hidden_states(tokens, kv_cache, input_pos)[:, -1])
 
 
-COMPILE_NOTICE = ("--compile: the first answer waits while the decode step compiles (about 50 s for small on a "
+COMPILE_NOTICE = ("--compile: the first answer waits while the decode step compiles (about 45 s for small on a "
                   "2-core CPU, once per process); the speeds reported leave that out")
 
 
 @functools.cache
 def compiled_decode_step(device_type):
     """decode_step, torch.compile'd once per process; on CUDA in reduce-overhead mode: CUDA graphs, which
-    capture the cache's in-place writes because KVCache marks its tensors as static addresses. On the CPU
-    with inductor's C++ wrapper: a step is a hundred-odd small kernels and calls, which its compiled wrapper
-    launches with less overhead than the Python one (it also takes longer to compile)."""
-    if device_type == "cuda":
-        return torch.compile(decode_step, mode="reduce-overhead")
-    return torch.compile(decode_step, options={"cpp_wrapper": device_type == "cpu"})
+    capture the cache's in-place writes because KVCache marks its tensors as static addresses."""
+    return torch.compile(decode_step, mode="reduce-overhead" if device_type == "cuda" else None)
 
 
 def prompt_rows(prompts):
