@@ -115,7 +115,7 @@ inline void int8_rows(const int8_t* w, int64_t K, const int8_t* q, const float* 
 
 // w . x for ROWS consecutive Q4_0 weight rows (nibbles of K / 2 bytes, scales of K / 32) and one quantized
 // activation row, into out[ROWS]. q_split is the activation row with each group of four blocks reordered
-// as the nibbles unpack: the four blocks' first 16 values, then their last 16 (see split_groups).
+// as the nibbles unpack: the four blocks' first 16 values, then their last 16 (see quantize_rows).
 template <int ROWS>
 inline void int4_rows(const uint8_t* nibbles, const at::Half* scale, int64_t K, const int8_t* q, const int8_t* q_split,
                       const float* d, const float* s, float* out) {
@@ -205,27 +205,35 @@ void check(const at::Tensor& x, const at::Tensor& weight, int64_t K, const char*
   TORCH_CHECK(weight.is_contiguous(), name, ": the weight must be contiguous");
 }
 
+// For every output n and activation row m, parallel over outputs: rows_of(n, m, rows, sums) puts outputs n ..
+// n + rows - 1 of row m in sums, four at a time where four remain, else one; they go to out (M, N).
+template <typename RowsOf>
+void each_output(int64_t M, int64_t N, float* out, RowsOf rows_of) {
+  at::parallel_for(0, N, OUTPUTS_PER_TASK, [&](int64_t begin, int64_t end) {
+    float sums[4];
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = begin; n < end;) {
+        const int rows = end - n >= 4 ? 4 : 1;
+        rows_of(n, m, rows, sums);
+        for (int i = 0; i < rows; ++i, ++n) out[m * N + n] = sums[i];
+      }
+  });
+}
+
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {
   const int64_t M = x.size(0), N = weight.size(0), K = weight.size(1), blocks = K / BLOCK;
   check(x, weight, K, "int8_linear");
-  TORCH_CHECK(weight.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat && scale.numel() == N,
-              "int8_linear: an int8 weight and an fp32 scale per output");
+  TORCH_CHECK(weight.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+              scale.numel() == N, "int8_linear: an int8 weight and an fp32 scale per output");
   const QuantizedRows r = quantize_rows(x, M, K, false);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const int8_t* w = weight.data_ptr<int8_t>();
-  const float* ws = scale.contiguous().data_ptr<float>();
-  float* out = y.data_ptr<float>();
-  at::parallel_for(0, N, OUTPUTS_PER_TASK, [&](int64_t begin, int64_t end) {
-    float sums[4];
-    for (int64_t m = 0; m < M; ++m) {
-      const int8_t* q = r.q.data() + m * K;
-      const float *d = r.d.data() + m * blocks, *s = r.s.data() + m * blocks;
-      for (int64_t n = begin; n < end;) {
-        const int rows = end - n >= 4 ? 4 : 1;
-        if (rows == 4) int8_rows<4>(w + n * K, K, q, d, s, sums); else int8_rows<1>(w + n * K, K, q, d, s, sums);
-        for (int i = 0; i < rows; ++i, ++n) out[m * N + n] = ws[n] * sums[i];
-      }
-    }
+  const float* ws = scale.data_ptr<float>();
+  each_output(M, N, y.data_ptr<float>(), [&](int64_t n, int64_t m, int rows, float* sums) {
+    const int8_t* q = r.q.data() + m * K;
+    const float *d = r.d.data() + m * blocks, *s = r.s.data() + m * blocks;
+    if (rows == 4) int8_rows<4>(w + n * K, K, q, d, s, sums); else int8_rows<1>(w + n * K, K, q, d, s, sums);
+    for (int i = 0; i < rows; ++i) sums[i] *= ws[n + i];
   });
   return y;
 }
@@ -235,23 +243,16 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& nibbles, const at:
   check(x, nibbles, K, "int4_linear");
   TORCH_CHECK(nibbles.scalar_type() == at::kByte && scale.scalar_type() == at::kHalf && scale.is_contiguous() &&
               scale.size(0) == N && scale.size(1) == blocks, "int4_linear: uint8 nibbles and an fp16 scale per block");
-  const QuantizedRows r = quantize_rows(x, M, K, true);
+  const QuantizedRows r = quantize_rows(x, M, K, PION_AVX512);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const uint8_t* w = nibbles.data_ptr<uint8_t>();
   const at::Half* ws = scale.data_ptr<at::Half>();
-  float* out = y.data_ptr<float>();
-  at::parallel_for(0, N, OUTPUTS_PER_TASK, [&](int64_t begin, int64_t end) {
-    float sums[4];
-    for (int64_t m = 0; m < M; ++m) {
-      const int8_t *q = r.q.data() + m * K, *q_split = r.q_split.data() + m * K;
-      const float *d = r.d.data() + m * blocks, *s = r.s.data() + m * blocks;
-      for (int64_t n = begin; n < end;) {
-        const int rows = end - n >= 4 ? 4 : 1;
-        if (rows == 4) int4_rows<4>(w + n * K / 2, ws + n * blocks, K, q, q_split, d, s, sums);
-        else int4_rows<1>(w + n * K / 2, ws + n * blocks, K, q, q_split, d, s, sums);
-        for (int i = 0; i < rows; ++i, ++n) out[m * N + n] = sums[i];
-      }
-    }
+  each_output(M, N, y.data_ptr<float>(), [&](int64_t n, int64_t m, int rows, float* sums) {
+    const int8_t* q = r.q.data() + m * K;
+    const int8_t* q_split = r.q_split.empty() ? q : r.q_split.data() + m * K;  // read by 512-bit steps only
+    const float *d = r.d.data() + m * blocks, *s = r.s.data() + m * blocks;
+    if (rows == 4) int4_rows<4>(w + n * K / 2, ws + n * blocks, K, q, q_split, d, s, sums);
+    else int4_rows<1>(w + n * K / 2, ws + n * blocks, K, q, q_split, d, s, sums);
   });
   return y;
 }
