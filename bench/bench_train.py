@@ -111,7 +111,7 @@ def pion_variant(steps):
 
 def optimizers_variant(pairs):
     """AdamW's and Muon's eager steps of MUON_BATCH x MUON_SEQ_LEN tokens, alternating, each on its own copy
-    of nano (the same initial weights and batch), after one warm-up step each: the medians over `pairs` steps
+    of nano (the same initial weights and batches), after one warm-up step each: the medians over `pairs` steps
     of the whole step and of the optimizer.step() calls within it."""
     import torch
     import model
@@ -122,8 +122,8 @@ def optimizers_variant(pairs):
     process.keep_freed_memory()
     steps, seconds = {}, {}
     for name in ("adamw", "muon"):
-        # A fresh batch each step, the same ones for both sides: trained on one batch over and over, a model
-        # memorizes it, and Muon's faster (its forward and backward measured a few percent slower then).
+        # A fresh batch each step, the same ones for both sides, as in a run: trained on one batch over and
+        # over, the Muon-trained model's forward and backward measured a few percent slower than AdamW's.
         generator = torch.Generator().manual_seed(1)
         batches = iter(lambda generator=generator: dict.fromkeys(("input_ids", "labels"), torch.randint(
             0, model.get_config("nano").vocab_size, (MUON_BATCH, MUON_SEQ_LEN), generator=generator)), None)
