@@ -1,6 +1,7 @@
 """The command-line kit every script shares: one-line errors, checked flag types, run recipes (--config), device
 and dtype choice and the interactive prompt."""
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import math
@@ -18,25 +19,43 @@ class PionError(Exception):
 
 def run_cli(main):
     """Run a script's main(); a PionError becomes one line on stderr and exit code 2, not a traceback, and
-    Ctrl-C one line and the shell's code for it, 130 (every `finally` on the way out has removed what was
-    half-written)."""
+    Ctrl-C (or SIGTERM within stop_signals_raise) one line and the shell's code for it, 130 (143) (every
+    `finally` on the way out has removed what was half-written)."""
     try:
         main()
     except PionError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
-
-
-def exit_on_sigterm():
-    """Make SIGTERM end the process as Ctrl-C does, through every `finally` (which removes half-written
-    files), with one line and the shell's code for it, 143: by default it ends the process on the spot."""
-    def terminate(signum, frame):
-        print("terminated", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print("terminated" if signum == signal.SIGTERM else "interrupted", file=sys.stderr)
         sys.exit(128 + signum)
-    signal.signal(signal.SIGTERM, terminate)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised where the program is, so that every `finally` on the way out removes what was
+    half-written (a KeyboardInterrupt: no `except Exception` on the way takes it for an error of its own)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_signals_raise():
+    """Within the block, SIGINT (Ctrl-C) and SIGTERM (kill, a job scheduler; by default it ends the process on
+    the spot, past every `finally`) raise Stopped once; a second signal is ignored so that the cleanup the
+    first started runs to its end. The previous handlers are back after the block."""
+    def stop(signum, frame):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+        raise Stopped(signum)
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def first_line(error):

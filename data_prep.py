@@ -4,7 +4,6 @@ format (the shard format and the loader that reads it are data.py's).
     python data_prep.py download --num_shards 4 --out data/mixed     # the published (N, 2048) shards
     python data_prep.py prepare --input my_texts/ --out data/mine      # your own .txt / .jsonl files
 """
-import contextlib
 import itertools
 import json
 import os
@@ -18,7 +17,7 @@ from tqdm import tqdm
 from data import PretrainData, open_shard, read_metadata
 from jsonl import jsonl_objects
 from tokenizer import EOS_ID, PAD_ID, TOKENIZER_PATH, load_tokenizer
-from cli import ArgumentParser, PionError, first_line, positive_int, run_cli
+from cli import ArgumentParser, PionError, Stopped, first_line, positive_int, run_cli, stop_signals_raise
 from files import atomic_write, check_new_folder, write_folder_atomically
 
 DEFAULT_REPO = "SuperGoatScriptGuy/PreprocessedMIXED"
@@ -188,31 +187,6 @@ def prepare(documents, out, source, seq_len=2048, tokenizer_path=None, shard_row
     summary = write_folder_atomically(out, write)
     print(f"wrote {summary['total_tokens']:,} tokens from {summary['n_documents']:,} documents as "
           f"{summary['n_rows']:,} rows of {seq_len} tokens in {summary['n_shards']} shard(s) to {out}")
-
-
-class Stopped(KeyboardInterrupt):
-    """SIGINT or SIGTERM, raised where prepare is, so that its staging folder is removed on the way out (a
-    KeyboardInterrupt: no `except Exception` on the way takes it for an error of its own)."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def stop_signals_raise():
-    """Within the block, SIGINT (Ctrl-C) and SIGTERM (kill, a job scheduler) raise Stopped once; a second
-    signal is ignored so that the cleanup it started runs to its end."""
-    def stop(signum, frame):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, signal.SIG_IGN)
-        raise Stopped(signum)
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def write_shards(tokenizer, documents, folder, seq_len, shard_rows):

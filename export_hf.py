@@ -10,7 +10,7 @@ The folder loads with AutoModelForCausalLM / AutoTokenizer (see transformers_for
 """
 import os
 
-from cli import DTYPES, ArgumentParser, exit_on_sigterm, run_cli
+from cli import DTYPES, ArgumentParser, run_cli, stop_signals_raise
 from gguf_format import GGUF_TYPES, check_output, export_gguf
 from transformers_format import export, push_to_hub
 
@@ -38,15 +38,15 @@ def main(argv=None):
         parser.error(f"--out and --gguf both name {args.out}: give the folder and the file a path each")
     if args.gguf:
         check_output(args.gguf, args.gguf_type)  # refuse a taken path before the (slow) folder export
-    exit_on_sigterm()  # a stopped export leaves no staging folder or file behind
-    if args.out:
-        export(args.checkpoint, args.out, args.tokenizer, args.allow_mismatch, args.dtype)
-        print(f"wrote {args.out}: load it with AutoModelForCausalLM.from_pretrained({args.out!r})")
-    if args.gguf:
-        export_gguf(args.checkpoint, args.gguf, args.tokenizer, args.gguf_type, args.allow_mismatch)
-        print(f"wrote {args.gguf}: run it with llama-cli -m {args.gguf}")
-    if args.push_to_hub:
-        push_to_hub(args.out, args.push_to_hub)
+    with stop_signals_raise():  # a stopped export leaves no staging folder or file behind
+        if args.out:
+            export(args.checkpoint, args.out, args.tokenizer, args.allow_mismatch, args.dtype)
+            print(f"wrote {args.out}: load it with AutoModelForCausalLM.from_pretrained({args.out!r})")
+        if args.gguf:
+            export_gguf(args.checkpoint, args.gguf, args.tokenizer, args.gguf_type, args.allow_mismatch)
+            print(f"wrote {args.gguf}: run it with llama-cli -m {args.gguf}")
+        if args.push_to_hub:
+            push_to_hub(args.out, args.push_to_hub)
 
 if __name__ == "__main__":
     run_cli(main)

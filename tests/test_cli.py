@@ -2,6 +2,7 @@
 import argparse
 import glob
 import os
+import signal
 import sys
 import tomllib
 
@@ -148,6 +149,40 @@ def test_ctrl_c_is_one_line_and_the_shells_exit_code_130():
         raise KeyboardInterrupt
     result = run_in_process(interrupted, [])
     assert (result.returncode, result.stderr) == (130, "interrupted\n")
+
+def test_sigterm_within_stop_signals_raise_is_one_line_and_the_shells_exit_code_143():
+    cleaned = []
+
+    def terminated(argv):
+        with cli.stop_signals_raise():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+            finally:
+                cleaned.append(True)
+    result = run_in_process(terminated, [])
+    assert (result.returncode, result.stderr, cleaned) == (143, "terminated\n", [True])
+
+
+def test_a_second_signal_is_ignored_while_the_first_ones_cleanup_runs():
+    cleaned = []
+
+    def stopped_twice(argv):
+        with cli.stop_signals_raise():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)
+                cleaned.append(True)
+    result = run_in_process(stopped_twice, [])
+    assert (result.returncode, result.stderr, cleaned) == (130, "interrupted\n", [True])
+
+
+def test_stop_signals_raise_gives_the_previous_handlers_back():
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with cli.stop_signals_raise():
+        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
+    assert {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} == before
+
 
 def test_a_missing_optional_package_is_one_line_naming_what_needs_it(monkeypatch):
     for name in [name for name in sys.modules if name.split(".")[0] == "lm_eval"] + ["lm_eval"]:
