@@ -150,31 +150,21 @@ def test_ctrl_c_is_one_line_and_the_shells_exit_code_130():
     result = run_in_process(interrupted, [])
     assert (result.returncode, result.stderr) == (130, "interrupted\n")
 
-def test_sigterm_within_stop_signals_raise_is_one_line_and_the_shells_exit_code_143():
+@pytest.mark.parametrize("first, second, code, line", [(signal.SIGTERM, signal.SIGINT, 143, "terminated"),
+                                                      (signal.SIGINT, signal.SIGTERM, 130, "interrupted")])
+def test_a_signal_within_stop_signals_raise_ends_in_one_line_after_a_cleanup_that_a_second_cannot_cut(
+        first, second, code, line):
     cleaned = []
 
-    def terminated(argv):
+    def stopped(argv):
         with cli.stop_signals_raise():
             try:
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), first)
             finally:
+                os.kill(os.getpid(), second)  # ignored: the cleanup runs to its end
                 cleaned.append(True)
-    result = run_in_process(terminated, [])
-    assert (result.returncode, result.stderr, cleaned) == (143, "terminated\n", [True])
-
-
-def test_a_second_signal_is_ignored_while_the_first_ones_cleanup_runs():
-    cleaned = []
-
-    def stopped_twice(argv):
-        with cli.stop_signals_raise():
-            try:
-                os.kill(os.getpid(), signal.SIGINT)
-            finally:
-                os.kill(os.getpid(), signal.SIGTERM)
-                cleaned.append(True)
-    result = run_in_process(stopped_twice, [])
-    assert (result.returncode, result.stderr, cleaned) == (130, "interrupted\n", [True])
+    result = run_in_process(stopped, [])
+    assert (result.returncode, result.stderr, cleaned) == (code, line + "\n", [True])
 
 
 def test_stop_signals_raise_gives_the_previous_handlers_back():
