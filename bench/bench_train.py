@@ -120,13 +120,13 @@ def optimizers_variant(pairs):
 
     rt = process.Runtime("cpu")
     process.keep_freed_memory()
-    steps, seconds = {}, {}
+    steps, seconds, vocab_size = {}, {}, model.get_config("nano").vocab_size
     for name in ("adamw", "muon"):
         # A fresh batch each step, the same ones for both sides, as in a run: trained on one batch over and
         # over, the Muon-trained model's forward and backward measured a few percent slower than AdamW's.
         generator = torch.Generator().manual_seed(1)
         batches = iter(lambda generator=generator: dict.fromkeys(("input_ids", "labels"), torch.randint(
-            0, model.get_config("nano").vocab_size, (MUON_BATCH, MUON_SEQ_LEN), generator=generator)), None)
+            0, vocab_size, (MUON_BATCH, MUON_SEQ_LEN), generator=generator)), None)
         torch.manual_seed(0)
         config = step_settings(pairs, optimizer=name)
         m = process.prepare_model(model.get_model("nano", use_soft_cap=False), config, rt)
